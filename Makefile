@@ -1,0 +1,50 @@
+# Every target sets up .venv first, so `make test` and `make demo` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+# Where a CUDA toolkit is installed, the extension is built with its CUDA kernels (compiled and
+# linked even on a machine without a GPU); torch's builder needs CUDA_HOME to find libcudart.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+export MAX_JOBS ?= 2
+DEPS := $(VENV)/.deps-$(TORCH_VERSION)
+PYTEST_ARGS ?=
+
+.PHONY: all build test test-fast demo bench check info lint clean
+
+all: build
+
+$(DEPS): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" triton ninja pybind11 "setuptools>=64" wheel \
+		pytest hypothesis pyyaml numpy matplotlib tqdm
+	FUSEDLOSS_NO_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental (ninja): only changed sources recompile.
+build: $(DEPS)
+	$(PY) setup.py --quiet build_ext --inplace
+
+# The whole suite: the Triton kernels run on CPU tensors under Triton's interpreter.
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+test-fast: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
+
+demo: build
+	$(PY) -m fusedloss demo
+
+bench: build
+	$(PY) -m fusedloss bench
+
+check: build
+	$(PY) -m fusedloss check
+
+info: build
+	$(PY) -m fusedloss info
+
+clean:
+	rm -rf build fusedloss/*.so *.egg-info

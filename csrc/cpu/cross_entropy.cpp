@@ -1,0 +1,315 @@
+// CPU kernels of the fused softmax cross-entropy. The math (and its derivation) is in
+// fusedloss/cross_entropy_math.h, shared with the CUDA kernels; this file decides how rows are cut
+// into pieces, parallelized and vectorized.
+//
+// Forward: each row is read once from memory, in chunks of kChunk elements. A chunk is small
+// enough to stay in L1, so the two passes over it (transform + max, then sum of exp(z - max)) cost
+// one read from memory; chunk stats are merged with merge_stats. When rows are few and long
+// (N < 2 * threads), each row is also cut into pieces processed by different threads and merged in
+// a fixed order, so every thread has work and the result does not depend on the thread count.
+// Backward: one read of the logits and one write of the gradient, elementwise given the saved lse.
+#define FL_CPU_VEC 1
+#include "fusedloss/checks.h"
+#include "fusedloss/cross_entropy_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fusedloss {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elements per forward chunk: 2048 fp32 values plus their z buffer use 16 KB of L1.
+constexpr int64_t kChunk = 2048;
+// Elements per backward work item: large enough to amortize the per-row coefficients, small
+// enough to balance two threads on a handful of rows.
+constexpr int64_t kBwdPiece = 16384;
+
+// Loads and stores Vectorized<acc_t>::size() elements of scalar_t, converting to acc_t.
+template <typename scalar_t>
+struct VecIO {
+  using Vec = Vectorized<scalar_t>;
+  static Vec load(const scalar_t* p) { return Vec::loadu(p); }
+  static void store(scalar_t* p, const Vec& v) { v.store(p); }
+};
+template <typename reduced_t>
+struct ReducedVecIO {
+  using Vec = Vectorized<float>;
+  static Vec load(const reduced_t* p) {
+    Vec out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+  static void store(reduced_t* p, const Vec& v) {
+    at::vec::convert_from_float<reduced_t>(v, v).store(p, Vec::size());
+  }
+};
+template <>
+struct VecIO<at::BFloat16> : ReducedVecIO<at::BFloat16> {};
+template <>
+struct VecIO<at::Half> : ReducedVecIO<at::Half> {};
+
+template <typename acc_t>
+acc_t reduce_max(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+  v.store(buf);
+  acc_t m = buf[0];
+  for (int i = 1; i < Vectorized<acc_t>::size(); ++i) m = fl_max(m, buf[i]);
+  return m;
+}
+
+template <typename acc_t>
+acc_t reduce_sum(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
+  v.store(buf);
+  acc_t s = 0;
+  for (int i = 0; i < Vectorized<acc_t>::size(); ++i) s += buf[i];
+  return s;
+}
+
+// A fresh gradient buffer of hundreds of MB costs more in 4 KB page faults than the kernel's math
+// (measured: ~150 ms per 512 MB). Asking for transparent huge pages before the first touch cuts the
+// faults 512-fold where THP is in madvise mode. Best effort: a failure only loses the speed-up.
+void advise_huge_pages(void* ptr, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr size_t kMinBytes = size_t(8) << 20;
+  if (bytes < kMinBytes) return;
+  const uintptr_t page = 4096;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + page - 1) & ~(page - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(page - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+template <typename acc_t>
+ce::Options<acc_t> make_options(int64_t C, int64_t ignore_index, double label_smoothing, double z_loss,
+                                double softcap, double temperature) {
+  return ce::Options<acc_t>{C,
+                            ignore_index,
+                            static_cast<acc_t>(label_smoothing),
+                            static_cast<acc_t>(z_loss),
+                            static_cast<acc_t>(softcap),
+                            static_cast<acc_t>(1.0 / temperature)};
+}
+
+template <typename acc_t>
+void check_targets(const int64_t* target, int64_t N, const ce::Options<acc_t>& o) {
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t y = target[i];
+    TORCH_CHECK_INDEX(ce::is_ignored(y, o) || ce::target_in_range(y, o), "fusedloss: target ", y,
+                      " at position ", i, " is out of range for ", o.num_classes, " classes (and is not ignore_index=",
+                      o.ignore_index, ")");
+  }
+}
+
+template <typename acc_t>
+acc_t weight_sum_of(const acc_t* w, int64_t C) {
+  if (w == nullptr) return static_cast<acc_t>(C);
+  acc_t s = 0;
+  for (int64_t j = 0; j < C; ++j) s += w[j];
+  return s;
+}
+
+// Stats of x[lo, hi) of one row, kChunk elements at a time.
+template <typename scalar_t, typename acc_t>
+ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, int64_t hi,
+                                const ce::Options<acc_t>& o) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const bool need_wz = o.smoothing > acc_t(0);
+  alignas(64) acc_t z[kChunk];
+  auto total = ce::empty_stats<acc_t>();
+  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, hi - c0);
+    const int64_t nv = n - n % V;
+    // Pass 1: z = transform(x), its max, and sum_j w_j z_j while z is in registers.
+    Vec vmax(-fl_inf<acc_t>());
+    Vec vwz(acc_t(0));
+    for (int64_t i = 0; i < nv; i += V) {
+      const Vec zi = ce::transform_logit<acc_t>(VecIO<scalar_t>::load(x + c0 + i), o);
+      zi.store(z + i);
+      vmax = fl_max(vmax, zi);
+      if (need_wz) vwz = vwz + (w ? zi * Vec::loadu(w + c0 + i) : zi);
+    }
+    acc_t m = reduce_max(vmax);
+    acc_t wz = need_wz ? reduce_sum(vwz) : acc_t(0);
+    for (int64_t i = nv; i < n; ++i) {
+      const acc_t zi = ce::transform_logit<acc_t>(static_cast<acc_t>(x[c0 + i]), o);
+      z[i] = zi;
+      m = fl_max(m, zi);
+      if (need_wz) wz += w ? zi * w[c0 + i] : zi;
+    }
+    ce::RowStats<acc_t> chunk{m, acc_t(0), wz};
+    if (m != -fl_inf<acc_t>()) {  // an all -inf chunk adds nothing (and z - m would be NaN)
+      // Pass 2 over the L1-resident z: sum of exp(z - max), two accumulators for ILP.
+      Vec s0(acc_t(0)), s1(acc_t(0));
+      const Vec vm(m);
+      int64_t i = 0;
+      for (; i + 2 * V <= nv; i += 2 * V) {
+        s0 = s0 + fl_exp(Vec::loadu(z + i) - vm);
+        s1 = s1 + fl_exp(Vec::loadu(z + i + V) - vm);
+      }
+      for (; i < nv; i += V) s0 = s0 + fl_exp(Vec::loadu(z + i) - vm);
+      acc_t s = reduce_sum(s0 + s1);
+      for (i = nv; i < n; ++i) s += fl_exp(z[i] - m);
+      chunk.sumexp = s;
+    }
+    total = ce::merge_stats(total, chunk);
+  }
+  return total;
+}
+
+template <typename scalar_t>
+void ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                     const ce::Options<at::opmath_type<scalar_t>>& o, at::Tensor& loss, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = logits.size(0), C = logits.size(1), row_stride = logits.stride(0);
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  const acc_t* w = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
+  acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
+  acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
+  check_targets(t, N, o);
+  const acc_t W = weight_sum_of(w, C);
+
+  // Pieces per row: one when there are enough rows to feed every thread.
+  const int64_t threads = at::get_num_threads();
+  int64_t piece = C;
+  if (N < 2 * threads && C > 2 * kChunk) {
+    const int64_t splits = std::min((C + kChunk - 1) / kChunk, (2 * threads + N - 1) / N);
+    piece = ((C + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
+  }
+  const int64_t splits = std::max<int64_t>(1, (C + piece - 1) / piece);
+  std::vector<ce::RowStats<acc_t>> partial(N * splits);
+  at::parallel_for(0, N * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / splits, part = item % splits;
+      if (ce::is_ignored(t[row], o)) continue;
+      const int64_t lo = part * piece, hi = std::min(C, lo + piece);
+      partial[item] = piece_stats<scalar_t, acc_t>(x + row * row_stride, w, lo, hi, o);
+    }
+  });
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t y = t[row];
+      if (ce::is_ignored(y, o)) {
+        loss_p[row] = 0;
+        lse_p[row] = 0;
+        continue;
+      }
+      auto stats = partial[row * splits];
+      for (int64_t part = 1; part < splits; ++part) stats = ce::merge_stats(stats, partial[row * splits + part]);
+      const acc_t z_y = ce::transform_logit<acc_t>(static_cast<acc_t>(x[row * row_stride + y]), o);
+      const acc_t w_y = w ? w[y] : acc_t(1);
+      ce::row_loss(stats, z_y, w_y, W, o, loss_p + row, lse_p + row);
+    }
+  });
+}
+
+template <typename scalar_t>
+void ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
+                     const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                     const ce::Options<at::opmath_type<scalar_t>>& o, at::Tensor& grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t N = logits.size(0), C = logits.size(1), row_stride = logits.stride(0);
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  const acc_t* w = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* g = grad_loss.const_data_ptr<acc_t>();
+  const int64_t g_stride = grad_loss.stride(0);
+  const acc_t* gl = grad_lse.has_value() ? grad_lse->const_data_ptr<acc_t>() : nullptr;
+  const int64_t gl_stride = grad_lse.has_value() ? grad_lse->stride(0) : 0;
+  const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+  scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+  check_targets(t, N, o);
+  const acc_t W = weight_sum_of(w, C);
+
+  const int64_t pieces = (C + kBwdPiece - 1) / kBwdPiece;
+  at::parallel_for(0, N * pieces, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / pieces, part = item % pieces;
+      const int64_t lo = part * kBwdPiece, hi = std::min(C, lo + kBwdPiece);
+      const int64_t y = t[row];
+      const scalar_t* xr = x + row * row_stride;
+      scalar_t* gr = out + row * C;
+      if (ce::is_ignored(y, o)) {
+        std::fill(gr + lo, gr + hi, scalar_t(0));
+        continue;
+      }
+      const acc_t w_y = w ? w[y] : acc_t(1);
+      const auto coefs = ce::grad_coefs<acc_t>(lse_p[row], w_y, W, g[row * g_stride], gl ? gl[row * gl_stride] : acc_t(0), o);
+      const Vec one(acc_t(1));
+      int64_t j = lo;
+      for (; j + V <= hi; j += V) {
+        const Vec z = ce::transform_logit<acc_t>(VecIO<scalar_t>::load(xr + j), o);
+        const Vec wj = w ? Vec::loadu(w + j) : one;
+        VecIO<scalar_t>::store(gr + j, ce::grad_element<acc_t>(z, wj, coefs, o));
+      }
+      for (; j < hi; ++j) {
+        const acc_t z = ce::transform_logit<acc_t>(static_cast<acc_t>(xr[j]), o);
+        gr[j] = static_cast<scalar_t>(ce::grad_element<acc_t>(z, w ? w[j] : acc_t(1), coefs, o));
+      }
+      if (y >= lo && y < hi) {
+        const acc_t z_y = ce::transform_logit<acc_t>(static_cast<acc_t>(xr[y]), o);
+        gr[y] = static_cast<scalar_t>(ce::grad_target<acc_t>(z_y, w_y, coefs, o));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                         double label_smoothing, double z_loss, double softcap,
+                                                         double temperature) {
+  check_ce_args(logits, target, weight);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  auto lse = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  if (logits.size(0) == 0) return {loss, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto o = make_options<acc_t>(logits.size(1), ignore_index, label_smoothing, z_loss, softcap, temperature);
+    ce_fwd_cpu_impl<scalar_t>(logits, target, weight, o, loss, lse);
+  });
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                 const at::Tensor& logits, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                                 double label_smoothing, double z_loss, double softcap, double temperature) {
+  check_ce_args(logits, target, weight);
+  check_row_grad(grad_loss, logits, "grad_loss");
+  check_row_grad(lse, logits, "lse");
+  if (grad_lse.has_value()) check_row_grad(*grad_lse, logits, "grad_lse");
+  auto grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (grad.numel() == 0) return grad;
+  advise_huge_pages(grad.mutable_data_ptr(), grad.nbytes());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto o = make_options<acc_t>(logits.size(1), ignore_index, label_smoothing, z_loss, softcap, temperature);
+    ce_bwd_cpu_impl<scalar_t>(grad_loss, grad_lse, logits, target, weight, lse, o, grad);
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace fusedloss
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("cross_entropy_fwd", &fusedloss::cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_bwd", &fusedloss::cross_entropy_bwd_cpu);
+}

@@ -1,0 +1,29 @@
+// The one TORCH_LIBRARY block of fusedloss: every op's schema. Each backend file registers its
+// kernels with TORCH_LIBRARY_IMPL(fusedloss, <key>); fake kernels and autograd are registered from
+// Python (fusedloss/ops/). The Triton twins of these ops (fusedloss::<op>_triton) are
+// torch.library.triton_op registrations made in Python.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import fusedloss._C` loads this shared object, which runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fusedloss, m) {
+  // logits (N, C) with unit class stride; target (N,) int64; weight (C,) in the accumulation dtype
+  // (float32, float64 for float64 logits). Returns per-row loss and lse in the accumulation dtype;
+  // ignored rows give 0 for both. The reduction happens in Python, on device.
+  m.def(
+      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, float temperature) -> (Tensor, Tensor)");
+  // grad_loss and grad_lse are (N,) in the accumulation dtype, any stride (an expanded scalar is
+  // fine). Returns the (N, C) gradient of the logits, contiguous, in the logits' dtype.
+  m.def(
+      "cross_entropy_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "
+      "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
+      "float softcap, float temperature) -> Tensor");
+}

@@ -1,0 +1,10 @@
+"""fusedloss: fused loss kernels for PyTorch (CUDA, Triton and CPU backends, one pure-PyTorch reference)."""
+
+__version__ = "0.1.0"
+
+from fusedloss import backends, ops, reference  # noqa: E402  (ops registers the torch.library ops)
+from fusedloss import functional, nn  # noqa: E402
+from fusedloss.backends import info  # noqa: E402
+from fusedloss.functional import cross_entropy  # noqa: E402
+
+__all__ = ["__version__", "backends", "cross_entropy", "functional", "info", "nn", "reference"]

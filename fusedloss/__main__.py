@@ -1,0 +1,3 @@
+from fusedloss.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Which backend runs an op: the request, FUSEDLOSS_BACKEND, the device and what is built.
+
+Never falls back silently: a backend that was asked for and cannot run raises a RuntimeError that
+says why. Public as ``fusedloss.backends``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "FUSEDLOSS_BACKEND"
+
+try:  # loading the shared object runs its TORCH_LIBRARY registrations
+    from fusedloss import _C  # noqa: F401
+
+    _EXT_ERROR: str | None = None
+except ImportError as exc:  # a source checkout that was never built, or an ABI mismatch
+    _C = None
+    _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def extension_loaded() -> bool:
+    return _C is not None
+
+
+def cuda_built() -> bool:
+    """True when fusedloss._C holds CUDA kernels (it was compiled with nvcc)."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fusedloss::cross_entropy_fwd", "CUDA"
+    )
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """Triton's CPU interpreter, which must be chosen before triton is imported."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def why_unavailable(backend: str, device: torch.device | str) -> str | None:
+    """None when ``backend`` can run on ``device`` now, else the reason it cannot."""
+    device = _as_device(device)
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, these are on {device}"
+        if _C is None:
+            return f"the compiled extension fusedloss._C did not load ({_EXT_ERROR})"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, these are on {device}"
+        if _C is None:
+            return f"the compiled extension fusedloss._C did not load ({_EXT_ERROR})"
+        if not cuda_built():
+            return ("fusedloss was built without CUDA kernels (no nvcc at build time, or FUSEDLOSS_CUDA=0); "
+                    "rebuild with CUDA_HOME pointing at a CUDA toolkit")
+        return None
+    if backend == "triton":
+        if not triton_installed():
+            return "triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if triton_interpret():
+                return None
+            return "triton runs on CUDA tensors; CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+        return f"triton does not run on {device.type} tensors"
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def available(device: torch.device | str) -> list[str]:
+    """The backends that can run on ``device`` now, fastest first."""
+    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend an op runs on input on ``device``, given the user's request."""
+    requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    if requested is None:
+        if device.type == "cuda":
+            candidates = ("cuda", "triton")
+        elif device.type == "cpu":
+            candidates = ("cpu",)
+        else:
+            raise RuntimeError(f"fusedloss has no kernels for {device.type} tensors; pass backend='reference'")
+        reasons = []
+        for name in candidates:
+            reason = why_unavailable(name, device)
+            if reason is None:
+                return name
+            reasons.append(f"{name}: {reason}")
+        raise RuntimeError(f"fusedloss: no backend can run on {device} ({'; '.join(reasons)}). "
+                           "Pass backend='reference' to run the pure-PyTorch losses.")
+    if requested not in BACKENDS:
+        origin = f"{ENV_VAR}={requested!r}" if backend is None else f"backend={requested!r}"
+        raise ValueError(f"fusedloss: {origin} is not a backend; choose one of {BACKENDS}")
+    reason = why_unavailable(requested, device)
+    if reason is not None:
+        origin = f" (from {ENV_VAR})" if backend is None else ""
+        raise RuntimeError(f"fusedloss: backend {requested!r}{origin} cannot run: {reason}")
+    return requested
+
+
+def info() -> dict:
+    """Build and backend report: versions, build flags and what can run where."""
+    from fusedloss import __version__
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    report = {
+        "fusedloss": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "extension": "loaded" if _C is not None else f"not loaded ({_EXT_ERROR})",
+        "extension_path": getattr(_C, "__file__", None),
+        "cuda_kernels_built": cuda_built(),
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "triton": _triton_version(),
+        "triton_interpret": triton_interpret(),
+        "cpu_threads": torch.get_num_threads(),
+        "default_backend_override": os.environ.get(ENV_VAR),
+        "backends": {d: available(d) for d in devices},
+    }
+    return report
+
+
+def _triton_version() -> str | None:
+    if not triton_installed():
+        return None
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception as exc:  # noqa: BLE001 - report, do not fail, in a diagnostic
+        return f"import failed: {exc}"

@@ -1,0 +1,60 @@
+"""Argument checks shared by the functional API: each error names the argument at fault."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def tensor(name: str, value) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(name: str, value: Tensor) -> Tensor:
+    tensor(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def same_device(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
+    if value.device != ref.device:
+        raise RuntimeError(f"{name} is on {value.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def reduction(value: str) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
+    return value
+
+
+def in_closed_unit(name: str, value: float) -> float:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def non_negative(name: str, value: float) -> float:
+    if not float(value) >= 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def positive(name: str, value: float) -> float:
+    if not float(value) > 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+def class_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> Tensor | None:
+    if weight is None:
+        return None
+    floating("weight", weight)
+    if weight.dim() != 1 or weight.shape[0] != num_classes:
+        raise ValueError(f"weight must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}")
+    same_device("weight", weight, "input", input)
+    return weight

@@ -1,0 +1,108 @@
+"""The functional API: checks arguments, picks a backend, reshapes, calls the op, reduces on device."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedloss import _backend, _checks, reference
+from fusedloss.ops import cross_entropy as _ce
+
+__all__ = ["cross_entropy"]
+
+
+def _reduce_rows(loss: Tensor, reduction: str, out_shape: torch.Size, denominator) -> Tensor:
+    if reduction == "none":
+        return loss.view(out_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / denominator()
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Fused softmax cross-entropy; a drop-in for ``torch.nn.functional.cross_entropy``.
+
+    input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class indices (input's shape without the
+    class dimension) or class probabilities (input's shape). Extras: ``z_loss`` adds
+    ``z_loss * lse**2`` per element, ``softcap`` maps logits to ``softcap * tanh(x / softcap)`` first,
+    ``temperature`` then divides them, ``return_lse=True`` also returns the per-element lse (float32,
+    0 where ignored). The loss is float32 for fp16/bf16/fp32 input (float64 for float64); the
+    gradient has the input's dtype.
+
+    Class-index targets run the fused kernels of the chosen backend. Probability targets are
+    computed with PyTorch ops on every backend (not fused yet).
+    """
+    _checks.floating("input", input)
+    _checks.tensor("target", target)
+    _checks.reduction(reduction)
+    label_smoothing = _checks.in_closed_unit("label_smoothing", label_smoothing)
+    z_loss = _checks.non_negative("z_loss", z_loss)
+    softcap = None if softcap is None else _checks.positive("softcap", softcap)
+    temperature = _checks.positive("temperature", temperature)
+    if input.dim() == 0:
+        raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
+    cdim = 0 if input.dim() == 1 else 1
+    C = input.shape[cdim]
+    if C == 0:
+        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
+    _checks.same_device("target", target, "input", input)
+    weight = _checks.class_weight(weight, C, input)
+    name = _backend.resolve(backend, input.device)
+    kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                  softcap=softcap, temperature=temperature, return_lse=return_lse)
+
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(f"probability targets must have the input's shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+        return reference.cross_entropy(input, target, weight, **kwargs)
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold int64 class indices or float probabilities, got dtype {target.dtype}")
+    expected = input.shape[:cdim] + input.shape[cdim + 1:]
+    if target.shape != expected:
+        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if name == "reference":
+        return reference.cross_entropy(input, target, weight, **kwargs)
+
+    # The kernels take (rows, C) with unit class stride: the class dimension moves last (free for
+    # channels-last input, one copy otherwise).
+    if input.dim() == 1:
+        rows = input.unsqueeze(0)
+    elif input.dim() == 2:
+        rows = input
+    else:
+        rows = input.movedim(1, -1).reshape(-1, C)
+    if C > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    flat_target = target.reshape(-1).to(torch.int64).contiguous()
+    acc = _ce.acc_dtype(input.dtype)
+    w = weight.to(acc).contiguous() if weight is not None else None
+
+    loss, lse = _ce.forward_op(name)(rows, flat_target, w, int(ignore_index), label_smoothing, z_loss,
+                                     softcap or 0.0, temperature)
+
+    def denominator():
+        kept = flat_target != ignore_index
+        if w is None:
+            return kept.sum().to(acc)
+        # torch's weighted mean divides by the weight mass of the non-ignored targets.
+        return (w[flat_target.clamp(0, C - 1)] * kept).sum()
+
+    out = _reduce_rows(loss, reduction, expected, denominator)
+    if return_lse:
+        return out, lse.view(expected)
+    return out

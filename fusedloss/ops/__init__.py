@@ -1,0 +1,2 @@
+"""Op registrations (fake kernels, Triton twins, autograd). Importing a module registers its op."""
+from fusedloss.ops import cross_entropy  # noqa: F401

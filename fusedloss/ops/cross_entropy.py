@@ -1,0 +1,98 @@
+"""The cross-entropy op's whole contract with PyTorch.
+
+- ``fusedloss::cross_entropy_fwd`` / ``_bwd``: schemas in csrc/registration.cpp, CPU and CUDA kernels
+  in csrc/; their fake (meta) kernels are registered here.
+- ``fusedloss::cross_entropy_fwd_triton`` / ``_bwd_triton``: the Triton kernels as triton_ops, so that
+  torch.compile traces into them.
+- autograd for both forward ops: the backward op consumes the per-row lse saved by the forward.
+
+Forward returns per-row (loss, lse) in the accumulation dtype (float32; float64 for float64 logits);
+the reduction is left to the caller, on device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedloss import _backend
+
+FWD = "fusedloss::cross_entropy_fwd"
+BWD = "fusedloss::cross_entropy_bwd"
+FWD_TRITON = "fusedloss::cross_entropy_fwd_triton"
+BWD_TRITON = "fusedloss::cross_entropy_bwd_triton"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
+    n = logits.shape[0]
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc)
+
+
+def _bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+              temperature):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature = inputs
+    _, lse = output
+    ctx.save_for_backward(logits, target, weight, lse)
+    ctx.scalars = (ignore_index, label_smoothing, z_loss, softcap, temperature)
+
+
+def _backward_with(bwd_op):
+    def backward(ctx, grad_loss, grad_lse):
+        logits, target, weight, lse = ctx.saved_tensors
+        if grad_loss is None:  # only the returned lse was used
+            grad_loss = torch.zeros_like(lse)
+        grad = bwd_op(grad_loss, grad_lse, logits, target, weight, lse, *ctx.scalars)
+        return grad, None, None, None, None, None, None, None
+
+    return backward
+
+
+if _backend.extension_loaded():
+    torch.library.register_fake(FWD)(_fwd_fake)
+    torch.library.register_fake(BWD)(_bwd_fake)
+    torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.cross_entropy_bwd),
+                                    setup_context=_setup_context)
+
+TRITON_REGISTERED = False
+if _backend.triton_installed():
+    from torch.library import triton_op
+
+    @triton_op(FWD_TRITON, mutates_args={})
+    def cross_entropy_fwd_triton(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                                 label_smoothing: float, z_loss: float, softcap: float,
+                                 temperature: float) -> tuple[Tensor, Tensor]:
+        from fusedloss.triton import cross_entropy as kernels
+
+        return kernels.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                         temperature)
+
+    @triton_op(BWD_TRITON, mutates_args={})
+    def cross_entropy_bwd_triton(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
+                                 weight: Tensor | None, lse: Tensor, ignore_index: int, label_smoothing: float,
+                                 z_loss: float, softcap: float, temperature: float) -> Tensor:
+        from fusedloss.triton import cross_entropy as kernels
+
+        return kernels.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, lse, ignore_index,
+                                         label_smoothing, z_loss, softcap, temperature)
+
+    cross_entropy_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.cross_entropy_bwd_triton),
+                                               setup_context=_setup_context)
+    TRITON_REGISTERED = True
+
+
+def forward_op(backend: str):
+    """The forward op (with autograd) that runs ``backend``'s kernels."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fusedloss.cross_entropy_fwd
+    if backend == "triton":
+        return torch.ops.fusedloss.cross_entropy_fwd_triton
+    raise ValueError(f"no cross-entropy kernel op for backend {backend!r}")

@@ -1,0 +1,92 @@
+"""Pure-PyTorch losses: the test oracle (run in float64) and the ``"reference"`` backend.
+
+Written for clarity, not speed: they materialize everything the fused kernels avoid. They share no
+code with the kernels, so a test comparing the two checks two independent derivations. Inputs in
+bf16/fp16 are computed in float32, as the kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def transform_logits(x: Tensor, softcap: float | None, temperature: float) -> Tensor:
+    """z = softcap * tanh(x / softcap) / temperature (the softcap first, then the temperature)."""
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x / temperature
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    return_lse: bool = False,
+):
+    """Softmax cross-entropy with torch's semantics plus z-loss, softcap and temperature.
+
+    Per element with class-index targets (0 where ``target == ignore_index``):
+      (1 - eps) * w[y] * (lse - z_y) + eps / C * sum_j w[j] * (lse - z_j) + z_loss * lse**2
+    ``mean`` divides the sum by sum of w[y] over non-ignored elements (their count without weights).
+    With probability targets t: -sum_j w[j] * t'_j * (z_j - lse) + z_loss * lse**2, with
+    t' = (1 - eps) * t + eps / C, and ``mean`` divides by the number of elements.
+    """
+    cdim = 0 if input.dim() == 1 else 1
+    C = input.shape[cdim]
+    x = input.to(_compute_dtype(input.dtype))
+    z = transform_logits(x, softcap, temperature)
+    lse = torch.logsumexp(z, dim=cdim)
+    logp = z - lse.unsqueeze(cdim)
+    w_shape = [1] * x.dim()
+    w_shape[cdim] = C
+    w = weight.to(x.dtype).view(w_shape) if weight is not None else None
+
+    if target.is_floating_point():  # class probabilities, same shape as input
+        t = target.to(x.dtype)
+        if label_smoothing > 0:
+            t = t * (1 - label_smoothing) + label_smoothing / C
+        wt = t * w if w is not None else t
+        loss = -(wt * logp).sum(cdim)
+        if z_loss > 0:
+            loss = loss + z_loss * lse**2
+        if reduction == "mean":
+            out = loss.sum() / (x.numel() // C) if x.numel() else loss.sum() / 0.0
+        else:
+            out = loss.sum() if reduction == "sum" else loss
+        return (out, lse) if return_lse else out
+
+    ignored = target == ignore_index
+    if target.device.type == "cpu" and target.numel():
+        bad = ~ignored & ((target < 0) | (target >= C))
+        if bool(bad.any()):
+            raise IndexError(f"target {int(target[bad][0])} is out of range for {C} classes")
+    safe = target.masked_fill(ignored, 0)
+    nll = -logp.gather(cdim, safe.unsqueeze(cdim)).squeeze(cdim)
+    w_y = weight.to(x.dtype)[safe] if weight is not None else torch.ones_like(nll)
+    loss = (1 - label_smoothing) * w_y * nll
+    if label_smoothing > 0:
+        smooth = -(logp * w).sum(cdim) if w is not None else -logp.sum(cdim)
+        loss = loss + label_smoothing / C * smooth
+    if z_loss > 0:
+        loss = loss + z_loss * lse**2
+    loss = loss.masked_fill(ignored, 0.0)
+    lse = lse.masked_fill(ignored, 0.0)
+    if reduction == "mean":
+        out = loss.sum() / (w_y * ~ignored).sum()
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss
+    return (out, lse) if return_lse else out
