@@ -15,15 +15,18 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fusedloss, m) {
   // logits (N, C) with unit class stride; target (N,) int64; weight (C,) in the accumulation dtype
-  // (float32, float64 for float64 logits). Returns per-row loss and lse in the accumulation dtype;
-  // ignored rows give 0 for both. The reduction happens in Python, on device.
+  // (float32, float64 for float64 logits). Returns, in the accumulation dtype: the per-row loss
+  // (N,), the per-row lse (N,), and stats (N, 2) = (max, log_s) of the transformed row, which the
+  // backward needs (lse = max + log_s loses log_s when |max| is huge). Ignored rows give zeros.
+  // The reduction happens in Python, on device.
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float z_loss, float softcap, float temperature) -> (Tensor, Tensor)");
+      "float label_smoothing, float z_loss, float softcap, float temperature) -> (Tensor, Tensor, Tensor)");
   // grad_loss and grad_lse are (N,) in the accumulation dtype, any stride (an expanded scalar is
-  // fine). Returns the (N, C) gradient of the logits, contiguous, in the logits' dtype.
+  // fine); stats is the forward's third output. Returns the (N, C) gradient of the logits,
+  // contiguous, in the logits' dtype.
   m.def(
       "cross_entropy_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "
-      "Tensor? weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, "
+      "Tensor? weight, Tensor stats, int ignore_index, float label_smoothing, float z_loss, "
       "float softcap, float temperature) -> Tensor");
 }

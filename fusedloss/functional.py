@@ -68,6 +68,8 @@ def cross_entropy(
         if target.shape != input.shape:
             raise ValueError(f"probability targets must have the input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
+        if ignore_index != -100:
+            raise ValueError("ignore_index is not supported with probability targets (as in torch)")
         return reference.cross_entropy(input, target, weight, **kwargs)
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold int64 class indices or float probabilities, got dtype {target.dtype}")
@@ -92,7 +94,7 @@ def cross_entropy(
     acc = _ce.acc_dtype(input.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
 
-    loss, lse = _ce.forward_op(name)(rows, flat_target, w, int(ignore_index), label_smoothing, z_loss,
+    loss, lse, _ = _ce.forward_op(name)(rows, flat_target, w, int(ignore_index), label_smoothing, z_loss,
                                      softcap or 0.0, temperature)
 
     def denominator():

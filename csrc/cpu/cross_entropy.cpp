@@ -5,9 +5,10 @@
 // Forward: each row is read once from memory, in chunks of kChunk elements. A chunk is small
 // enough to stay in L1, so the two passes over it (transform + max, then sum of exp(z - max)) cost
 // one read from memory; chunk stats are merged with merge_stats. When rows are few and long
-// (N < 2 * threads), each row is also cut into pieces processed by different threads and merged in
-// a fixed order, so every thread has work and the result does not depend on the thread count.
-// Backward: one read of the logits and one write of the gradient, elementwise given the saved lse.
+// (N < kFewRows), each row is also cut into fixed-size pieces processed by different threads and
+// merged in a fixed order, so every thread has work and the result does not depend on the thread count.
+// Backward: one read of the logits and one write of the gradient, elementwise given the saved
+// (max, log_s) of each row.
 #define FL_CPU_VEC 1
 #include "fusedloss/checks.h"
 #include "fusedloss/cross_entropy_math.h"
@@ -32,6 +33,11 @@ using at::vec::Vectorized;
 
 // Elements per forward chunk: 2048 fp32 values plus their z buffer use 16 KB of L1.
 constexpr int64_t kChunk = 2048;
+// Rows of at least this many elements are cut into pieces of this size when there are few rows,
+// so both cores work on one long row. Fixed, not derived from the thread count: the order of
+// merges, hence every bit of the result, is the same whatever the number of threads.
+constexpr int64_t kFwdPiece = 16 * kChunk;
+constexpr int64_t kFewRows = 16;
 // Elements per backward work item: large enough to amortize the per-row coefficients, small
 // enough to balance two threads on a handful of rows.
 constexpr int64_t kBwdPiece = 16384;
@@ -127,44 +133,60 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, i
                                 const ce::Options<acc_t>& o) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const bool need_wz = o.smoothing > acc_t(0);
+  const bool smoothing = o.smoothing > acc_t(0);
   alignas(64) acc_t z[kChunk];
   auto total = ce::empty_stats<acc_t>();
   for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
     const int64_t n = std::min(kChunk, hi - c0);
     const int64_t nv = n - n % V;
-    // Pass 1: z = transform(x), its max, and sum_j w_j z_j while z is in registers.
+    const acc_t* wc = w ? w + c0 : nullptr;
+    // Pass 1: z = transform(x) into the L1 buffer, and its max.
     Vec vmax(-fl_inf<acc_t>());
-    Vec vwz(acc_t(0));
     for (int64_t i = 0; i < nv; i += V) {
       const Vec zi = ce::transform_logit<acc_t>(VecIO<scalar_t>::load(x + c0 + i), o);
       zi.store(z + i);
       vmax = fl_max(vmax, zi);
-      if (need_wz) vwz = vwz + (w ? zi * Vec::loadu(w + c0 + i) : zi);
     }
     acc_t m = reduce_max(vmax);
-    acc_t wz = need_wz ? reduce_sum(vwz) : acc_t(0);
     for (int64_t i = nv; i < n; ++i) {
-      const acc_t zi = ce::transform_logit<acc_t>(static_cast<acc_t>(x[c0 + i]), o);
-      z[i] = zi;
-      m = fl_max(m, zi);
-      if (need_wz) wz += w ? zi * w[c0 + i] : zi;
+      z[i] = ce::transform_logit<acc_t>(static_cast<acc_t>(x[c0 + i]), o);
+      m = fl_max(m, z[i]);
     }
-    ce::RowStats<acc_t> chunk{m, acc_t(0), wz};
-    if (m != -fl_inf<acc_t>()) {  // an all -inf chunk adds nothing (and z - m would be NaN)
-      // Pass 2 over the L1-resident z: sum of exp(z - max), two accumulators for ILP.
-      Vec s0(acc_t(0)), s1(acc_t(0));
-      const Vec vm(m);
-      int64_t i = 0;
+    ce::RowStats<acc_t> chunk{m, acc_t(0), acc_t(0), acc_t(0)};
+    // Pass 2 over the L1-resident z: sum exp(z - m) (two accumulators for ILP) and, with label
+    // smoothing, sum w (z - m) and sum w. An all -inf chunk has s = 0 and keeps sum w * z.
+    const bool finite_max = m != -fl_inf<acc_t>();
+    const Vec vm(finite_max ? m : acc_t(0));
+    Vec s0(acc_t(0)), s1(acc_t(0)), wd(acc_t(0)), ws(acc_t(0));
+    int64_t i = 0;
+    if (finite_max && !smoothing) {
       for (; i + 2 * V <= nv; i += 2 * V) {
         s0 = s0 + fl_exp(Vec::loadu(z + i) - vm);
         s1 = s1 + fl_exp(Vec::loadu(z + i + V) - vm);
       }
-      for (; i < nv; i += V) s0 = s0 + fl_exp(Vec::loadu(z + i) - vm);
-      acc_t s = reduce_sum(s0 + s1);
-      for (i = nv; i < n; ++i) s += fl_exp(z[i] - m);
-      chunk.sumexp = s;
     }
+    for (; i < nv; i += V) {
+      const Vec d = Vec::loadu(z + i) - vm;
+      if (finite_max) s0 = s0 + fl_exp(d);
+      if (smoothing) {
+        const Vec wi = wc ? Vec::loadu(wc + i) : Vec(acc_t(1));
+        wd = wd + wi * d;
+        ws = ws + wi;
+      }
+    }
+    acc_t s = reduce_sum(s0 + s1), swd = reduce_sum(wd), sw = reduce_sum(ws);
+    for (i = nv; i < n; ++i) {
+      const acc_t d = z[i] - (finite_max ? m : acc_t(0));
+      if (finite_max) s += fl_exp(d);
+      if (smoothing) {
+        const acc_t wi = wc ? wc[i] : acc_t(1);
+        swd += wi * d;
+        sw += wi;
+      }
+    }
+    chunk.sumexp = s;
+    chunk.sum_wd = swd;
+    chunk.sum_w = sw;
     total = ce::merge_stats(total, chunk);
   }
   return total;
@@ -172,7 +194,8 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, i
 
 template <typename scalar_t>
 void ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                     const ce::Options<at::opmath_type<scalar_t>>& o, at::Tensor& loss, at::Tensor& lse) {
+                     const ce::Options<at::opmath_type<scalar_t>>& o, at::Tensor& loss, at::Tensor& lse,
+                     at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = logits.size(0), C = logits.size(1), row_stride = logits.stride(0);
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
@@ -180,16 +203,10 @@ void ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const s
   const acc_t* w = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
   acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
   acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
+  acc_t* stats_p = stats.mutable_data_ptr<acc_t>();
   check_targets(t, N, o);
-  const acc_t W = weight_sum_of(w, C);
 
-  // Pieces per row: one when there are enough rows to feed every thread.
-  const int64_t threads = at::get_num_threads();
-  int64_t piece = C;
-  if (N < 2 * threads && C > 2 * kChunk) {
-    const int64_t splits = std::min((C + kChunk - 1) / kChunk, (2 * threads + N - 1) / N);
-    piece = ((C + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
-  }
+  const int64_t piece = (N < kFewRows && C > kFwdPiece) ? kFwdPiece : std::max<int64_t>(C, 1);
   const int64_t splits = std::max<int64_t>(1, (C + piece - 1) / piece);
   std::vector<ce::RowStats<acc_t>> partial(N * splits);
   at::parallel_for(0, N * splits, 1, [&](int64_t begin, int64_t end) {
@@ -206,20 +223,23 @@ void ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const s
       if (ce::is_ignored(y, o)) {
         loss_p[row] = 0;
         lse_p[row] = 0;
+        stats_p[2 * row] = 0;
+        stats_p[2 * row + 1] = 0;
         continue;
       }
-      auto stats = partial[row * splits];
-      for (int64_t part = 1; part < splits; ++part) stats = ce::merge_stats(stats, partial[row * splits + part]);
+      auto merged = partial[row * splits];
+      for (int64_t part = 1; part < splits; ++part) merged = ce::merge_stats(merged, partial[row * splits + part]);
       const acc_t z_y = ce::transform_logit<acc_t>(static_cast<acc_t>(x[row * row_stride + y]), o);
       const acc_t w_y = w ? w[y] : acc_t(1);
-      ce::row_loss(stats, z_y, w_y, W, o, loss_p + row, lse_p + row);
+      ce::row_loss(merged, z_y, w_y, o, loss_p + row, lse_p + row, stats_p + 2 * row + 1);
+      stats_p[2 * row] = merged.max;
     }
   });
 }
 
 template <typename scalar_t>
 void ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
-                     const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                     const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                      const ce::Options<at::opmath_type<scalar_t>>& o, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -232,7 +252,7 @@ void ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor
   const int64_t g_stride = grad_loss.stride(0);
   const acc_t* gl = grad_lse.has_value() ? grad_lse->const_data_ptr<acc_t>() : nullptr;
   const int64_t gl_stride = grad_lse.has_value() ? grad_lse->stride(0) : 0;
-  const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+  const acc_t* stats_p = stats.const_data_ptr<acc_t>();
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
   check_targets(t, N, o);
   const acc_t W = weight_sum_of(w, C);
@@ -250,7 +270,8 @@ void ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor
         continue;
       }
       const acc_t w_y = w ? w[y] : acc_t(1);
-      const auto coefs = ce::grad_coefs<acc_t>(lse_p[row], w_y, W, g[row * g_stride], gl ? gl[row * gl_stride] : acc_t(0), o);
+      const auto coefs = ce::grad_coefs<acc_t>(stats_p[2 * row], stats_p[2 * row + 1], w_y, W, g[row * g_stride],
+                                               gl ? gl[row * gl_stride] : acc_t(0), o);
       const Vec one(acc_t(1));
       int64_t j = lo;
       for (; j + V <= hi; j += V) {
@@ -270,7 +291,7 @@ void ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                          double label_smoothing, double z_loss, double softcap,
                                                          double temperature) {
@@ -278,22 +299,23 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logit
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
   auto lse = at::empty({logits.size(0)}, logits.options().dtype(acc));
-  if (logits.size(0) == 0) return {loss, lse};
+  auto stats = at::empty({logits.size(0), 2}, logits.options().dtype(acc));
+  if (logits.size(0) == 0) return {loss, lse, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto o = make_options<acc_t>(logits.size(1), ignore_index, label_smoothing, z_loss, softcap, temperature);
-    ce_fwd_cpu_impl<scalar_t>(logits, target, weight, o, loss, lse);
+    ce_fwd_cpu_impl<scalar_t>(logits, target, weight, o, loss, lse, stats);
   });
-  return {loss, lse};
+  return {loss, lse, stats};
 }
 
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                                  const at::Tensor& logits, const at::Tensor& target,
-                                 const std::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index,
                                  double label_smoothing, double z_loss, double softcap, double temperature) {
   check_ce_args(logits, target, weight);
   check_row_grad(grad_loss, logits, "grad_loss");
-  check_row_grad(lse, logits, "lse");
+  check_row_stats(stats, logits);
   if (grad_lse.has_value()) check_row_grad(*grad_lse, logits, "grad_lse");
   auto grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad.numel() == 0) return grad;
@@ -301,7 +323,7 @@ at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const std::optiona
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto o = make_options<acc_t>(logits.size(1), ignore_index, label_smoothing, z_loss, softcap, temperature);
-    ce_bwd_cpu_impl<scalar_t>(grad_loss, grad_lse, logits, target, weight, lse, o, grad);
+    ce_bwd_cpu_impl<scalar_t>(grad_loss, grad_lse, logits, target, weight, stats, o, grad);
   });
   return grad;
 }

@@ -6,8 +6,8 @@
   torch.compile traces into them.
 - autograd for both forward ops: the backward op consumes the per-row lse saved by the forward.
 
-Forward returns per-row (loss, lse) in the accumulation dtype (float32; float64 for float64 logits);
-the reduction is left to the caller, on device.
+Forward returns per-row (loss, lse, stats) in the accumulation dtype (float32; float64 for float64
+logits), stats = (max, log_s) per row for the backward; the reduction is left to the caller, on device.
 """
 
 from __future__ import annotations
@@ -30,30 +30,39 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
     n = logits.shape[0]
     acc = acc_dtype(logits.dtype)
-    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc), logits.new_empty((n, 2), dtype=acc)
 
 
-def _bwd_fake(grad_loss, grad_lse, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+def _bwd_fake(grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap,
               temperature):
     return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature = inputs
-    _, lse = output
-    ctx.save_for_backward(logits, target, weight, lse)
+    _, _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(logits, target, weight, stats)
     ctx.scalars = (ignore_index, label_smoothing, z_loss, softcap, temperature)
 
 
 def _backward_with(bwd_op):
-    def backward(ctx, grad_loss, grad_lse):
-        logits, target, weight, lse = ctx.saved_tensors
+    def backward(ctx, grad_loss, grad_lse, _grad_stats):
+        logits, target, weight, stats = ctx.saved_tensors
         if grad_loss is None:  # only the returned lse was used
-            grad_loss = torch.zeros_like(lse)
-        grad = bwd_op(grad_loss, grad_lse, logits, target, weight, lse, *ctx.scalars)
+            grad_loss = stats.new_zeros(stats.shape[0])
+        grad = bwd_op(grad_loss, grad_lse, logits, target, weight, stats, *ctx.scalars)
         return grad, None, None, None, None, None, None, None
 
     return backward
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fusedloss: cross_entropy has no double backward (the gradient of its gradient)")
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    pass
 
 
 if _backend.extension_loaded():
@@ -61,6 +70,7 @@ if _backend.extension_loaded():
     torch.library.register_fake(BWD)(_bwd_fake)
     torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.cross_entropy_bwd),
                                     setup_context=_setup_context)
+    torch.library.register_autograd(BWD, _no_double_backward, setup_context=_bwd_setup_context)
 
 TRITON_REGISTERED = False
 if _backend.triton_installed():
@@ -69,7 +79,7 @@ if _backend.triton_installed():
     @triton_op(FWD_TRITON, mutates_args={})
     def cross_entropy_fwd_triton(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                                  label_smoothing: float, z_loss: float, softcap: float,
-                                 temperature: float) -> tuple[Tensor, Tensor]:
+                                 temperature: float) -> tuple[Tensor, Tensor, Tensor]:
         from fusedloss.triton import cross_entropy as kernels
 
         return kernels.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
@@ -77,15 +87,16 @@ if _backend.triton_installed():
 
     @triton_op(BWD_TRITON, mutates_args={})
     def cross_entropy_bwd_triton(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
-                                 weight: Tensor | None, lse: Tensor, ignore_index: int, label_smoothing: float,
+                                 weight: Tensor | None, stats: Tensor, ignore_index: int, label_smoothing: float,
                                  z_loss: float, softcap: float, temperature: float) -> Tensor:
         from fusedloss.triton import cross_entropy as kernels
 
-        return kernels.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, lse, ignore_index,
+        return kernels.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, stats, ignore_index,
                                          label_smoothing, z_loss, softcap, temperature)
 
     cross_entropy_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.cross_entropy_bwd_triton),
                                                setup_context=_setup_context)
+    cross_entropy_bwd_triton.register_autograd(_no_double_backward, setup_context=_bwd_setup_context)
     TRITON_REGISTERED = True
 
 

@@ -39,4 +39,12 @@ inline void check_row_grad(const at::Tensor& g, const at::Tensor& logits, const 
   TORCH_CHECK(g.device() == logits.device(), "fusedloss: ", name, " is on the wrong device");
 }
 
+inline void check_row_stats(const at::Tensor& stats, const at::Tensor& logits) {
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == 2 && stats.is_contiguous(),
+              "fusedloss: stats must be the forward's contiguous (N, 2) output");
+  TORCH_CHECK(stats.scalar_type() == acc, "fusedloss: stats must be ", acc, ", got ", stats.scalar_type());
+  TORCH_CHECK(stats.device() == logits.device(), "fusedloss: stats is on the wrong device");
+}
+
 }  // namespace fusedloss

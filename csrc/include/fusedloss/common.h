@@ -21,6 +21,8 @@ FL_HOST_DEVICE float fl_exp(float x) { return ::expf(x); }
 FL_HOST_DEVICE double fl_exp(double x) { return ::exp(x); }
 FL_HOST_DEVICE float fl_log(float x) { return ::logf(x); }
 FL_HOST_DEVICE double fl_log(double x) { return ::log(x); }
+FL_HOST_DEVICE float fl_expm1(float x) { return ::expm1f(x); }
+FL_HOST_DEVICE double fl_expm1(double x) { return ::expm1(x); }
 FL_HOST_DEVICE float fl_tanh(float x) { return ::tanhf(x); }
 FL_HOST_DEVICE double fl_tanh(double x) { return ::tanh(x); }
 template <typename T>

@@ -4,24 +4,32 @@
 //
 // Notation for one row of C logits x_j, target class y, class weights w_j (all 1 without weights):
 //   (1) z_j   = transform(x_j) = softcap * tanh(x_j / softcap) / T      (softcap off: z_j = x_j / T)
-//   (2) lse   = log sum_j exp(z_j), computed online as (m, s) with m = max z_j, s = sum exp(z_j - m),
-//               lse = m + log s. Subtracting the max keeps every exp() in (0, 1]: no overflow for
-//               logits up to the dtype's max, and no underflow of the sum for very negative rows.
+//   (2) m = max_j z_j and s = sum_j exp(z_j - m), computed online; log_s = log s, lse = m + log_s.
+//       Subtracting the max keeps every exp() in (0, 1]: no overflow, and s >= 1 never underflows.
+//       m and log_s are kept apart: for logits of 1e30, m + log_s rounds to m, and everything
+//       below would lose log_s (torch's log_softmax keeps it by subtracting the max first, too).
 //   (3) loss  = (1 - eps) * w_y * (lse - z_y)                     the (weighted) NLL of the target
 //             + (eps / C) * sum_j w_j * (lse - z_j)               label smoothing, as torch defines it
 //             + lambda * lse^2                                    PaLM z-loss (not class-weighted)
-//       with eps = label_smoothing, lambda = z_loss. The smoothing sum is W * lse - sum_j w_j z_j
-//       with W = sum_j w_j, so the forward needs only m, s, sum_j w_j z_j and z_y per row.
-//   (4) gradient. With p_k = exp(z_k - lse), d lse / d z_k = p_k, so
+//       with eps = label_smoothing, lambda = z_loss. In terms of the stats:
+//         lse - z_y                 = (m - z_y) + log_s
+//         sum_j w_j (lse - z_j)     = W * log_s - sum_j w_j (z_j - m),   W = sum_j w_j
+//       so the forward keeps sum_w = W and sum_wd = sum_j w_j (z_j - m) next to (m, s): every
+//       term stays of the size of the logits' spread, not of the logits themselves.
+//   (4) gradient. With p_k = exp(z_k - lse) = exp((z_k - m) - log_s), d lse / d z_k = p_k, so
 //         d loss / d z_k = p_k * (A + 2 lambda lse) - c_k,
 //         A   = (1 - eps) w_y + (eps / C) W                        (the weight mass on lse)
 //         c_k = (eps / C) w_k + [k == y] (1 - eps) w_y
 //       With an upstream gradient g for the loss and g_lse for the returned lse (return_lse=True):
-//         d / d z_k = p_k * (g (A + 2 lambda lse) + g_lse) - g c_k.
+//         d / d z_k = p_k * p_scale - smooth * w_k                                  (k != y)
+//         d / d z_y = nll * expm1((z_y - m) - log_s) + smooth * (p_y W - w_y) + lse_term * p_y
+//       with nll = g (1 - eps) w_y, smooth = g eps / C, lse_term = g 2 lambda lse + g_lse and
+//       p_scale = nll + smooth W + lse_term. The target's form is the same value regrouped so that
+//       p_y - 1 comes from expm1: when p_y is close to 1, p_y * A - c_y cancels catastrophically.
 //   (5) chain rule through (1): dz/dx = (1 - tanh^2(x / softcap)) / T, and tanh(x / softcap) is
 //       z * T / softcap, so the backward recomputes z and needs no extra saved tensor.
-// Only lse is saved between forward and backward: the backward is one pass that recomputes z_k and
-// p_k, reading the logits once and writing the gradient once.
+// Only (m, log_s) per row is saved between forward and backward: the backward is one pass that
+// recomputes z_k and p_k, reading the logits once and writing the gradient once.
 // A row whose target equals ignore_index has loss 0, lse 0 and gradient 0, as in torch.
 
 #include "fusedloss/common.h"
@@ -58,52 +66,66 @@ FL_HOST_DEVICE T transform_grad(const T& z, const Options<acc_t>& o) {
   return T(o.inv_temperature);
 }
 
-// (2): running (max, sum of exp(z - max)) of a row or a piece of it.
+// (2) and (3): running stats of a row or of a piece of it.
 template <typename acc_t>
 struct RowStats {
-  acc_t max;
-  acc_t sumexp;
-  acc_t sum_wz;  // sum_j w_j z_j, needed only with label smoothing
+  acc_t max;     // m
+  acc_t sumexp;  // s = sum exp(z - m)
+  acc_t sum_wd;  // sum w (z - m), only with label smoothing
+  acc_t sum_w;   // sum w, only with label smoothing
 };
 
 template <typename acc_t>
 FL_HOST_DEVICE RowStats<acc_t> empty_stats() {
-  return RowStats<acc_t>{-fl_inf<acc_t>(), acc_t(0), acc_t(0)};
+  return RowStats<acc_t>{-fl_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
 }
 
-// Merges two pieces of one row; the order of merges is fixed by the caller, so results are
-// deterministic. A piece whose max is -inf contributes nothing (and must not produce
-// exp(-inf - -inf) = NaN).
+// sum_wd of a piece re-expressed relative to a larger max M: sum w (z - M) = sum_wd + sum_w (m - M).
+// A piece with no weight mass contributes its sum_wd alone (avoids 0 * -inf for an empty piece).
+template <typename acc_t>
+FL_HOST_DEVICE acc_t shift_wd(const RowStats<acc_t>& r, acc_t M) {
+  return r.sum_w == acc_t(0) ? r.sum_wd : r.sum_wd + r.sum_w * (r.max - M);
+}
+
+// Merges two pieces of one row; the caller fixes the order of merges, so results are
+// deterministic. A piece whose max is -inf adds nothing to s (and must not make exp(-inf + inf)).
 template <typename acc_t>
 FL_HOST_DEVICE RowStats<acc_t> merge_stats(const RowStats<acc_t>& a, const RowStats<acc_t>& b) {
   const acc_t m = fl_max(a.max, b.max);
   RowStats<acc_t> r;
   r.max = m;
-  r.sum_wz = a.sum_wz + b.sum_wz;
+  r.sum_w = a.sum_w + b.sum_w;
   if (m == -fl_inf<acc_t>()) {
     r.sumexp = acc_t(0);
+    r.sum_wd = a.sum_wd + b.sum_wd;
   } else {
     const acc_t sa = a.max == -fl_inf<acc_t>() ? acc_t(0) : a.sumexp * fl_exp(a.max - m);
     const acc_t sb = b.max == -fl_inf<acc_t>() ? acc_t(0) : b.sumexp * fl_exp(b.max - m);
     r.sumexp = sa + sb;
+    r.sum_wd = shift_wd(a, m) + shift_wd(b, m);
   }
   return r;
 }
 
-// One element into running stats (the GPU threads' inner step; the CPU kernel does the same on
-// whole vectors with a two-pass max-then-sum per cache-sized chunk).
+// One element into running stats (a GPU thread's inner step): one exp per element. The CPU kernel
+// does the same on whole vectors, with a max pass and then a sum pass over each L1-sized chunk.
 template <typename acc_t>
-FL_HOST_DEVICE void update_stats(RowStats<acc_t>& r, acc_t z, acc_t w_z_term) {
-  if (z > r.max) {
+FL_HOST_DEVICE void update_stats(RowStats<acc_t>& r, acc_t z, acc_t w, bool smoothing) {
+  if (z > r.max) {  // a new max rescales what was summed so far
+    if (smoothing) r.sum_wd = shift_wd(r, z);
     r.sumexp = (r.max == -fl_inf<acc_t>() ? acc_t(0) : r.sumexp * fl_exp(r.max - z)) + acc_t(1);
     r.max = z;
-  } else if (z != z) {
-    r.max = z;  // NaN poisons the row
+  } else if (z != z) {  // NaN poisons the row, as in torch
+    r.max = z;
     r.sumexp = z;
-  } else {
+  } else if (z != -fl_inf<acc_t>()) {
     r.sumexp += fl_exp(z - r.max);
   }
-  r.sum_wz += w_z_term;
+  if (smoothing) {
+    // w * (z - m); a -inf logit gives -inf (w > 0) or NaN (w == 0), as torch's -(w * log_softmax).
+    r.sum_wd += z == -fl_inf<acc_t>() ? w * z : w * (z - r.max);
+    r.sum_w += w;
+  }
 }
 
 template <typename acc_t>
@@ -116,56 +138,71 @@ FL_HOST_DEVICE bool target_in_range(int64_t y, const Options<acc_t>& o) {
   return y >= 0 && y < o.num_classes;
 }
 
-// (2) + (3): the row's loss and lse from its merged stats. z_y is the transformed target logit,
-// w_y its class weight, weight_sum W (C without weights).
+// (2) + (3): the row's loss, lse and log_s from its merged stats. z_y is the transformed target
+// logit, w_y its class weight. W is r.sum_w (accumulated only with label smoothing).
 template <typename acc_t>
-FL_HOST_DEVICE void row_loss(const RowStats<acc_t>& r, acc_t z_y, acc_t w_y, acc_t weight_sum,
-                             const Options<acc_t>& o, acc_t* loss, acc_t* lse) {
-  const acc_t l = r.max + fl_log(r.sumexp);
-  acc_t value = (acc_t(1) - o.smoothing) * w_y * (l - z_y);
+FL_HOST_DEVICE void row_loss(const RowStats<acc_t>& r, acc_t z_y, acc_t w_y, const Options<acc_t>& o,
+                             acc_t* loss, acc_t* lse, acc_t* log_s) {
+  const acc_t ls = fl_log(r.sumexp);
+  const acc_t l = r.max + ls;
+  acc_t value = (acc_t(1) - o.smoothing) * w_y * ((r.max - z_y) + ls);
   if (o.smoothing > acc_t(0)) {
-    value += o.smoothing / acc_t(o.num_classes) * (weight_sum * l - r.sum_wz);
+    value += o.smoothing / acc_t(o.num_classes) * (r.sum_w * ls - r.sum_wd);
   }
   if (o.z_loss > acc_t(0)) {
     value += o.z_loss * l * l;
   }
   *loss = value;
   *lse = l;
+  *log_s = ls;
 }
 
-// (4): the per-row constants of the gradient. The element k gets
-//   (exp(z_k - lse) * p_scale - uniform * w_k - [k == y] target) * dz/dx_k.
+// (4): the per-row constants of the gradient.
 template <typename acc_t>
 struct GradCoefs {
-  acc_t lse;
+  acc_t max;
+  acc_t log_s;
   acc_t p_scale;
-  acc_t uniform;
-  acc_t target;
+  acc_t nll;
+  acc_t smooth;
+  acc_t lse_term;
+  acc_t weight_sum;
 };
 
+// max and log_s are the forward's saved stats; weight_sum is W (C without weights).
 template <typename acc_t>
-FL_HOST_DEVICE GradCoefs<acc_t> grad_coefs(acc_t lse, acc_t w_y, acc_t weight_sum, acc_t g,
+FL_HOST_DEVICE GradCoefs<acc_t> grad_coefs(acc_t max, acc_t log_s, acc_t w_y, acc_t weight_sum, acc_t g,
                                            acc_t g_lse, const Options<acc_t>& o) {
-  const acc_t eps_c = o.smoothing / acc_t(o.num_classes);
-  const acc_t a = (acc_t(1) - o.smoothing) * w_y + eps_c * weight_sum;
   GradCoefs<acc_t> c;
-  c.lse = lse;
-  c.p_scale = g * (a + acc_t(2) * o.z_loss * lse) + g_lse;
-  c.uniform = g * eps_c;
-  c.target = g * (acc_t(1) - o.smoothing) * w_y;
+  c.max = max;
+  c.log_s = log_s;
+  c.nll = g * (acc_t(1) - o.smoothing) * w_y;
+  c.smooth = g * o.smoothing / acc_t(o.num_classes);
+  c.lse_term = o.z_loss > acc_t(0) ? g * acc_t(2) * o.z_loss * (max + log_s) + g_lse : g_lse;
+  c.weight_sum = weight_sum;
+  c.p_scale = c.nll + c.smooth * weight_sum + c.lse_term;
   return c;
 }
 
-// (4) + (5) for one element (or a vector of them) that is not the target; w is w_k (1 without
-// weights). The target element is written separately with grad_target(), in acc_t.
+// p_k, on a scalar or a vector.
 template <typename acc_t, typename T>
-FL_HOST_DEVICE T grad_element(const T& z, const T& w, const GradCoefs<acc_t>& c, const Options<acc_t>& o) {
-  return (fl_exp(z - T(c.lse)) * T(c.p_scale) - T(c.uniform) * w) * transform_grad<acc_t>(z, o);
+FL_HOST_DEVICE T softmax_prob(const T& z, const GradCoefs<acc_t>& c) {
+  return fl_exp((z - T(c.max)) - T(c.log_s));
 }
 
+// (4) + (5) for elements that are not the target; w is w_k (1 without weights).
+template <typename acc_t, typename T>
+FL_HOST_DEVICE T grad_element(const T& z, const T& w, const GradCoefs<acc_t>& c, const Options<acc_t>& o) {
+  return (softmax_prob<acc_t>(z, c) * T(c.p_scale) - T(c.smooth) * w) * transform_grad<acc_t>(z, o);
+}
+
+// (4) + (5) for the target element, always in acc_t.
 template <typename acc_t>
 FL_HOST_DEVICE acc_t grad_target(acc_t z_y, acc_t w_y, const GradCoefs<acc_t>& c, const Options<acc_t>& o) {
-  return (fl_exp(z_y - c.lse) * c.p_scale - c.uniform * w_y - c.target) * transform_grad<acc_t>(z_y, o);
+  const acc_t d = (z_y - c.max) - c.log_s;  // log p_y
+  const acc_t p = fl_exp(d);
+  const acc_t value = c.nll * fl_expm1(d) + c.smooth * (p * c.weight_sum - w_y) + c.lse_term * p;
+  return value * transform_grad<acc_t>(z_y, o);
 }
 
 }  // namespace ce

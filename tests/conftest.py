@@ -1,0 +1,91 @@
+"""Shared test parameters: backends x devices, the per-dtype tolerance table, seeds, comparison helpers.
+
+Every kernel backend is compared with fusedloss.reference evaluated in float64 on the same (rounded)
+inputs. Inputs are fresh each session: the seed is printed in the header; set FUSEDLOSS_TEST_SEED
+to replay a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+import fusedloss
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+KERNEL_BACKENDS = ("cpu", "cuda", "triton")
+# The Makefile names the backends that must run here, so that a missing build or a missing
+# TRITON_INTERPRET fails the suite instead of skipping silently.
+REQUIRED = {b for b in os.environ.get("FUSEDLOSS_REQUIRE_BACKENDS", "").split(",") if b}
+SEED = int(os.environ.get("FUSEDLOSS_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return [f"fusedloss seed: FUSEDLOSS_TEST_SEED={SEED}", f"fusedloss backends: {fusedloss.info()['backends']}"]
+
+
+def backend_params(backends=KERNEL_BACKENDS):
+    """(backend, device) pairs for every kernel backend on every device it can target."""
+    params = []
+    for device in ("cpu", "cuda"):
+        for backend in backends:
+            if backend == "cpu" and device != "cpu" or backend == "cuda" and device != "cuda":
+                continue
+            params.append(pytest.param(backend, device, id=f"{backend}-{device}"))
+    return params
+
+
+def require_backend(backend: str, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    reason = fusedloss.backends.why_unavailable(backend, device)
+    if reason is None:
+        return
+    if backend in REQUIRED:
+        pytest.fail(f"backend {backend} is required here (FUSEDLOSS_REQUIRE_BACKENDS) but unavailable: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """A fresh but replayable seed per test: the session seed mixed with the test's id."""
+    seed = (SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(seed)
+    return seed
+
+
+# (rtol, atol) per dtype for the loss and for the gradient, against the float64 reference on the
+# same inputs. The loss is accumulated and returned in float32 for every low-precision dtype; the
+# gradient is rounded to the input dtype, so its rtol is that dtype's rounding (half an ulp, 2x
+# margin), and atol covers float16's subnormals. atol for the gradient is relative to max|grad|.
+TOL = {
+    torch.float64: {"loss": (1e-12, 1e-12), "grad": (1e-10, 1e-12)},
+    torch.float32: {"loss": (2e-5, 1e-5), "grad": (2e-5, 1e-6)},
+    torch.bfloat16: {"loss": (2e-5, 1e-5), "grad": (2**-8, 1e-6)},
+    torch.float16: {"loss": (2e-5, 1e-5), "grad": (2**-10, 1e-6)},
+}
+FP16_SUBNORMAL_ATOL = 2**-25  # half of float16's smallest subnormal step
+
+
+def assert_close(actual, expected, dtype, kind, msg=""):
+    """Elementwise |a - e| <= rtol |e| + atol (scaled by max|e| for gradients); NaNs must match."""
+    rtol, atol = TOL[dtype][kind]
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{msg} shape {tuple(a.shape)} != {tuple(e.shape)}"
+    if kind == "grad":
+        scale = e.abs().max().item() if e.numel() and torch.isfinite(e).all() else 1.0
+        atol = atol * scale + (FP16_SUBNORMAL_ATOL if dtype == torch.float16 else 0.0)
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{msg} [{dtype}] {m}")
+
+
+def poison_cpu_allocator(nbytes: int) -> None:
+    """Leaves NaN in freed CPU memory so that an output element a kernel forgets to write shows."""
+    if nbytes <= 0:
+        return
+    junk = torch.full((nbytes // 4 + 16,), float("nan"))
+    del junk

@@ -1,0 +1,447 @@
+"""fusedloss.cross_entropy on every backend against the float64 reference (and the reference against torch)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, TOL, assert_close, backend_params, poison_cpu_allocator, require_backend
+
+import fusedloss
+from fusedloss import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "weight+smoothing": {"weight": True, "label_smoothing": 0.25},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap+temperature": {"softcap": 5.0, "temperature": 0.7},
+    "in-range ignore_index": {"ignore_index": 3},
+    "everything": {"weight": True, "label_smoothing": 0.05, "z_loss": 1e-4, "softcap": 30.0, "temperature": 1.3},
+}
+
+
+def make_inputs(N, C, dtype, device, *, ignore_index=-100, scale=3.0, weight=False, ignore_some=True):
+    x = (torch.randn(N, C, device=device) * scale).to(dtype)
+    t = torch.randint(0, C, (N,), device=device)
+    if ignore_some and N > 1:
+        t[::3] = ignore_index  # every third row ignored (including row 0)
+    w = torch.rand(C, device=device) + 0.5 if weight else None
+    return x, t, w
+
+
+def run(x, t, w, backend, *, reduction="mean", grad_out=None, **kw):
+    """Loss and input gradient from one backend (x is not modified)."""
+    x = x.detach().clone().requires_grad_()
+    loss = fusedloss.cross_entropy(x, t, w, reduction=reduction, backend=backend, **kw)
+    g = torch.randn_like(loss) if grad_out is None else grad_out
+    (grad,) = torch.autograd.grad(loss, x, g)
+    return loss, grad, g
+
+
+def expected(x, t, w, *, reduction="mean", grad_out=None, **kw):
+    """The float64 reference on the same rounded inputs."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.double() if w is not None else None
+    loss = reference.cross_entropy(x64, t, w64, reduction=reduction, **kw)
+    (grad,) = torch.autograd.grad(loss, x64, grad_out.double())
+    return loss, grad
+
+
+def split_options(opts):
+    opts = dict(opts)
+    use_weight = opts.pop("weight", False)
+    return use_weight, opts
+
+
+def check_against_reference(backend, device, dtype, N, C, opts, reduction):
+    use_weight, kw = split_options(opts)
+    x, t, w = make_inputs(N, C, dtype, device, ignore_index=kw.get("ignore_index", -100), weight=use_weight)
+    if device == "cpu":
+        poison_cpu_allocator(N * C * x.element_size())
+    loss, grad, g = run(x, t, w, backend, reduction=reduction, **kw)
+    ref_loss, ref_grad = expected(x, t, w, reduction=reduction, grad_out=g, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype
+    assert_close(loss, ref_loss, dtype, "loss", f"{backend} loss N={N} C={C} {opts} {reduction}")
+    assert_close(grad, ref_grad, dtype, "grad", f"{backend} grad N={N} C={C} {opts} {reduction}")
+
+
+# --- the reference itself against torch -------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (4, 7, 3), (2, 7, 3, 2)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_reference_matches_torch(shape, reduction, weighted, label_smoothing, ignore_index):
+    x = torch.randn(shape, dtype=torch.float64)
+    C = shape[0] if len(shape) == 1 else shape[1]
+    t_shape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    t = torch.randint(0, C, t_shape)
+    if t.dim():
+        t.view(-1)[::2] = ignore_index
+    w = torch.rand(C, dtype=torch.float64) + 0.5 if weighted else None
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing, ignore_index=ignore_index)
+    torch.testing.assert_close(reference.cross_entropy(x, t, w, **kw), F.cross_entropy(x, t, w, **kw))
+    if ignore_index != -100:
+        return  # torch rejects ignore_index with probability targets (so does fusedloss)
+    p = torch.softmax(torch.randn(shape, dtype=torch.float64), dim=0 if len(shape) == 1 else 1)
+    torch.testing.assert_close(reference.cross_entropy(x, p, w, **kw), F.cross_entropy(x, p, w, **kw))
+
+
+def test_reference_extras_by_hand():
+    """z_loss, softcap and temperature, from their definitions on one small row."""
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    t = torch.tensor([2])
+    z = 4.0 * torch.tanh(x / 4.0) / 0.5
+    lse = torch.logsumexp(z, 1)
+    want = lse - z[0, 2] + 0.01 * lse**2
+    got = reference.cross_entropy(x, t, z_loss=0.01, softcap=4.0, temperature=0.5, reduction="none")
+    torch.testing.assert_close(got, want)
+
+
+# --- every backend against the reference --------------------------------------------------------
+
+SHAPES = [(N, C) for N in (1, 3, 257) for C in (1, 7, 1023, 50257, 131072)]
+
+
+def shape_param(N, C):
+    marks = [pytest.mark.slow] if N * C > 2_000_000 else []
+    return pytest.param(N, C, id=f"N{N}-C{C}", marks=marks)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("N,C", [shape_param(N, C) for N, C in SHAPES])
+@pytest.mark.parametrize("opts", ["plain", "everything"])
+def test_shapes(backend, device, dtype, N, C, opts):
+    require_backend(backend, device)
+    if dtype == torch.float64 and backend != "cpu":
+        pytest.skip("float64 is a CPU-backend dtype")
+    if backend == "triton" and device == "cpu" and N * C > 2_000_000 and dtype != torch.float32:
+        pytest.skip("the Triton interpreter is slow: the largest shapes run in float32 only")
+    check_against_reference(backend, device, dtype, N, C, OPTIONS[opts], "mean")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", list(OPTIONS))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_options(backend, device, dtype, opts, reduction):
+    require_backend(backend, device)
+    check_against_reference(backend, device, dtype, 37, 1023, OPTIONS[opts], reduction)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_torch(backend, device, dtype):
+    """Drop-in: the same numbers as F.cross_entropy on the same (upcast) input."""
+    require_backend(backend, device)
+    x, t, w = make_inputs(64, 333, dtype, device, weight=True)
+    for kw in ({}, {"label_smoothing": 0.2}):
+        ours = fusedloss.cross_entropy(x, t, w, backend=backend, **kw)
+        theirs = F.cross_entropy(x.float(), t, w, **kw)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# --- layouts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("layout", ["row-slice", "transposed", "k-dim", "channels-last", "1-d", "expanded"])
+def test_layouts(backend, device, layout):
+    require_backend(backend, device)
+    dtype = torch.float32
+    if layout == "row-slice":
+        x = torch.randn(9, 1030, device=device)[:, 3:1026]  # row stride 1030, unaligned start
+        t = torch.randint(0, 1023, (9,), device=device)
+    elif layout == "transposed":
+        x = torch.randn(50, 12, device=device).t()  # (12, 50) with class stride 12
+        t = torch.randint(0, 50, (12,), device=device)
+    elif layout == "k-dim":
+        x = torch.randn(3, 17, 4, 5, device=device)
+        t = torch.randint(0, 17, (3, 4, 5), device=device)
+    elif layout == "channels-last":
+        x = torch.randn(2, 17, 4, 5, device=device).to(memory_format=torch.channels_last)
+        t = torch.randint(0, 17, (2, 4, 5), device=device)
+    elif layout == "1-d":
+        x = torch.randn(31, device=device)
+        t = torch.tensor(4, device=device)
+    else:  # a broadcast row: stride 0 along N
+        x = torch.randn(1, 77, device=device).expand(6, 77)
+        t = torch.randint(0, 77, (6,), device=device)
+    t = t.clone()
+    if t.dim():
+        t.view(-1)[::4] = -100
+    for reduction in ("none", "mean", "sum"):
+        g = torch.randn(t.shape, device=device) if reduction == "none" else torch.tensor(1.3, device=device)
+        loss, grad, _ = run(x, t, None, backend, reduction=reduction, grad_out=g, label_smoothing=0.1)
+        ref_loss, ref_grad = expected(x, t, None, reduction=reduction, grad_out=g, label_smoothing=0.1)
+        assert_close(loss, ref_loss, dtype, "loss", layout)
+        assert_close(grad, ref_grad, dtype, "grad", layout)
+
+
+# --- return_lse ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_return_lse_and_its_gradient(backend, device, dtype):
+    require_backend(backend, device)
+    x, t, w = make_inputs(20, 500, dtype, device, weight=True)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=10.0)
+    xa = x.detach().clone().requires_grad_()
+    loss, lse = fusedloss.cross_entropy(xa, t, w, return_lse=True, backend=backend, **kw)
+    assert lse.dtype == torch.float32 and lse.shape == t.shape
+    (loss + (lse * torch.linspace(0, 1, 20, device=device)).sum()).backward()
+    x64 = x.detach().double().requires_grad_()
+    ref_loss, ref_lse = reference.cross_entropy(x64, t, w.double(), return_lse=True, **kw)
+    (ref_loss + (ref_lse * torch.linspace(0, 1, 20, dtype=torch.float64, device=device)).sum()).backward()
+    assert_close(lse, ref_lse, dtype, "loss", "lse")
+    assert (lse[t == -100] == 0).all()
+    assert_close(xa.grad, x64.grad, dtype, "grad", "grad through loss and lse")
+
+
+# --- probability targets (computed with torch ops on every backend) -----------------------------
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_probability_targets(backend, device, reduction):
+    require_backend(backend, device)
+    x = torch.randn(6, 11, 3, device=device, requires_grad=True)
+    p = torch.softmax(torch.randn(6, 11, 3, device=device), 1)
+    w = torch.rand(11, device=device)
+    ours = fusedloss.cross_entropy(x, p, w, reduction=reduction, label_smoothing=0.1, backend=backend)
+    theirs = F.cross_entropy(x, p, w, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(ours, theirs)
+
+
+# --- edge inputs: torch's answers ---------------------------------------------------------------
+
+
+def _edge_rows(device):
+    x = torch.randn(6, 9, device=device)
+    x[0, 2] = float("nan")
+    x[1, :] = float("-inf")
+    x[1, 4] = 0.0
+    x[2, 5] = float("inf")
+    x[3] = 1e30
+    x[3, 1] = -1e30
+    x[4] = -1e30
+    x[5, 0] = float("-inf")
+    t = torch.tensor([2, 4, 1, 1, 3, 0], device=device)
+    return x, t
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_nonfinite_and_huge_logits(backend, device):
+    require_backend(backend, device)
+    x, t = _edge_rows(device)
+    ours = fusedloss.cross_entropy(x, t, reduction="none", backend=backend)
+    theirs = F.cross_entropy(x, t, reduction="none")
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    # the gradient of finite rows is unaffected by the others
+    xa = x.clone().requires_grad_()
+    fusedloss.cross_entropy(xa, t, reduction="none", backend=backend)[3:5].sum().backward()
+    xb = x.clone().requires_grad_()
+    F.cross_entropy(xb, t, reduction="none")[3:5].sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_ignored_and_empty(backend, device, reduction, weighted):
+    require_backend(backend, device)
+    w = torch.rand(5, device=device) if weighted else None
+    for N in (4, 0):
+        x = torch.randn(N, 5, device=device, requires_grad=True)
+        t = torch.full((N,), -100, device=device)
+        ours = fusedloss.cross_entropy(x, t, w, reduction=reduction, backend=backend)
+        theirs = F.cross_entropy(x.detach(), t, w, reduction=reduction)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        if N:
+            ours.sum().backward()
+            assert torch.equal(x.grad, torch.zeros_like(x)) or reduction == "mean"
+
+
+def test_single_class():
+    x = torch.randn(4, 1, requires_grad=True)
+    t = torch.zeros(4, dtype=torch.long)
+    loss = fusedloss.cross_entropy(x, t, backend="cpu")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("bad", [5, 7, -1, -101])
+def test_target_out_of_range_raises_index_error(backend, bad):
+    x = torch.randn(3, 5)
+    t = torch.tensor([0, bad, 1])
+    with pytest.raises(IndexError, match="out of range"):
+        fusedloss.cross_entropy(x, t, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("cuda", "triton")))
+def test_target_out_of_range_on_gpu_backends_gives_nan_rows(backend, device):
+    """The GPU backends never read out of bounds: the row's loss and gradient are NaN."""
+    require_backend(backend, device)
+    x = torch.randn(3, 5, device=device, requires_grad=True)
+    t = torch.tensor([0, 5, 1], device=device)
+    loss = fusedloss.cross_entropy(x, t, reduction="none", backend=backend)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    loss.sum().backward()
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2]]).all()
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda x, t: fusedloss.cross_entropy(x.long(), t), TypeError, "input"),
+        (lambda x, t: fusedloss.cross_entropy(x, t.float()), ValueError, "probability targets"),
+        (lambda x, t: fusedloss.cross_entropy(x, torch.rand(3, 5), ignore_index=0), ValueError, "ignore_index"),
+        (lambda x, t: fusedloss.cross_entropy(x, t.bool()), TypeError, "target"),
+        (lambda x, t: fusedloss.cross_entropy(x, t[:2]), ValueError, "target must have shape"),
+        (lambda x, t: fusedloss.cross_entropy(x[0, 0], t), ValueError, "input"),
+        (lambda x, t: fusedloss.cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),
+        (lambda x, t: fusedloss.cross_entropy(x, t, label_smoothing=1.5), ValueError, "label_smoothing"),
+        (lambda x, t: fusedloss.cross_entropy(x, t, z_loss=-1.0), ValueError, "z_loss"),
+        (lambda x, t: fusedloss.cross_entropy(x, t, softcap=0.0), ValueError, "softcap"),
+        (lambda x, t: fusedloss.cross_entropy(x, t, temperature=0.0), ValueError, "temperature"),
+        (lambda x, t: fusedloss.cross_entropy(x, t, torch.ones(4)), ValueError, "weight"),
+        (lambda x, t: fusedloss.cross_entropy(x, t, torch.ones(5, dtype=torch.long)), TypeError, "weight"),
+        (lambda x, t: fusedloss.cross_entropy(x, [0, 1, 2]), TypeError, "target"),
+        (lambda x, t: fusedloss.cross_entropy(x, t, backend="cuda"), RuntimeError, "cuda"),
+        (lambda x, t: fusedloss.cross_entropy(x, t, backend="tpu"), ValueError, "backend"),
+        (lambda x, t: fusedloss.cross_entropy(x, t.to("meta")), RuntimeError, "target is on meta"),
+    ],
+)
+def test_bad_input(call, error, match):
+    x = torch.randn(3, 5)
+    t = torch.tensor([0, 4, 1])
+    with pytest.raises(error, match=match):
+        call(x, t)
+
+
+def test_module_is_drop_in():
+    w = torch.rand(10)
+    ours = fusedloss.nn.CrossEntropyLoss(w, ignore_index=1, label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(w, ignore_index=1, label_smoothing=0.1)
+    x = torch.randn(8, 10)
+    t = torch.randint(0, 10, (8,))
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
+    legacy = fusedloss.nn.CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+    assert "label_smoothing=0.1" in repr(ours)
+    assert list(dict(ours.named_buffers())) == ["weight"]
+
+
+# --- PyTorch integration ------------------------------------------------------------------------
+
+
+def _op_samples(device, dtype):
+    x, t, w = make_inputs(9, 37, dtype, device, weight=True)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = w.to(acc)
+    for weight, scalars in ((None, (-100, 0.0, 0.0, 0.0, 1.0)), (w, (-100, 0.1, 1e-3, 7.0, 0.8))):
+        yield (x.clone().requires_grad_(), t, weight, *scalars)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck_cpu(dtype):
+    for args in _op_samples("cpu", dtype):
+        torch.library.opcheck(torch.ops.fusedloss.cross_entropy_fwd, args)
+        x, t, w, *scalars = args
+        loss, lse, stats = torch.ops.fusedloss.cross_entropy_fwd(x.detach(), t, w, *scalars)
+        g = torch.randn_like(loss)
+        for grad_lse in (None, torch.randn_like(lse)):
+            torch.library.opcheck(torch.ops.fusedloss.cross_entropy_bwd,
+                                  (g, grad_lse, x.detach(), t, w, stats, *scalars))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_opcheck_kernel_ops(backend, device):
+    require_backend(backend, device)
+    if backend == "triton" and device == "cpu":
+        # torch.compile (used by opcheck's aot_dispatch test) cannot trace a triton_op on CPU tensors.
+        tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    else:
+        tests = None
+    fwd = fusedloss.ops.cross_entropy.forward_op(backend)
+    for args in _op_samples(device, torch.float32):
+        torch.library.opcheck(fwd, args, test_utils=tests or torch.library._OPCHECK_DEFAULT_UTILS)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values != ("triton", "cpu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compile_fullgraph(backend, device, dtype):
+    """torch.compile(fullgraph=True) traces through the op, forward and backward."""
+    require_backend(backend, device)
+    x, t, w = make_inputs(16, 203, dtype, device, weight=True)
+
+    def step(x, t, w):
+        loss, lse = fusedloss.cross_entropy(x, t, w, label_smoothing=0.1, z_loss=1e-4, return_lse=True,
+                                            backend=backend)
+        return loss + lse.mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    out_c = compiled(xa, t, w)
+    out_e = step(xb, t, w)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.2, "z_loss": 0.01, "softcap": 2.0, "temperature": 0.6}])
+def test_gradcheck_float64(kw):
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, -100, 5, 0])
+    w = torch.rand(6, dtype=torch.float64) + 0.5
+    for reduction in ("none", "mean"):
+        assert torch.autograd.gradcheck(
+            lambda x: fusedloss.cross_entropy(x, t, w, reduction=reduction, backend="cpu", **kw), (x,)
+        )
+
+
+def test_double_backward_is_a_clear_error():
+    x = torch.randn(3, 4, requires_grad=True)
+    loss = fusedloss.cross_entropy(x, torch.tensor([0, 1, 2]), backend="cpu")
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_deterministic_across_thread_counts():
+    x = torch.randn(5, 70000)
+    t = torch.randint(0, 70000, (5,))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, threads, 3):
+            torch.set_num_threads(n)
+            loss, grad, _ = run(x, t, None, "cpu", grad_out=torch.tensor(1.0))
+            results.append((loss, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_tolerance_table_covers_every_dtype():
+    assert set(TOL) >= set(DTYPES) | {torch.float64}
+    assert math.isclose(TOL[torch.bfloat16]["grad"][0], 2**-8)
+    assert "cuda" in DEVICES or not torch.cuda.is_available()
