@@ -27,12 +27,14 @@ $(DEPS): pyproject.toml
 build: $(DEPS)
 	$(PY) setup.py --quiet build_ext --inplace
 
-# The whole suite: the Triton kernels run on CPU tensors under Triton's interpreter.
+# The whole suite: the Triton kernels run on CPU tensors under Triton's interpreter. The cpu and
+# triton backends must run here: if either cannot, its tests fail instead of skipping.
+TEST_ENV := TRITON_INTERPRET=1 FUSEDLOSS_REQUIRE_BACKENDS=cpu,triton
 test: build
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(TEST_ENV) $(PY) -m pytest -q -ra -p no:cacheprovider $(PYTEST_ARGS) tests
 
 test-fast: build
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
+	$(TEST_ENV) $(PY) -m pytest -q -ra -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) tests
 
 demo: build
 	$(PY) -m fusedloss demo

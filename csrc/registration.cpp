@@ -29,4 +29,15 @@ TORCH_LIBRARY(fusedloss, m) {
       "cross_entropy_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "
       "Tensor? weight, Tensor stats, int ignore_index, float label_smoothing, float z_loss, "
       "float softcap, float temperature) -> Tensor");
+
+  // Multi-class gap hinge. input (N, C) with unit class stride, target (N,) int64, weight (C,) in
+  // the accumulation dtype; p is 1 or 2; max_mode keeps only the largest violation per row
+  // (Crammer-Singer). Returns the per-row loss (N,) in the accumulation dtype, 0 for ignored rows.
+  m.def(
+      "gap_loss_fwd(Tensor input, Tensor target, Tensor? weight, float margin, int p, int ignore_index, "
+      "bool class_normalize, bool max_mode) -> Tensor");
+  // Returns the (N, C) gradient, contiguous, in the input's dtype. grad_loss as for cross_entropy_bwd.
+  m.def(
+      "gap_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, float margin, int p, "
+      "int ignore_index, bool class_normalize, bool max_mode) -> Tensor");
 }

@@ -7,8 +7,10 @@ from torch import Tensor
 
 from fusedloss import _backend, _checks, reference
 from fusedloss.ops import cross_entropy as _ce
+from fusedloss.ops import gap_loss as _gap
+from fusedloss.ops._common import acc_dtype
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "gap_loss"]
 
 
 def _reduce_rows(loss: Tensor, reduction: str, out_shape: torch.Size, denominator) -> Tensor:
@@ -91,7 +93,7 @@ def cross_entropy(
     if C > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     flat_target = target.reshape(-1).to(torch.int64).contiguous()
-    acc = _ce.acc_dtype(input.dtype)
+    acc = acc_dtype(input.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
 
     loss, lse, _ = _ce.forward_op(name)(rows, flat_target, w, int(ignore_index), label_smoothing, z_loss,
@@ -108,3 +110,63 @@ def cross_entropy(
     if return_lse:
         return out, lse.view(expected)
     return out
+
+
+GAP_MODES = ("sum", "max")
+
+
+def gap_loss(
+    input: Tensor,
+    target: Tensor,
+    margin: float = 0.5,
+    *,
+    p: int = 1,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    class_normalize: bool = False,
+    mode: str = "sum",
+    backend: str | None = None,
+) -> Tensor:
+    """Multi-class gap hinge: per sample ``sum_{j != y} max(0, x_j - x_y + margin) ** p``.
+
+    Times ``weight[y]`` when given; ``mean`` averages over samples whose target is not
+    ``ignore_index``. ``class_normalize=True`` divides each sample by C, which makes it equal to
+    ``torch.nn.functional.multi_margin_loss``. ``mode="max"`` keeps only the largest violation
+    (Crammer-Singer). input ``(C,)`` with a 0-dim target, or ``(N, C)`` with target ``(N,)``.
+    """
+    _checks.floating("input", input)
+    _checks.tensor("target", target)
+    _checks.reduction(reduction)
+    if p not in (1, 2) or isinstance(p, bool):
+        raise ValueError(f"p must be 1 or 2, got {p!r}")
+    if mode not in GAP_MODES:
+        raise ValueError(f"mode must be one of {GAP_MODES}, got {mode!r}")
+    margin = float(margin)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"input must be (C,) or (N, C), got shape {tuple(input.shape)}")
+    C = input.shape[-1]
+    if C == 0:
+        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold int64 class indices, got dtype {target.dtype}")
+    expected = input.shape[:-1]
+    if target.shape != expected:
+        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    _checks.same_device("target", target, "input", input)
+    weight = _checks.class_weight(weight, C, input)
+    name = _backend.resolve(backend, input.device)
+    if name == "reference":
+        return reference.gap_loss(input, target, margin, p=p, weight=weight, ignore_index=ignore_index,
+                                  reduction=reduction, class_normalize=class_normalize, mode=mode)
+
+    rows = input.unsqueeze(0) if input.dim() == 1 else input
+    if C > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    flat_target = target.reshape(-1).to(torch.int64).contiguous()
+    acc = acc_dtype(input.dtype)
+    w = weight.to(acc).contiguous() if weight is not None else None
+    loss = _gap.forward_op(name)(rows, flat_target, w, margin, p, int(ignore_index), bool(class_normalize),
+                                 mode == "max")
+    return _reduce_rows(loss, reduction, expected, lambda: (flat_target != ignore_index).sum().to(acc))

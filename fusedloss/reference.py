@@ -90,3 +90,52 @@ def cross_entropy(
     else:
         out = loss
     return (out, lse) if return_lse else out
+
+
+def gap_loss(
+    input: Tensor,
+    target: Tensor,
+    margin: float = 0.5,
+    *,
+    p: int = 1,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    class_normalize: bool = False,
+    mode: str = "sum",
+):
+    """Multi-class gap hinge: per sample sum_{j != y} max(0, x_j - x_y + margin)**p (times weight[y]).
+
+    ``mode="max"`` keeps only the term of the first class with the largest gap (Crammer-Singer); ``class_normalize`` divides by C
+    (then it equals torch's multi_margin_loss); ``mean`` averages over non-ignored samples. A gap of
+    exactly 0 (or NaN) counts as no violation, as in torch's kernels.
+    """
+    x = input.to(_compute_dtype(input.dtype))
+    rows = x.unsqueeze(0) if x.dim() == 1 else x
+    t = target.reshape(-1)
+    C = rows.shape[1]
+    ignored = t == ignore_index
+    if t.device.type == "cpu" and t.numel():
+        bad = ~ignored & ((t < 0) | (t >= C))
+        if bool(bad.any()):
+            raise IndexError(f"target {int(t[bad][0])} is out of range for {C} classes")
+    safe = t.masked_fill(ignored, 0).unsqueeze(1)
+    h = rows - rows.gather(1, safe) + margin
+    term = torch.where(h > 0, h, torch.zeros_like(h)) ** p
+    if mode == "max":
+        # the first j != y with the largest gap (ties are common in bf16/fp16): the only class that
+        # gets a gradient, besides y
+        j = h.detach().scatter(1, safe, float("-inf")).argmax(1, keepdim=True)
+        per = term.gather(1, j).squeeze(1) if C > 1 else term.new_zeros(term.shape[0])
+    else:
+        per = term.scatter(1, safe, 0.0).sum(1)  # j != y
+    if weight is not None:
+        per = per * weight.to(x.dtype)[safe.squeeze(1)]
+    if class_normalize:
+        per = per / C
+    per = per.masked_fill(ignored, 0.0)
+    if reduction == "mean":
+        return per.sum() / (~ignored).sum()
+    if reduction == "sum":
+        return per.sum()
+    return per.reshape(target.shape)

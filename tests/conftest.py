@@ -39,6 +39,16 @@ def backend_params(backends=KERNEL_BACKENDS):
     return params
 
 
+def interpreted(backend: str, device: str) -> bool:
+    """Triton on CPU tensors: the interpreter runs each program in Python (~30 ms a program, whatever
+    its size), so these tests use few rows; the GPU run (bench/gpu_check.sh) covers many rows."""
+    return backend == "triton" and device == "cpu"
+
+
+def rows(backend: str, device: str, n: int) -> int:
+    return min(n, 9) if interpreted(backend, device) else n
+
+
 def require_backend(backend: str, device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")

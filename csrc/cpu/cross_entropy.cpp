@@ -11,6 +11,7 @@
 // (max, log_s) of each row.
 #define FL_CPU_VEC 1
 #include "fusedloss/checks.h"
+#include "fusedloss/cpu_utils.h"
 #include "fusedloss/cross_entropy_math.h"
 
 #include <ATen/Dispatch.h>
@@ -21,8 +22,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -30,6 +29,10 @@ namespace fusedloss {
 namespace {
 
 using at::vec::Vectorized;
+using cpu::VecIO;
+using cpu::advise_huge_pages;
+using cpu::reduce_max;
+using cpu::reduce_sum;
 
 // Elements per forward chunk: 2048 fp32 values plus their z buffer use 16 KB of L1.
 constexpr int64_t kChunk = 2048;
@@ -42,62 +45,6 @@ constexpr int64_t kFewRows = 16;
 // enough to balance two threads on a handful of rows.
 constexpr int64_t kBwdPiece = 16384;
 
-// Loads and stores Vectorized<acc_t>::size() elements of scalar_t, converting to acc_t.
-template <typename scalar_t>
-struct VecIO {
-  using Vec = Vectorized<scalar_t>;
-  static Vec load(const scalar_t* p) { return Vec::loadu(p); }
-  static void store(scalar_t* p, const Vec& v) { v.store(p); }
-};
-template <typename reduced_t>
-struct ReducedVecIO {
-  using Vec = Vectorized<float>;
-  static Vec load(const reduced_t* p) {
-    Vec out;
-    at::vec::load_to_float(p, out);
-    return out;
-  }
-  static void store(reduced_t* p, const Vec& v) {
-    at::vec::convert_from_float<reduced_t>(v, v).store(p, Vec::size());
-  }
-};
-template <>
-struct VecIO<at::BFloat16> : ReducedVecIO<at::BFloat16> {};
-template <>
-struct VecIO<at::Half> : ReducedVecIO<at::Half> {};
-
-template <typename acc_t>
-acc_t reduce_max(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
-  v.store(buf);
-  acc_t m = buf[0];
-  for (int i = 1; i < Vectorized<acc_t>::size(); ++i) m = fl_max(m, buf[i]);
-  return m;
-}
-
-template <typename acc_t>
-acc_t reduce_sum(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t buf[Vectorized<acc_t>::size()];
-  v.store(buf);
-  acc_t s = 0;
-  for (int i = 0; i < Vectorized<acc_t>::size(); ++i) s += buf[i];
-  return s;
-}
-
-// A fresh gradient buffer of hundreds of MB costs more in 4 KB page faults than the kernel's math
-// (measured: ~150 ms per 512 MB). Asking for transparent huge pages before the first touch cuts the
-// faults 512-fold where THP is in madvise mode. Best effort: a failure only loses the speed-up.
-void advise_huge_pages(void* ptr, size_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr size_t kMinBytes = size_t(8) << 20;
-  if (bytes < kMinBytes) return;
-  const uintptr_t page = 4096;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + page - 1) & ~(page - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + bytes) & ~(page - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
 template <typename acc_t>
 ce::Options<acc_t> make_options(int64_t C, int64_t ignore_index, double label_smoothing, double z_loss,
                                 double softcap, double temperature) {
@@ -107,16 +54,6 @@ ce::Options<acc_t> make_options(int64_t C, int64_t ignore_index, double label_sm
                             static_cast<acc_t>(z_loss),
                             static_cast<acc_t>(softcap),
                             static_cast<acc_t>(1.0 / temperature)};
-}
-
-template <typename acc_t>
-void check_targets(const int64_t* target, int64_t N, const ce::Options<acc_t>& o) {
-  for (int64_t i = 0; i < N; ++i) {
-    const int64_t y = target[i];
-    TORCH_CHECK_INDEX(ce::is_ignored(y, o) || ce::target_in_range(y, o), "fusedloss: target ", y,
-                      " at position ", i, " is out of range for ", o.num_classes, " classes (and is not ignore_index=",
-                      o.ignore_index, ")");
-  }
 }
 
 template <typename acc_t>
@@ -204,7 +141,7 @@ void ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const s
   acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
   acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
   acc_t* stats_p = stats.mutable_data_ptr<acc_t>();
-  check_targets(t, N, o);
+  cpu::check_targets(t, N, C, o.ignore_index);
 
   const int64_t piece = (N < kFewRows && C > kFwdPiece) ? kFwdPiece : std::max<int64_t>(C, 1);
   const int64_t splits = std::max<int64_t>(1, (C + piece - 1) / piece);
@@ -254,7 +191,7 @@ void ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor
   const int64_t gl_stride = grad_lse.has_value() ? grad_lse->stride(0) : 0;
   const acc_t* stats_p = stats.const_data_ptr<acc_t>();
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-  check_targets(t, N, o);
+  cpu::check_targets(t, N, C, o.ignore_index);
   const acc_t W = weight_sum_of(w, C);
 
   const int64_t pieces = (C + kBwdPiece - 1) / kBwdPiece;

@@ -16,15 +16,12 @@ import torch
 from torch import Tensor
 
 from fusedloss import _backend
+from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
 
 FWD = "fusedloss::cross_entropy_fwd"
 BWD = "fusedloss::cross_entropy_bwd"
 FWD_TRITON = "fusedloss::cross_entropy_fwd_triton"
 BWD_TRITON = "fusedloss::cross_entropy_bwd_triton"
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
@@ -57,23 +54,15 @@ def _backward_with(bwd_op):
     return backward
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("fusedloss: cross_entropy has no double backward (the gradient of its gradient)")
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    pass
-
-
 if _backend.extension_loaded():
     torch.library.register_fake(FWD)(_fwd_fake)
     torch.library.register_fake(BWD)(_bwd_fake)
     torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.cross_entropy_bwd),
                                     setup_context=_setup_context)
-    torch.library.register_autograd(BWD, _no_double_backward, setup_context=_bwd_setup_context)
+    torch.library.register_autograd(BWD, no_double_backward("cross_entropy"), setup_context=no_context)
 
 TRITON_REGISTERED = False
-if _backend.triton_installed():
+if triton_kernels_present("cross_entropy"):
     from torch.library import triton_op
 
     @triton_op(FWD_TRITON, mutates_args={})
@@ -96,7 +85,7 @@ if _backend.triton_installed():
 
     cross_entropy_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.cross_entropy_bwd_triton),
                                                setup_context=_setup_context)
-    cross_entropy_bwd_triton.register_autograd(_no_double_backward, setup_context=_bwd_setup_context)
+    cross_entropy_bwd_triton.register_autograd(no_double_backward("cross_entropy"), setup_context=no_context)
     TRITON_REGISTERED = True
 
 

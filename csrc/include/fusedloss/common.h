@@ -30,6 +30,11 @@ FL_HOST_DEVICE T fl_max(T a, T b) {
   // NaN must win so that a NaN logit poisons its row, as in torch.
   return (a != a || a > b) ? a : b;
 }
+// x where x > 0, else 0 (NaN gives 0); and the matching step function [x > 0].
+FL_HOST_DEVICE float fl_positive_part(float x) { return x > 0.f ? x : 0.f; }
+FL_HOST_DEVICE double fl_positive_part(double x) { return x > 0.0 ? x : 0.0; }
+FL_HOST_DEVICE float fl_step(float x) { return x > 0.f ? 1.f : 0.f; }
+FL_HOST_DEVICE double fl_step(double x) { return x > 0.0 ? 1.0 : 0.0; }
 template <typename T>
 FL_HOST_DEVICE T fl_nan() {
   return T(NAN);
@@ -59,6 +64,16 @@ inline at::vec::Vectorized<T> fl_tanh(const at::vec::Vectorized<T>& x) {
 template <typename T>
 inline at::vec::Vectorized<T> fl_max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
   return at::vec::maximum(a, b);  // propagates NaN, like the scalar fl_max
+}
+template <typename T>
+inline at::vec::Vectorized<T> fl_positive_part(const at::vec::Vectorized<T>& x) {
+  const at::vec::Vectorized<T> zero(T(0));
+  return at::vec::Vectorized<T>::blendv(zero, x, x > zero);
+}
+template <typename T>
+inline at::vec::Vectorized<T> fl_step(const at::vec::Vectorized<T>& x) {
+  const at::vec::Vectorized<T> zero(T(0));
+  return at::vec::Vectorized<T>::blendv(zero, at::vec::Vectorized<T>(T(1)), x > zero);
 }
 }  // namespace fusedloss
 #endif

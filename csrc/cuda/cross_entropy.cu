@@ -1,0 +1,625 @@
+// CUDA kernels of fusedloss::cross_entropy_fwd and fusedloss::cross_entropy_bwd. The per-row math
+// (and its derivation) lives in fusedloss/cross_entropy_math.h; this file only decides who reads
+// what and in which order.
+//
+// Launch configuration. N rows of C classes; V = 16 / sizeof(scalar_t) elements per 16-byte load
+// (4 fp32, 8 fp16/bf16, 2 fp64), or V = 1 when some row base is not 16-byte aligned.
+//
+// Forward: one read of each row, an online RowStats per thread (update_stats), then a reduction
+// of the per-thread stats with merge_stats in a fixed tree order.
+//   * C <= 1024 ("group" kernel, 128-thread blocks): a whole block on a 10-class row would leave
+//     more than 99% of its threads idle, so a row gets G lanes of one warp instead, G the power
+//     of two (1..32) that gives each lane about 4 loads (up to 8 vector or 32 scalar loads for
+//     the longest rows); a block covers 128 / G rows. The lanes of a row merge with shuffles
+//     inside their group: no shared memory, no __syncthreads.
+//   * C > 1024 ("row" kernel): one block per row, 128..1024 threads (a power of two, about 32
+//     elements per thread), warp shuffles then one shared-memory hop across the warps.
+//   * C >= 65536 and N < 2 blocks per SM ("split"): one block per row would leave most SMs idle
+//     (N = 1 with a 256k vocabulary uses one SM of 132), so each row is cut into S ranges of at
+//     least 8192 columns, S * N about 2 blocks per SM. Stage 1 writes one RowStats per
+//     (row, range) to a workspace; stage 2, one thread per row, merges them in range order and
+//     finishes the row.
+//   The target logit z_y is read once per row by the thread that finishes it, only when
+//   0 <= y < C: an out-of-range target never leads to an out-of-bounds read.
+//   Outputs per row: loss, lse, and stats = (max, log_s) for the backward (row_loss).
+// Backward: elementwise given the saved (max, log_s). 256-thread blocks over (row group, column chunk)
+//   tiles: a row gets G lanes (a power of two up to 256) that each do up to 4 loads, a chunk is
+//   G * 4 loads, so a small C packs 256 / G rows into a block and a large C spreads a row over
+//   ceil(C / (1024 V)) blocks; either way there are about N * C / (1024 V) blocks to fill the GPU.
+//   Loads and stores are 16-byte vectors when the logits rows and the gradient rows are aligned.
+//
+// Determinism: no atomics; every reduction order is a function of (N, C, dtype, alignment, SM
+// count) only, so results are bitwise reproducible run to run on a given GPU model.
+// Offsets: row offsets and column indices are int64_t (N * C may exceed 2^31).
+//
+// Headers: c10/cuda rather than ATen/cuda/CUDAContext.h, which pulls in cuSPARSE/cuBLAS headers
+// that a bare CUDA toolkit (or torch's pip wheels without their include dirs on the path) lacks.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "fusedloss/checks.h"
+#include "fusedloss/cross_entropy_math.h"
+
+namespace fusedloss {
+namespace ce {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarpSize = 32;
+
+// Forward.
+constexpr int kGroupBlock = 128;             // threads of the group kernel
+constexpr int64_t kGroupMaxClasses = 1024;   // C up to this uses the group kernel
+constexpr int kLoadsPerLane = 4;             // group kernel: loads per lane that set G
+constexpr int kElemsPerThread = 32;          // row/split kernels: elements per thread that set the block
+constexpr int kMinRowBlock = 128;
+constexpr int kMaxRowBlock = 1024;
+constexpr int kUnroll = 4;                   // loads in flight per thread in the scan loop
+constexpr int64_t kSplitMinClasses = 65536;  // no split below this C
+constexpr int64_t kSplitMinCols = 8192;      // smallest range of one split block
+constexpr int kSplitBlocksPerSm = 2;
+constexpr int kFinishBlock = 128;
+// Backward.
+constexpr int kBwdBlock = 256;
+constexpr int kBwdIlp = 4;                   // loads per thread per tile
+
+constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Smallest power of two >= v, for v <= hi; 1 for v <= 1.
+inline int pow2_at_least(int64_t v, int hi) {
+  int p = 1;
+  while (p < v && p < hi) p *= 2;
+  return p;
+}
+
+// Row/split block size: about kElemsPerThread elements per thread, so short rows do not pay for
+// idle threads in the reduction and long rows get the full 1024.
+inline int row_block_threads(int64_t cols) {
+  return std::max(kMinRowBlock, pow2_at_least(ceil_div(cols, kElemsPerThread), kMaxRowBlock));
+}
+
+template <typename T>
+bool is_aligned16(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Every row base logits + r * row_stride is 16-byte aligned (a single row needs no stride check:
+// torch reports arbitrary strides for size-1 dimensions).
+template <typename scalar_t>
+bool rows_aligned16(const scalar_t* base, int64_t row_stride, int64_t n_rows) {
+  return is_aligned16(base) &&
+         (n_rows <= 1 || (row_stride * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0);
+}
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+template <typename scalar_t, typename acc_t>
+struct FwdArgs {
+  const scalar_t* logits;
+  int64_t row_stride;
+  const int64_t* target;
+  const acc_t* weight;  // nullptr: every w_j = 1
+  acc_t* loss;
+  acc_t* lse;
+  acc_t* stats;  // (N, 2) contiguous: (max, log_s)
+  int64_t n_rows;
+  Options<acc_t> o;
+};
+
+template <typename scalar_t, typename acc_t>
+struct BwdArgs {
+  const acc_t* grad_loss;
+  int64_t grad_loss_stride;
+  const acc_t* grad_lse;  // nullptr: no gradient flows into lse
+  int64_t grad_lse_stride;
+  const scalar_t* logits;
+  int64_t row_stride;
+  const int64_t* target;
+  const acc_t* weight;
+  const acc_t* weight_sum;  // device scalar W; nullptr: W = C (or W unused: no smoothing)
+  const acc_t* stats;       // (N, 2) contiguous: the forward's (max, log_s)
+  scalar_t* grad;           // (N, C) contiguous
+  int64_t n_rows;
+  Options<acc_t> o;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ bool row_is_live(int64_t y, const Options<acc_t>& o) {
+  return !is_ignored(y, o) && target_in_range(y, o);
+}
+
+// Folds the columns [begin, end) of one row into this thread's stats: thread t of nt takes the
+// V-wide vectors t, t + nt, ... (coalesced across the threads), then the < V tail columns one by
+// one. begin must be a multiple of V so that every vector is 16-byte aligned.
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void scan_cols(RowStats<acc_t>& st, const scalar_t* x, int64_t begin,
+                                          int64_t end, int t, int nt, const acc_t* weight,
+                                          const Options<acc_t>& o) {
+  // The weights only enter the stats through the smoothing sums (sum_wd, sum_w): skip their
+  // reads without smoothing.
+  const bool smoothing = o.smoothing > acc_t(0);
+  auto consume = [&](scalar_t xv, int64_t col) {
+    const acc_t z = transform_logit<acc_t>(static_cast<acc_t>(xv), o);
+    const acc_t w = smoothing && weight != nullptr ? weight[col] : acc_t(1);
+    update_stats(st, z, w, smoothing);
+  };
+
+  const int64_t nvec = (end - begin) / V;
+  const scalar_t* xb = x + begin;
+  int64_t i = t;
+  // kUnroll independent loads are issued before their (serially dependent) stats updates, so
+  // each thread keeps several requests in flight.
+  for (; i + int64_t(kUnroll - 1) * nt < nvec; i += int64_t(kUnroll) * nt) {
+    Pack<scalar_t, V> p[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      p[u] = load_pack<V>(xb + (i + int64_t(u) * nt) * V);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        consume(p[u].v[e], begin + (i + int64_t(u) * nt) * V + e);
+      }
+    }
+  }
+  for (; i < nvec; i += nt) {
+    const Pack<scalar_t, V> p = load_pack<V>(xb + i * V);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      consume(p.v[e], begin + i * V + e);
+    }
+  }
+  // Rows whose length is not a multiple of V (a padded row stride): the last columns, unvectorized.
+  for (int64_t c = begin + nvec * V + t; c < end; c += nt) {
+    consume(x[c], c);
+  }
+}
+
+// Tree reduction over aligned groups of `width` lanes (a power of two <= 32); the group's first
+// lane ends with the merge of the whole group, in a fixed order. Every lane of the warp must call
+// it (full mask); lanes whose partner lies outside the warp merge garbage but are never read.
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> reduce_lanes(RowStats<acc_t> s, int width) {
+  for (int off = width / 2; off > 0; off /= 2) {
+    RowStats<acc_t> other;
+    other.max = __shfl_down_sync(kFullMask, s.max, off);
+    other.sumexp = __shfl_down_sync(kFullMask, s.sumexp, off);
+    other.sum_wd = __shfl_down_sync(kFullMask, s.sum_wd, off);
+    other.sum_w = __shfl_down_sync(kFullMask, s.sum_w, off);
+    s = merge_stats(s, other);
+  }
+  return s;
+}
+
+// Block-wide merge (blockDim.x a multiple of 32, <= 1024); the result is valid in thread 0.
+// Must be reached by every thread of the block, at most once per kernel (smem is not reusable
+// after it without another barrier).
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> reduce_block(RowStats<acc_t> s, RowStats<acc_t>* smem) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int n_warps = blockDim.x / kWarpSize;
+  s = reduce_lanes(s, kWarpSize);
+  if (lane == 0) smem[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < n_warps ? smem[lane] : empty_stats<acc_t>();
+    s = reduce_lanes(s, kWarpSize);
+  }
+  return s;
+}
+
+// Writes the row's loss, lse and (max, log_s) from its merged stats: zeros for an ignored row,
+// NaN for a target outside [0, C) (without touching the logits), row_loss otherwise.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void finish_row(const RowStats<acc_t>& st, int64_t row, int64_t y,
+                                           const FwdArgs<scalar_t, acc_t>& a) {
+  acc_t* loss = a.loss + row;
+  acc_t* lse = a.lse + row;
+  acc_t* stats = a.stats + 2 * row;
+  if (!row_is_live(y, a.o)) {
+    const acc_t fill = is_ignored(y, a.o) ? acc_t(0) : fl_nan<acc_t>();
+    *loss = fill;
+    *lse = fill;
+    stats[0] = fill;
+    stats[1] = fill;
+    return;
+  }
+  const acc_t z_y = transform_logit<acc_t>(static_cast<acc_t>(a.logits[row * a.row_stride + y]), a.o);
+  const acc_t w_y = a.weight != nullptr ? a.weight[y] : acc_t(1);
+  row_loss(st, z_y, w_y, a.o, loss, lse, stats + 1);
+  stats[0] = st.max;
+}
+
+// C <= 1024: `group` lanes per row, kGroupBlock / group rows per block.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kGroupBlock)
+    ce_fwd_group_kernel(const FwdArgs<scalar_t, acc_t> a, const int group) {
+  const int rows_per_block = kGroupBlock / group;
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / group;
+  // No early return: every lane of the warp must reach the shuffles in reduce_lanes, so rows past
+  // the end and dead rows only skip the scan.
+  const bool valid = row < a.n_rows;
+  const int64_t y = valid ? a.target[row] : a.o.ignore_index;
+  RowStats<acc_t> st = empty_stats<acc_t>();
+  if (valid && row_is_live(y, a.o)) {
+    scan_cols<V>(st, a.logits + row * a.row_stride, 0, a.o.num_classes, lane, group, a.weight, a.o);
+  }
+  st = reduce_lanes(st, group);
+  if (valid && lane == 0) finish_row(st, row, y, a);
+}
+
+// C > 1024: one block per row (gridDim.x == n_rows).
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kMaxRowBlock, 1) ce_fwd_row_kernel(const FwdArgs<scalar_t, acc_t> a) {
+  __shared__ RowStats<acc_t> smem[kMaxRowBlock / kWarpSize];
+  const int64_t row = blockIdx.x;
+  const int64_t y = a.target[row];
+  RowStats<acc_t> st = empty_stats<acc_t>();
+  // Block-uniform branch (one row per block), so the barriers in reduce_block are safe.
+  if (row_is_live(y, a.o)) {
+    scan_cols<V>(st, a.logits + row * a.row_stride, 0, a.o.num_classes, threadIdx.x, blockDim.x,
+                 a.weight, a.o);
+    st = reduce_block(st, smem);
+  }
+  if (threadIdx.x == 0) finish_row(st, row, y, a);
+}
+
+// Split stage 1: block b takes columns [s * split_cols, (s + 1) * split_cols) of row b / splits,
+// s = b % splits, and stores their stats in partial[row * splits + s].
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kMaxRowBlock, 1)
+    ce_fwd_split_kernel(const FwdArgs<scalar_t, acc_t> a, const int splits, const int64_t split_cols,
+                        RowStats<acc_t>* __restrict__ partial) {
+  __shared__ RowStats<acc_t> smem[kMaxRowBlock / kWarpSize];
+  const int64_t row = blockIdx.x / splits;
+  const int split = blockIdx.x % splits;
+  const int64_t y = a.target[row];
+  // Block-uniform, before any barrier; stage 2 does not read a dead row's partials.
+  if (!row_is_live(y, a.o)) return;
+  const int64_t begin = split * split_cols;
+  const int64_t end = min(begin + split_cols, a.o.num_classes);
+  RowStats<acc_t> st = empty_stats<acc_t>();
+  scan_cols<V>(st, a.logits + row * a.row_stride, begin, end, threadIdx.x, blockDim.x, a.weight, a.o);
+  st = reduce_block(st, smem);
+  if (threadIdx.x == 0) partial[row * splits + split] = st;
+}
+
+// Split stage 2: one thread per row merges the row's partials in split order.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kFinishBlock)
+    ce_fwd_split_finish_kernel(const FwdArgs<scalar_t, acc_t> a, const int splits,
+                               const RowStats<acc_t>* __restrict__ partial) {
+  const int64_t row = int64_t(blockIdx.x) * kFinishBlock + threadIdx.x;
+  if (row >= a.n_rows) return;
+  const int64_t y = a.target[row];
+  RowStats<acc_t> st = empty_stats<acc_t>();
+  if (row_is_live(y, a.o)) {
+    for (int s = 0; s < splits; ++s) {
+      st = merge_stats(st, partial[row * splits + s]);
+    }
+  }
+  finish_row(st, row, y, a);
+}
+
+// Backward. Block b is the tile (row group b / chunks_per_row, chunk b % chunks_per_row); thread
+// (local_row, lane) writes the vectors chunk * group * kBwdIlp + k * group + lane, k < kBwdIlp, of
+// row row_group * rows_per_block + local_row. On the vector path C % V == 0, so every vector is
+// whole and aligned.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kBwdBlock)
+    ce_bwd_kernel(const BwdArgs<scalar_t, acc_t> a, const int group, const unsigned chunks_per_row) {
+  using PackT = Pack<scalar_t, V>;
+  const int rows_per_block = kBwdBlock / group;
+  const int lane = threadIdx.x & (group - 1);
+  const unsigned row_group = blockIdx.x / chunks_per_row;
+  const unsigned chunk = blockIdx.x - row_group * chunks_per_row;
+  const int64_t row = int64_t(row_group) * rows_per_block + threadIdx.x / group;
+  if (row >= a.n_rows) return;  // no barriers below
+
+  const int64_t C = a.o.num_classes;
+  const int64_t nvec = C / V;
+  const int64_t v_first = int64_t(chunk) * group * kBwdIlp + lane;
+  scalar_t* g = a.grad + row * C;
+  const int64_t y = a.target[row];
+  // c.smooth * w_k vanishes without smoothing: skip the per-element weight reads then.
+  const bool need_w = a.weight != nullptr && a.o.smoothing > acc_t(0);
+
+  if (!row_is_live(y, a.o)) {
+    // Ignored rows get 0; an out-of-range target poisons its row with NaN instead of a device
+    // assert, and its logits are never read.
+    const scalar_t fill = static_cast<scalar_t>(is_ignored(y, a.o) ? acc_t(0) : fl_nan<acc_t>());
+    PackT out;
+#pragma unroll
+    for (int e = 0; e < V; ++e) out.v[e] = fill;
+#pragma unroll
+    for (int k = 0; k < kBwdIlp; ++k) {
+      const int64_t vi = v_first + int64_t(k) * group;
+      if (vi < nvec) store_pack<V>(g + vi * V, out);
+    }
+    return;
+  }
+
+  // Loads first, so that they are in flight while the row constants are fetched.
+  const scalar_t* x = a.logits + row * a.row_stride;
+  PackT in[kBwdIlp];
+#pragma unroll
+  for (int k = 0; k < kBwdIlp; ++k) {
+    const int64_t vi = v_first + int64_t(k) * group;
+    if (vi < nvec) in[k] = load_pack<V>(x + vi * V);
+  }
+
+  // Per-row constants: every thread of the row recomputes them (a handful of broadcast loads),
+  // which is cheaper than a shared-memory round trip and a barrier.
+  const acc_t w_y = a.weight != nullptr ? a.weight[y] : acc_t(1);
+  const acc_t w_sum = a.weight_sum != nullptr ? *a.weight_sum : static_cast<acc_t>(C);
+  const acc_t g_loss = a.grad_loss[row * a.grad_loss_stride];
+  const acc_t g_lse = a.grad_lse != nullptr ? a.grad_lse[row * a.grad_lse_stride] : acc_t(0);
+  const GradCoefs<acc_t> coefs =
+      grad_coefs(a.stats[2 * row], a.stats[2 * row + 1], w_y, w_sum, g_loss, g_lse, a.o);
+
+#pragma unroll
+  for (int k = 0; k < kBwdIlp; ++k) {
+    const int64_t vi = v_first + int64_t(k) * group;
+    if (vi < nvec) {
+      PackT out;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const int64_t col = vi * V + e;
+        const acc_t z = transform_logit<acc_t>(static_cast<acc_t>(in[k].v[e]), a.o);
+        // The true class goes through grad_target: its p_y - 1 comes from expm1 in acc_t, where
+        // p_y * A - c_y would cancel when p_y is close to 1.
+        const acc_t d = col == y ? grad_target(z, w_y, coefs, a.o)
+                                 : grad_element(z, need_w ? a.weight[col] : acc_t(1), coefs, a.o);
+        out.v[e] = static_cast<scalar_t>(d);
+      }
+      store_pack<V>(g + vi * V, out);
+    }
+  }
+}
+
+// The same arguments for rows [r0, r0 + rows) only: grids are 1-D with at most 2^31 - 1 blocks,
+// so a launcher covers a (hypothetical) larger N with several launches instead of grid-stride
+// loops in the kernels (which made ptxas spill in the shuffle-reduction kernels).
+template <typename scalar_t, typename acc_t>
+FwdArgs<scalar_t, acc_t> rows_from(FwdArgs<scalar_t, acc_t> a, int64_t r0, int64_t rows) {
+  a.logits += r0 * a.row_stride;
+  a.target += r0;
+  a.loss += r0;
+  a.lse += r0;
+  a.stats += 2 * r0;
+  a.n_rows = rows;
+  return a;
+}
+
+template <typename scalar_t, typename acc_t>
+BwdArgs<scalar_t, acc_t> rows_from(BwdArgs<scalar_t, acc_t> a, int64_t r0, int64_t rows) {
+  a.grad_loss += r0 * a.grad_loss_stride;
+  if (a.grad_lse != nullptr) a.grad_lse += r0 * a.grad_lse_stride;
+  a.logits += r0 * a.row_stride;
+  a.target += r0;
+  a.stats += 2 * r0;
+  a.grad += r0 * a.o.num_classes;
+  a.n_rows = rows;
+  return a;
+}
+
+template <typename acc_t>
+Options<acc_t> make_options(int64_t num_classes, int64_t ignore_index, double label_smoothing,
+                            double z_loss, double softcap, double temperature) {
+  TORCH_CHECK(temperature > 0, "fusedloss: temperature must be > 0, got ", temperature);
+  return Options<acc_t>{num_classes,
+                        ignore_index,
+                        static_cast<acc_t>(label_smoothing),
+                        static_cast<acc_t>(z_loss),
+                        static_cast<acc_t>(softcap),
+                        static_cast<acc_t>(1.0 / temperature)};
+}
+
+// The backward's W = sum_j w_j, as a device scalar: no host sync. Only the smoothing terms use W
+// (the forward accumulates it in RowStats::sum_w instead).
+inline std::optional<at::Tensor> weight_sum_of(const std::optional<at::Tensor>& weight,
+                                               double label_smoothing) {
+  if (weight.has_value() && label_smoothing > 0) return weight->sum();
+  return std::nullopt;
+}
+
+template <typename scalar_t, typename acc_t, int V>
+void launch_fwd(const FwdArgs<scalar_t, acc_t>& args, const at::Tensor& logits, int num_sms,
+                cudaStream_t stream) {
+  const int64_t n = args.n_rows;
+  const int64_t c = args.o.num_classes;
+
+  if (c <= kGroupMaxClasses) {
+    const int group = pow2_at_least(ceil_div(ceil_div(c, V), kLoadsPerLane), kWarpSize);
+    const int rows_per_block = kGroupBlock / group;
+    const int64_t max_rows = kMaxGrid * rows_per_block;
+    for (int64_t r0 = 0; r0 < n; r0 += max_rows) {
+      const int64_t rows = std::min(max_rows, n - r0);
+      ce_fwd_group_kernel<scalar_t, acc_t, V>
+          <<<static_cast<unsigned>(ceil_div(rows, rows_per_block)), kGroupBlock, 0, stream>>>(
+              rows_from(args, r0, rows), group);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return;
+  }
+
+  int64_t splits = 1;
+  if (c >= kSplitMinClasses) {
+    splits = std::min(ceil_div(int64_t(kSplitBlocksPerSm) * num_sms, n), c / kSplitMinCols);
+  }
+  if (splits > 1) {
+    // Ranges are whole 16-byte vectors so that every range starts aligned; recount the splits
+    // after the rounding (the last range is non-empty, possibly shorter).
+    constexpr int64_t kVec = 16 / sizeof(scalar_t);
+    const int64_t split_cols = ceil_div(ceil_div(c, splits), kVec) * kVec;
+    splits = ceil_div(c, split_cols);
+    at::Tensor workspace = at::empty({n, splits, int64_t(sizeof(RowStats<acc_t>) / sizeof(acc_t))},
+                                     logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    auto* partial = reinterpret_cast<RowStats<acc_t>*>(workspace.data_ptr<acc_t>());
+    // n * splits is at most about 2 blocks per SM plus n, far below the grid limit.
+    const int threads = row_block_threads(split_cols);
+    ce_fwd_split_kernel<scalar_t, acc_t, V><<<static_cast<unsigned>(n * splits), threads, 0, stream>>>(
+        args, static_cast<int>(splits), split_cols, partial);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ce_fwd_split_finish_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(ceil_div(n, kFinishBlock)), kFinishBlock, 0, stream>>>(
+            args, static_cast<int>(splits), partial);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  const int threads = row_block_threads(c);
+  for (int64_t r0 = 0; r0 < n; r0 += kMaxGrid) {
+    const int64_t rows = std::min(kMaxGrid, n - r0);
+    ce_fwd_row_kernel<scalar_t, acc_t, V><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        rows_from(args, r0, rows));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename scalar_t, typename acc_t, int V>
+void launch_bwd(const BwdArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
+  const int64_t n = args.n_rows;
+  const int64_t nvec = ceil_div(args.o.num_classes, V);
+  const int group = pow2_at_least(ceil_div(nvec, kBwdIlp), kBwdBlock);
+  const int64_t chunks_per_row = ceil_div(nvec, int64_t(group) * kBwdIlp);
+  TORCH_CHECK(chunks_per_row <= kMaxGrid, "fusedloss: too many classes (", args.o.num_classes, ")");
+  const int rows_per_block = kBwdBlock / group;
+  const int64_t max_rows = (kMaxGrid / chunks_per_row) * rows_per_block;
+  for (int64_t r0 = 0; r0 < n; r0 += max_rows) {
+    const int64_t rows = std::min(max_rows, n - r0);
+    const int64_t blocks = ceil_div(rows, rows_per_block) * chunks_per_row;  // <= kMaxGrid
+    ce_bwd_kernel<scalar_t, acc_t, V><<<static_cast<unsigned>(blocks), kBwdBlock, 0, stream>>>(
+        rows_from(args, r0, rows), group, static_cast<unsigned>(chunks_per_row));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, double temperature) {
+  check_ce_args(logits, target, weight);
+  TORCH_CHECK(logits.is_cuda(), "fusedloss: cross_entropy_fwd (CUDA) needs CUDA logits");
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+
+  const int64_t n = logits.size(0);
+  const int64_t c = logits.size(1);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({n}, logits.options().dtype(acc_dtype));
+  at::Tensor lse = at::empty({n}, logits.options().dtype(acc_dtype));
+  at::Tensor stats = at::empty({n, 2}, logits.options().dtype(acc_dtype));
+  if (n == 0) return {loss, lse, stats};
+
+  int num_sms = 0;  // an attribute query, no sync
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, logits.get_device()));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fusedloss_cross_entropy_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FwdArgs<scalar_t, acc_t> args;
+    args.logits = logits.const_data_ptr<scalar_t>();
+    args.row_stride = logits.stride(0);
+    args.target = target.const_data_ptr<int64_t>();
+    args.weight = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
+    args.loss = loss.mutable_data_ptr<acc_t>();
+    args.lse = lse.mutable_data_ptr<acc_t>();
+    args.stats = stats.mutable_data_ptr<acc_t>();
+    args.n_rows = n;
+    args.o = make_options<acc_t>(c, ignore_index, label_smoothing, z_loss, softcap, temperature);
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    if (rows_aligned16(args.logits, args.row_stride, n)) {
+      launch_fwd<scalar_t, acc_t, kVec>(args, logits, num_sms, stream);
+    } else {
+      launch_fwd<scalar_t, acc_t, 1>(args, logits, num_sms, stream);
+    }
+  });
+  return {loss, lse, stats};
+}
+
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                                  const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                                  int64_t ignore_index, double label_smoothing, double z_loss,
+                                  double softcap, double temperature) {
+  check_ce_args(logits, target, weight);
+  check_row_grad(grad_loss, logits, "grad_loss");
+  if (grad_lse.has_value()) check_row_grad(*grad_lse, logits, "grad_lse");
+  check_row_stats(stats, logits);
+  TORCH_CHECK(logits.is_cuda(), "fusedloss: cross_entropy_bwd (CUDA) needs CUDA logits");
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+
+  const int64_t n = logits.size(0);
+  const int64_t c = logits.size(1);
+  at::Tensor grad = at::empty({n, c}, logits.options());  // contiguous
+  if (grad.numel() == 0) return grad;
+
+  const std::optional<at::Tensor> w_sum = weight_sum_of(weight, label_smoothing);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fusedloss_cross_entropy_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    BwdArgs<scalar_t, acc_t> args;
+    args.grad_loss = grad_loss.const_data_ptr<acc_t>();
+    args.grad_loss_stride = grad_loss.stride(0);
+    args.grad_lse = grad_lse.has_value() ? grad_lse->const_data_ptr<acc_t>() : nullptr;
+    args.grad_lse_stride = grad_lse.has_value() ? grad_lse->stride(0) : 0;
+    args.logits = logits.const_data_ptr<scalar_t>();
+    args.row_stride = logits.stride(0);
+    args.target = target.const_data_ptr<int64_t>();
+    args.weight = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
+    args.weight_sum = w_sum.has_value() ? w_sum->const_data_ptr<acc_t>() : nullptr;
+    args.stats = stats.const_data_ptr<acc_t>();
+    args.grad = grad.mutable_data_ptr<scalar_t>();
+    args.n_rows = n;
+    args.o = make_options<acc_t>(c, ignore_index, label_smoothing, z_loss, softcap, temperature);
+    // The vector path needs whole vectors on both sides: aligned logits rows, and C % V == 0 for
+    // the gradient rows (row stride C) to stay aligned.
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    if (c % kVec == 0 && is_aligned16(args.grad) && rows_aligned16(args.logits, args.row_stride, n)) {
+      launch_bwd<scalar_t, acc_t, kVec>(args, stream);
+    } else {
+      launch_bwd<scalar_t, acc_t, 1>(args, stream);
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace ce
+}  // namespace fusedloss
+
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("cross_entropy_fwd", &fusedloss::ce::cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_bwd", &fusedloss::ce::cross_entropy_bwd_cuda);
+}

@@ -1,0 +1,501 @@
+"""Triton kernels of the fused softmax cross-entropy (fusedloss::cross_entropy_{fwd,bwd}_triton).
+
+The per-row math follows csrc/include/fusedloss/cross_entropy_math.h step by step, with its names:
+  (1) z = transform(x) = softcap * tanh(x / softcap) / T        (softcap off: z = x / T)
+  (2) m = max z and s = sum exp(z - m), online over the row; log_s = log s, lse = m + log_s
+  (3) loss = (1 - eps) w_y ((m - z_y) + log_s)
+           + (eps / C) (sum_w log_s - sum_wd)                     sum_wd = sum w (z - m), sum_w = W
+           + lambda lse^2
+  (4) d / d z_k = p_k p_scale - smooth w_k                            (k != y)
+      d / d z_y = nll expm1(log p_y) + smooth (p_y W - w_y) + lse_term p_y
+      with p_k = exp((z_k - m) - log_s), nll = g (1 - eps) w_y, smooth = g eps / C,
+      lse_term = g 2 lambda lse + g_lse, p_scale = nll + smooth W + lse_term
+  (5) times dz/dx = transform_grad(z) = (1 - tanh^2(x / softcap)) / T, from z itself
+
+The forward returns loss (N,), lse (N,) and stats (N, 2) = (m, log_s); the backward reads stats.
+Accumulation is in float32 (float64 for float64 logits): inside the kernels the accumulation dtype
+is the element type of the forward's loss pointer and of the backward's stats pointer.
+
+Only kernels and their launch helpers live here; the ops are registered with
+torch.library.triton_op in fusedloss/ops/, and every launch goes through torch.library.wrap_triton
+so that torch.compile can trace the enclosing op. No host syncs, no .item().
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from torch import Tensor
+
+from fusedloss.triton._common import cast_rtne
+
+__all__ = ["cross_entropy_fwd", "cross_entropy_bwd"]
+
+# Forward: one program per row loops over the row in chunks of BLOCK_SIZE classes; a large chunk
+# means few block reductions per row (a max and a sum per chunk, two more with label smoothing).
+_FWD_MAX_BLOCK = 8192
+_FWD_MAX_WARPS = 16
+# Backward: one program per (row, chunk), a purely elementwise pass.
+_BWD_MAX_BLOCK = 4096
+_BWD_MAX_WARPS = 8
+# Elements per thread that set num_warps (16 fp32 values; 32 bytes of bf16 = two 16-byte loads).
+_ELEMENTS_PER_THREAD = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _param(hi, lo, ACC: tl.constexpr):
+    # A float option of the op, passed as two float32 halves (kernel float arguments are float32):
+    # the float64 path gets hi + lo, about 48 bits of the host double; float32 gets hi = float(v).
+    if ACC == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        return tl.cast(hi, ACC)
+
+
+@triton.jit
+def _tanh(u):
+    # tanh from exp only (libdevice is not available under the Triton interpreter). Small |u| uses
+    # the Cephes expansions (tanhf's polynomial, tanh's rational), which keep full relative accuracy
+    # near 0 where 1 - exp(-2|u|) would cancel; large |u| uses (1 - e) / (1 + e) with
+    # e = exp(-2|u|) in (0, 0.29]: no cancellation and no overflow (|u| = inf gives +-1).
+    # NaN stays NaN.
+    a = tl.abs(u)
+    small_range = a < 0.625
+    v = tl.where(small_range, u, 0.0)  # the expansion's input (a huge |u| would overflow u * u)
+    zz = v * v
+    if u.dtype == tl.float64:
+        num = (-9.64399179425052238628e-1 * zz - 9.92877231001918586564e1) * zz - 1.61468768441708447952e3
+        den = ((zz + 1.12811678491632931402e2) * zz + 2.23548839060100448583e3) * zz + 4.84406305325125486048e3
+        small = v + v * zz * (num / den)
+    else:
+        poly = (((-5.70498872745e-3 * zz + 2.06390887954e-2) * zz - 5.37397155531e-2) * zz
+                + 1.33314422036e-1) * zz - 3.33332819422e-1
+        small = poly * zz * v + v
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(u < 0, -big, big)
+    return tl.where(small_range, small, big)
+
+
+@triton.jit
+def _expm1(d):
+    # exp(d) - 1 without cancellation near 0 (no expm1 in triton.language, and libdevice is not
+    # available under the interpreter). |d| < 0.5: Taylor series, truncated far below an ulp
+    # (degree 8 in float32, 15 in float64); otherwise exp(d) - 1, where |exp(d) - 1| >= 0.39
+    # loses at most a factor 1.6 of exp's relative error. -inf gives -1, NaN stays NaN.
+    small_range = tl.abs(d) < 0.5
+    v = tl.where(small_range, d, 0.0)
+    if d.dtype == tl.float64:
+        t = 1.0 / 1307674368000.0
+        t = t * v + 1.0 / 87178291200.0
+        t = t * v + 1.0 / 6227020800.0
+        t = t * v + 1.0 / 479001600.0
+        t = t * v + 1.0 / 39916800.0
+        t = t * v + 1.0 / 3628800.0
+        t = t * v + 1.0 / 362880.0
+        t = t * v + 1.0 / 40320.0
+        t = t * v + 1.0 / 5040.0
+        t = t * v + 1.0 / 720.0
+        t = t * v + 1.0 / 120.0
+        t = t * v + 1.0 / 24.0
+        t = t * v + 1.0 / 6.0
+        t = t * v + 0.5
+    else:
+        t = 1.0 / 40320.0
+        t = t * v + 1.0 / 5040.0
+        t = t * v + 1.0 / 720.0
+        t = t * v + 1.0 / 120.0
+        t = t * v + 1.0 / 24.0
+        t = t * v + 1.0 / 6.0
+        t = t * v + 0.5
+    small = v + v * (v * t)
+    return tl.where(small_range, small, tl.exp(d) - 1.0)
+
+
+@triton.jit
+def _transform_logit(x, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    # (1): z = softcap * tanh(x / softcap) / T, with softcap_scale = softcap / T; z = x / T without
+    # the cap.
+    if HAS_SOFTCAP:
+        return _tanh(x * inv_softcap) * softcap_scale
+    else:
+        return x * inv_temperature
+
+
+@triton.jit
+def _transform_grad(z, inv_softcap_scale, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    # (5): dz/dx from z itself: tanh(x / softcap) = z * T / softcap.
+    if HAS_SOFTCAP:
+        t = z * inv_softcap_scale
+        return (1.0 - t * t) * inv_temperature
+    else:
+        return inv_temperature
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward: (1) + (2) + (3), one program per row
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    logits_ptr,
+    logits_row_stride,
+    target_ptr,
+    weight_ptr,
+    loss_ptr,
+    lse_ptr,
+    stats_ptr,
+    num_classes,
+    ignore_index,
+    smoothing_hi,
+    smoothing_lo,
+    z_loss_hi,
+    z_loss_lo,
+    softcap_hi,
+    softcap_lo,
+    inv_temperature_hi,
+    inv_temperature_lo,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_row_stride
+
+    eps = _param(smoothing_hi, smoothing_lo, ACC)
+    z_loss = _param(z_loss_hi, z_loss_lo, ACC)
+    inv_temperature = _param(inv_temperature_hi, inv_temperature_lo, ACC)
+    inv_softcap = inv_temperature  # unused without the cap
+    softcap_scale = inv_temperature
+    if HAS_SOFTCAP:
+        softcap = _param(softcap_hi, softcap_lo, ACC)
+        inv_softcap = 1.0 / softcap
+        softcap_scale = softcap * inv_temperature
+
+    y = tl.load(target_ptr + row)
+    ignored = y == ignore_index
+    in_range = (y >= 0) & (y < num_classes)
+    active = in_range & (y != ignore_index)
+    y_safe = tl.where(active, y, 0)  # never index out of bounds
+
+    # z_y and w_y of the target class.
+    x_y = tl.load(logits_row + y_safe, mask=active, other=0.0).to(ACC)
+    z_y = _transform_logit(x_y, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y_safe, mask=active, other=0.0).to(ACC)
+    else:
+        w_y = tl.full([], 1.0, ACC)
+
+    # (2): the row's running stats, chunk by chunk: m = max z, s = sum exp(z - m) and, with label
+    # smoothing only, sum_wd = sum w (z - m) and sum_w = sum w. Ignored rows and bad targets read
+    # nothing.
+    m = tl.full([], float("-inf"), ACC)
+    s = tl.zeros([], ACC)
+    sum_wd = tl.zeros([], ACC)
+    sum_w = tl.zeros([], ACC)
+    row_end = tl.where(active, num_classes, 0)
+    offsets = tl.arange(0, BLOCK_SIZE)
+    for start in range(0, row_end, BLOCK_SIZE):
+        cols = start + offsets
+        mask = cols < num_classes
+        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(ACC)
+        z = _transform_logit(x, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
+        z_masked = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_masked, axis=0))
+        # While every z so far is -inf, exp() and the differences are taken against 0 instead: no
+        # exp(-inf - -inf) = NaN (a -inf z adds nothing to s).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_masked - m_safe), axis=0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+                sum_w_chunk = tl.sum(w, axis=0)
+            else:
+                w = 1.0
+                sum_w_chunk = tl.cast(tl.minimum(num_classes - start, BLOCK_SIZE), ACC)
+            # shift_wd: what was summed so far, re-expressed relative to the new max. With m = -inf
+            # so far, sum_wd already holds the -inf (w > 0) or NaN (w == 0) of those logits.
+            m_old = tl.where(m == float("-inf"), m_safe, m)
+            sum_wd += sum_w * (m_old - m_safe)
+            sum_wd += tl.sum(w * tl.where(mask, z - m_safe, 0.0), axis=0)
+            sum_w += sum_w_chunk
+        m = m_new
+
+    # (2) + (3). Rows that read nothing (ignored, bad target) take m = 0, s = 1 here so that they
+    # compute no log(0) or inf - inf on the way to the zeros / NaNs they store.
+    m = tl.where(active, m, 0.0)
+    s = tl.where(active, s, 1.0)
+    log_s = tl.log(s)
+    lse = m + log_s
+    loss = (1.0 - eps) * w_y * ((m - z_y) + log_s)
+    if HAS_SMOOTHING:
+        loss += eps / tl.cast(num_classes, ACC) * (sum_w * log_s - sum_wd)
+    loss = tl.where(z_loss > 0.0, loss + z_loss * lse * lse, loss)
+
+    # Ignored rows: zeros. A target outside [0, C) that is not ignore_index: NaNs.
+    nan = float("nan")
+    loss = tl.where(ignored, 0.0, tl.where(in_range, loss, nan))
+    lse = tl.where(ignored, 0.0, tl.where(in_range, lse, nan))
+    m = tl.where(ignored, 0.0, tl.where(in_range, m, nan))
+    log_s = tl.where(ignored, 0.0, tl.where(in_range, log_s, nan))
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + 2 * row, m)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: (4) + (5), one program per (row, chunk of BLOCK_SIZE classes)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    grad_loss_ptr,
+    grad_loss_stride,
+    grad_lse_ptr,
+    grad_lse_stride,
+    logits_ptr,
+    logits_row_stride,
+    target_ptr,
+    weight_ptr,
+    weight_sum_ptr,
+    stats_ptr,
+    stats_row_stride,
+    stats_col_stride,
+    grad_ptr,
+    num_classes,
+    ignore_index,
+    smoothing_hi,
+    smoothing_lo,
+    z_loss_hi,
+    z_loss_lo,
+    softcap_hi,
+    softcap_lo,
+    inv_temperature_hi,
+    inv_temperature_lo,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    ACC: tl.constexpr = stats_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    chunk_start = tl.program_id(1) * BLOCK_SIZE
+    logits_row = logits_ptr + row * logits_row_stride
+
+    eps = _param(smoothing_hi, smoothing_lo, ACC)
+    z_loss = _param(z_loss_hi, z_loss_lo, ACC)
+    inv_temperature = _param(inv_temperature_hi, inv_temperature_lo, ACC)
+    inv_softcap = inv_temperature  # unused without the cap
+    softcap_scale = inv_temperature
+    inv_softcap_scale = inv_temperature
+    if HAS_SOFTCAP:
+        softcap = _param(softcap_hi, softcap_lo, ACC)
+        inv_softcap = 1.0 / softcap
+        softcap_scale = softcap * inv_temperature
+        inv_softcap_scale = 1.0 / softcap_scale
+
+    y = tl.load(target_ptr + row)
+    ignored = y == ignore_index
+    in_range = (y >= 0) & (y < num_classes)
+    active = in_range & (y != ignore_index)
+    y_safe = tl.where(active, y, 0)
+
+    g = tl.load(grad_loss_ptr + row * grad_loss_stride).to(ACC)
+    if HAS_GRAD_LSE:
+        g_lse = tl.load(grad_lse_ptr + row * grad_lse_stride).to(ACC)
+    else:
+        g_lse = tl.zeros([], ACC)
+    m = tl.load(stats_ptr + row * stats_row_stride).to(ACC)
+    log_s = tl.load(stats_ptr + row * stats_row_stride + stats_col_stride).to(ACC)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y_safe, mask=active, other=0.0).to(ACC)
+        weight_sum = tl.load(weight_sum_ptr).to(ACC)
+    else:
+        w_y = tl.full([], 1.0, ACC)
+        weight_sum = tl.cast(num_classes, ACC)
+
+    # (4): the row's gradient coefficients (GradCoefs).
+    nll = g * (1.0 - eps) * w_y
+    smooth = g * eps / tl.cast(num_classes, ACC)
+    lse_term = tl.where(z_loss > 0.0, g * 2.0 * z_loss * (m + log_s) + g_lse, g_lse)
+    p_scale = nll + smooth * weight_sum + lse_term
+
+    # (1), (4), (5) for the chunk's elements that are not the target: p_k = exp((z_k - m) - log_s).
+    cols = chunk_start + tl.arange(0, BLOCK_SIZE)
+    mask = cols < num_classes
+    x = tl.load(logits_row + cols, mask=mask & active, other=0.0).to(ACC)
+    z = _transform_logit(x, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
+    grad = tl.exp((z - m) - log_s) * p_scale
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=mask & active, other=0.0).to(ACC)
+            grad -= smooth * w
+        else:
+            grad -= smooth
+    grad = grad * _transform_grad(z, inv_softcap_scale, inv_temperature, HAS_SOFTCAP)
+
+    # (4) + (5) for the target element, in the accumulation dtype, by the program whose chunk
+    # holds it: p_y - 1 from expm1, so that p_y close to 1 does not cancel.
+    has_target = active & (y_safe >= chunk_start) & (y_safe < chunk_start + BLOCK_SIZE)
+    x_y = tl.load(logits_row + y_safe, mask=has_target, other=0.0).to(ACC)
+    z_y = _transform_logit(x_y, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
+    d = (z_y - m) - log_s  # log p_y
+    p_y = tl.exp(d)
+    grad_y = nll * _expm1(d) + smooth * (p_y * weight_sum - w_y) + lse_term * p_y
+    grad_y = grad_y * _transform_grad(z_y, inv_softcap_scale, inv_temperature, HAS_SOFTCAP)
+    grad = tl.where(cols == y, grad_y, grad)
+
+    # Ignored rows: zeros. A target outside [0, C) that is not ignore_index: NaNs.
+    grad = tl.where(active, grad, tl.where(ignored, 0.0, float("nan")))
+    grad_row = grad_ptr + row * num_classes  # the gradient is contiguous
+    tl.store(grad_row + cols, cast_rtne(grad, grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_float(v: float) -> tuple[float, float]:
+    """v as float32 hi + float32 lo (hi + lo carries about 48 bits of v for the float64 path)."""
+    v = float(v)
+    if not math.isfinite(v) or abs(v) > 3.4028234663852886e38:
+        return v, 0.0
+    hi = struct.unpack("f", struct.pack("f", v))[0]
+    lo = struct.unpack("f", struct.pack("f", v - hi))[0]
+    return hi, lo
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_config(num_classes: int, max_block: int, max_warps: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(num_classes, 1)), max_block)
+    num_warps = max(1, min(max_warps, block // (32 * _ELEMENTS_PER_THREAD)))
+    return block, num_warps
+
+
+def _scalar_args(label_smoothing: float, z_loss: float, softcap: float, temperature: float) -> list[float]:
+    args: list[float] = []
+    for v in (label_smoothing, z_loss, softcap, 1.0 / temperature):
+        args.extend(_split_float(v))
+    return args
+
+
+def cross_entropy_fwd(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss (N,), lse (N,) and stats (N, 2) = (m, log_s), in the accumulation dtype.
+
+    Ignored rows give zeros; a target outside [0, C) that is not ignore_index gives NaNs.
+    """
+    n_rows, num_classes = logits.shape
+    acc_dtype = _acc_dtype(logits.dtype)
+    loss = torch.empty((n_rows,), dtype=acc_dtype, device=logits.device)
+    lse = torch.empty((n_rows,), dtype=acc_dtype, device=logits.device)
+    stats = torch.empty((n_rows, 2), dtype=acc_dtype, device=logits.device)
+    if n_rows == 0:
+        return loss, lse, stats
+
+    has_weight = weight is not None
+    weight_arg = weight if has_weight else target  # a read-only stand-in, never read
+    block, num_warps = _launch_config(num_classes, _FWD_MAX_BLOCK, _FWD_MAX_WARPS)
+
+    torch.library.wrap_triton(_cross_entropy_fwd_kernel)[(n_rows,)](
+        logits,
+        logits.stride(0),
+        target,
+        weight_arg,
+        loss,
+        lse,
+        stats,
+        num_classes,
+        ignore_index,
+        *_scalar_args(label_smoothing, z_loss, softcap, temperature),
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap > 0.0,
+        BLOCK_SIZE=block,
+        num_warps=num_warps,
+    )
+    return loss, lse, stats
+
+
+def cross_entropy_bwd(
+    grad_loss: Tensor,
+    grad_lse: Tensor | None,
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    temperature: float,
+) -> Tensor:
+    """The (N, C) gradient of the logits, contiguous, in the logits' dtype."""
+    n_rows, num_classes = logits.shape
+    grad = torch.empty((n_rows, num_classes), dtype=logits.dtype, device=logits.device)
+    if grad.numel() == 0:
+        return grad
+
+    has_weight = weight is not None
+    has_grad_lse = grad_lse is not None
+    # W = sum_j w_j on device, no sync (C without weights, in the kernel). Absent tensors get
+    # read-only stand-ins that are never read.
+    weight_sum = weight.sum() if has_weight else target
+    weight_arg = weight if has_weight else target
+    grad_lse_arg = grad_lse if has_grad_lse else grad_loss
+    block, num_warps = _launch_config(num_classes, _BWD_MAX_BLOCK, _BWD_MAX_WARPS)
+    grid = (n_rows, triton.cdiv(num_classes, block))
+
+    torch.library.wrap_triton(_cross_entropy_bwd_kernel)[grid](
+        grad_loss,
+        grad_loss.stride(0),
+        grad_lse_arg,
+        grad_lse_arg.stride(0),
+        logits,
+        logits.stride(0),
+        target,
+        weight_arg,
+        weight_sum,
+        stats,
+        stats.stride(0),
+        stats.stride(1),
+        grad,
+        num_classes,
+        ignore_index,
+        *_scalar_args(label_smoothing, z_loss, softcap, temperature),
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap > 0.0,
+        HAS_GRAD_LSE=has_grad_lse,
+        BLOCK_SIZE=block,
+        num_warps=num_warps,
+    )
+    return grad
