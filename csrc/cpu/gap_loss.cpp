@@ -96,13 +96,26 @@ void range_grads(const scalar_t* x, scalar_t* out, int64_t lo, int64_t hi, acc_t
   }
 }
 
-// First j != y with x_j == the largest x_j over j != y (the argmax gap of mode "max").
+// The class that mode "max" charges: the first j != y with the largest gap h_j = x_j - x_y + margin
+// (torch.argmax's rule in the reference; ties are common in bf16/fp16). Classes are ranked by x_j,
+// the same order as h_j without h's rounding making false ties; a NaN gap counts as the largest, and
+// with x_y = +-inf every gap ties (inf - inf and -inf), so the first j wins.
 template <typename scalar_t, typename acc_t>
-int64_t argmax_except(const scalar_t* x, int64_t C, int64_t y) {
+int64_t argmax_gap(const scalar_t* x, int64_t C, int64_t y) {
+  const acc_t x_y = static_cast<acc_t>(x[y]);
   int64_t best = -1;
+  acc_t best_x = 0;
   for (int64_t j = 0; j < C; ++j) {
     if (j == y) continue;
-    if (best < 0 || static_cast<acc_t>(x[j]) > static_cast<acc_t>(x[best])) best = j;
+    const acc_t v = static_cast<acc_t>(x[j]);
+    if (best < 0) {
+      best = j;
+      best_x = v;
+      if (std::isinf(x_y)) break;
+    } else if (best_x == best_x && (v != v || v > best_x)) {
+      best = j;
+      best_x = v;
+    }
   }
   return best;
 }
@@ -162,7 +175,7 @@ void gap_bwd_cpu_impl(const at::Tensor& grad_loss, const at::Tensor& input, cons
       const acc_t gscale = g[row * g_stride] * gap::row_scale(w ? w[y] : acc_t(1), o);
       if (o.max_mode) {
         std::fill(gr, gr + C, scalar_t(0));
-        const int64_t j = argmax_except<scalar_t, acc_t>(xr, C, y);
+        const int64_t j = argmax_gap<scalar_t, acc_t>(xr, C, y);
         if (j >= 0) {
           const acc_t gj = gap::hinge_slope(static_cast<acc_t>(xr[j]) - x_y + o.margin, o.p) * gscale;
           gr[j] = static_cast<scalar_t>(gj);
