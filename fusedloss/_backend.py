@@ -82,8 +82,10 @@ def why_unavailable(backend: str, device: torch.device | str) -> str | None:
 
 
 def available(device: torch.device | str) -> list[str]:
-    """The backends that can run on ``device`` now, fastest first."""
-    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+    """The backends that can run on ``device`` now, fastest first (Triton on CPU is its slow interpreter)."""
+    device = _as_device(device)
+    order = ("cpu", "triton", "reference") if device.type == "cpu" else BACKENDS
+    return [b for b in order if why_unavailable(b, device) is None]
 
 
 def resolve(backend: str | None, device: torch.device) -> str:
