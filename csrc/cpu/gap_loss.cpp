@@ -44,14 +44,14 @@ void range_terms(const scalar_t* x, int64_t lo, int64_t hi, acc_t x_y, const gap
                  acc_t& max_h) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec shift(o.margin - x_y);
+  const Vec vx_y(x_y), vmargin(o.margin);
   Vec vmax(-fl_inf<acc_t>());
   int64_t j = lo;
   while (j + V <= hi) {
     Vec vsum(acc_t(0));
     const int64_t block_end = std::min(hi, j + kBlock);
     for (; j + V <= block_end; j += V) {
-      const Vec h = VecIO<scalar_t>::load(x + j) + shift;
+      const Vec h = (VecIO<scalar_t>::load(x + j) - vx_y) + vmargin;
       if (o.max_mode) {
         vmax = fl_max(vmax, h);
       } else {
@@ -77,13 +77,13 @@ void range_grads(const scalar_t* x, scalar_t* out, int64_t lo, int64_t hi, acc_t
                  const gap::Options<acc_t>& o, double& slopes) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec shift(o.margin - x_y), vscale(gscale);
+  const Vec vx_y(x_y), vmargin(o.margin), vscale(gscale);
   int64_t j = lo;
   while (j + V <= hi) {
     Vec vsum(acc_t(0));
     const int64_t block_end = std::min(hi, j + kBlock);
     for (; j + V <= block_end; j += V) {
-      const Vec sj = gap::hinge_slope(VecIO<scalar_t>::load(x + j) + shift, o.p);
+      const Vec sj = gap::hinge_slope((VecIO<scalar_t>::load(x + j) - vx_y) + vmargin, o.p);
       VecIO<scalar_t>::store(out + j, sj * vscale);
       vsum = vsum + sj;
     }
@@ -98,8 +98,7 @@ void range_grads(const scalar_t* x, scalar_t* out, int64_t lo, int64_t hi, acc_t
 
 // The class that mode "max" charges: the first j != y with the largest gap h_j = x_j - x_y + margin
 // (torch.argmax's rule in the reference; ties are common in bf16/fp16). Classes are ranked by x_j,
-// the same order as h_j without h's rounding making false ties; a NaN gap counts as the largest, and
-// with x_y = +-inf every gap ties (inf - inf and -inf), so the first j wins.
+// the same order as h_j without h's rounding making false ties; a NaN gap counts as the largest.
 template <typename scalar_t, typename acc_t>
 int64_t argmax_gap(const scalar_t* x, int64_t C, int64_t y) {
   const acc_t x_y = static_cast<acc_t>(x[y]);
@@ -108,10 +107,16 @@ int64_t argmax_gap(const scalar_t* x, int64_t C, int64_t y) {
   for (int64_t j = 0; j < C; ++j) {
     if (j == y) continue;
     const acc_t v = static_cast<acc_t>(x[j]);
+    if (std::isinf(x_y)) {
+      // every gap is +-inf or NaN (x_j = NaN, or x_j = x_y: inf - inf): the first NaN gap wins,
+      // else the first j
+      if (best < 0) best = j;
+      if (v != v || v == x_y) return j;
+      continue;
+    }
     if (best < 0) {
       best = j;
       best_x = v;
-      if (std::isinf(x_y)) break;
     } else if (best_x == best_x && (v != v || v > best_x)) {
       best = j;
       best_x = v;
