@@ -1,7 +1,15 @@
-"""@triton.jit helpers shared by the Triton kernels."""
+"""Helpers shared by the Triton kernels: device functions and launch arithmetic."""
+
+import math
+import struct
 
 import triton
 import triton.language as tl
+
+from fusedloss.ops._common import acc_dtype  # noqa: F401  (re-exported for the kernels' launchers)
+
+# Elements per thread that set num_warps (16 fp32 values; 32 bytes of bf16 = two 16-byte loads).
+ELEMENTS_PER_THREAD = 16
 
 
 @triton.jit
@@ -22,3 +30,29 @@ def cast_rtne(x, DTYPE: tl.constexpr):
         return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def param(hi, lo, ACC: tl.constexpr):
+    # A float option of the op, passed as two float32 halves (kernel float arguments are float32):
+    # the float64 path gets hi + lo, about 48 bits of the host double; float32 gets hi = float(v).
+    if ACC == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        return tl.cast(hi, ACC)
+
+
+def split_float(v: float) -> tuple[float, float]:
+    """v as float32 hi + float32 lo (hi + lo carries about 48 bits of v for the float64 path)."""
+    v = float(v)
+    if not math.isfinite(v) or abs(v) > 3.4028234663852886e38:
+        return v, 0.0
+    hi = struct.unpack("f", struct.pack("f", v))[0]
+    lo = struct.unpack("f", struct.pack("f", v - hi))[0]
+    return hi, lo
+
+
+def launch_config(num_classes: int, max_block: int, max_warps: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(num_classes, 1)), max_block)
+    num_warps = max(1, min(max_warps, block // (32 * ELEMENTS_PER_THREAD)))
+    return block, num_warps

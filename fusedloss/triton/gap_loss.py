@@ -35,16 +35,17 @@ torch.library.wrap_triton so that torch.compile can trace the enclosing op. No h
 
 from __future__ import annotations
 
-import math
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
 from torch import Tensor
 
+from fusedloss.triton._common import acc_dtype as _acc_dtype
 from fusedloss.triton._common import cast_rtne
+from fusedloss.triton._common import launch_config as _launch_config
+from fusedloss.triton._common import param as _param
+from fusedloss.triton._common import split_float as _split_float
 
 __all__ = ["gap_loss_fwd", "gap_loss_bwd"]
 
@@ -54,23 +55,11 @@ _FWD_MAX_BLOCK = 4096
 _FWD_MAX_WARPS = 8
 _BWD_MAX_BLOCK = 4096
 _BWD_MAX_WARPS = 8
-# Elements per thread that set num_warps (16 fp32 values; 32 bytes of bf16 = two 16-byte loads).
-_ELEMENTS_PER_THREAD = 16
 
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers: the steps of gap_loss_math.h
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _param(hi, lo, ACC: tl.constexpr):
-    # A float option of the op, passed as two float32 halves (kernel float arguments are float32):
-    # the float64 path gets hi + lo, about 48 bits of the host double; float32 gets hi = float(v).
-    if ACC == tl.float64:
-        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    else:
-        return tl.cast(hi, ACC)
 
 
 @triton.jit
@@ -293,26 +282,6 @@ def _gap_loss_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-
-def _split_float(v: float) -> tuple[float, float]:
-    """v as float32 hi + float32 lo (hi + lo carries about 48 bits of v for the float64 path)."""
-    v = float(v)
-    if not math.isfinite(v) or abs(v) > 3.4028234663852886e38:
-        return v, 0.0
-    hi = struct.unpack("f", struct.pack("f", v))[0]
-    lo = struct.unpack("f", struct.pack("f", v - hi))[0]
-    return hi, lo
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _launch_config(num_classes: int, max_block: int, max_warps: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(max(num_classes, 1)), max_block)
-    num_warps = max(1, min(max_warps, block // (32 * _ELEMENTS_PER_THREAD)))
-    return block, num_warps
 
 
 def _check_p(p: int) -> None:
