@@ -20,19 +20,6 @@ namespace {
 using at::vec::Vectorized;
 using cpu::VecIO;
 
-template <typename acc_t>
-gap::Options<acc_t> make_options(int64_t C, double margin, int64_t p, int64_t ignore_index, bool class_normalize,
-                                 bool max_mode) {
-  return gap::Options<acc_t>{C, ignore_index, static_cast<acc_t>(margin), static_cast<int>(p), class_normalize,
-                             max_mode};
-}
-
-void check_gap_args(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                    int64_t p) {
-  check_ce_args(input, target, weight);  // same layout contract as cross-entropy
-  TORCH_CHECK(p == 1 || p == 2, "fusedloss: p must be 1 or 2, got ", p);
-}
-
 // Sums over a row use two levels: fp32 vector lanes within blocks of kBlock elements, and a double
 // across blocks, so the error stays near that of a 32-term sum even at C = 32768 (a plain fp32
 // lane sum of 20k equal slopes drifts by ~2e-5 relative).
@@ -205,7 +192,7 @@ at::Tensor gap_loss_fwd_cpu(const at::Tensor& input, const at::Tensor& target, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gap_loss_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gap_fwd_cpu_impl<scalar_t>(input, target, weight,
-                               make_options<acc_t>(input.size(1), margin, p, ignore_index, class_normalize, max_mode),
+                               gap::make_options<acc_t>(input.size(1), margin, p, ignore_index, class_normalize, max_mode),
                                loss);
   });
   return loss;
@@ -222,7 +209,7 @@ at::Tensor gap_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& input
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "gap_loss_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gap_bwd_cpu_impl<scalar_t>(grad_loss, input, target, weight,
-                               make_options<acc_t>(input.size(1), margin, p, ignore_index, class_normalize, max_mode),
+                               gap::make_options<acc_t>(input.size(1), margin, p, ignore_index, class_normalize, max_mode),
                                grad);
   });
   return grad;

@@ -487,19 +487,6 @@ void launch_bwd(const BwdArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
       V);
 }
 
-template <typename acc_t>
-Options<acc_t> make_options(int64_t C, double margin, int64_t p, int64_t ignore_index, bool class_normalize,
-                            bool max_mode) {
-  return Options<acc_t>{C, ignore_index, static_cast<acc_t>(margin), static_cast<int>(p), class_normalize,
-                        max_mode};
-}
-
-void check_gap_args(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                    int64_t p) {
-  check_ce_args(input, target, weight);  // same layout contract as cross-entropy
-  TORCH_CHECK(p == 1 || p == 2, "fusedloss: p must be 1 or 2, got ", p);
-}
-
 at::Tensor gap_loss_fwd_cuda(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                              double margin, int64_t p, int64_t ignore_index, bool class_normalize, bool max_mode) {
   check_gap_args(input, target, weight, p);
@@ -522,7 +509,7 @@ at::Tensor gap_loss_fwd_cuda(const at::Tensor& input, const at::Tensor& target, 
     args.weight = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
     args.loss = loss.mutable_data_ptr<acc_t>();
     args.n_rows = n;
-    args.o = make_options<acc_t>(c, margin, p, ignore_index, class_normalize, max_mode);
+    args.o = gap::make_options<acc_t>(c, margin, p, ignore_index, class_normalize, max_mode);
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = rows_aligned16(args.input, args.row_stride, n);
     if (vec && max_mode) {
@@ -563,7 +550,7 @@ at::Tensor gap_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& inpu
     args.weight = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
     args.grad = grad.mutable_data_ptr<scalar_t>();
     args.n_rows = n;
-    args.o = make_options<acc_t>(c, margin, p, ignore_index, class_normalize, max_mode);
+    args.o = gap::make_options<acc_t>(c, margin, p, ignore_index, class_normalize, max_mode);
     // The vector path needs whole vectors on both sides: aligned input rows, and C % V == 0 for
     // the gradient rows (row stride C) to stay aligned.
     constexpr int kVec = 16 / sizeof(scalar_t);

@@ -32,6 +32,12 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target,
   }
 }
 
+inline void check_gap_args(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                           int64_t p) {
+  check_ce_args(input, target, weight);  // the same layout contract as cross-entropy
+  TORCH_CHECK(p == 1 || p == 2, "fusedloss: p must be 1 or 2, got ", p);
+}
+
 inline void check_row_grad(const at::Tensor& g, const at::Tensor& logits, const char* name) {
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(g.dim() == 1 && g.size(0) == logits.size(0), "fusedloss: ", name, " must have shape (N,)");

@@ -32,6 +32,13 @@ struct Options {
   bool max_mode;
 };
 
+// The per-call options from the op's arguments (the schema's double margin and int64 p).
+template <typename acc_t>
+inline Options<acc_t> make_options(int64_t C, double margin, int64_t p, int64_t ignore_index, bool class_normalize,
+                                   bool max_mode) {
+  return Options<acc_t>{C, ignore_index, static_cast<acc_t>(margin), static_cast<int>(p), class_normalize, max_mode};
+}
+
 // (2) and the slope of (4), on a scalar or an at::vec vector.
 template <typename T>
 FL_HOST_DEVICE T hinge_term(const T& h, int p) {
