@@ -111,9 +111,13 @@ def plot_rows(rows: list[dict], out_png: Path) -> Path | None:
                 handles.append(h)
                 labels.append(lab)
     first = rows[0]
-    title = (f"{', '.join(ops)} on {first.get('device name') or first['device']} — "
-             f"{first.get('timestamp', '')[:10]}, git {first.get('git sha') or '?'}, "
-             f"{first.get('threads', '?')} threads\n{first.get('versions', '')}")
+
+    def each(col):  # the distinct values of a column, in order of appearance
+        return ", ".join(dict.fromkeys(str(r.get(col) or "?") for r in rows))
+
+    dates = ", ".join(dict.fromkeys((r.get("timestamp") or "?")[:10] for r in rows))
+    title = (f"{', '.join(ops)} on {first.get('device name') or first['device']} — {dates}, git {each('git sha')}, "
+             f"{each('threads')} threads\n{each('versions')}")
     loads = [_num(r.get("load avg")) for r in rows if _num(r.get("load avg")) is not None]
     if loads:
         title += f"; load average while timing {min(loads):.1f} to {max(loads):.1f}"
