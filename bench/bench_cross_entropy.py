@@ -78,18 +78,7 @@ def providers(device: str) -> list[Provider]:
         Provider("torch", lambda case: _torch_cross_entropy, warmup=2),
         Provider("torch.compile", _make_compiled, warmup=3),
     ]
-    try:
-        import fusedloss
-
-        backends = fusedloss.backends.available(device)
-    except Exception as exc:  # noqa: BLE001 - a broken build still lets the baselines run
-        print(f"[bench] fusedloss unavailable: {exc}", file=sys.stderr)
-        backends = []
-    for b in backends:
-        if b == "reference" or (b == "triton" and not device.startswith("cuda")):
-            continue
-        out.append(Provider(f"fusedloss-{b}",
-                            lambda case, b=b: functools.partial(fusedloss.cross_entropy, backend=b), warmup=2))
+    out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.cross_entropy, backend=b))
     if device.startswith("cuda"):
         try:
             from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss

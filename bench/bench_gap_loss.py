@@ -77,19 +77,8 @@ def providers(device: str) -> list[Provider]:
         Provider("torch-ops", lambda case: _torch_ops, warmup=2),
         Provider("torch-ops.compile", _make_compiled, warmup=3),
     ]
-    try:
-        import fusedloss
-
-        backends = fusedloss.backends.available(device)
-    except Exception as exc:  # noqa: BLE001 - a broken build still lets the baselines run
-        print(f"[bench] fusedloss unavailable: {exc}", file=sys.stderr)
-        backends = []
-    for b in backends:
-        if b == "reference" or (b == "triton" and not device.startswith("cuda")):
-            continue
-        out.append(Provider(f"fusedloss-{b}",
-                            lambda case, b=b: functools.partial(fusedloss.gap_loss, margin=MARGIN, backend=b),
-                            warmup=2))
+    out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.gap_loss, margin=MARGIN,
+                                                                                backend=b))
     return out
 
 

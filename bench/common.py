@@ -154,6 +154,24 @@ class OpSpec:
     baseline: str = "torch"  # the provider speed-ups are measured against
 
 
+def fusedloss_providers(device: str, make_fn: Callable[[object, str], Callable]) -> list:
+    """One ``fusedloss-<backend>`` Provider per kernel backend available on ``device``.
+
+    ``make_fn(fusedloss, backend)`` returns the callable to time (fusedloss imported here, so that a
+    broken build still lets the baselines run). The reference (the oracle, not a competitor)
+    and Triton on CPU (its interpreter) are left out.
+    """
+    try:
+        import fusedloss
+
+        backends = fusedloss.backends.available(device)
+    except Exception as exc:  # noqa: BLE001 - a broken build still lets the baselines run
+        print(f"[bench] fusedloss unavailable: {exc}", file=sys.stderr)
+        return []
+    return [Provider(f"fusedloss-{b}", lambda case, b=b: make_fn(fusedloss, b), warmup=2)
+            for b in backends if b != "reference" and not (b == "triton" and not device.startswith("cuda"))]
+
+
 def load_op(name: str) -> OpSpec:
     """The OpSpec of ``bench/bench_<name>.py``."""
     if name not in OPS:
