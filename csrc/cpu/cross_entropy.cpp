@@ -145,6 +145,36 @@ void ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const s
 
   const int64_t piece = (N < kFewRows && C > kFwdPiece) ? kFwdPiece : std::max<int64_t>(C, 1);
   const int64_t splits = std::max<int64_t>(1, (C + piece - 1) / piece);
+  // Writes the row's outputs from its merged stats (zeros for an ignored row).
+  auto finish_row = [&](int64_t row, const ce::RowStats<acc_t>* merged) {
+    const int64_t y = t[row];
+    if (merged == nullptr) {
+      loss_p[row] = 0;
+      lse_p[row] = 0;
+      stats_p[2 * row] = 0;
+      stats_p[2 * row + 1] = 0;
+      return;
+    }
+    const acc_t z_y = ce::transform_logit<acc_t>(static_cast<acc_t>(x[row * row_stride + y]), o);
+    const acc_t w_y = w ? w[y] : acc_t(1);
+    ce::row_loss(*merged, z_y, w_y, o, loss_p + row, lse_p + row, stats_p + 2 * row + 1);
+    stats_p[2 * row] = merged->max;
+  };
+  if (splits == 1) {
+    // The common case: each row is one piece, finished where it is read, in one parallel region
+    // (each region costs a thread wake-up).
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        if (ce::is_ignored(t[row], o)) {
+          finish_row(row, nullptr);
+          continue;
+        }
+        const auto stats = piece_stats<scalar_t, acc_t>(x + row * row_stride, w, 0, C, o);
+        finish_row(row, &stats);
+      }
+    });
+    return;
+  }
   std::vector<ce::RowStats<acc_t>> partial(N * splits);
   at::parallel_for(0, N * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -156,20 +186,13 @@ void ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const s
   });
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t y = t[row];
-      if (ce::is_ignored(y, o)) {
-        loss_p[row] = 0;
-        lse_p[row] = 0;
-        stats_p[2 * row] = 0;
-        stats_p[2 * row + 1] = 0;
+      if (ce::is_ignored(t[row], o)) {
+        finish_row(row, nullptr);
         continue;
       }
       auto merged = partial[row * splits];
       for (int64_t part = 1; part < splits; ++part) merged = ce::merge_stats(merged, partial[row * splits + part]);
-      const acc_t z_y = ce::transform_logit<acc_t>(static_cast<acc_t>(x[row * row_stride + y]), o);
-      const acc_t w_y = w ? w[y] : acc_t(1);
-      ce::row_loss(merged, z_y, w_y, o, loss_p + row, lse_p + row, stats_p + 2 * row + 1);
-      stats_p[2 * row] = merged.max;
+      finish_row(row, &merged);
     }
   });
 }
