@@ -1,36 +1,55 @@
 #!/usr/bin/env bash
 # The GPU check: run on a machine with a CUDA GPU and its own torch (no network needed):
 #   bash bench/gpu_check.sh [OUT_DIR]
+#   STAGES="build test check" bash bench/gpu_check.sh      (a subset; default: build test check bench)
 # Builds the extension against that torch, runs the whole test suite on CUDA tensors (cuda and
-# triton backends required), then the benchmark. Everything lands in OUT_DIR (default: $OUT, the
-# device tool's output folder, else bench/results/gpu-<date>), named with the GPU.
+# triton backends required), the numerical check, then the benchmark. Everything lands in OUT_DIR
+# (default: $OUT, the device tool's output folder, else bench/results/gpu-<date>), named with the GPU.
+# Each stage runs under its own time limit (STAGE_LIMIT_S, default 420 s) so that a slow stage still
+# leaves the logs of the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/gpu-$(date +%F)}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
+STAGES=${STAGES:-build test check bench}
+LIMIT=${STAGE_LIMIT_S:-420}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
-export MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-4}
+export MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-4} PYTHONUNBUFFERED=1
 status=0
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$OUT_DIR/gpu.txt"
 
-echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-start=$(date +%s)
-FUSEDLOSS_CUDA=1 $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT_DIR/build.log" 2>&1 || { tail -50 "$OUT_DIR/build.log"; exit 1; }
-echo "built in $(( $(date +%s) - start )) s"
+if has build; then
+  echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+  start=$(date +%s)
+  FUSEDLOSS_CUDA=1 timeout "$LIMIT" $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT_DIR/build.log" 2>&1 \
+    || { tail -60 "$OUT_DIR/build.log"; exit 1; }
+  echo "built in $(( $(date +%s) - start )) s"
+fi
 $PY -m fusedloss info | tee "$OUT_DIR/info.txt"
 
-echo "== tests on CUDA tensors"
-FUSEDLOSS_REQUIRE_BACKENDS=cuda,triton $PY -m pytest -q -ra -p no:cacheprovider -k "cuda" \
-  --junitxml="$OUT_DIR/pytest-cuda.xml" tests > "$OUT_DIR/pytest-cuda.txt" 2>&1 || status=1
-tail -30 "$OUT_DIR/pytest-cuda.txt"
+if has test; then
+  echo "== tests on CUDA tensors"
+  xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n ${TEST_WORKERS:-6}")
+  start=$(date +%s)
+  FUSEDLOSS_REQUIRE_BACKENDS=cuda,triton timeout -s INT -k 30 "$LIMIT" $PY -m pytest -q -ra -p no:cacheprovider $xdist -k "cuda" \
+    --durations=15 --junitxml="$OUT_DIR/pytest-cuda.xml" tests > "$OUT_DIR/pytest-cuda.txt" 2>&1 || status=1
+  echo "tests took $(( $(date +%s) - start )) s"
+  grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest-cuda.txt" | head -40
+  tail -25 "$OUT_DIR/pytest-cuda.txt"
+fi
 
-echo "== check"
-$PY -m fusedloss check > "$OUT_DIR/check.txt" 2>&1 || status=1
-tail -20 "$OUT_DIR/check.txt"
+if has check; then
+  echo "== check"
+  timeout "$LIMIT" $PY -m fusedloss check --device cuda > "$OUT_DIR/check.txt" 2>&1 || status=1
+  tail -20 "$OUT_DIR/check.txt"
+fi
 
-echo "== bench"
-$PY -m fusedloss bench --device cuda --out "$OUT_DIR" > "$OUT_DIR/bench.txt" 2>&1 || status=1
-tail -40 "$OUT_DIR/bench.txt"
+if has bench; then
+  echo "== bench"
+  timeout "$LIMIT" $PY -m fusedloss bench --device cuda ${BENCH_ARGS:-} --out "$OUT_DIR" > "$OUT_DIR/bench.txt" 2>&1 || status=1
+  tail -60 "$OUT_DIR/bench.txt"
+fi
 exit $status

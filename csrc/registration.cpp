@@ -30,6 +30,17 @@ TORCH_LIBRARY(fusedloss, m) {
       "Tensor? weight, Tensor stats, int ignore_index, float label_smoothing, float z_loss, "
       "float softcap, float temperature) -> Tensor");
 
+  // The row kernel of chunked linear cross-entropy: forward and gradient in one pass over a chunk
+  // of logits. logits (N, C) contiguous, overwritten in place with d loss_i / d logits_i times
+  // grad_scale_i (grad_scale (N,) in the accumulation dtype, any stride; None means 1), in the
+  // logits' dtype; z_loss enters the gradient, the returned lse does not carry a gradient. Returns
+  // the per-row loss and lse in the accumulation dtype, as cross_entropy_fwd (0 for ignored rows,
+  // whose gradient rows are written as 0).
+  m.def(
+      "cross_entropy_fwd_grad_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor? grad_scale, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, float temperature) "
+      "-> (Tensor, Tensor)");
+
   // Multi-class gap hinge. input (N, C) with unit class stride, target (N,) int64, weight (C,) in
   // the accumulation dtype; p is 1 or 2; max_mode keeps only the largest violation per row
   // (Crammer-Singer). Returns the per-row loss (N,) in the accumulation dtype, 0 for ignored rows.
@@ -40,4 +51,18 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "gap_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, float margin, int p, "
       "int ignore_index, bool class_normalize, bool max_mode) -> Tensor");
+
+  // InfoNCE's one kernel: log-sum-exp of the scaled similarity S = scale * query @ key.T along its
+  // rows (N,) and, when cols, along its columns (M,), without materializing S. query (N, D) and
+  // key (M, D) contiguous, one floating dtype; scale a 0-dim tensor in the accumulation dtype (1 /
+  // temperature, on the inputs' device: learnable, never read on the host). Returns lse_rows (N,)
+  // and lse_cols (M,) (shape (0,) when not cols) in the accumulation dtype. The positive logits and
+  // the reduction are left to the caller (autograd composes them).
+  m.def("info_nce_lse_fwd(Tensor query, Tensor key, Tensor scale, bool cols) -> (Tensor, Tensor)");
+  // Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j: grad_query (N, D) and
+  // grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in the accumulation dtype. The tiles of
+  // S are recomputed; no atomics: the result is deterministic.
+  m.def(
+      "info_nce_lse_bwd(Tensor grad_rows, Tensor? grad_cols, Tensor query, Tensor key, Tensor scale, "
+      "Tensor lse_rows, Tensor? lse_cols) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,65 @@
+#pragma once
+// InfoNCE's per-element math, shared by the CPU and CUDA kernels of fusedloss::info_nce_lse_{fwd,bwd}.
+//
+// The kernel computes only log-sum-exps of the scaled similarity S = scale * Q K^T (N x M):
+//   lse_r_i = log sum_j exp(S_ij)      (rows: query -> key direction)
+//   lse_c_j = log sum_i exp(S_ij)      (columns: key -> query direction, symmetric InfoNCE)
+// The loss is lse - S_{i, label_i}; the positive term and the reduction are composed by autograd in
+// Python, so the kernel's backward is the gradient of L = sum_i g_i lse_r_i + sum_j h_j lse_c_j:
+//   dL/dS_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j)            =: P_ij          (1)
+//   dL/dQ_i  = scale * sum_j P_ij K_j,    dL/dK_j = scale * sum_i P_ij Q_i                    (2)
+//   dL/dscale = sum_ij P_ij (Q_i . K_j) = sum_ij P_ij S_ij / scale                              (3)
+// (3) is accumulated from the unscaled dot products, so scale never divides.
+// Both are streamed over tiles: the forward keeps a running (max, sum exp) per row and per column
+// (flash-attention's online softmax); the backward recomputes each tile of S from Q and K.
+#include "fusedloss/common.h"
+
+namespace fusedloss {
+namespace info_nce {
+
+// Running log-sum-exp of a stream of values: lse = max + log(sum), sum = sum exp(x - max).
+template <typename acc_t>
+struct Lse {
+  acc_t max;
+  acc_t sum;
+};
+
+template <typename acc_t>
+FL_HOST_DEVICE Lse<acc_t> empty_lse() {
+  return Lse<acc_t>{-fl_inf<acc_t>(), acc_t(0)};
+}
+
+// Merge two partial results; the caller fixes the order of merges, so the result is deterministic.
+// A part whose max is -inf (empty) adds nothing and never makes exp(-inf - -inf).
+template <typename acc_t>
+FL_HOST_DEVICE Lse<acc_t> merge(const Lse<acc_t>& a, const Lse<acc_t>& b) {
+  const acc_t m = fl_max(a.max, b.max);
+  if (m == -fl_inf<acc_t>()) return Lse<acc_t>{m, acc_t(0)};
+  const acc_t sa = a.max == -fl_inf<acc_t>() ? acc_t(0) : a.sum * fl_exp(a.max - m);
+  const acc_t sb = b.max == -fl_inf<acc_t>() ? acc_t(0) : b.sum * fl_exp(b.max - m);
+  return Lse<acc_t>{m, sa + sb};
+}
+
+// A tile's part: its max m over the tile's values and sum exp(x - m), merged into the running one.
+template <typename acc_t>
+FL_HOST_DEVICE Lse<acc_t> merge_part(const Lse<acc_t>& run, acc_t tile_max, acc_t tile_sum) {
+  return merge(run, Lse<acc_t>{tile_max, tile_sum});
+}
+
+template <typename acc_t>
+FL_HOST_DEVICE acc_t finish(const Lse<acc_t>& r) {
+  // An empty stream (M == 0) has lse -inf, as torch.logsumexp of an empty row.
+  return r.max == -fl_inf<acc_t>() ? r.max : r.max + fl_log(r.sum);
+}
+
+// (1): the gradient of L with respect to one element S_ij. h and lse_c are 0 when the kernel runs
+// without the column direction (pass has_cols = false so that exp is not evaluated).
+template <typename acc_t>
+FL_HOST_DEVICE acc_t grad_s(acc_t s, acc_t g, acc_t lse_r, bool has_cols, acc_t h, acc_t lse_c) {
+  acc_t p = g == acc_t(0) ? acc_t(0) : g * fl_exp(s - lse_r);
+  if (has_cols && h != acc_t(0)) p += h * fl_exp(s - lse_c);
+  return p;
+}
+
+}  // namespace info_nce
+}  // namespace fusedloss
