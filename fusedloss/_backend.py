@@ -28,15 +28,20 @@ def extension_loaded() -> bool:
     return _C is not None
 
 
+# Facts that cannot change while the process runs, read once at import: the ops resolve their
+# backend on every call, also inside torch.compile, whose tracer cannot step into the dispatcher
+# query or importlib (fullgraph=True would fail on them).
+_CUDA_BUILT = _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fusedloss::cross_entropy_fwd", "CUDA")
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def cuda_built() -> bool:
     """True when fusedloss._C holds CUDA kernels (it was compiled with nvcc)."""
-    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fusedloss::cross_entropy_fwd", "CUDA"
-    )
+    return _CUDA_BUILT
 
 
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpret() -> bool:

@@ -25,6 +25,29 @@ FL_HOST_DEVICE float fl_expm1(float x) { return ::expm1f(x); }
 FL_HOST_DEVICE double fl_expm1(double x) { return ::expm1(x); }
 FL_HOST_DEVICE float fl_tanh(float x) { return ::tanhf(x); }
 FL_HOST_DEVICE double fl_tanh(double x) { return ::tanh(x); }
+// A product rounded on its own. nvcc fuses a * b - c into one FMA by default; where a backward
+// recomputes a value whose rounded form the forward already used (the transformed logit z, whose
+// row max the forward saved), the fused form would differ from the forward by a rounding.
+FL_HOST_DEVICE float fl_mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FL_HOST_DEVICE double fl_mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+// at::vec vectors (host only): GCC does not contract in the ISO C++ mode torch builds with
+// (-std=c++NN implies -ffp-contract=off).
+template <typename T>
+FL_HOST_DEVICE T fl_mul_rn(const T& a, const T& b) {
+  return a * b;
+}
 template <typename T>
 FL_HOST_DEVICE T fl_max(T a, T b) {
   // NaN must win so that a NaN logit poisons its row, as in torch.

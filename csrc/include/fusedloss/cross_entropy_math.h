@@ -51,9 +51,9 @@ struct Options {
 template <typename acc_t, typename T>
 FL_HOST_DEVICE T transform_logit(const T& x, const Options<acc_t>& o) {
   if (o.softcap > acc_t(0)) {
-    return fl_tanh(x * T(acc_t(1) / o.softcap)) * T(o.softcap * o.inv_temperature);
+    return fl_mul_rn(fl_tanh(x * T(acc_t(1) / o.softcap)), T(o.softcap * o.inv_temperature));
   }
-  return x * T(o.inv_temperature);
+  return fl_mul_rn(x, T(o.inv_temperature));
 }
 
 // (5): dz/dx from z itself.
