@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/gpu-$(date +%F)}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-build test check bench}
+STAGES=${STAGES:-build test check bench}   # TEST_K: the tests to run (default: every CUDA test)
 LIMIT=${STAGE_LIMIT_S:-420}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 export MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-4} PYTHONUNBUFFERED=1
@@ -34,7 +34,7 @@ if has test; then
   echo "== tests on CUDA tensors"
   xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n ${TEST_WORKERS:-6}")
   start=$(date +%s)
-  FUSEDLOSS_REQUIRE_BACKENDS=cuda,triton timeout -s INT -k 30 "$LIMIT" $PY -m pytest -q -ra -p no:cacheprovider $xdist -k "cuda" \
+  FUSEDLOSS_REQUIRE_BACKENDS=cuda,triton timeout -s INT -k 30 "$LIMIT" $PY -m pytest -q -ra -p no:cacheprovider $xdist -k "${TEST_K:-cuda}" \
     --durations=15 --junitxml="$OUT_DIR/pytest-cuda.xml" tests > "$OUT_DIR/pytest-cuda.txt" 2>&1 || status=1
   echo "tests took $(( $(date +%s) - start )) s"
   grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest-cuda.txt" | head -40
