@@ -35,9 +35,10 @@ if has test; then
   xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n ${TEST_WORKERS:-6}")
   start=$(date +%s)
   FUSEDLOSS_REQUIRE_BACKENDS=cuda,triton timeout -s INT -k 30 "$LIMIT" $PY -m pytest -q -ra -p no:cacheprovider $xdist -k "${TEST_K:-cuda}" \
-    --durations=15 --junitxml="$OUT_DIR/pytest-cuda.xml" tests > "$OUT_DIR/pytest-cuda.txt" 2>&1 || status=1
+    --durations=15 tests > "$OUT_DIR/pytest-cuda.txt" 2>&1 || status=1
   echo "tests took $(( $(date +%s) - start )) s"
   grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest-cuda.txt" | head -40
+  grep -E "^E  " "$OUT_DIR/pytest-cuda.txt" | sort | uniq -c | sort -rn | head -40
   tail -25 "$OUT_DIR/pytest-cuda.txt"
 fi
 
@@ -49,7 +50,7 @@ fi
 
 if has bench; then
   echo "== bench"
-  timeout "$LIMIT" $PY -m fusedloss bench --device cuda ${BENCH_ARGS:-} --out "$OUT_DIR" > "$OUT_DIR/bench.txt" 2>&1 || status=1
+  timeout "$LIMIT" $PY -m fusedloss bench --device cuda --no-plot ${BENCH_ARGS:-} --out "$OUT_DIR" > "$OUT_DIR/bench.txt" 2>&1 || status=1
   tail -60 "$OUT_DIR/bench.txt"
 fi
 exit $status
