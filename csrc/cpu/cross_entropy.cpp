@@ -377,8 +377,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cpu(at::Tensor& logits
                                                               const std::optional<at::Tensor>& grad_scale,
                                                               int64_t ignore_index, double label_smoothing,
                                                               double z_loss, double softcap, double temperature) {
+  check_in_place_logits(logits);  // first: a strided view gets the in-place reason, not a layout detail
   check_ce_args(logits, target, weight);
-  check_in_place_logits(logits);
   if (grad_scale.has_value()) check_row_grad(*grad_scale, logits, "grad_scale");
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
