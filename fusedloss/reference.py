@@ -139,3 +139,24 @@ def gap_loss(
     if reduction == "sum":
         return per.sum()
     return per.reshape(target.shape)
+
+
+def fwd_grad_reference(logits: Tensor, target: Tensor, weight: Tensor | None, grad_scale: Tensor | None,
+                       ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                       temperature: float) -> tuple[Tensor, Tensor]:
+    """fusedloss::cross_entropy_fwd_grad_ by autograd on ``cross_entropy`` (reduction none).
+
+    Writes grad_scale_i * d loss_i / d logits_i (grad_scale None means 1) over ``logits`` and returns
+    the per-row loss and lse in the accumulation dtype (float32, float64 for float64 logits); 0 for
+    ignored rows, whose gradient is 0. ``softcap`` 0 means no cap, as in the kernel ops.
+    """
+    with torch.enable_grad():
+        x = logits.detach().to(_compute_dtype(logits.dtype)).requires_grad_()
+        loss, lse = cross_entropy(x, target, weight, ignore_index=ignore_index, reduction="none",
+                                  label_smoothing=label_smoothing, z_loss=z_loss,
+                                  softcap=softcap if softcap > 0 else None, temperature=temperature,
+                                  return_lse=True)
+        scale = torch.ones_like(loss) if grad_scale is None else grad_scale.to(loss.dtype).expand_as(loss)
+        (grad,) = torch.autograd.grad(loss, x, scale)
+    logits.copy_(grad)
+    return loss.detach(), lse.detach()

@@ -1,4 +1,4 @@
-// CUDA kernels of fusedloss::cross_entropy_fwd and fusedloss::cross_entropy_bwd. The per-row math
+// CUDA kernels of fusedloss::cross_entropy_fwd, cross_entropy_bwd and cross_entropy_fwd_grad_. The per-row math
 // (and its derivation) lives in fusedloss/cross_entropy_math.h; this file only decides who reads
 // what and in which order.
 //
@@ -27,6 +27,14 @@
 //   G * 4 loads, so a small C packs 256 / G rows into a block and a large C spreads a row over
 //   ceil(C / (1024 V)) blocks; either way there are about N * C / (1024 V) blocks to fill the GPU.
 //   Loads and stores are 16-byte vectors when the logits rows and the gradient rows are aligned.
+// Forward + gradient in place (fwd_grad_, the row kernel of chunked linear cross-entropy): the
+//   forward's group and row kernels, extended: once the row's stats are merged, the finishing thread
+//   reads z_y and writes loss and lse, a barrier (__syncwarp for a group, __syncthreads for a
+//   block) orders every read of the row before any write, then each thread re-reads the columns it
+//   scanned (from L1/L2) and overwrites them with their gradient (grad_lse = 0). Split rows
+//   (few rows, C >= 65536) run the forward's two split stages into a (max, log_s) workspace, then
+//   the backward kernel with the gradient pointer equal to the logits: it loads each element and
+//   stores its gradient from the same thread, so it is safe in place.
 //
 // Determinism: no atomics; every reduction order is a function of (N, C, dtype, alignment, SM
 // count) only, so results are bitwise reproducible run to run on a given GPU model.
@@ -39,6 +47,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -49,6 +58,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "fusedloss/checks.h"
 #include "fusedloss/cross_entropy_math.h"
@@ -121,6 +131,13 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
   *reinterpret_cast<Pack<T, V>*>(p) = v;
 }
 
+template <typename P>
+struct PackWidth;
+template <typename T, int V>
+struct PackWidth<Pack<T, V>> {
+  static constexpr int value = V;
+};
+
 template <typename scalar_t, typename acc_t>
 struct FwdArgs {
   const scalar_t* logits;
@@ -129,7 +146,7 @@ struct FwdArgs {
   const acc_t* weight;  // nullptr: every w_j = 1
   acc_t* loss;
   acc_t* lse;
-  acc_t* stats;  // (N, 2) contiguous: (max, log_s)
+  acc_t* stats;  // (N, 2) contiguous: (max, log_s); nullptr in FwdGradArgs (not stored)
   int64_t n_rows;
   Options<acc_t> o;
 };
@@ -151,14 +168,61 @@ struct BwdArgs {
   Options<acc_t> o;
 };
 
+// Forward + gradient in place: the forward's arguments (stats unused), and the backward's.
+template <typename scalar_t, typename acc_t>
+struct FwdGradArgs {
+  FwdArgs<scalar_t, acc_t> f;  // f.logits is grad, read-only view; rows contiguous (row_stride C)
+  scalar_t* grad;              // the logits themselves, overwritten with the gradient
+  const acc_t* grad_scale;     // nullptr: 1
+  int64_t grad_scale_stride;
+  const acc_t* weight_sum;     // as in BwdArgs
+};
+
 template <typename acc_t>
 __device__ __forceinline__ bool row_is_live(int64_t y, const Options<acc_t>& o) {
   return !is_ignored(y, o) && target_in_range(y, o);
 }
 
-// Folds the columns [begin, end) of one row into this thread's stats: thread t of nt takes the
-// V-wide vectors t, t + nt, ... (coalesced across the threads), then the < V tail columns one by
-// one. begin must be a multiple of V so that every vector is 16-byte aligned.
+// What a dead row's outputs hold: 0 for an ignored row, NaN for a target outside [0, C).
+template <typename acc_t>
+__device__ __forceinline__ acc_t dead_row_value(int64_t y, const Options<acc_t>& o) {
+  return is_ignored(y, o) ? acc_t(0) : fl_nan<acc_t>();
+}
+
+// Visits the columns [begin, end) of one row: thread t of nt takes the V-wide vectors t, t + nt, ...
+// (coalesced across the threads), then the < V tail columns one by one (rows whose length is not a
+// multiple of V: a padded row stride). visit(pack, col) gets a Pack<scalar_t, V> (Pack<scalar_t, 1>
+// in the tail) whose first element is column col. begin must be a multiple of V so that every
+// vector is 16-byte aligned. The same (begin, end, t, nt) give the same columns to the same thread
+// (whatever UNROLL): the forward + gradient kernels overwrite, per thread, what that thread read.
+template <int V, int UNROLL = kUnroll, typename scalar_t, typename Visit>
+__device__ __forceinline__ void visit_cols(const scalar_t* x, int64_t begin, int64_t end, int t, int nt,
+                                           Visit&& visit) {
+  const int64_t nvec = (end - begin) / V;
+  const scalar_t* xb = x + begin;
+  int64_t i = t;
+  // UNROLL independent loads are issued before their (serially dependent) visits, so each
+  // thread keeps several requests in flight.
+  for (; i + int64_t(UNROLL - 1) * nt < nvec; i += int64_t(UNROLL) * nt) {
+    Pack<scalar_t, V> p[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      p[u] = load_pack<V>(xb + (i + int64_t(u) * nt) * V);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      visit(p[u], begin + (i + int64_t(u) * nt) * V);
+    }
+  }
+  for (; i < nvec; i += nt) {
+    visit(load_pack<V>(xb + i * V), begin + i * V);
+  }
+  for (int64_t c = begin + nvec * V + t; c < end; c += nt) {
+    visit(load_pack<1>(x + c), c);
+  }
+}
+
+// Folds the columns [begin, end) of one row into this thread's stats (visit_cols' columns).
 template <int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void scan_cols(RowStats<acc_t>& st, const scalar_t* x, int64_t begin,
                                           int64_t end, int t, int nt, const acc_t* weight,
@@ -166,42 +230,57 @@ __device__ __forceinline__ void scan_cols(RowStats<acc_t>& st, const scalar_t* x
   // The weights only enter the stats through the smoothing sums (sum_wd, sum_w): skip their
   // reads without smoothing.
   const bool smoothing = o.smoothing > acc_t(0);
-  auto consume = [&](scalar_t xv, int64_t col) {
-    const acc_t z = transform_logit<acc_t>(static_cast<acc_t>(xv), o);
-    const acc_t w = smoothing && weight != nullptr ? weight[col] : acc_t(1);
-    update_stats(st, z, w, smoothing);
-  };
+  visit_cols<V>(x, begin, end, t, nt, [&](const auto& p, int64_t col) {
+    constexpr int W = PackWidth<std::decay_t<decltype(p)>>::value;
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const acc_t z = transform_logit<acc_t>(static_cast<acc_t>(p.v[e]), o);
+      const acc_t w = smoothing && weight != nullptr ? weight[col + e] : acc_t(1);
+      update_stats(st, z, w, smoothing);
+    }
+  });
+}
 
-  const int64_t nvec = (end - begin) / V;
-  const scalar_t* xb = x + begin;
-  int64_t i = t;
-  // kUnroll independent loads are issued before their (serially dependent) stats updates, so
-  // each thread keeps several requests in flight.
-  for (; i + int64_t(kUnroll - 1) * nt < nvec; i += int64_t(kUnroll) * nt) {
-    Pack<scalar_t, V> p[kUnroll];
+// (4) + (5) for column col of a live row, in scalar_t. The true class goes through grad_target:
+// its p_y - 1 comes from expm1 in acc_t, where p_y * A - c_y would cancel when p_y is close to 1.
+// need_w: the weights are read only where they enter (c.smooth * w_k, with label smoothing).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t grad_at(scalar_t xv, int64_t col, int64_t y, acc_t w_y, const acc_t* weight,
+                                            bool need_w, const GradCoefs<acc_t>& c, const Options<acc_t>& o) {
+  const acc_t z = transform_logit<acc_t>(static_cast<acc_t>(xv), o);
+  const acc_t d = col == y ? grad_target(z, w_y, c, o) : grad_element(z, need_w ? weight[col] : acc_t(1), c, o);
+  return static_cast<scalar_t>(d);
+}
+
+// Overwrites the columns [0, C) of a live row with their gradient, thread t of nt taking
+// visit_cols' columns: each thread loads a vector, then stores its gradient at the same place.
+// The row was just read, so these loads hit L1/L2; in float64 the row constants leave no room for
+// kUnroll loads in flight under the row kernel's 64-register bound (ptxas spilled), so one.
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_grad_cols(scalar_t* g, int64_t C, int t, int nt, int64_t y, acc_t w_y,
+                                                const acc_t* weight, const GradCoefs<acc_t>& c,
+                                                const Options<acc_t>& o) {
+  constexpr int kGradUnroll = sizeof(acc_t) == 8 ? 1 : kUnroll;
+  const bool need_w = weight != nullptr && o.smoothing > acc_t(0);
+  visit_cols<V, kGradUnroll>(g, 0, C, t, nt, [&](const auto& p, int64_t col) {
+    using P = std::decay_t<decltype(p)>;
+    constexpr int W = PackWidth<P>::value;
+    P out;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      p[u] = load_pack<V>(xb + (i + int64_t(u) * nt) * V);
-    }
+    for (int e = 0; e < W; ++e) out.v[e] = grad_at(p.v[e], col + e, y, w_y, weight, need_w, c, o);
+    store_pack<W>(g + col, out);
+  });
+}
+
+// Writes `value` over the columns [0, C) of a dead row, with visit_cols' columns (nothing read).
+template <int V, typename scalar_t>
+__device__ __forceinline__ void fill_cols(scalar_t* g, int64_t C, int t, int nt, scalar_t value) {
+  Pack<scalar_t, V> out;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int e = 0; e < V; ++e) {
-        consume(p[u].v[e], begin + (i + int64_t(u) * nt) * V + e);
-      }
-    }
-  }
-  for (; i < nvec; i += nt) {
-    const Pack<scalar_t, V> p = load_pack<V>(xb + i * V);
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      consume(p.v[e], begin + i * V + e);
-    }
-  }
-  // Rows whose length is not a multiple of V (a padded row stride): the last columns, unvectorized.
-  for (int64_t c = begin + nvec * V + t; c < end; c += nt) {
-    consume(x[c], c);
-  }
+  for (int e = 0; e < V; ++e) out.v[e] = value;
+  const int64_t nvec = C / V;
+  for (int64_t i = t; i < nvec; i += nt) store_pack<V>(g + i * V, out);
+  for (int64_t c = nvec * V + t; c < C; c += nt) g[c] = value;
 }
 
 // Tree reduction over aligned groups of `width` lanes (a power of two <= 32); the group's first
@@ -238,25 +317,33 @@ __device__ __forceinline__ RowStats<acc_t> reduce_block(RowStats<acc_t> s, RowSt
   return s;
 }
 
+// Writes the loss and lse of a live row from its merged stats (reading its target logit) and
+// returns log_s.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t finish_live_row(const RowStats<acc_t>& st, int64_t row, int64_t y,
+                                                 const FwdArgs<scalar_t, acc_t>& a) {
+  const acc_t z_y = transform_logit<acc_t>(static_cast<acc_t>(a.logits[row * a.row_stride + y]), a.o);
+  const acc_t w_y = a.weight != nullptr ? a.weight[y] : acc_t(1);
+  acc_t log_s;
+  row_loss(st, z_y, w_y, a.o, a.loss + row, a.lse + row, &log_s);
+  return log_s;
+}
+
 // Writes the row's loss, lse and (max, log_s) from its merged stats: zeros for an ignored row,
 // NaN for a target outside [0, C) (without touching the logits), row_loss otherwise.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void finish_row(const RowStats<acc_t>& st, int64_t row, int64_t y,
                                            const FwdArgs<scalar_t, acc_t>& a) {
-  acc_t* loss = a.loss + row;
-  acc_t* lse = a.lse + row;
   acc_t* stats = a.stats + 2 * row;
   if (!row_is_live(y, a.o)) {
-    const acc_t fill = is_ignored(y, a.o) ? acc_t(0) : fl_nan<acc_t>();
-    *loss = fill;
-    *lse = fill;
+    const acc_t fill = dead_row_value(y, a.o);
+    a.loss[row] = fill;
+    a.lse[row] = fill;
     stats[0] = fill;
     stats[1] = fill;
     return;
   }
-  const acc_t z_y = transform_logit<acc_t>(static_cast<acc_t>(a.logits[row * a.row_stride + y]), a.o);
-  const acc_t w_y = a.weight != nullptr ? a.weight[y] : acc_t(1);
-  row_loss(st, z_y, w_y, a.o, loss, lse, stats + 1);
+  stats[1] = finish_live_row(st, row, y, a);
   stats[0] = st.max;
 }
 
@@ -350,6 +437,8 @@ __global__ void __launch_bounds__(kBwdBlock)
   const int64_t C = a.o.num_classes;
   const int64_t nvec = C / V;
   const int64_t v_first = int64_t(chunk) * group * kBwdIlp + lane;
+  // In place (fwd_grad_'s split path, grad == logits): each thread stores only the vectors it
+  // loaded itself, after loading them; the target's value comes from the thread's own load.
   scalar_t* g = a.grad + row * C;
   const int64_t y = a.target[row];
   // c.smooth * w_k vanishes without smoothing: skip the per-element weight reads then.
@@ -358,7 +447,7 @@ __global__ void __launch_bounds__(kBwdBlock)
   if (!row_is_live(y, a.o)) {
     // Ignored rows get 0; an out-of-range target poisons its row with NaN instead of a device
     // assert, and its logits are never read.
-    const scalar_t fill = static_cast<scalar_t>(is_ignored(y, a.o) ? acc_t(0) : fl_nan<acc_t>());
+    const scalar_t fill = static_cast<scalar_t>(dead_row_value(y, a.o));
     PackT out;
 #pragma unroll
     for (int e = 0; e < V; ++e) out.v[e] = fill;
@@ -395,17 +484,92 @@ __global__ void __launch_bounds__(kBwdBlock)
       PackT out;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const int64_t col = vi * V + e;
-        const acc_t z = transform_logit<acc_t>(static_cast<acc_t>(in[k].v[e]), a.o);
-        // The true class goes through grad_target: its p_y - 1 comes from expm1 in acc_t, where
-        // p_y * A - c_y would cancel when p_y is close to 1.
-        const acc_t d = col == y ? grad_target(z, w_y, coefs, a.o)
-                                 : grad_element(z, need_w ? a.weight[col] : acc_t(1), coefs, a.o);
-        out.v[e] = static_cast<scalar_t>(d);
+        out.v[e] = grad_at(in[k].v[e], vi * V + e, y, w_y, a.weight, need_w, coefs, a.o);
       }
       store_pack<V>(g + vi * V, out);
     }
   }
+}
+
+// Forward + gradient in place, C <= 1024: the forward's group kernel, then each lane overwrites the
+// columns it scanned with their gradient.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kGroupBlock)
+    ce_fwd_grad_group_kernel(const FwdGradArgs<scalar_t, acc_t> a, const int group) {
+  const FwdArgs<scalar_t, acc_t>& f = a.f;
+  const int64_t C = f.o.num_classes;
+  const int rows_per_block = kGroupBlock / group;
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t row = int64_t(blockIdx.x) * rows_per_block + threadIdx.x / group;
+  // No early return before the shuffles: every lane of the warp must reach them.
+  const bool valid = row < f.n_rows;
+  const int64_t y = valid ? f.target[row] : f.o.ignore_index;
+  const bool live = valid && row_is_live(y, f.o);
+  RowStats<acc_t> st = empty_stats<acc_t>();
+  if (live) scan_cols<V>(st, f.logits + row * C, 0, C, lane, group, f.weight, f.o);
+  st = reduce_lanes(st, group);
+  // The group's first lane holds the merged stats: it finishes the row (reading z_y) and passes
+  // (max, log_s) to the group's other lanes.
+  acc_t log_s = acc_t(0);
+  if (valid && lane == 0) {
+    if (live) {
+      log_s = finish_live_row(st, row, y, f);
+    } else {
+      f.loss[row] = dead_row_value(y, f.o);
+      f.lse[row] = dead_row_value(y, f.o);
+    }
+  }
+  const acc_t max = __shfl_sync(kFullMask, st.max, 0, group);
+  log_s = __shfl_sync(kFullMask, log_s, 0, group);
+  // Every read of the row (the lanes' scans, the first lane's z_y) happens before any write.
+  __syncwarp();
+  if (!valid) return;
+  scalar_t* g = a.grad + row * C;
+  if (!live) {
+    fill_cols<V>(g, C, lane, group, static_cast<scalar_t>(dead_row_value(y, f.o)));
+    return;
+  }
+  const acc_t w_y = f.weight != nullptr ? f.weight[y] : acc_t(1);
+  const acc_t w_sum = a.weight_sum != nullptr ? *a.weight_sum : static_cast<acc_t>(C);
+  const acc_t g_scale = a.grad_scale != nullptr ? a.grad_scale[row * a.grad_scale_stride] : acc_t(1);
+  const GradCoefs<acc_t> coefs = grad_coefs(max, log_s, w_y, w_sum, g_scale, acc_t(0), f.o);
+  write_grad_cols<V>(g, C, lane, group, y, w_y, f.weight, coefs, f.o);
+}
+
+// Forward + gradient in place, C > 1024 without a split: the forward's row kernel, then every
+// thread overwrites the columns it scanned with their gradient.
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kMaxRowBlock, 1) ce_fwd_grad_row_kernel(const FwdGradArgs<scalar_t, acc_t> a) {
+  __shared__ RowStats<acc_t> smem[kMaxRowBlock / kWarpSize];
+  __shared__ acc_t row_consts[2];  // (max, log_s)
+  const FwdArgs<scalar_t, acc_t>& f = a.f;
+  const int64_t C = f.o.num_classes;
+  const int64_t row = blockIdx.x;
+  const int64_t y = f.target[row];
+  scalar_t* g = a.grad + row * C;
+  // Block-uniform branches (one row per block), so the barriers below are safe.
+  if (!row_is_live(y, f.o)) {
+    if (threadIdx.x == 0) {
+      f.loss[row] = dead_row_value(y, f.o);
+      f.lse[row] = dead_row_value(y, f.o);
+    }
+    fill_cols<V>(g, C, threadIdx.x, blockDim.x, static_cast<scalar_t>(dead_row_value(y, f.o)));
+    return;
+  }
+  RowStats<acc_t> st = empty_stats<acc_t>();
+  scan_cols<V>(st, f.logits + row * C, 0, C, threadIdx.x, blockDim.x, f.weight, f.o);
+  st = reduce_block(st, smem);
+  if (threadIdx.x == 0) {
+    row_consts[1] = finish_live_row(st, row, y, f);
+    row_consts[0] = st.max;
+  }
+  // Every read of the row (the threads' scans, thread 0's z_y) happens before any write.
+  __syncthreads();
+  const acc_t w_y = f.weight != nullptr ? f.weight[y] : acc_t(1);
+  const acc_t w_sum = a.weight_sum != nullptr ? *a.weight_sum : static_cast<acc_t>(C);
+  const acc_t g_scale = a.grad_scale != nullptr ? a.grad_scale[row * a.grad_scale_stride] : acc_t(1);
+  const GradCoefs<acc_t> coefs = grad_coefs(row_consts[0], row_consts[1], w_y, w_sum, g_scale, acc_t(0), f.o);
+  write_grad_cols<V>(g, C, threadIdx.x, blockDim.x, y, w_y, f.weight, coefs, f.o);
 }
 
 // The same arguments for rows [r0, r0 + rows) only: grids are 1-D with at most 2^31 - 1 blocks,
@@ -417,8 +581,16 @@ FwdArgs<scalar_t, acc_t> rows_from(FwdArgs<scalar_t, acc_t> a, int64_t r0, int64
   a.target += r0;
   a.loss += r0;
   a.lse += r0;
-  a.stats += 2 * r0;
+  if (a.stats != nullptr) a.stats += 2 * r0;
   a.n_rows = rows;
+  return a;
+}
+
+template <typename scalar_t, typename acc_t>
+FwdGradArgs<scalar_t, acc_t> rows_from(FwdGradArgs<scalar_t, acc_t> a, int64_t r0, int64_t rows) {
+  a.f = rows_from(a.f, r0, rows);
+  a.grad += r0 * a.f.o.num_classes;
+  if (a.grad_scale != nullptr) a.grad_scale += r0 * a.grad_scale_stride;
   return a;
 }
 
@@ -454,6 +626,42 @@ inline std::optional<at::Tensor> weight_sum_of(const std::optional<at::Tensor>& 
   return std::nullopt;
 }
 
+// Group kernels: the lanes of a row, each doing about kLoadsPerLane loads of V elements.
+inline int group_lanes(int64_t c, int v) {
+  return pow2_at_least(ceil_div(ceil_div(c, v), kLoadsPerLane), kWarpSize);
+}
+
+// How many ranges each row of a C > kGroupMaxClasses forward is cut into (1: no split).
+inline int64_t fwd_splits(int64_t n, int64_t c, int num_sms) {
+  if (c < kSplitMinClasses) return 1;
+  return std::max<int64_t>(1, std::min(ceil_div(int64_t(kSplitBlocksPerSm) * num_sms, n), c / kSplitMinCols));
+}
+
+// The split forward (splits > 1): stage 1 into a workspace of partial stats, stage 2 finishes.
+template <typename scalar_t, typename acc_t, int V>
+void launch_fwd_split(const FwdArgs<scalar_t, acc_t>& args, const at::Tensor& logits, int64_t splits,
+                      cudaStream_t stream) {
+  const int64_t n = args.n_rows;
+  const int64_t c = args.o.num_classes;
+  // Ranges are whole 16-byte vectors so that every range starts aligned; recount the splits
+  // after the rounding (the last range is non-empty, possibly shorter).
+  constexpr int64_t kVec = 16 / sizeof(scalar_t);
+  const int64_t split_cols = ceil_div(ceil_div(c, splits), kVec) * kVec;
+  splits = ceil_div(c, split_cols);
+  at::Tensor workspace = at::empty({n, splits, int64_t(sizeof(RowStats<acc_t>) / sizeof(acc_t))},
+                                   logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  auto* partial = reinterpret_cast<RowStats<acc_t>*>(workspace.data_ptr<acc_t>());
+  // n * splits is at most about 2 blocks per SM plus n, far below the grid limit.
+  const int threads = row_block_threads(split_cols);
+  ce_fwd_split_kernel<scalar_t, acc_t, V><<<static_cast<unsigned>(n * splits), threads, 0, stream>>>(
+      args, static_cast<int>(splits), split_cols, partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ce_fwd_split_finish_kernel<scalar_t, acc_t>
+      <<<static_cast<unsigned>(ceil_div(n, kFinishBlock)), kFinishBlock, 0, stream>>>(
+          args, static_cast<int>(splits), partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t, typename acc_t, int V>
 void launch_fwd(const FwdArgs<scalar_t, acc_t>& args, const at::Tensor& logits, int num_sms,
                 cudaStream_t stream) {
@@ -461,7 +669,7 @@ void launch_fwd(const FwdArgs<scalar_t, acc_t>& args, const at::Tensor& logits, 
   const int64_t c = args.o.num_classes;
 
   if (c <= kGroupMaxClasses) {
-    const int group = pow2_at_least(ceil_div(ceil_div(c, V), kLoadsPerLane), kWarpSize);
+    const int group = group_lanes(c, V);
     const int rows_per_block = kGroupBlock / group;
     const int64_t max_rows = kMaxGrid * rows_per_block;
     for (int64_t r0 = 0; r0 < n; r0 += max_rows) {
@@ -474,28 +682,9 @@ void launch_fwd(const FwdArgs<scalar_t, acc_t>& args, const at::Tensor& logits, 
     return;
   }
 
-  int64_t splits = 1;
-  if (c >= kSplitMinClasses) {
-    splits = std::min(ceil_div(int64_t(kSplitBlocksPerSm) * num_sms, n), c / kSplitMinCols);
-  }
+  const int64_t splits = fwd_splits(n, c, num_sms);
   if (splits > 1) {
-    // Ranges are whole 16-byte vectors so that every range starts aligned; recount the splits
-    // after the rounding (the last range is non-empty, possibly shorter).
-    constexpr int64_t kVec = 16 / sizeof(scalar_t);
-    const int64_t split_cols = ceil_div(ceil_div(c, splits), kVec) * kVec;
-    splits = ceil_div(c, split_cols);
-    at::Tensor workspace = at::empty({n, splits, int64_t(sizeof(RowStats<acc_t>) / sizeof(acc_t))},
-                                     logits.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    auto* partial = reinterpret_cast<RowStats<acc_t>*>(workspace.data_ptr<acc_t>());
-    // n * splits is at most about 2 blocks per SM plus n, far below the grid limit.
-    const int threads = row_block_threads(split_cols);
-    ce_fwd_split_kernel<scalar_t, acc_t, V><<<static_cast<unsigned>(n * splits), threads, 0, stream>>>(
-        args, static_cast<int>(splits), split_cols, partial);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ce_fwd_split_finish_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(ceil_div(n, kFinishBlock)), kFinishBlock, 0, stream>>>(
-            args, static_cast<int>(splits), partial);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_fwd_split<scalar_t, acc_t, V>(args, logits, splits, stream);
     return;
   }
 
@@ -522,6 +711,70 @@ void launch_bwd(const BwdArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
     const int64_t blocks = ceil_div(rows, rows_per_block) * chunks_per_row;  // <= kMaxGrid
     ce_bwd_kernel<scalar_t, acc_t, V><<<static_cast<unsigned>(blocks), kBwdBlock, 0, stream>>>(
         rows_from(args, r0, rows), group, static_cast<unsigned>(chunks_per_row));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Forward + gradient in place. V is the vector width of the group and row kernels (logits rows
+// aligned); the split path picks the backward's own width.
+template <typename scalar_t, typename acc_t, int V>
+void launch_fwd_grad(const FwdGradArgs<scalar_t, acc_t>& args, const at::Tensor& logits,
+                     const std::optional<at::Tensor>& grad_scale, int num_sms, cudaStream_t stream) {
+  const int64_t n = args.f.n_rows;
+  const int64_t c = args.f.o.num_classes;
+
+  if (c <= kGroupMaxClasses) {
+    const int group = group_lanes(c, V);
+    const int rows_per_block = kGroupBlock / group;
+    const int64_t max_rows = kMaxGrid * rows_per_block;
+    for (int64_t r0 = 0; r0 < n; r0 += max_rows) {
+      const int64_t rows = std::min(max_rows, n - r0);
+      ce_fwd_grad_group_kernel<scalar_t, acc_t, V>
+          <<<static_cast<unsigned>(ceil_div(rows, rows_per_block)), kGroupBlock, 0, stream>>>(
+              rows_from(args, r0, rows), group);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return;
+  }
+
+  const int64_t splits = fwd_splits(n, c, num_sms);
+  if (splits > 1) {
+    // Few long rows: the split forward's (max, log_s) into a workspace, then the backward over the
+    // logits in place (its threads store only what they loaded). grad_lse = 0: none.
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    at::Tensor stats = at::empty({n, 2}, logits.options().dtype(acc_dtype));
+    FwdArgs<scalar_t, acc_t> fwd = args.f;
+    fwd.stats = stats.mutable_data_ptr<acc_t>();
+    launch_fwd_split<scalar_t, acc_t, V>(fwd, logits, splits, stream);
+    const at::Tensor scale = grad_scale.has_value() ? *grad_scale : at::ones({1}, logits.options().dtype(acc_dtype));
+    BwdArgs<scalar_t, acc_t> bwd;
+    bwd.grad_loss = scale.const_data_ptr<acc_t>();
+    bwd.grad_loss_stride = grad_scale.has_value() ? grad_scale->stride(0) : 0;
+    bwd.grad_lse = nullptr;
+    bwd.grad_lse_stride = 0;
+    bwd.logits = args.f.logits;
+    bwd.row_stride = c;
+    bwd.target = args.f.target;
+    bwd.weight = args.f.weight;
+    bwd.weight_sum = args.weight_sum;
+    bwd.stats = stats.const_data_ptr<acc_t>();
+    bwd.grad = args.grad;
+    bwd.n_rows = n;
+    bwd.o = args.f.o;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    if (c % kVec == 0 && is_aligned16(args.grad)) {
+      launch_bwd<scalar_t, acc_t, kVec>(bwd, stream);
+    } else {
+      launch_bwd<scalar_t, acc_t, 1>(bwd, stream);
+    }
+    return;
+  }
+
+  const int threads = row_block_threads(c);
+  for (int64_t r0 = 0; r0 < n; r0 += kMaxGrid) {
+    const int64_t rows = std::min(kMaxGrid, n - r0);
+    ce_fwd_grad_row_kernel<scalar_t, acc_t, V><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        rows_from(args, r0, rows));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -615,11 +868,61 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const std::option
   return grad;
 }
 
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cuda(at::Tensor& logits, const at::Tensor& target,
+                                                               const std::optional<at::Tensor>& weight,
+                                                               const std::optional<at::Tensor>& grad_scale,
+                                                               int64_t ignore_index, double label_smoothing,
+                                                               double z_loss, double softcap, double temperature) {
+  check_in_place_logits(logits);  // first: a strided view gets the in-place reason, not a layout detail
+  check_ce_args(logits, target, weight);
+  if (grad_scale.has_value()) check_row_grad(*grad_scale, logits, "grad_scale");
+  TORCH_CHECK(logits.is_cuda(), "fusedloss: cross_entropy_fwd_grad_ (CUDA) needs CUDA logits");
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+
+  const int64_t n = logits.size(0);
+  const int64_t c = logits.size(1);
+  const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::empty({n}, logits.options().dtype(acc_dtype));
+  at::Tensor lse = at::empty({n}, logits.options().dtype(acc_dtype));
+  if (n == 0) return {loss, lse};
+
+  int num_sms = 0;  // an attribute query, no sync
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, logits.get_device()));
+  const std::optional<at::Tensor> w_sum = weight_sum_of(weight, label_smoothing);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fusedloss_cross_entropy_fwd_grad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FwdGradArgs<scalar_t, acc_t> args;
+    args.grad = logits.mutable_data_ptr<scalar_t>();
+    args.f.logits = args.grad;
+    args.f.row_stride = c;  // contiguous
+    args.f.target = target.const_data_ptr<int64_t>();
+    args.f.weight = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
+    args.f.loss = loss.mutable_data_ptr<acc_t>();
+    args.f.lse = lse.mutable_data_ptr<acc_t>();
+    args.f.stats = nullptr;
+    args.f.n_rows = n;
+    args.f.o = make_options<acc_t>(c, ignore_index, label_smoothing, z_loss, softcap, temperature);
+    args.grad_scale = grad_scale.has_value() ? grad_scale->const_data_ptr<acc_t>() : nullptr;
+    args.grad_scale_stride = grad_scale.has_value() ? grad_scale->stride(0) : 0;
+    args.weight_sum = w_sum.has_value() ? w_sum->const_data_ptr<acc_t>() : nullptr;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    if (rows_aligned16(args.f.logits, c, n)) {
+      launch_fwd_grad<scalar_t, acc_t, kVec>(args, logits, grad_scale, num_sms, stream);
+    } else {
+      launch_fwd_grad<scalar_t, acc_t, 1>(args, logits, grad_scale, num_sms, stream);
+    }
+  });
+  return {loss, lse};
+}
+
 }  // namespace
 }  // namespace ce
 }  // namespace fusedloss
 
 TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("cross_entropy_fwd_grad_", &fusedloss::ce::cross_entropy_fwd_grad_cuda);
   m.impl("cross_entropy_fwd", &fusedloss::ce::cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &fusedloss::ce::cross_entropy_bwd_cuda);
 }

@@ -5,6 +5,10 @@
 - ``fusedloss::cross_entropy_fwd_triton`` / ``_bwd_triton``: the Triton kernels as triton_ops, so that
   torch.compile traces into them.
 - autograd for both forward ops: the backward op consumes the per-row lse saved by the forward.
+- ``fusedloss::cross_entropy_fwd_grad_`` (C++) / ``fusedloss::cross_entropy_fwd_grad_triton_``: the row
+  kernel of chunked linear cross-entropy, forward and gradient in one pass, the gradient written over
+  the logits (mutates_args={"logits"}). No autograd: it is called under no_grad, and torch.library
+  registers no autograd formula for a mutating op (calling it on tensors that require grad is an error).
 
 Forward returns per-row (loss, lse, stats) in the accumulation dtype (float32; float64 for float64
 logits), stats = (max, log_s) per row for the backward; the reduction is left to the caller, on device.
@@ -22,6 +26,8 @@ FWD = "fusedloss::cross_entropy_fwd"
 BWD = "fusedloss::cross_entropy_bwd"
 FWD_TRITON = "fusedloss::cross_entropy_fwd_triton"
 BWD_TRITON = "fusedloss::cross_entropy_bwd_triton"
+FWD_GRAD = "fusedloss::cross_entropy_fwd_grad_"
+FWD_GRAD_TRITON = "fusedloss::cross_entropy_fwd_grad_triton_"
 
 
 def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
@@ -33,6 +39,12 @@ def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, sof
 def _bwd_fake(grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap,
               temperature):
     return logits.new_empty(logits.shape)
+
+
+def _fwd_grad_fake(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, temperature):
+    n = logits.shape[0]
+    acc = acc_dtype(logits.dtype)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
@@ -60,6 +72,7 @@ if _backend.extension_loaded():
     torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.cross_entropy_bwd),
                                     setup_context=_setup_context)
     torch.library.register_autograd(BWD, no_double_backward("cross_entropy"), setup_context=no_context)
+    torch.library.register_fake(FWD_GRAD)(_fwd_grad_fake)
 
 TRITON_REGISTERED = False
 if triton_kernels_present("cross_entropy"):
@@ -86,6 +99,16 @@ if triton_kernels_present("cross_entropy"):
     cross_entropy_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.cross_entropy_bwd_triton),
                                                setup_context=_setup_context)
     cross_entropy_bwd_triton.register_autograd(no_double_backward("cross_entropy"), setup_context=no_context)
+
+    @triton_op(FWD_GRAD_TRITON, mutates_args={"logits"})
+    def cross_entropy_fwd_grad_triton_(logits: Tensor, target: Tensor, weight: Tensor | None,
+                                       grad_scale: Tensor | None, ignore_index: int, label_smoothing: float,
+                                       z_loss: float, softcap: float, temperature: float) -> tuple[Tensor, Tensor]:
+        from fusedloss.triton import cross_entropy as kernels
+
+        return kernels.cross_entropy_fwd_grad_(logits, target, weight, grad_scale, ignore_index, label_smoothing,
+                                               z_loss, softcap, temperature)
+
     TRITON_REGISTERED = True
 
 
@@ -96,3 +119,21 @@ def forward_op(backend: str):
     if backend == "triton":
         return torch.ops.fusedloss.cross_entropy_fwd_triton
     raise ValueError(f"no cross-entropy kernel op for backend {backend!r}")
+
+
+def fwd_grad_op(backend: str):
+    """The in-place forward + gradient op that runs ``backend``'s kernels (no autograd; see above).
+
+    Called as ``op(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+    temperature) -> (loss, lse)``; ``"reference"`` gives fusedloss.reference.fwd_grad_reference, which
+    has the same signature and works on any device.
+    """
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fusedloss.cross_entropy_fwd_grad_
+    if backend == "triton":
+        return torch.ops.fusedloss.cross_entropy_fwd_grad_triton_
+    if backend == "reference":
+        from fusedloss.reference import fwd_grad_reference
+
+        return fwd_grad_reference
+    raise ValueError(f"no cross-entropy forward + gradient op for backend {backend!r}")

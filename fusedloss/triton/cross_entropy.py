@@ -13,6 +13,9 @@ The per-row math follows csrc/include/fusedloss/cross_entropy_math.h step by ste
   (5) times dz/dx = transform_grad(z) = (1 - tanh^2(x / softcap)) / T, from z itself
 
 The forward returns loss (N,), lse (N,) and stats (N, 2) = (m, log_s); the backward reads stats.
+The forward + gradient (fusedloss::cross_entropy_fwd_grad_triton_, the row kernel of chunked linear
+cross-entropy) does both in one program per row: the forward's pass, then the backward's pass with
+the gradient written over the logits while the row is still in cache.
 Accumulation is in float32 (float64 for float64 logits): inside the kernels the accumulation dtype
 is the element type of the forward's loss pointer and of the backward's stats pointer.
 
@@ -35,7 +38,7 @@ from fusedloss.triton._common import launch_config as _launch_config
 from fusedloss.triton._common import param as _param
 from fusedloss.triton._common import split_float as _split_float
 
-__all__ = ["cross_entropy_fwd", "cross_entropy_bwd"]
+__all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fwd_grad_"]
 
 # Forward: one program per row loops over the row in chunks of BLOCK_SIZE classes; a large chunk
 # means few block reductions per row (a max and a sum per chunk, two more with label smoothing).
@@ -134,6 +137,137 @@ def _transform_grad(z, inv_softcap_scale, inv_temperature, HAS_SOFTCAP: tl.const
         return inv_temperature
 
 
+@triton.jit
+def _options(smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
+             inv_temperature_lo, ACC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    # The float options in ACC, and the softcap's factors: softcap_scale = softcap / T and its
+    # inverse (both unused without the cap).
+    eps = _param(smoothing_hi, smoothing_lo, ACC)
+    z_loss = _param(z_loss_hi, z_loss_lo, ACC)
+    inv_temperature = _param(inv_temperature_hi, inv_temperature_lo, ACC)
+    inv_softcap = inv_temperature
+    softcap_scale = inv_temperature
+    inv_softcap_scale = inv_temperature
+    if HAS_SOFTCAP:
+        softcap = _param(softcap_hi, softcap_lo, ACC)
+        inv_softcap = 1.0 / softcap
+        softcap_scale = softcap * inv_temperature
+        inv_softcap_scale = 1.0 / softcap_scale
+    return eps, z_loss, inv_temperature, inv_softcap, softcap_scale, inv_softcap_scale
+
+
+@triton.jit
+def _row_stats(logits_row, weight_ptr, num_classes, row_end, inv_softcap, softcap_scale, inv_temperature,
+               ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr):
+    # (2): the row's running stats over columns [0, row_end), chunk by chunk: m = max z,
+    # s = sum exp(z - m) and, with label smoothing only, sum_wd = sum w (z - m) and sum_w = sum w.
+    # row_end = 0 (ignored rows, bad targets) reads nothing.
+    m = tl.full([], float("-inf"), ACC)
+    s = tl.zeros([], ACC)
+    sum_wd = tl.zeros([], ACC)
+    sum_w = tl.zeros([], ACC)
+    offsets = tl.arange(0, BLOCK_SIZE)
+    for start in range(0, row_end, BLOCK_SIZE):
+        cols = start + offsets
+        mask = cols < num_classes
+        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(ACC)
+        z = _transform_logit(x, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
+        z_masked = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_masked, axis=0))
+        # While every z so far is -inf, exp() and the differences are taken against 0 instead: no
+        # exp(-inf - -inf) = NaN (a -inf z adds nothing to s).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_masked - m_safe), axis=0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+                sum_w_chunk = tl.sum(w, axis=0)
+            else:
+                w = 1.0
+                sum_w_chunk = tl.cast(tl.minimum(num_classes - start, BLOCK_SIZE), ACC)
+            # shift_wd: what was summed so far, re-expressed relative to the new max. With m = -inf
+            # so far, sum_wd already holds the -inf (w > 0) or NaN (w == 0) of those logits.
+            m_old = tl.where(m == float("-inf"), m_safe, m)
+            sum_wd += sum_w * (m_old - m_safe)
+            sum_wd += tl.sum(w * tl.where(mask, z - m_safe, 0.0), axis=0)
+            sum_w += sum_w_chunk
+        m = m_new
+    return m, s, sum_wd, sum_w
+
+
+@triton.jit
+def _row_loss(m, s, sum_wd, sum_w, z_y, w_y, eps, z_loss, num_classes, active, ACC: tl.constexpr,
+              HAS_SMOOTHING: tl.constexpr):
+    # (2) + (3): loss, lse, m and log_s of the row. Rows that read nothing (ignored, bad target) take
+    # m = 0, s = 1 here so that they compute no log(0) or inf - inf on the way to the zeros / NaNs
+    # the caller stores.
+    m = tl.where(active, m, 0.0)
+    s = tl.where(active, s, 1.0)
+    log_s = tl.log(s)
+    lse = m + log_s
+    loss = (1.0 - eps) * w_y * ((m - z_y) + log_s)
+    if HAS_SMOOTHING:
+        loss += eps / tl.cast(num_classes, ACC) * (sum_w * log_s - sum_wd)
+    loss = tl.where(z_loss > 0.0, loss + z_loss * lse * lse, loss)
+    return loss, lse, m, log_s
+
+
+@triton.jit
+def _grad_coefs(g, g_lse, m, log_s, w_y, weight_sum, eps, z_loss, num_classes, ACC: tl.constexpr):
+    # (4): the row's gradient coefficients (GradCoefs): nll, smooth, lse_term, p_scale.
+    nll = g * (1.0 - eps) * w_y
+    smooth = g * eps / tl.cast(num_classes, ACC)
+    lse_term = tl.where(z_loss > 0.0, g * 2.0 * z_loss * (m + log_s) + g_lse, g_lse)
+    p_scale = nll + smooth * weight_sum + lse_term
+    return nll, smooth, lse_term, p_scale
+
+
+@triton.jit
+def _grad_elements(x, weight_ptr, cols, mask, m, log_s, p_scale, smooth, inv_softcap, softcap_scale,
+                   inv_softcap_scale, inv_temperature, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                   HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    # (1), (4), (5) for elements that are not the target: p_k = exp((z_k - m) - log_s).
+    z = _transform_logit(x, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
+    grad = tl.exp((z - m) - log_s) * p_scale
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+            grad -= smooth * w
+        else:
+            grad -= smooth
+    return grad * _transform_grad(z, inv_softcap_scale, inv_temperature, HAS_SOFTCAP)
+
+
+@triton.jit
+def _grad_target(z_y, w_y, m, log_s, nll, smooth, lse_term, weight_sum, inv_softcap_scale, inv_temperature,
+                 HAS_SOFTCAP: tl.constexpr):
+    # (4) + (5) for the target element, in the accumulation dtype: p_y - 1 from expm1, so that p_y
+    # close to 1 does not cancel.
+    d = (z_y - m) - log_s  # log p_y
+    p_y = tl.exp(d)
+    grad_y = nll * _expm1(d) + smooth * (p_y * weight_sum - w_y) + lse_term * p_y
+    return grad_y * _transform_grad(z_y, inv_softcap_scale, inv_temperature, HAS_SOFTCAP)
+
+
+@triton.jit
+def _row_target(target_ptr, row, num_classes, ignore_index):
+    # y, and whether the row is ignored / has an in-range target / is live; y_safe never indexes
+    # out of bounds.
+    y = tl.load(target_ptr + row)
+    ignored = y == ignore_index
+    in_range = (y >= 0) & (y < num_classes)
+    active = in_range & (y != ignore_index)
+    y_safe = tl.where(active, y, 0)
+    return y, ignored, in_range, active, y_safe
+
+
+@triton.jit
+def _dead_row_fill(value, ignored, in_range):
+    # Ignored rows: zeros. A target outside [0, C) that is not ignore_index: NaNs.
+    return tl.where(ignored, 0.0, tl.where(in_range, value, float("nan")))
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: (1) + (2) + (3), one program per row
 # ----------------------------------------------------------------------------------------------
@@ -166,22 +300,10 @@ def _cross_entropy_fwd_kernel(
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
-
-    eps = _param(smoothing_hi, smoothing_lo, ACC)
-    z_loss = _param(z_loss_hi, z_loss_lo, ACC)
-    inv_temperature = _param(inv_temperature_hi, inv_temperature_lo, ACC)
-    inv_softcap = inv_temperature  # unused without the cap
-    softcap_scale = inv_temperature
-    if HAS_SOFTCAP:
-        softcap = _param(softcap_hi, softcap_lo, ACC)
-        inv_softcap = 1.0 / softcap
-        softcap_scale = softcap * inv_temperature
-
-    y = tl.load(target_ptr + row)
-    ignored = y == ignore_index
-    in_range = (y >= 0) & (y < num_classes)
-    active = in_range & (y != ignore_index)
-    y_safe = tl.where(active, y, 0)  # never index out of bounds
+    eps, z_loss, inv_temperature, inv_softcap, softcap_scale, inv_softcap_scale = _options(
+        smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
+        inv_temperature_lo, ACC, HAS_SOFTCAP)
+    y, ignored, in_range, active, y_safe = _row_target(target_ptr, row, num_classes, ignore_index)
 
     # z_y and w_y of the target class.
     x_y = tl.load(logits_row + y_safe, mask=active, other=0.0).to(ACC)
@@ -191,62 +313,15 @@ def _cross_entropy_fwd_kernel(
     else:
         w_y = tl.full([], 1.0, ACC)
 
-    # (2): the row's running stats, chunk by chunk: m = max z, s = sum exp(z - m) and, with label
-    # smoothing only, sum_wd = sum w (z - m) and sum_w = sum w. Ignored rows and bad targets read
-    # nothing.
-    m = tl.full([], float("-inf"), ACC)
-    s = tl.zeros([], ACC)
-    sum_wd = tl.zeros([], ACC)
-    sum_w = tl.zeros([], ACC)
-    row_end = tl.where(active, num_classes, 0)
-    offsets = tl.arange(0, BLOCK_SIZE)
-    for start in range(0, row_end, BLOCK_SIZE):
-        cols = start + offsets
-        mask = cols < num_classes
-        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(ACC)
-        z = _transform_logit(x, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
-        z_masked = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z_masked, axis=0))
-        # While every z so far is -inf, exp() and the differences are taken against 0 instead: no
-        # exp(-inf - -inf) = NaN (a -inf z adds nothing to s).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_masked - m_safe), axis=0)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
-                sum_w_chunk = tl.sum(w, axis=0)
-            else:
-                w = 1.0
-                sum_w_chunk = tl.cast(tl.minimum(num_classes - start, BLOCK_SIZE), ACC)
-            # shift_wd: what was summed so far, re-expressed relative to the new max. With m = -inf
-            # so far, sum_wd already holds the -inf (w > 0) or NaN (w == 0) of those logits.
-            m_old = tl.where(m == float("-inf"), m_safe, m)
-            sum_wd += sum_w * (m_old - m_safe)
-            sum_wd += tl.sum(w * tl.where(mask, z - m_safe, 0.0), axis=0)
-            sum_w += sum_w_chunk
-        m = m_new
-
-    # (2) + (3). Rows that read nothing (ignored, bad target) take m = 0, s = 1 here so that they
-    # compute no log(0) or inf - inf on the way to the zeros / NaNs they store.
-    m = tl.where(active, m, 0.0)
-    s = tl.where(active, s, 1.0)
-    log_s = tl.log(s)
-    lse = m + log_s
-    loss = (1.0 - eps) * w_y * ((m - z_y) + log_s)
-    if HAS_SMOOTHING:
-        loss += eps / tl.cast(num_classes, ACC) * (sum_w * log_s - sum_wd)
-    loss = tl.where(z_loss > 0.0, loss + z_loss * lse * lse, loss)
-
-    # Ignored rows: zeros. A target outside [0, C) that is not ignore_index: NaNs.
-    nan = float("nan")
-    loss = tl.where(ignored, 0.0, tl.where(in_range, loss, nan))
-    lse = tl.where(ignored, 0.0, tl.where(in_range, lse, nan))
-    m = tl.where(ignored, 0.0, tl.where(in_range, m, nan))
-    log_s = tl.where(ignored, 0.0, tl.where(in_range, log_s, nan))
-    tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
-    tl.store(stats_ptr + 2 * row, m)
-    tl.store(stats_ptr + 2 * row + 1, log_s)
+    m, s, sum_wd, sum_w = _row_stats(logits_row, weight_ptr, num_classes, tl.where(active, num_classes, 0),
+                                     inv_softcap, softcap_scale, inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING,
+                                     HAS_SOFTCAP, BLOCK_SIZE)
+    loss, lse, m, log_s = _row_loss(m, s, sum_wd, sum_w, z_y, w_y, eps, z_loss, num_classes, active, ACC,
+                                    HAS_SMOOTHING)
+    tl.store(loss_ptr + row, _dead_row_fill(loss, ignored, in_range))
+    tl.store(lse_ptr + row, _dead_row_fill(lse, ignored, in_range))
+    tl.store(stats_ptr + 2 * row, _dead_row_fill(m, ignored, in_range))
+    tl.store(stats_ptr + 2 * row + 1, _dead_row_fill(log_s, ignored, in_range))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,24 +364,10 @@ def _cross_entropy_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk_start = tl.program_id(1) * BLOCK_SIZE
     logits_row = logits_ptr + row * logits_row_stride
-
-    eps = _param(smoothing_hi, smoothing_lo, ACC)
-    z_loss = _param(z_loss_hi, z_loss_lo, ACC)
-    inv_temperature = _param(inv_temperature_hi, inv_temperature_lo, ACC)
-    inv_softcap = inv_temperature  # unused without the cap
-    softcap_scale = inv_temperature
-    inv_softcap_scale = inv_temperature
-    if HAS_SOFTCAP:
-        softcap = _param(softcap_hi, softcap_lo, ACC)
-        inv_softcap = 1.0 / softcap
-        softcap_scale = softcap * inv_temperature
-        inv_softcap_scale = 1.0 / softcap_scale
-
-    y = tl.load(target_ptr + row)
-    ignored = y == ignore_index
-    in_range = (y >= 0) & (y < num_classes)
-    active = in_range & (y != ignore_index)
-    y_safe = tl.where(active, y, 0)
+    eps, z_loss, inv_temperature, inv_softcap, softcap_scale, inv_softcap_scale = _options(
+        smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
+        inv_temperature_lo, ACC, HAS_SOFTCAP)
+    y, ignored, in_range, active, y_safe = _row_target(target_ptr, row, num_classes, ignore_index)
 
     g = tl.load(grad_loss_ptr + row * grad_loss_stride).to(ACC)
     if HAS_GRAD_LSE:
@@ -321,42 +382,112 @@ def _cross_entropy_bwd_kernel(
     else:
         w_y = tl.full([], 1.0, ACC)
         weight_sum = tl.cast(num_classes, ACC)
+    nll, smooth, lse_term, p_scale = _grad_coefs(g, g_lse, m, log_s, w_y, weight_sum, eps, z_loss, num_classes, ACC)
 
-    # (4): the row's gradient coefficients (GradCoefs).
-    nll = g * (1.0 - eps) * w_y
-    smooth = g * eps / tl.cast(num_classes, ACC)
-    lse_term = tl.where(z_loss > 0.0, g * 2.0 * z_loss * (m + log_s) + g_lse, g_lse)
-    p_scale = nll + smooth * weight_sum + lse_term
-
-    # (1), (4), (5) for the chunk's elements that are not the target: p_k = exp((z_k - m) - log_s).
     cols = chunk_start + tl.arange(0, BLOCK_SIZE)
     mask = cols < num_classes
     x = tl.load(logits_row + cols, mask=mask & active, other=0.0).to(ACC)
-    z = _transform_logit(x, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
-    grad = tl.exp((z - m) - log_s) * p_scale
-    if HAS_SMOOTHING:
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=mask & active, other=0.0).to(ACC)
-            grad -= smooth * w
-        else:
-            grad -= smooth
-    grad = grad * _transform_grad(z, inv_softcap_scale, inv_temperature, HAS_SOFTCAP)
+    grad = _grad_elements(x, weight_ptr, cols, mask & active, m, log_s, p_scale, smooth, inv_softcap,
+                          softcap_scale, inv_softcap_scale, inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING,
+                          HAS_SOFTCAP)
 
-    # (4) + (5) for the target element, in the accumulation dtype, by the program whose chunk
-    # holds it: p_y - 1 from expm1, so that p_y close to 1 does not cancel.
+    # The target element, by the program whose chunk holds it.
     has_target = active & (y_safe >= chunk_start) & (y_safe < chunk_start + BLOCK_SIZE)
     x_y = tl.load(logits_row + y_safe, mask=has_target, other=0.0).to(ACC)
     z_y = _transform_logit(x_y, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
-    d = (z_y - m) - log_s  # log p_y
-    p_y = tl.exp(d)
-    grad_y = nll * _expm1(d) + smooth * (p_y * weight_sum - w_y) + lse_term * p_y
-    grad_y = grad_y * _transform_grad(z_y, inv_softcap_scale, inv_temperature, HAS_SOFTCAP)
+    grad_y = _grad_target(z_y, w_y, m, log_s, nll, smooth, lse_term, weight_sum, inv_softcap_scale,
+                          inv_temperature, HAS_SOFTCAP)
     grad = tl.where(cols == y, grad_y, grad)
 
-    # Ignored rows: zeros. A target outside [0, C) that is not ignore_index: NaNs.
-    grad = tl.where(active, grad, tl.where(ignored, 0.0, float("nan")))
+    grad = tl.where(active, grad, _dead_row_fill(grad, ignored, in_range))
     grad_row = grad_ptr + row * num_classes  # the gradient is contiguous
     tl.store(grad_row + cols, cast_rtne(grad, grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward + gradient in place: (1) - (5), one program per row
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cross_entropy_fwd_grad_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    grad_scale_ptr,
+    grad_scale_stride,
+    loss_ptr,
+    lse_ptr,
+    num_classes,
+    ignore_index,
+    smoothing_hi,
+    smoothing_lo,
+    z_loss_hi,
+    z_loss_lo,
+    softcap_hi,
+    softcap_lo,
+    inv_temperature_hi,
+    inv_temperature_lo,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # The forward's program, then the backward's chunks of the same row with grad_loss =
+    # grad_scale and grad_lse = 0, stored over the logits (contiguous: row stride C).
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * num_classes
+    eps, z_loss, inv_temperature, inv_softcap, softcap_scale, inv_softcap_scale = _options(
+        smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
+        inv_temperature_lo, ACC, HAS_SOFTCAP)
+    y, ignored, in_range, active, y_safe = _row_target(target_ptr, row, num_classes, ignore_index)
+
+    x_y = tl.load(logits_row + y_safe, mask=active, other=0.0).to(ACC)
+    z_y = _transform_logit(x_y, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y_safe, mask=active, other=0.0).to(ACC)
+    else:
+        w_y = tl.full([], 1.0, ACC)
+    if HAS_GRAD_SCALE:
+        g = tl.load(grad_scale_ptr + row * grad_scale_stride).to(ACC)
+    else:
+        g = tl.full([], 1.0, ACC)
+
+    m, s, sum_wd, sum_w = _row_stats(logits_row, weight_ptr, num_classes, tl.where(active, num_classes, 0),
+                                     inv_softcap, softcap_scale, inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING,
+                                     HAS_SOFTCAP, BLOCK_SIZE)
+    loss, lse, m, log_s = _row_loss(m, s, sum_wd, sum_w, z_y, w_y, eps, z_loss, num_classes, active, ACC,
+                                    HAS_SMOOTHING)
+    tl.store(loss_ptr + row, _dead_row_fill(loss, ignored, in_range))
+    tl.store(lse_ptr + row, _dead_row_fill(lse, ignored, in_range))
+
+    # W = sum_j w_j enters only through smooth * W: with label smoothing the stats hold it (sum_w),
+    # without it smooth = 0 and W may be anything finite.
+    if HAS_SMOOTHING:
+        weight_sum = sum_w
+    else:
+        weight_sum = tl.cast(num_classes, ACC)
+    nll, smooth, lse_term, p_scale = _grad_coefs(g, 0.0, m, log_s, w_y, weight_sum, eps, z_loss, num_classes, ACC)
+    grad_y = _grad_target(z_y, w_y, m, log_s, nll, smooth, lse_term, weight_sum, inv_softcap_scale,
+                          inv_temperature, HAS_SOFTCAP)
+
+    # Every thread of the program has read the whole row (the stats) and x_y before any thread
+    # overwrites a column: the stats' block reductions order them on a GPU already, the barrier
+    # makes it explicit (one per row).
+    tl.debug_barrier()
+    offsets = tl.arange(0, BLOCK_SIZE)
+    for start in range(0, num_classes, BLOCK_SIZE):
+        cols = start + offsets
+        mask = cols < num_classes
+        x = tl.load(logits_row + cols, mask=mask & active, other=0.0).to(ACC)
+        grad = _grad_elements(x, weight_ptr, cols, mask & active, m, log_s, p_scale, smooth, inv_softcap,
+                              softcap_scale, inv_softcap_scale, inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING,
+                              HAS_SOFTCAP)
+        grad = tl.where(cols == y, grad_y, grad)
+        grad = tl.where(active, grad, _dead_row_fill(grad, ignored, in_range))
+        tl.store(logits_row + cols, cast_rtne(grad, logits_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,3 +602,61 @@ def cross_entropy_bwd(
         num_warps=num_warps,
     )
     return grad
+
+
+def cross_entropy_fwd_grad_(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    grad_scale: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss (N,) and lse (N,) in the accumulation dtype; logits (N, C), contiguous, are
+    overwritten with grad_scale_i * d loss_i / d logits_i (grad_scale None means 1).
+
+    Ignored rows give zeros (loss, lse and gradient); a target outside [0, C) that is not
+    ignore_index gives NaNs.
+    """
+    if logits.dim() != 2 or not logits.is_contiguous():
+        raise RuntimeError("fusedloss: cross_entropy_fwd_grad_ writes the gradient over logits in place, so logits "
+                           f"must be 2-D and contiguous; got sizes {tuple(logits.shape)} and strides "
+                           f"{logits.stride()}")
+    n_rows, num_classes = logits.shape
+    acc_dtype = _acc_dtype(logits.dtype)
+    if grad_scale is not None and (grad_scale.shape != (n_rows,) or grad_scale.dtype != acc_dtype):
+        raise RuntimeError(f"fusedloss: grad_scale must be ({n_rows},) {acc_dtype}, got "
+                           f"{tuple(grad_scale.shape)} {grad_scale.dtype}")
+    loss = torch.empty((n_rows,), dtype=acc_dtype, device=logits.device)
+    lse = torch.empty((n_rows,), dtype=acc_dtype, device=logits.device)
+    if n_rows == 0:
+        return loss, lse
+
+    has_weight = weight is not None
+    has_grad_scale = grad_scale is not None
+    weight_arg = weight if has_weight else target  # read-only stand-ins, never read
+    grad_scale_arg = grad_scale if has_grad_scale else loss
+    block, num_warps = _launch_config(num_classes, _FWD_MAX_BLOCK, _FWD_MAX_WARPS)
+
+    torch.library.wrap_triton(_cross_entropy_fwd_grad_kernel)[(n_rows,)](
+        logits,
+        target,
+        weight_arg,
+        grad_scale_arg,
+        grad_scale_arg.stride(0),
+        loss,
+        lse,
+        num_classes,
+        ignore_index,
+        *_scalar_args(label_smoothing, z_loss, softcap, temperature),
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_SOFTCAP=softcap > 0.0,
+        HAS_GRAD_SCALE=has_grad_scale,
+        BLOCK_SIZE=block,
+        num_warps=num_warps,
+    )
+    return loss, lse

@@ -32,6 +32,14 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target,
   }
 }
 
+// The ops that write their result over the logits (cross_entropy_fwd_grad_) need them contiguous:
+// the gradient's layout is the contiguous one, and a strided or expanded view (rows sharing
+// memory) cannot hold it.
+inline void check_in_place_logits(const at::Tensor& logits) {
+  TORCH_CHECK(logits.is_contiguous(), "fusedloss: cross_entropy_fwd_grad_ writes the gradient over logits in place, ",
+              "so logits must be contiguous; got sizes ", logits.sizes(), " and strides ", logits.strides());
+}
+
 inline void check_gap_args(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                            int64_t p) {
   check_ce_args(input, target, weight);  // the same layout contract as cross-entropy
