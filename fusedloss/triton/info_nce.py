@@ -1,0 +1,508 @@
+"""Triton kernels of InfoNCE's tiled log-sum-exps (fusedloss::info_nce_lse_{fwd,bwd}_triton).
+
+The math follows csrc/include/fusedloss/info_nce_math.h, with its names. S = scale * Q K^T (N x M)
+is never held: every kernel streams tiles of it, recomputed from Q and K with tl.dot.
+  forward   lse_r_i = log sum_j exp(S_ij), lse_c_j = log sum_i exp(S_ij), each a running
+            (max, sum exp) over the tiles of one row (column) block, flash-attention's online softmax
+  (1)       P_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j)     (h, lse_c: column direction)
+  (2)       dQ_i = scale sum_j P_ij K_j,   dK_j = scale sum_i P_ij Q_i
+  (3)       dscale = sum_ij P_ij (Q_i . K_j), from the unscaled dot products (scale never divides)
+
+Rows and columns are the same problem with Q and K swapped (S^T = scale K Q^T), so each kernel is
+written once over an "A" side, whose block of rows a program owns and writes, and a "B" side that it
+streams: the forward runs once with (A, B) = (Q, K) for lse_r and once with (K, Q) for lse_c; the
+backward once with (Q, K) for dQ and the partial sums of dscale, once with (K, Q) for dK. Each output
+element has exactly one writer and every sum runs in a fixed order: no atomics, the results are
+bitwise reproducible. dscale's per-program partials are summed afterwards by torch in fixed order.
+
+D is walked in chunks of BLOCK_D. When one chunk covers D (SINGLE_D), the A tile is loaded once and
+kept in registers, and the backward's (BLOCK_A, D) gradient accumulator lives in registers too. For
+larger D the accumulator cannot: each program keeps it in a (rows, D) float32 scratch that only it
+reads and writes (the float32/float64 gradient itself when the dtypes agree), read-modify-written per
+B tile, and scales and casts it in a last pass.
+
+Precision (the tests compare with float64 at the dtype's rounding, see tests/conftest.py TOL):
+- float32 inputs: tl.dot defaults to TF32 on tensor cores (10-bit mantissa, ~1e-3 relative error),
+  far outside float32's tolerance, so both products use input_precision="ieee": float32 FMAs, as
+  accurate as a CPU loop, but off the tensor cores (an H100's dense peaks: 67 TFLOP/s of float32 FMA
+  against 495 of TF32). "tf32x3" (three TF32 products, ~float32 accuracy) is the faster candidate to
+  measure on a GPU: _FP32_INPUT_PRECISION.
+- bfloat16/float16: S = Q K^T on tensor cores with float32 accumulation (the products of two
+  16-bit values are exact in float32). P is float32, and rounding it to the input dtype for the
+  gradient's products (2^-9 relative per term, flash-attention's choice) misses the tolerance
+  wherever a gradient element cancels: by up to 650x in a float64 simulation at 1024 x 1024 x 256,
+  and a single TF32 rounding of P (2^-11) still by up to 65x. P is split instead into two TF32 parts, hi =
+  P rounded to 10 mantissa bits and lo = (P - hi) rounded likewise, and K (or Q), widened to
+  float32, is exact in TF32 (bf16 has 7 mantissa bits, fp16 10); two TF32 tensor-core products
+  then carry P to ~2^-22 relative. Every operand is exactly representable in TF32, so the tensor
+  cores' own conversion is lossless, and the CPU interpreter (which multiplies exactly) runs the
+  same arithmetic as the GPU.
+- float64: Triton's tl.dot accepts float64, but its lowering on NVIDIA GPUs is recent and not
+  known to work in every version we meet (3.6 on the GPU machine), so products are broadcast
+  multiplies and sums (tl.sum(a[:, None, :] * b[None, :, :])) on small tiles: exact float64
+  arithmetic on any target, correct rather than fast.
+
+Only kernels and their launch helpers live here; the ops are registered with
+torch.library.triton_op in fusedloss/ops/, and every launch goes through torch.library.wrap_triton
+so that torch.compile can trace the enclosing op. No host syncs: scale is read on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from torch import Tensor
+
+from fusedloss.triton._common import acc_dtype as _acc_dtype
+from fusedloss.triton._common import cast_rtne
+
+__all__ = ["info_nce_lse_fwd", "info_nce_lse_bwd"]
+
+# Precision of the float32 inputs' products (see the module's docstring): "ieee" is exact;
+# "tf32x3" (three TF32 tensor-core products, ~float32 accuracy) is the candidate to measure on a GPU.
+_FP32_INPUT_PRECISION = "ieee"
+
+# Launch configurations, all in one place (no autotuning yet: future work, per GPU, dtype and D).
+# block_a: rows of A a program owns; block_b: rows of B per streamed tile; single_d_max: the largest
+# D held in one chunk (A tile in registers, and in the backward the gradient accumulator too);
+# block_d: the chunk of D otherwise. Chosen for an H100 from ptxas's register counts of sm_90 builds
+# (Triton 3.8, no GPU timing yet), keeping every kernel free of spills or nearly so:
+# - bf16/fp16 forward: a 128 x 64 tile of S in float32 is 32 registers per thread at 8 warps; D up to
+#   256 in one chunk (156 registers), 64-wide chunks beyond (128-wide ones spill).
+# - bf16/fp16 backward: 64 x 64 tiles of S and P, next to the (64, D) float32 accumulator (32
+#   registers per thread at D = 128, 8 warps); larger D takes the scratch path in 32-wide chunks
+#   (64-wide ones spill).
+# - float32 ("ieee" products on FMA units, operands in registers): 64 x 64 tiles, D up to 64 in one
+#   chunk, 32-wide chunks beyond (one 128-wide chunk spills kilobytes).
+# - float64 (broadcast products): a 16 x 16 x 16 product is 32 doubles per thread at 4 warps.
+_CONFIGS = {
+    # kind: (block_a, block_b, single_d_max, block_d, num_warps, num_stages)
+    "fwd": (128, 64, 256, 64, 8, 2),
+    "bwd": (64, 64, 128, 32, 8, 2),
+    "fwd_fp32": (64, 64, 64, 32, 8, 2),
+    "bwd_fp32": (64, 64, 64, 32, 8, 2),
+    "fwd_fp64": (16, 16, 16, 16, 4, 1),
+    "bwd_fp64": (16, 16, 16, 16, 4, 1),
+}
+# tl.dot needs every tile dimension >= 16; smaller N, M or D are padded with masks.
+_MIN_DOT = 16
+
+
+def _config(kind: str, dtype: torch.dtype, dim: int) -> tuple[int, int, int, bool, int, int]:
+    """(block_a, block_b, block_d, single_d, num_warps, num_stages) for the given kernel, dtype and D."""
+    key = {torch.float64: kind + "_fp64", torch.float32: kind + "_fp32"}.get(dtype, kind)
+    block_a, block_b, single_d_max, block_d, num_warps, num_stages = _CONFIGS[key]
+    single_d = dim <= single_d_max
+    if single_d:
+        block_d = max(triton.next_power_of_2(max(dim, 1)), _MIN_DOT)
+    return block_a, block_b, block_d, single_d, num_warps, num_stages
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers: tile products
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_to_tf32(x):
+    # float32 x rounded to nearest (ties away from zero) at TF32's 10 mantissa bits, the 13 low bits
+    # zero: a value the tensor cores take without further rounding. inf stays inf, NaN stays NaN.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x1000) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_abt(a, b, acc, FP32_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    # acc + a (BA, BD) times b (BB, BD) transposed: the unscaled dot products Q_i . K_j summed over
+    # one more chunk of D, in the accumulation dtype (acc is the dot's own accumulator: no extra tile).
+    if a.dtype == tl.float64:
+        return acc + tl.sum(a[:, None, :] * b[None, :, :], axis=2)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, tl.trans(b), acc, input_precision=FP32_PRECISION)
+    elif INTERPRETED and a.dtype == tl.bfloat16:
+        # Triton's CPU interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies those
+        # as integers. Widened to float32 the products are the same exact ones the tensor cores form.
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, tl.trans(b), acc)  # bf16 / fp16 on tensor cores, exact products, fp32 sums
+
+
+@triton.jit
+def _dot_pb(p, b, FP32_PRECISION: tl.constexpr):
+    # p (BA, BB) in the accumulation dtype times b (BB, BD) in the input dtype: one tile's part of
+    # sum_j P_ij B_j (2), in the accumulation dtype.
+    if b.dtype == tl.float64:
+        return tl.sum(p[:, :, None] * b[None, :, :], axis=1)
+    elif b.dtype == tl.float32:
+        return tl.dot(p, b, input_precision=FP32_PRECISION)
+    else:
+        # P = hi + lo, each exact in TF32; b widened to float32 is exact in TF32 (module docstring).
+        b32 = b.to(tl.float32)
+        p_hi = _round_to_tf32(p)
+        p_lo = _round_to_tf32(p - p_hi)
+        acc = tl.dot(p_hi, b32, input_precision="tf32")
+        return tl.dot(p_lo, b32, acc, input_precision="tf32")
+
+
+@triton.jit
+def _scores_tile(a_tile, a_rows, a_mask, a_stride, a_ptr, b_rows, b_mask, b_stride, b_ptr, dim,
+                 ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                 SINGLE_D: tl.constexpr, FP32_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    # The unscaled dot products A_a . B_b of one (BLOCK_A, BLOCK_B) tile, summed over D chunk by
+    # chunk; rows outside A or B and columns past D load as 0. With SINGLE_D, a_tile is the
+    # program's A tile, loaded once; the B tile is returned too, for the backward's product (2).
+    d_offsets = tl.arange(0, BLOCK_D)
+    if SINGLE_D:
+        d_mask = d_offsets < dim
+        b_tile = tl.load(b_ptr + b_rows[:, None] * b_stride + d_offsets[None, :],
+                         mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+        dots = _dot_abt(a_tile, b_tile, tl.zeros([BLOCK_A, BLOCK_B], ACC), FP32_PRECISION, INTERPRETED)
+    else:
+        b_tile = a_tile  # no tile to hand back: the backward reloads B per chunk
+        dots = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + d_offsets
+            d_mask = d < dim
+            a_chunk = tl.load(a_ptr + a_rows[:, None] * a_stride + d[None, :],
+                              mask=a_mask[:, None] & d_mask[None, :], other=0.0)
+            b_chunk = tl.load(b_ptr + b_rows[:, None] * b_stride + d[None, :],
+                              mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+            dots = _dot_abt(a_chunk, b_chunk, dots, FP32_PRECISION, INTERPRETED)
+    return dots, b_tile
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward: lse over B for every row of A, one program per BLOCK_A rows
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _info_nce_lse_kernel(
+    a_ptr,
+    a_stride,
+    b_ptr,
+    b_stride,
+    scale_ptr,
+    lse_ptr,
+    n_a,
+    n_b,
+    dim,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    ACC: tl.constexpr = lse_ptr.dtype.element_ty
+    a_rows = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = a_rows < n_a
+    scale = tl.load(scale_ptr).to(ACC)
+
+    a_tile = tl.zeros([BLOCK_A, BLOCK_D], a_ptr.dtype.element_ty)
+    if SINGLE_D:
+        d_offsets = tl.arange(0, BLOCK_D)
+        a_tile = tl.load(a_ptr + a_rows[:, None] * a_stride + d_offsets[None, :],
+                         mask=a_mask[:, None] & (d_offsets < dim)[None, :], other=0.0)
+
+    # The running Lse of every row: max m and sum = sum exp(S - m) over the tiles so far.
+    m = tl.full([BLOCK_A], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_A], ACC)
+    for b0 in range(0, n_b, BLOCK_B):
+        b_rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        b_mask = b_rows < n_b
+        dots, _ = _scores_tile(a_tile, a_rows, a_mask, a_stride, a_ptr, b_rows, b_mask, b_stride, b_ptr,
+                               dim, ACC, BLOCK_A, BLOCK_B, BLOCK_D, SINGLE_D, FP32_PRECISION, INTERPRETED)
+        z = tl.where(b_mask[None, :], dots * scale, float("-inf"))
+        # merge(): the tile's values join the running sum against the new max; while a row's max
+        # is still -inf the shift is taken against 0, so that no exp(-inf - -inf) = NaN appears.
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+
+    # finish(): an empty stream (n_b == 0) gives -inf, as torch.logsumexp of an empty row.
+    lse = tl.where(m == float("-inf"), m, m + tl.log(tl.where(m == float("-inf"), 1.0, s)))
+    tl.store(lse_ptr + a_rows, lse, mask=a_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: (1) + (2) for the rows of A, one program per BLOCK_A rows; (3) with A = Q
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _info_nce_grad_kernel(
+    a_ptr,
+    a_stride,
+    b_ptr,
+    b_stride,
+    scale_ptr,
+    g_a_ptr,
+    g_a_stride,
+    lse_a_ptr,
+    lse_a_stride,
+    g_b_ptr,
+    g_b_stride,
+    lse_b_ptr,
+    lse_b_stride,
+    grad_ptr,
+    acc_ptr,
+    dscale_part_ptr,
+    n_a,
+    n_b,
+    dim,
+    HAS_A_TERM: tl.constexpr,
+    HAS_B_TERM: tl.constexpr,
+    HAS_DSCALE: tl.constexpr,
+    SCRATCH_IN_GRAD: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    # P_ab = g_a exp(S_ab - lse_a) + g_b exp(S_ab - lse_b): with (A, B) = (Q, K), g_a/lse_a are the
+    # row direction's g/lse_r and g_b/lse_b the column direction's h/lse_c; with (A, B) = (K, Q) the
+    # other way round. HAS_A_TERM / HAS_B_TERM drop a direction that is absent (no exp evaluated).
+    ACC: tl.constexpr = lse_a_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    a_rows = pid.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = a_rows < n_a
+    d_offsets = tl.arange(0, BLOCK_D)
+    scale = tl.load(scale_ptr).to(ACC)
+
+    g_a = tl.zeros([BLOCK_A], ACC)
+    lse_a = tl.zeros([BLOCK_A], ACC)
+    if HAS_A_TERM:
+        g_a = tl.load(g_a_ptr + a_rows * g_a_stride, mask=a_mask, other=0.0).to(ACC)
+        lse_a = tl.load(lse_a_ptr + a_rows * lse_a_stride, mask=a_mask, other=0.0).to(ACC)
+    a_tile = tl.zeros([BLOCK_A, BLOCK_D], a_ptr.dtype.element_ty)
+    if SINGLE_D:
+        a_tile = tl.load(a_ptr + a_rows[:, None] * a_stride + d_offsets[None, :],
+                         mask=a_mask[:, None] & (d_offsets < dim)[None, :], other=0.0)
+    grad_acc = tl.zeros([BLOCK_A, BLOCK_D], ACC)  # SINGLE_D: sum_b P_ab B_b
+    # Larger D: the float32/float64 gradient is its own scratch (one pointer, so that torch.compile
+    # sees no two mutated arguments aliasing each other); a float32 buffer for bf16/fp16.
+    if SCRATCH_IN_GRAD:
+        scratch_ptr = grad_ptr
+    else:
+        scratch_ptr = acc_ptr
+    dscale = tl.zeros([], tl.float64)  # (3): fp32 sums per tile, a float64 sum across tiles
+
+    for b0 in range(0, n_b, BLOCK_B):
+        b_rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        b_mask = b_rows < n_b
+        dots, b_tile = _scores_tile(a_tile, a_rows, a_mask, a_stride, a_ptr, b_rows, b_mask, b_stride, b_ptr,
+                                    dim, ACC, BLOCK_A, BLOCK_B, BLOCK_D, SINGLE_D, FP32_PRECISION, INTERPRETED)
+        z = dots * scale
+        # (1), as grad_s(): a zero upstream gradient contributes an exact 0 (never 0 * inf).
+        p = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+        if HAS_A_TERM:
+            p += tl.where(g_a[:, None] == 0.0, 0.0, g_a[:, None] * tl.exp(z - lse_a[:, None]))
+        if HAS_B_TERM:
+            g_b = tl.load(g_b_ptr + b_rows * g_b_stride, mask=b_mask, other=0.0).to(ACC)
+            lse_b = tl.load(lse_b_ptr + b_rows * lse_b_stride, mask=b_mask, other=0.0).to(ACC)
+            p += tl.where(g_b[None, :] == 0.0, 0.0, g_b[None, :] * tl.exp(z - lse_b[None, :]))
+        p = tl.where(a_mask[:, None] & b_mask[None, :], p, 0.0)  # padding rows and columns add nothing
+
+        if HAS_DSCALE:
+            dscale += tl.sum(tl.sum(p * dots, axis=1), axis=0).to(tl.float64)
+
+        # (2): sum_b P_ab B_b.
+        if SINGLE_D:
+            grad_acc += _dot_pb(p, b_tile, FP32_PRECISION).to(ACC)
+        else:
+            # The program's own rows of the scratch, read-modify-written chunk by chunk (the first
+            # B tile reads nothing: no zero fill needed). The barrier orders the previous tile's
+            # writes before this tile's reads across the program's threads.
+            tl.debug_barrier()
+            for d0 in range(0, dim, BLOCK_D):
+                d = d0 + d_offsets
+                d_mask = d < dim
+                b_chunk = tl.load(b_ptr + b_rows[:, None] * b_stride + d[None, :],
+                                  mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+                acc_ptrs = scratch_ptr + a_rows[:, None] * dim + d[None, :]
+                acc_mask = a_mask[:, None] & d_mask[None, :]
+                part = tl.load(acc_ptrs, mask=acc_mask & (b0 > 0), other=0.0)
+                part += _dot_pb(p, b_chunk, FP32_PRECISION).to(ACC)
+                tl.store(acc_ptrs, part, mask=acc_mask)
+
+    # (2) scaled and cast to the inputs' dtype; the gradient is contiguous (rows of length dim).
+    GRAD_T: tl.constexpr = grad_ptr.dtype.element_ty
+    if SINGLE_D:
+        grad_ptrs = grad_ptr + a_rows[:, None] * dim + d_offsets[None, :]
+        tl.store(grad_ptrs, cast_rtne(grad_acc * scale, GRAD_T),
+                 mask=a_mask[:, None] & (d_offsets < dim)[None, :])
+    else:
+        tl.debug_barrier()
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + d_offsets
+            mask = a_mask[:, None] & (d < dim)[None, :]
+            offsets = a_rows[:, None] * dim + d[None, :]
+            # n_b == 0: the scratch was never written and the gradient is 0
+            part = tl.load(scratch_ptr + offsets, mask=mask & (n_b > 0), other=0.0)
+            tl.store(grad_ptr + offsets, cast_rtne(part * scale, GRAD_T), mask=mask)
+
+    if HAS_DSCALE:
+        tl.store(dscale_part_ptr + pid, dscale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows_contiguous(x: Tensor) -> Tensor:
+    # The kernels step rows by stride(0) and assume unit stride along D.
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _check_inputs(query: Tensor, key: Tensor, scale: Tensor) -> None:
+    if query.dim() != 2 or key.dim() != 2:
+        raise ValueError(f"fusedloss.info_nce (triton): query and key must be 2-D, got {tuple(query.shape)} "
+                         f"and {tuple(key.shape)}")
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"fusedloss.info_nce (triton): query and key must have the same last dimension, "
+                         f"got {query.shape[1]} and {key.shape[1]}")
+    if query.dtype != key.dtype:
+        raise ValueError(f"fusedloss.info_nce (triton): query and key must have the same dtype, got "
+                         f"{query.dtype} and {key.dtype}")
+    if query.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"fusedloss.info_nce (triton): unsupported dtype {query.dtype} (float32, bfloat16, "
+                         f"float16 or float64)")
+    if scale.dim() != 0:
+        raise ValueError(f"fusedloss.info_nce (triton): scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
+
+
+def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype) -> Tensor:
+    n_a, dim = a.shape
+    lse = torch.empty((n_a,), dtype=acc, device=a.device)
+    if n_a == 0:
+        return lse
+    block_a, block_b, block_d, single_d, num_warps, num_stages = _config("fwd", a.dtype, dim)
+    torch.library.wrap_triton(_info_nce_lse_kernel)[(triton.cdiv(n_a, block_a),)](
+        a,
+        a.stride(0),
+        b,
+        b.stride(0),
+        scale,
+        lse,
+        n_a,
+        b.shape[0],
+        dim,
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        SINGLE_D=single_d,
+        FP32_PRECISION=_FP32_INPUT_PRECISION,
+        INTERPRETED=a.device.type == "cpu",  # Triton runs on CPU tensors only in its interpreter
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return lse
+
+
+def info_nce_lse_fwd(query: Tensor, key: Tensor, scale: Tensor, cols: bool) -> tuple[Tensor, Tensor]:
+    """lse_rows (N,) = logsumexp_j scale q_i . k_j and, with cols, lse_cols (M,) = logsumexp_i of the same
+    (else an empty (0,) tensor), in the accumulation dtype. scale is a 0-dim tensor read on the device."""
+    _check_inputs(query, key, scale)
+    query, key = _rows_contiguous(query), _rows_contiguous(key)
+    acc = _acc_dtype(query.dtype)
+    lse_rows = _lse(query, key, scale, acc)
+    lse_cols = _lse(key, query, scale, acc) if cols else torch.empty((0,), dtype=acc, device=query.device)
+    return lse_rows, lse_cols
+
+
+def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor | None, g_b: Tensor | None,
+          lse_b: Tensor | None, acc: torch.dtype, with_dscale: bool) -> tuple[Tensor, Tensor | None]:
+    """scale sum_b P_ab B_b for every row of A (A's dtype) and, with_dscale, the per-program partials of (3)."""
+    n_a, dim = a.shape
+    grad = torch.empty((n_a, dim), dtype=a.dtype, device=a.device)
+    block_a, block_b, block_d, single_d, num_warps, num_stages = _config("bwd", a.dtype, dim)
+    n_programs = triton.cdiv(n_a, block_a)
+    dscale_part = torch.empty((n_programs,), dtype=torch.float64, device=a.device) if with_dscale else None
+    if grad.numel() == 0:
+        if dscale_part is not None:
+            dscale_part.zero_()
+        return grad, dscale_part
+    # The scratch of the larger-D path (see the kernel); a read-only stand-in, never touched, otherwise.
+    scratch_in_grad = not single_d and a.dtype == acc
+    scratch = a if single_d or scratch_in_grad else torch.empty((n_a, dim), dtype=acc, device=a.device)
+    # Absent direction's tensors get read-only stand-ins that are never read.
+    has_a, has_b = g_a is not None, g_b is not None
+    g_a_arg, lse_a_arg = (g_a, lse_a) if has_a else (lse_b, lse_b)
+    g_b_arg, lse_b_arg = (g_b, lse_b) if has_b else (lse_a, lse_a)
+    torch.library.wrap_triton(_info_nce_grad_kernel)[(n_programs,)](
+        a,
+        a.stride(0),
+        b,
+        b.stride(0),
+        scale,
+        g_a_arg,
+        g_a_arg.stride(0),
+        lse_a_arg,
+        lse_a_arg.stride(0),
+        g_b_arg,
+        g_b_arg.stride(0),
+        lse_b_arg,
+        lse_b_arg.stride(0),
+        grad,
+        scratch,
+        dscale_part if with_dscale else lse_a_arg,
+        n_a,
+        b.shape[0],
+        dim,
+        HAS_A_TERM=has_a,
+        HAS_B_TERM=has_b,
+        HAS_DSCALE=with_dscale,
+        SCRATCH_IN_GRAD=scratch_in_grad,
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        SINGLE_D=single_d,
+        FP32_PRECISION=_FP32_INPUT_PRECISION,
+        INTERPRETED=a.device.type == "cpu",  # Triton runs on CPU tensors only in its interpreter
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return grad, dscale_part
+
+
+def info_nce_lse_bwd(
+    grad_rows: Tensor,
+    grad_cols: Tensor | None,
+    query: Tensor,
+    key: Tensor,
+    scale: Tensor,
+    lse_rows: Tensor,
+    lse_cols: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j: grad_query (N, D) and
+    grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in the accumulation dtype. grad_rows and
+    grad_cols may be expanded (stride 0). Deterministic: no atomics."""
+    _check_inputs(query, key, scale)
+    query, key = _rows_contiguous(query), _rows_contiguous(key)
+    acc = _acc_dtype(query.dtype)
+    n, m = query.shape[0], key.shape[0]
+    if grad_rows.shape != (n,) or lse_rows.shape != (n,):
+        raise ValueError(f"fusedloss.info_nce (triton): grad_rows and lse_rows must have shape ({n},), got "
+                         f"{tuple(grad_rows.shape)} and {tuple(lse_rows.shape)}")
+    has_cols = grad_cols is not None
+    if has_cols:
+        if lse_cols is None:
+            raise ValueError("fusedloss.info_nce (triton): grad_cols needs lse_cols (the forward with cols=True)")
+        if grad_cols.shape != (m,) or lse_cols.shape != (m,):
+            raise ValueError(f"fusedloss.info_nce (triton): grad_cols and lse_cols must have shape ({m},), got "
+                             f"{tuple(grad_cols.shape)} and {tuple(lse_cols.shape)}")
+    cols_g, cols_lse = (grad_cols, lse_cols) if has_cols else (None, None)
+
+    grad_query, dscale_part = _grad(query, key, scale, grad_rows, lse_rows, cols_g, cols_lse, acc, with_dscale=True)
+    grad_key, _ = _grad(key, query, scale, cols_g, cols_lse, grad_rows, lse_rows, acc, with_dscale=False)
+    # The per-program partials of (3), summed by torch in a fixed order: deterministic, no sync.
+    grad_scale = dscale_part.sum().to(acc)
+    return grad_query, grad_key, grad_scale
