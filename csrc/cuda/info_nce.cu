@@ -662,13 +662,13 @@ __global__ void __launch_bounds__(kThreads) info_nce_dscale_kernel(const double*
 
 // ---- launchers (host code) ----
 
-// The argument checks of this file; the CPU kernel has its own (fusedloss/checks.h may grow a
-// shared one later).
+// The argument checks of this file, with the CPU kernel's messages; the CPU kernel's branch adds
+// check_info_nce_args / check_info_nce_bwd_args to fusedloss/checks.h, which can replace these.
 void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const char* op) {
   TORCH_CHECK(query.dim() == 2, "fusedloss: ", op, ": query must be 2-D (N, D), got ", query.dim(), "-D");
   TORCH_CHECK(key.dim() == 2, "fusedloss: ", op, ": key must be 2-D (M, D), got ", key.dim(), "-D");
-  TORCH_CHECK(key.size(1) == query.size(1), "fusedloss: ", op, ": key must have D = ", query.size(1),
-              " columns like query, got ", key.size(1));
+  TORCH_CHECK(key.size(1) == query.size(1), "fusedloss: ", op, ": query and key must have the same feature size, got ",
+              query.size(1), " and ", key.size(1));
   const auto dt = query.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, "fusedloss: ", op,
               ": query must be float32, float64, float16 or bfloat16, got ", dt);
@@ -791,13 +791,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
   const int64_t d = query.size(1);
   check_vector(grad_rows, n, query, "grad_rows", op);
   check_vector(lse_rows, n, query, "lse_rows", op);
-  // The column direction takes part when grad_cols is given and not empty: an empty grad_cols is
-  // the gradient of a forward without cols (whose lse_cols has shape (0,)), or M == 0, where the
-  // columns add nothing.
-  const bool has_cols = grad_cols.has_value() && grad_cols->numel() > 0;
+  // The column direction takes part when grad_cols is given (the forward ran with cols=True).
+  const bool has_cols = grad_cols.has_value();
   if (has_cols) {
     check_vector(*grad_cols, m, query, "grad_cols", op);
-    TORCH_CHECK(lse_cols.has_value(), "fusedloss: ", op, ": lse_cols is required with grad_cols");
+    TORCH_CHECK(lse_cols.has_value(), "fusedloss: ", op, ": grad_cols needs lse_cols (the forward ran with cols=True)");
     check_vector(*lse_cols, m, query, "lse_cols", op);
   }
   const c10::cuda::CUDAGuard device_guard(query.device());
