@@ -17,8 +17,9 @@
 // thread. A part owns its query rows (their lse, their gradient rows) outright; what every part
 // touches (the column lse partials of the forward, the key gradient of the backward, the gradient of
 // scale) goes to a per-part buffer, summed afterwards in part order. No atomics: for a given thread
-// count, every bit of every output is the same run after run (the row outputs do not even depend on
-// the thread count; the column lse, dK and d scale do, through how the query tiles are grouped).
+// count, every bit of every output is the same run after run. Across thread counts the bits of the
+// column lse, dK and d scale differ (the query tiles are grouped differently), and so do the row
+// outputs when N < 128 * threads (the query tile shrinks so that every thread gets one).
 #define FL_CPU_VEC 1
 #include "fusedloss/checks.h"
 #include "fusedloss/cpu_utils.h"
@@ -53,6 +54,15 @@ constexpr int64_t kBQ = 128;
 constexpr int64_t kBK = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Query rows per tile: kBQ, or fewer when N is small, so that every thread gets a tile (N = 256
+// queries against a large key queue would otherwise leave all but two threads idle). At least 32
+// rows, a multiple of 16 (MKL's efficiency drops little down to 64 x 256 tiles, measured).
+int64_t query_tile_rows(int64_t N) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (ceil_div(N, threads) + 15) / 16 * 16;
+  return std::clamp<int64_t>(per_thread, 32, kBQ);
+}
 
 // The number of parts the query tiles are split into (one per thread), and part p's tile range.
 int64_t num_parts(int64_t query_tiles) {
@@ -147,7 +157,8 @@ void merge_tile_cols(const acc_t* tile, int64_t nq, int64_t nk, acc_t* cmax, acc
 template <typename acc_t>
 void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, bool cols,
                     acc_t* lse_r, acc_t* lse_c) {
-  const int64_t q_tiles = ceil_div(N, kBQ), k_tiles = ceil_div(M, kBK);
+  const int64_t bq = query_tile_rows(N);
+  const int64_t q_tiles = ceil_div(N, bq), k_tiles = ceil_div(M, kBK);
   const int64_t parts = num_parts(q_tiles);
   std::vector<Lse<acc_t>> col_run(cols ? parts * M : 0, info_nce::empty_lse<acc_t>());
   at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
@@ -156,7 +167,7 @@ void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
     for (int64_t p = p_begin; p < p_end; ++p) {
       const auto [t_begin, t_end] = part_tiles(p, parts, q_tiles);
       for (int64_t qt = t_begin; qt < t_end; ++qt) {
-        const int64_t i0 = qt * kBQ, nq = std::min(kBQ, N - i0);
+        const int64_t i0 = qt * bq, nq = std::min(bq, N - i0);
         std::fill(row_run.begin(), row_run.end(), info_nce::empty_lse<acc_t>());
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
           const int64_t j0 = kt * kBK, nk = std::min(kBK, M - j0);
@@ -230,7 +241,8 @@ double tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t
 template <typename acc_t>
 void lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, const acc_t* g,
                     const acc_t* h, const acc_t* lse_r, const acc_t* lse_c, acc_t* dq, acc_t* dk, acc_t* dscale) {
-  const int64_t q_tiles = ceil_div(N, kBQ), k_tiles = ceil_div(M, kBK);
+  const int64_t bq = query_tile_rows(N);
+  const int64_t q_tiles = ceil_div(N, bq), k_tiles = ceil_div(M, kBK);
   const int64_t parts = num_parts(q_tiles);
   // Part 0 accumulates into dk itself; the others into their own (M, D) buffers, taken from
   // PyTorch's allocator (so that memory profiles see them) and zeroed by their own thread.
@@ -246,7 +258,7 @@ void lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
       const auto [t_begin, t_end] = part_tiles(p, parts, q_tiles);
       double ds = 0;
       for (int64_t qt = t_begin; qt < t_end; ++qt) {
-        const int64_t i0 = qt * kBQ, nq = std::min(kBQ, N - i0);
+        const int64_t i0 = qt * bq, nq = std::min(bq, N - i0);
         auto q_t = view2d(q + i0 * D, nq, D);
         auto dq_t = view2d(dq + i0 * D, nq, D);
         dq_t.zero_();
