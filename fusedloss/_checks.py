@@ -58,3 +58,18 @@ def class_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> Tens
         raise ValueError(f"weight must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}")
     same_device("weight", weight, "input", input)
     return weight
+
+
+def temperature(value, ref: Tensor, ref_name: str):
+    """A float > 0, or a 0-dim floating tensor on ``ref``'s device (its sign is not checked: that
+    would read it on the host)."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"temperature must be a float or a floating-point tensor, got dtype {value.dtype}")
+        if value.dim() != 0:
+            raise ValueError(f"temperature must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        same_device("temperature", value, ref_name, ref)
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(value).__name__}")
+    return positive("temperature", value)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fusedloss import _backend, _checks, reference
 from fusedloss.ops import cross_entropy as _ce
 from fusedloss.ops import gap_loss as _gap
+from fusedloss.ops import info_nce as _nce
 from fusedloss.ops._common import acc_dtype
 
-__all__ = ["cross_entropy", "gap_loss"]
+__all__ = ["cross_entropy", "gap_loss", "info_nce"]
 
 
 def _reduce_rows(loss: Tensor, reduction: str, out_shape: torch.Size, denominator) -> Tensor:
@@ -170,3 +172,114 @@ def gap_loss(
     loss = _gap.forward_op(name)(rows, flat_target, w, margin, p, int(ignore_index), bool(class_normalize),
                                  mode == "max")
     return _reduce_rows(loss, reduction, expected, lambda: (flat_target != ignore_index).sum().to(acc))
+
+
+def info_nce(
+    query: Tensor,
+    key: Tensor,
+    labels: Tensor | None = None,
+    *,
+    temperature: float | Tensor = 0.07,
+    normalize: bool = True,
+    symmetric: bool = False,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> Tensor:
+    """InfoNCE (contrastive) loss of queries against keys, without the (N, M) similarity matrix.
+
+    query ``(N, D)``, key ``(M, D)``, one floating dtype and device. ``labels`` ``(N,)`` (integer)
+    gives each query's positive key (default ``arange(N)``, which needs ``M >= N``); every other key
+    is a negative, so ``M > N`` adds negatives. Per query
+    ``loss_i = -log softmax(sim(q_i, K) / temperature)[labels_i]``, sim the dot product of
+    L2-normalized rows (``F.normalize``, gradients through it) when ``normalize``, the raw dot
+    product otherwise.
+
+    - ``temperature``: a float > 0, or a 0-dim floating tensor on the inputs' device that may require
+      grad (learnable; its value is never read on the host, so its sign is not checked).
+    - ``symmetric=True`` (needs ``M == N`` and default labels) averages, per index, with the
+      key -> query direction ``-log softmax(sim(Q, k_i) / temperature)[i]`` (CLIP's loss).
+    - ``reduction``: ``"none"`` returns the ``(N,)`` per-query losses (with ``symmetric``, the average
+      of the two directions at each index); ``"mean"`` their sum divided by N; ``"sum"`` their sum.
+
+    The loss is float32 for fp16/bf16/fp32 inputs (float64 for float64); gradients have the inputs'
+    dtype. fp16/bf16 rows are converted to float32 first (normalized there) and the kernels run on
+    those float32 rows: rounding unit rows back to bf16 would move each logit by up to
+    ``2**-8 / temperature``, and the two parts of each row's gradient (the kernel's and the positive
+    logit's) nearly cancel, so they are summed in float32 and rounded once.
+
+    Kernels (cpu, cuda, triton) compute only the log-sum-exps of ``S = Q K^T / temperature`` along
+    rows (and columns), streaming tiles of S (forward and backward); the positive logits, the
+    symmetric average and the reduction are PyTorch ops on ``(N,)`` vectors. Labels are checked
+    against ``[0, M)`` for CPU tensors; on CUDA an out-of-range label fails inside the gather.
+    """
+    _checks.floating("query", query)
+    _checks.floating("key", key)
+    _checks.reduction(reduction)
+    if query.dim() != 2:
+        raise ValueError(f"query must be 2-D (N, D), got shape {tuple(query.shape)}")
+    if key.dim() != 2:
+        raise ValueError(f"key must be 2-D (M, D), got shape {tuple(key.shape)}")
+    _checks.same_device("key", key, "query", query)
+    if key.dtype != query.dtype:
+        raise TypeError(f"key must have query's dtype {query.dtype}, got {key.dtype}")
+    N, D = query.shape
+    M = key.shape[0]
+    if key.shape[1] != D:
+        raise ValueError(f"query and key must have the same feature size D, got query {tuple(query.shape)} "
+                         f"and key {tuple(key.shape)}")
+    temperature = _checks.temperature(temperature, query, "query")
+    if labels is None:
+        if M < N:
+            raise ValueError(f"the default labels arange(N) need at least as many keys as queries, got N={N} "
+                             f"queries and M={M} keys; pass labels")
+    else:
+        _checks.tensor("labels", labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must hold integer key indices (int64), got dtype {labels.dtype}")
+        if labels.shape != (N,):
+            raise ValueError(f"labels must have shape (N,) = ({N},), got {tuple(labels.shape)}")
+        _checks.same_device("labels", labels, "query", query)
+        labels = labels.to(torch.int64)
+        if labels.device.type == "cpu" and N and not torch.compiler.is_compiling():
+            bad = (labels < 0) | (labels >= M)
+            if bool(bad.any()):
+                raise IndexError(f"labels must be in [0, M) = [0, {M}), got {int(labels[bad][0])} "
+                                 f"at position {int(bad.nonzero()[0, 0])}")
+    if symmetric:
+        if labels is not None:
+            raise ValueError("symmetric=True uses the default labels (query i pairs with key i); got labels")
+        if M != N:
+            raise ValueError(f"symmetric=True needs as many keys as queries, got N={N} and M={M}")
+    name = _backend.resolve(backend, query.device)
+    if name == "reference":
+        return reference.info_nce(query, key, labels, temperature=temperature, normalize=normalize,
+                                  symmetric=symmetric, reduction=reduction)
+
+    # The kernels run on rows in the accumulation dtype (float32 copies of fp16/bf16 rows): the
+    # gradient of a query is the difference of two nearly equal terms, scale * (sum_j P_ij k_j -
+    # k_{labels_i}), one from the kernel and one from the positive logit; each rounded to bf16 on its
+    # own, their sum would lose far more than one bf16 rounding. Cast back once, by autograd.
+    acc = acc_dtype(query.dtype)
+    q = query.to(acc)
+    k = key.to(acc)
+    if normalize:
+        q = F.normalize(q, dim=1)
+        k = F.normalize(k, dim=1)
+    q = q.contiguous()
+    k = k.contiguous()
+    if isinstance(temperature, Tensor):
+        scale = torch.reciprocal(temperature.to(acc))
+    else:
+        scale = torch.full((), 1.0 / temperature, dtype=acc, device=query.device)
+    lse_rows, lse_cols = _nce.forward_op(name)(q, k, scale, bool(symmetric))
+    # The positive logit of each query, s_i = scale * q_i . k_{labels_i}, composed by autograd.
+    k_pos = k[:N] if labels is None else k.index_select(0, labels)
+    pos = torch.linalg.vecdot(q, k_pos) * scale
+    loss = lse_rows - pos
+    if symmetric:
+        loss = 0.5 * (loss + (lse_cols - pos))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / N

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import _reduction
 
 from fusedloss import functional as F
 
-__all__ = ["CrossEntropyLoss", "GapLoss", "MultiMarginLoss"]
+__all__ = ["CrossEntropyLoss", "GapLoss", "InfoNCELoss", "MultiMarginLoss"]
 
 
 class CrossEntropyLoss(nn.Module):
@@ -110,3 +112,58 @@ class MultiMarginLoss(GapLoss):
             reduction = _reduction.legacy_get_string(size_average, reduce)
         super().__init__(margin=margin, p=p, weight=weight, reduction=reduction, class_normalize=True,
                          backend=backend)
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE / CLIP contrastive loss (see ``fusedloss.info_nce``); ``forward(query, key, labels=None)``.
+
+    ``learnable_temperature=True`` keeps the temperature as CLIP does: a parameter
+    ``logit_scale = log(1 / temperature)`` (initialized from ``temperature``), used as
+    ``exp(min(logit_scale, log(100)))``: the scale is clamped at 100 inside the graph (no host sync;
+    the parameter gets no gradient while it is above the clamp).
+    """
+
+    MAX_LOGIT_SCALE = math.log(100.0)
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        *,
+        normalize: bool = True,
+        symmetric: bool = False,
+        reduction: str = "mean",
+        learnable_temperature: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+        self.normalize = normalize
+        self.symmetric = symmetric
+        self.reduction = reduction
+        self.learnable_temperature = learnable_temperature
+        self.backend = backend
+        if learnable_temperature:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+            self.temperature = None
+        else:
+            self.logit_scale = None
+            self.temperature = float(temperature)
+
+    def current_temperature(self) -> float | Tensor:
+        """The temperature the next forward uses: the float, or exp(-clamped logit_scale) in the graph."""
+        if self.logit_scale is None:
+            return self.temperature
+        return torch.exp(-self.logit_scale.clamp(max=self.MAX_LOGIT_SCALE))
+
+    def forward(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> Tensor:
+        return F.info_nce(query, key, labels, temperature=self.current_temperature(), normalize=self.normalize,
+                          symmetric=self.symmetric, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        temp = "learnable" if self.learnable_temperature else f"{self.temperature}"
+        parts = [f"temperature={temp}", f"normalize={self.normalize}", f"symmetric={self.symmetric}",
+                 f"reduction={self.reduction!r}"]
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)

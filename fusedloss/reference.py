@@ -8,6 +8,7 @@ bf16/fp16 are computed in float32, as the kernels do.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -160,3 +161,42 @@ def fwd_grad_reference(logits: Tensor, target: Tensor, weight: Tensor | None, gr
         (grad,) = torch.autograd.grad(loss, x, scale)
     logits.copy_(grad)
     return loss.detach(), lse.detach()
+
+
+def info_nce(
+    query: Tensor,
+    key: Tensor,
+    labels: Tensor | None = None,
+    *,
+    temperature: float | Tensor = 0.07,
+    normalize: bool = True,
+    symmetric: bool = False,
+    reduction: str = "mean",
+):
+    """InfoNCE from its definition: the (N, M) logits, then cross-entropy along rows (and columns).
+
+    logits = sim(Q, K) / temperature with sim the dot product of L2-normalized rows
+    (``F.normalize``) when ``normalize``; loss_i = cross_entropy(logits_i, labels_i), labels
+    ``arange(N)`` by default. ``symmetric`` (M == N, default labels) averages per index with the
+    key -> query direction: cross_entropy(logits.T_j, j). ``mean`` divides by N.
+    """
+    dtype = _compute_dtype(query.dtype)
+    q = query.to(dtype)
+    k = key.to(dtype)
+    if normalize:
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+    if isinstance(temperature, Tensor):
+        temperature = temperature.to(dtype)
+    logits = (q @ k.T) / temperature
+    N = q.shape[0]
+    if labels is None:
+        labels = torch.arange(N, device=q.device)
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, torch.arange(N, device=q.device), reduction="none"))
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss

@@ -61,4 +61,52 @@ inline void check_row_stats(const at::Tensor& stats, const at::Tensor& logits) {
   TORCH_CHECK(stats.device() == logits.device(), "fusedloss: stats is on the wrong device");
 }
 
+// InfoNCE's lse ops: query (N, D) and key (M, D) contiguous, one floating dtype, one device; scale a
+// 0-dim tensor in the accumulation dtype on that device.
+inline at::ScalarType check_info_nce_args(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale) {
+  TORCH_CHECK(query.dim() == 2, "fusedloss: query must be 2-D (N, D), got ", query.dim(), "-D");
+  TORCH_CHECK(key.dim() == 2, "fusedloss: key must be 2-D (M, D), got ", key.dim(), "-D");
+  TORCH_CHECK(query.size(1) == key.size(1), "fusedloss: query and key must have the same feature size, got ",
+              query.size(1), " and ", key.size(1));
+  const auto dt = query.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "fusedloss: query must be float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(key.scalar_type() == dt, "fusedloss: key must have query's dtype ", dt, ", got ", key.scalar_type());
+  TORCH_CHECK(query.is_contiguous() && key.is_contiguous(), "fusedloss: query and key must be contiguous");
+  TORCH_CHECK(key.device() == query.device(), "fusedloss: key is on ", key.device(), " but query is on ",
+              query.device());
+  const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale.dim() == 0, "fusedloss: scale must be a 0-dim tensor, got shape ", scale.sizes());
+  TORCH_CHECK(scale.scalar_type() == acc, "fusedloss: scale must be ", acc, " for ", dt, " inputs, got ",
+              scale.scalar_type());
+  TORCH_CHECK(scale.device() == query.device(), "fusedloss: scale is on ", scale.device(), " but query is on ",
+              query.device());
+  return acc;
+}
+
+// A per-row (n,) vector of the accumulation dtype: the backward's grad_rows / grad_cols (any stride)
+// and the forward's lse_rows / lse_cols.
+inline void check_info_nce_vector(const at::Tensor& v, int64_t n, at::ScalarType acc, const at::Tensor& query,
+                                  const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, "fusedloss: ", name, " must have shape (", n, ",), got ", v.sizes());
+  TORCH_CHECK(v.scalar_type() == acc, "fusedloss: ", name, " must be ", acc, ", got ", v.scalar_type());
+  TORCH_CHECK(v.device() == query.device(), "fusedloss: ", name, " is on ", v.device(), " but query is on ",
+              query.device());
+}
+
+inline void check_info_nce_bwd_args(const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_cols,
+                                    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale,
+                                    const at::Tensor& lse_rows, const std::optional<at::Tensor>& lse_cols) {
+  const auto acc = check_info_nce_args(query, key, scale);
+  check_info_nce_vector(grad_rows, query.size(0), acc, query, "grad_rows");
+  check_info_nce_vector(lse_rows, query.size(0), acc, query, "lse_rows");
+  if (grad_cols.has_value()) {
+    check_info_nce_vector(*grad_cols, key.size(0), acc, query, "grad_cols");
+    TORCH_CHECK(lse_cols.has_value(), "fusedloss: grad_cols needs lse_cols (the forward ran with cols=True)");
+  }
+  if (lse_cols.has_value() && grad_cols.has_value()) {
+    check_info_nce_vector(*lse_cols, key.size(0), acc, query, "lse_cols");
+  }
+}
+
 }  // namespace fusedloss

@@ -1,0 +1,351 @@
+// CPU kernels of InfoNCE's tiled log-sum-exp (fusedloss::info_nce_lse_{fwd,bwd}). The math and its
+// derivation are in fusedloss/info_nce_math.h, shared with the CUDA kernels; this file decides the
+// tiling, the parallel split and the merge orders.
+//
+// S = scale * Q K^T (N x M) is never held: it is computed kBQ x kBK tiles at a time into a per-thread
+// buffer that stays in L2. Extra memory: the tile, O(M) column partials per thread in the forward,
+// one (M, D) partial gradient of the keys per thread beyond the first in the backward, and float32
+// copies of bf16/fp16 inputs (O((N + M) D)).
+//
+// Tile products go through BLAS (at::mm_out / addmm_ on views of the tiles: MKL's sgemm, one thread
+// each inside the parallel region). Measured here (2-core EPYC, fp32, 128x256x256 tiles, one thread):
+// about 80-90 GFLOP/s for each of Q K^T, P K and P^T Q, the same as one large 8192x8192x256 matmul
+// on one thread (69-73 GFLOP/s); a blocked AVX2 loop of our own would have to reach MKL's register
+// blocking to compete, so BLAS it is.
+//
+// Parallel split: the query tiles are cut into P = min(threads, query tiles) contiguous parts, one per
+// thread. A part owns its query rows (their lse, their gradient rows) outright; what every part
+// touches (the column lse partials of the forward, the key gradient of the backward, the gradient of
+// scale) goes to a per-part buffer, summed afterwards in part order. No atomics: for a given thread
+// count, every bit of every output is the same run after run. Across thread counts the bits of the
+// column lse, dK and d scale differ (the query tiles are grouped differently), and so do the row
+// outputs when N < 128 * threads (the query tile shrinks so that every thread gets one).
+#define FL_CPU_VEC 1
+#include "fusedloss/checks.h"
+#include "fusedloss/cpu_utils.h"
+#include "fusedloss/info_nce_math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fusedloss {
+namespace {
+
+using at::vec::Vectorized;
+using cpu::reduce_max;
+using cpu::reduce_sum;
+using info_nce::Lse;
+
+// Tile of S: kBQ query rows x kBK key rows. 128 x 256 fp32 is 128 KB, with the 128 x D query tile
+// and the 256 x D key tile (D = 256: 128 + 256 KB) it fits the 512 KB L2 of a core; larger tiles did
+// not make MKL faster (see the measurement above).
+constexpr int64_t kBQ = 128;
+constexpr int64_t kBK = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Query rows per tile: kBQ, or fewer when N is small, so that every thread gets a tile (N = 256
+// queries against a large key queue would otherwise leave all but two threads idle). At least 32
+// rows, a multiple of 16 (MKL's efficiency drops little down to 64 x 256 tiles, measured).
+int64_t query_tile_rows(int64_t N) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (ceil_div(N, threads) + 15) / 16 * 16;
+  return std::clamp<int64_t>(per_thread, 32, kBQ);
+}
+
+// The number of parts the query tiles are split into (one per thread), and part p's tile range.
+int64_t num_parts(int64_t query_tiles) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), query_tiles));
+}
+std::pair<int64_t, int64_t> part_tiles(int64_t p, int64_t parts, int64_t tiles) {
+  return {p * tiles / parts, (p + 1) * tiles / parts};
+}
+
+template <typename acc_t>
+at::Tensor view2d(const acc_t* p, int64_t rows, int64_t cols) {
+  const auto dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  return at::from_blob(const_cast<acc_t*>(p), {rows, cols}, at::TensorOptions().dtype(dt));
+}
+
+// tile (nq x nk, row stride nk) = Q_t K_t^T, unscaled. The forward and the backward compute it with
+// the same call on the same shapes and scale it the same way (s = t * scale, elementwise), so the
+// backward's S is bitwise the forward's: exp(S_ij - lse_i) of a one-key row is exactly 1.
+template <typename acc_t>
+void tile_products(const acc_t* q, const acc_t* k, int64_t nq, int64_t nk, int64_t D, acc_t* tile) {
+  auto out = view2d(tile, nq, nk);
+  if (D == 0) {
+    out.zero_();
+    return;
+  }
+  // beta = 0: BLAS does not read the buffer's stale contents (no NaN from them).
+  at::addmm_out(out, out, view2d(q, nq, D), view2d(k, nk, D).t(), /*beta=*/0, /*alpha=*/1);
+}
+
+template <typename acc_t>
+void scale_tile(acc_t* tile, int64_t n, acc_t scale) {
+  at::vec::map([scale](auto t) { return t * decltype(t)(scale); }, tile, tile, n);
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+// Row direction of one tile: each row's (max, sum exp(s - max)) merged into its running lse.
+template <typename acc_t>
+void merge_tile_rows(const acc_t* tile, int64_t nq, int64_t nk, Lse<acc_t>* run) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t nv = nk - nk % V;
+  for (int64_t r = 0; r < nq; ++r) {
+    const acc_t* s = tile + r * nk;
+    Vec vmax(-fl_inf<acc_t>());
+    for (int64_t j = 0; j < nv; j += V) vmax = fl_max(vmax, Vec::loadu(s + j));
+    acc_t m = reduce_max(vmax);
+    for (int64_t j = nv; j < nk; ++j) m = fl_max(m, s[j]);
+    // An all -inf row part (or a NaN max) is passed on as is: merge ignores -inf parts and lets NaN win.
+    acc_t sum = 0;
+    if (m != -fl_inf<acc_t>()) {
+      const Vec vm(m);
+      Vec s0(acc_t(0)), s1(acc_t(0));
+      int64_t j = 0;
+      for (; j + 2 * V <= nv; j += 2 * V) {
+        s0 = s0 + fl_exp(Vec::loadu(s + j) - vm);
+        s1 = s1 + fl_exp(Vec::loadu(s + j + V) - vm);
+      }
+      for (; j < nv; j += V) s0 = s0 + fl_exp(Vec::loadu(s + j) - vm);
+      sum = reduce_sum(s0 + s1);
+      for (j = nv; j < nk; ++j) sum += fl_exp(s[j] - m);
+    }
+    run[r] = info_nce::merge_part(run[r], m, sum);
+  }
+}
+
+// Column direction of one tile: each column's (max, sum exp(s - max)) over the tile's rows, merged
+// into the part's running column lse. Row-major sweeps over the tile with per-column vectors.
+template <typename acc_t>
+void merge_tile_cols(const acc_t* tile, int64_t nq, int64_t nk, acc_t* cmax, acc_t* csum, Lse<acc_t>* run) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t nv = nk - nk % V;
+  std::fill(cmax, cmax + nk, -fl_inf<acc_t>());
+  std::fill(csum, csum + nk, acc_t(0));
+  for (int64_t r = 0; r < nq; ++r) {
+    const acc_t* s = tile + r * nk;
+    for (int64_t j = 0; j < nv; j += V) fl_max(Vec::loadu(cmax + j), Vec::loadu(s + j)).store(cmax + j);
+    for (int64_t j = nv; j < nk; ++j) cmax[j] = fl_max(cmax[j], s[j]);
+  }
+  // exp(-inf - -inf) is NaN in a column that is all -inf; merge_part ignores that part's sum.
+  for (int64_t r = 0; r < nq; ++r) {
+    const acc_t* s = tile + r * nk;
+    for (int64_t j = 0; j < nv; j += V) {
+      (Vec::loadu(csum + j) + fl_exp(Vec::loadu(s + j) - Vec::loadu(cmax + j))).store(csum + j);
+    }
+    for (int64_t j = nv; j < nk; ++j) csum[j] += fl_exp(s[j] - cmax[j]);
+  }
+  for (int64_t j = 0; j < nk; ++j) run[j] = info_nce::merge_part(run[j], cmax[j], csum[j]);
+}
+
+template <typename acc_t>
+void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, bool cols,
+                    acc_t* lse_r, acc_t* lse_c) {
+  const int64_t bq = query_tile_rows(N);
+  const int64_t q_tiles = ceil_div(N, bq), k_tiles = ceil_div(M, kBK);
+  const int64_t parts = num_parts(q_tiles);
+  std::vector<Lse<acc_t>> col_run(cols ? parts * M : 0, info_nce::empty_lse<acc_t>());
+  at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    std::vector<acc_t> tile(kBQ * kBK), cmax(kBK), csum(kBK);
+    std::vector<Lse<acc_t>> row_run(kBQ);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const auto [t_begin, t_end] = part_tiles(p, parts, q_tiles);
+      for (int64_t qt = t_begin; qt < t_end; ++qt) {
+        const int64_t i0 = qt * bq, nq = std::min(bq, N - i0);
+        std::fill(row_run.begin(), row_run.end(), info_nce::empty_lse<acc_t>());
+        for (int64_t kt = 0; kt < k_tiles; ++kt) {
+          const int64_t j0 = kt * kBK, nk = std::min(kBK, M - j0);
+          tile_products(q + i0 * D, k + j0 * D, nq, nk, D, tile.data());
+          scale_tile(tile.data(), nq * nk, scale);
+          merge_tile_rows(tile.data(), nq, nk, row_run.data());
+          if (cols) merge_tile_cols(tile.data(), nq, nk, cmax.data(), csum.data(), col_run.data() + p * M + j0);
+        }
+        for (int64_t r = 0; r < nq; ++r) lse_r[i0 + r] = info_nce::finish(row_run[r]);
+      }
+    }
+  });
+  if (!cols) return;
+  at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      auto merged = col_run[j];
+      for (int64_t p = 1; p < parts; ++p) merged = info_nce::merge(merged, col_run[p * M + j]);
+      lse_c[j] = info_nce::finish(merged);
+    }
+  });
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+// One tile of (1): on entry the unscaled products T = Q_t K_t^T, on exit scale * P (what both
+// gradient products need). Returns sum P_ij T_ij over the tile, the tile's part of (3), summed per
+// row in acc_t and across rows in double (a scalar sum over N * M terms).
+template <typename acc_t>
+double tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t* g, const acc_t* lse_r,
+                   const acc_t* h, const acc_t* lse_c) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t nv = nk - nk % V;
+  const bool has_cols = h != nullptr;
+  const Vec vscale(scale), zero(acc_t(0));
+  double total = 0;
+  for (int64_t r = 0; r < nq; ++r) {
+    acc_t* t = tile + r * nk;
+    const acc_t gr = g[r], lr = lse_r[r];
+    if (gr == acc_t(0) && !has_cols) {  // the row has no gradient at all
+      std::fill(t, t + nk, acc_t(0));
+      continue;
+    }
+    // The vector form of grad_s (info_nce_math.h), term by term: g exp(s - lse_r), plus h exp(s - lse_c)
+    // where h != 0. The scalar tail calls grad_s itself.
+    const Vec vg(gr), vlr(lr);
+    Vec acc(acc_t(0));
+    for (int64_t j = 0; j < nv; j += V) {
+      const Vec tv = Vec::loadu(t + j);
+      const Vec s = tv * vscale;
+      Vec p = gr == acc_t(0) ? zero : vg * fl_exp(s - vlr);
+      if (has_cols) {
+        const Vec hv = Vec::loadu(h + j);
+        p = p + Vec::blendv(zero, hv * fl_exp(s - Vec::loadu(lse_c + j)), hv != zero);
+      }
+      acc = acc + p * tv;
+      (p * vscale).store(t + j);
+    }
+    acc_t row = reduce_sum(acc);
+    for (int64_t j = nv; j < nk; ++j) {
+      const acc_t p = info_nce::grad_s<acc_t>(t[j] * scale, gr, lr, has_cols, has_cols ? h[j] : acc_t(0),
+                                              has_cols ? lse_c[j] : acc_t(0));
+      row += p * t[j];
+      t[j] = p * scale;
+    }
+    total += static_cast<double>(row);
+  }
+  return total;
+}
+
+template <typename acc_t>
+void lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, const acc_t* g,
+                    const acc_t* h, const acc_t* lse_r, const acc_t* lse_c, acc_t* dq, acc_t* dk, acc_t* dscale) {
+  const int64_t bq = query_tile_rows(N);
+  const int64_t q_tiles = ceil_div(N, bq), k_tiles = ceil_div(M, kBK);
+  const int64_t parts = num_parts(q_tiles);
+  // Part 0 accumulates into dk itself; the others into their own (M, D) buffers, taken from
+  // PyTorch's allocator (so that memory profiles see them) and zeroed by their own thread.
+  const auto dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  auto extra_t = at::empty({parts > 1 ? (parts - 1) * M * D : 0}, at::TensorOptions().dtype(dt));
+  acc_t* extra = static_cast<acc_t*>(extra_t.mutable_data_ptr());
+  std::vector<double> dscale_part(parts, 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    std::vector<acc_t> tile(kBQ * kBK);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      acc_t* dkp = p == 0 ? dk : extra + (p - 1) * M * D;
+      std::fill(dkp, dkp + M * D, acc_t(0));
+      const auto [t_begin, t_end] = part_tiles(p, parts, q_tiles);
+      double ds = 0;
+      for (int64_t qt = t_begin; qt < t_end; ++qt) {
+        const int64_t i0 = qt * bq, nq = std::min(bq, N - i0);
+        auto q_t = view2d(q + i0 * D, nq, D);
+        auto dq_t = view2d(dq + i0 * D, nq, D);
+        dq_t.zero_();
+        for (int64_t kt = 0; kt < k_tiles; ++kt) {
+          const int64_t j0 = kt * kBK, nk = std::min(kBK, M - j0);
+          tile_products(q + i0 * D, k + j0 * D, nq, nk, D, tile.data());
+          ds += tile_grad_s(tile.data(), nq, nk, scale, g + i0, lse_r + i0, h ? h + j0 : nullptr,
+                            lse_c ? lse_c + j0 : nullptr);
+          if (D == 0) continue;
+          auto p_t = view2d(tile.data(), nq, nk);
+          dq_t.addmm_(p_t, view2d(k + j0 * D, nk, D));                      // (2): dQ_t += (scale P) K_t
+          view2d(dkp + j0 * D, nk, D).addmm_(p_t.t(), q_t);                 // (2): dK_t += (scale P)^T Q_t
+        }
+      }
+      dscale_part[p] = ds;
+    }
+  });
+  if (parts > 1) {
+    // dk = part 0 + part 1 + ... in this order, element by element.
+    at::parallel_for(0, M * D, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t p = 1; p < parts; ++p) {
+        const acc_t* src = extra + (p - 1) * M * D;
+        at::vec::map2([](auto a, auto b) { return a + b; }, dk + begin, dk + begin, src + begin, end - begin);
+      }
+    });
+  }
+  double ds = 0;
+  for (int64_t p = 0; p < parts; ++p) ds += dscale_part[p];
+  *dscale = static_cast<acc_t>(ds);
+}
+
+// bf16/fp16 inputs run the float32 kernels on float32 copies (exact conversions).
+at::Tensor as_acc(const at::Tensor& x, at::ScalarType acc) {
+  return x.scalar_type() == acc ? x : x.to(acc);
+}
+
+std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                        const at::Tensor& scale, bool cols) {
+  const auto acc = check_info_nce_args(query, key, scale);
+  const int64_t N = query.size(0), M = key.size(0), D = query.size(1);
+  auto lse_rows = at::empty({N}, query.options().dtype(acc));
+  auto lse_cols = at::empty({cols ? M : 0}, query.options().dtype(acc));
+  const auto q = as_acc(query, acc), k = as_acc(key, acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_lse_fwd_cpu", [&] {
+    lse_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D,
+                             scale.item<scalar_t>(), cols, lse_rows.mutable_data_ptr<scalar_t>(),
+                             cols ? lse_cols.mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  return {lse_rows, lse_cols};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
+    const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_cols, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& scale, const at::Tensor& lse_rows,
+    const std::optional<at::Tensor>& lse_cols) {
+  check_info_nce_bwd_args(grad_rows, grad_cols, query, key, scale, lse_rows, lse_cols);
+  const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t N = query.size(0), M = key.size(0), D = query.size(1);
+  const bool cols = grad_cols.has_value();
+  const auto q = as_acc(query, acc), k = as_acc(key, acc);
+  const auto g = grad_rows.contiguous(), lr = lse_rows.contiguous();
+  const auto h = cols ? grad_cols->contiguous() : at::Tensor();
+  const auto lc = cols ? lse_cols->contiguous() : at::Tensor();
+  // The gradients are accumulated in the accumulation dtype, in place for float32/float64 inputs.
+  auto dq = at::empty({N, D}, query.options().dtype(acc));
+  auto dk = at::empty({M, D}, query.options().dtype(acc));
+  auto dscale = at::empty({}, query.options().dtype(acc));
+  cpu::advise_huge_pages(dq.mutable_data_ptr(), dq.nbytes());
+  cpu::advise_huge_pages(dk.mutable_data_ptr(), dk.nbytes());
+  AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_lse_bwd_cpu", [&] {
+    lse_bwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D,
+                             scale.item<scalar_t>(), g.const_data_ptr<scalar_t>(),
+                             cols ? h.const_data_ptr<scalar_t>() : nullptr, lr.const_data_ptr<scalar_t>(),
+                             cols ? lc.const_data_ptr<scalar_t>() : nullptr, dq.mutable_data_ptr<scalar_t>(),
+                             dk.mutable_data_ptr<scalar_t>(), dscale.mutable_data_ptr<scalar_t>());
+  });
+  if (query.scalar_type() != acc) {
+    dq = dq.to(query.scalar_type());
+    dk = dk.to(query.scalar_type());
+  }
+  return {dq, dk, dscale};
+}
+
+}  // namespace
+}  // namespace fusedloss
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("info_nce_lse_fwd", &fusedloss::info_nce_lse_fwd_cpu);
+  m.impl("info_nce_lse_bwd", &fusedloss::info_nce_lse_bwd_cpu);
+}

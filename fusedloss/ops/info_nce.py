@@ -1,0 +1,100 @@
+"""InfoNCE's tiled log-sum-exp op: its whole contract with PyTorch.
+
+- ``fusedloss::info_nce_lse_fwd`` / ``_bwd``: schemas in csrc/registration.cpp, CPU and CUDA kernels
+  in csrc/; their fake (meta) kernels are registered here.
+- ``fusedloss::info_nce_lse_fwd_triton`` / ``_bwd_triton``: the Triton kernels as triton_ops, so that
+  torch.compile traces into them.
+- autograd for both forward ops: the backward op recomputes the tiles of S = scale * Q K^T from the
+  inputs and the saved per-row / per-column lse, and returns the gradients of query, key and scale.
+
+The forward returns lse_rows (N,) and lse_cols (M,) (``(0,)`` without cols) of S in the accumulation
+dtype (float32; float64 for float64 inputs). The positive logits, the loss and its reduction are
+composed with PyTorch ops by the caller (fusedloss.functional.info_nce).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedloss import _backend
+from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
+
+FWD = "fusedloss::info_nce_lse_fwd"
+BWD = "fusedloss::info_nce_lse_bwd"
+FWD_TRITON = "fusedloss::info_nce_lse_fwd_triton"
+BWD_TRITON = "fusedloss::info_nce_lse_bwd_triton"
+
+
+def _fwd_fake(query, key, scale, cols):
+    acc = acc_dtype(query.dtype)
+    return (query.new_empty((query.shape[0],), dtype=acc),
+            query.new_empty((key.shape[0] if cols else 0,), dtype=acc))
+
+
+def _bwd_fake(grad_rows, grad_cols, query, key, scale, lse_rows, lse_cols):
+    return query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty((), dtype=acc_dtype(query.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, scale, cols = inputs
+    lse_rows, lse_cols = output
+    ctx.save_for_backward(query, key, scale, lse_rows, lse_cols)
+    ctx.cols = cols
+
+
+def _backward_with(bwd_op):
+    def backward(ctx, grad_rows, grad_cols):
+        query, key, scale, lse_rows, lse_cols = ctx.saved_tensors
+        if grad_rows is None:  # only lse_cols was used
+            grad_rows = lse_rows.new_zeros(lse_rows.shape)
+        if not ctx.cols:
+            grad_cols = None
+        grad_query, grad_key, grad_scale = bwd_op(grad_rows, grad_cols, query, key, scale, lse_rows,
+                                                  lse_cols if grad_cols is not None else None)
+        return grad_query, grad_key, grad_scale, None
+
+    return backward
+
+
+if _backend.extension_loaded():
+    torch.library.register_fake(FWD)(_fwd_fake)
+    torch.library.register_fake(BWD)(_bwd_fake)
+    torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.info_nce_lse_bwd),
+                                    setup_context=_setup_context)
+    torch.library.register_autograd(BWD, no_double_backward("info_nce"), setup_context=no_context)
+
+TRITON_REGISTERED = False
+if triton_kernels_present("info_nce"):
+    from torch.library import triton_op
+
+    @triton_op(FWD_TRITON, mutates_args={})
+    def info_nce_lse_fwd_triton(query: Tensor, key: Tensor, scale: Tensor, cols: bool) -> tuple[Tensor, Tensor]:
+        from fusedloss.triton import info_nce as kernels
+
+        return kernels.info_nce_lse_fwd(query, key, scale, cols)
+
+    @triton_op(BWD_TRITON, mutates_args={})
+    def info_nce_lse_bwd_triton(grad_rows: Tensor, grad_cols: Tensor | None, query: Tensor, key: Tensor,
+                                scale: Tensor, lse_rows: Tensor,
+                                lse_cols: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        from fusedloss.triton import info_nce as kernels
+
+        return kernels.info_nce_lse_bwd(grad_rows, grad_cols, query, key, scale, lse_rows, lse_cols)
+
+    info_nce_lse_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.info_nce_lse_bwd_triton),
+                                              setup_context=_setup_context)
+    info_nce_lse_bwd_triton.register_autograd(no_double_backward("info_nce"), setup_context=no_context)
+    TRITON_REGISTERED = True
+
+
+def forward_op(backend: str):
+    """The forward op (with autograd) that runs ``backend``'s kernels."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fusedloss.info_nce_lse_fwd
+    if backend == "triton":
+        if not TRITON_REGISTERED:
+            raise RuntimeError("fusedloss: the Triton info_nce kernels are not available in this install "
+                               "(fusedloss/triton/info_nce.py is missing)")
+        return torch.ops.fusedloss.info_nce_lse_fwd_triton
+    raise ValueError(f"no info_nce kernel op for backend {backend!r}")

@@ -1,0 +1,588 @@
+"""fusedloss.info_nce on every backend against the float64 reference, and its lse ops against float64 torch."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (FP16_SUBNORMAL_ATOL, TOL, assert_close, backend_params, interpreted, poison_cpu_allocator,
+                      require_backend, rows)
+
+import fusedloss
+from fusedloss import reference
+from fusedloss.ops import info_nce as nce_ops
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+REDUCTIONS = ["none", "mean", "sum"]
+TEMPERATURES = ["fixed", "learnable"]
+# (N, M, D): single rows, odd sizes, M > N, D not a power of two; the larger ones cross the CPU
+# kernel's tiles (128 queries x 256 keys) and its split into per-thread parts.
+SMALL_SHAPES = [(1, 1, 1), (1, 5, 3), (7, 7, 5), (13, 29, 24), (32, 32, 64)]
+LARGE_SHAPES = [(130, 130, 100), (200, 515, 33), (300, 300, 130)]
+
+
+def acc_of(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_inputs(N, M, D, dtype, device, normalize):
+    # Unnormalized rows are scaled so that |q . k| / temperature spreads over a few units (a softmax
+    # that is neither uniform nor one-hot); normalized rows need no care.
+    s = 1.0 if normalize else 0.6 / math.sqrt(D)
+    q = (torch.randn(N, D, device=device) * s).to(dtype)
+    k = (torch.randn(M, D, device=device) * s).to(dtype)
+    return q, k
+
+
+def make_temperature(kind, dtype, device):
+    if kind == "fixed":
+        return 0.07
+    return torch.tensor(0.1, dtype=acc_of(dtype), device=device)  # learnable, as the module holds it
+
+
+def run(q, k, labels, temperature, backend, *, grad_out=None, **kw):
+    """Loss and the gradients of query, key and (a tensor) temperature from one backend."""
+    qa = q.detach().clone().requires_grad_()
+    ka = k.detach().clone().requires_grad_()
+    ta = temperature.detach().clone().requires_grad_() if isinstance(temperature, torch.Tensor) else temperature
+    loss = fusedloss.info_nce(qa, ka, labels, temperature=ta, backend=backend, **kw)
+    g = torch.randn_like(loss) if grad_out is None else grad_out
+    wrt = [qa, ka] + ([ta] if isinstance(ta, torch.Tensor) else [])
+    grads = torch.autograd.grad(loss, wrt, g)
+    return loss, grads, g
+
+
+def expected(q, k, labels, temperature, grad_out, **kw):
+    """The float64 reference on the same rounded inputs."""
+    q64 = q.detach().double().requires_grad_()
+    k64 = k.detach().double().requires_grad_()
+    t64 = temperature.detach().double().requires_grad_() if isinstance(temperature, torch.Tensor) else temperature
+    loss = reference.info_nce(q64, k64, labels, temperature=t64, **kw)
+    wrt = [q64, k64] + ([t64] if isinstance(t64, torch.Tensor) else [])
+    return loss, torch.autograd.grad(loss, wrt, grad_out.double())
+
+
+def cancelling_parts(q, k, temperature, grad_out, *, normalize, symmetric, reduction):
+    """The size of the two parts that a row's gradient is the difference of.
+
+    The gradient of a query row is scale * (sum_j P_ij k_j - k_{labels_i}) (times its upstream
+    gradient; for keys the same with q), computed in the accumulation dtype. When the softmax is
+    sharp at the positive (sharp temperatures, few keys, small D) the difference is far smaller than
+    either part, and its error is that of the parts: TOL's grad atol relative to max|grad| would
+    demand more than float32 can give (a row of exactly 0 gradient with one key would get atol 0).
+    So the atol is taken relative to the largest part, max|d(sum of lse terms)/d row| in float64
+    (through the normalization: divided by the row's norm, which the normalization's Jacobian
+    scales by), when that is larger than max|grad|.
+    """
+    q64, k64 = q.detach().double(), k.detach().double()
+    qn = (F.normalize(q64, dim=1) if normalize else q64).requires_grad_()
+    kn = (F.normalize(k64, dim=1) if normalize else k64).requires_grad_()
+    t64 = temperature.detach().double() if isinstance(temperature, torch.Tensor) else temperature
+    logits = qn @ kn.T / t64
+    lse = torch.logsumexp(logits, 1)
+    if symmetric:
+        lse = 0.5 * (lse + torch.logsumexp(logits, 0))
+    total = {"none": lambda: (lse * grad_out.double()).sum(), "sum": lambda: lse.sum() * grad_out.double(),
+             "mean": lambda: lse.mean() * grad_out.double()}[reduction]()
+    if not qn.numel() or not kn.numel():
+        return 0.0, 0.0
+    gq, gk = torch.autograd.grad(total, (qn, kn))
+    if normalize:
+        gq = gq / q64.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        gk = gk / k64.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return gq.abs().max().item(), gk.abs().max().item()
+
+
+def assert_grad_close(actual, expected, dtype, parts, msg):
+    """conftest.assert_close for gradients, with atol relative to max(max|grad|, parts) (see
+    cancelling_parts) instead of max|grad|."""
+    rtol, atol = TOL[dtype]["grad"]
+    e = expected.detach().double().cpu()
+    scale = max(e.abs().max().item() if e.numel() else 0.0, parts)
+    atol = atol * scale + (FP16_SUBNORMAL_ATOL if dtype == torch.float16 else 0.0)
+    torch.testing.assert_close(actual.detach().double().cpu(), e, rtol=rtol, atol=atol, equal_nan=True,
+                               msg=lambda m: f"{msg} [{dtype}] {m}")
+
+
+def temperature_atol(q, k, temperature, grad_out, dtype, *, normalize, reduction):
+    """Tolerance of d loss / d temperature, a scalar summed over all N * M similarities.
+
+    With scale = 1 / t: dL/dt = -scale^2 dL/dscale, and dL/dscale = sum_i w_i (sum_j P_ij T_ij -
+    T_{i,labels_i}) (plus the same per column when symmetric, with the same total weight), T = q . k
+    unscaled, P a softmax over j, w_i the upstream gradient of row i. It cancels (the positive term
+    against the softmax average), so a relative tolerance on the result means nothing; each term is
+    accumulated with the loss's accuracy, so the error is bounded by the loss's rtol times the sum of
+    the terms' magnitudes, sum_i |w_i| * 2 max|T| (softmax weights sum to 1), times scale^2.
+    """
+    q64, k64 = q.double(), k.double()
+    if normalize:
+        q64, k64 = F.normalize(q64, dim=1), F.normalize(k64, dim=1)
+    max_t = (q64.norm(dim=1).max() * k64.norm(dim=1).max()).item() if q.numel() and k.numel() else 0.0
+    n = q.shape[0]
+    w = grad_out.double().abs()
+    w_sum = w.sum().item() if reduction == "none" else w.item() * (n if reduction == "sum" else 1.0)
+    scale = 1.0 / temperature.item()
+    rtol = TOL[dtype]["loss"][0]
+    return rtol * scale**2 * w_sum * 2 * max_t + TOL[dtype]["loss"][1]
+
+
+def check_against_reference(backend, device, dtype, N, M, D, *, normalize, symmetric, reduction, temp_kind,
+                            labels=None):
+    q, k = make_inputs(N, M, D, dtype, device, normalize)
+    t = make_temperature(temp_kind, dtype, device)
+    kw = dict(normalize=normalize, symmetric=symmetric, reduction=reduction)
+    if device == "cpu":
+        poison_cpu_allocator((N + M) * D * 8)
+    loss, grads, g = run(q, k, labels, t, backend, **kw)
+    ref_loss, ref_grads = expected(q, k, labels, t, g, **kw)
+    what = f"{backend} N={N} M={M} D={D} {kw} temperature={temp_kind}"
+    assert loss.dtype == acc_of(dtype)
+    assert loss.shape == ((N,) if reduction == "none" else ())
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+    assert_close(loss, ref_loss, dtype, "loss", f"loss {what}")
+    parts_q, parts_k = cancelling_parts(q, k, t, g, normalize=normalize, symmetric=symmetric, reduction=reduction)
+    assert_grad_close(grads[0], ref_grads[0], dtype, parts_q, f"grad query {what}")
+    assert_grad_close(grads[1], ref_grads[1], dtype, parts_k, f"grad key {what}")
+    if isinstance(t, torch.Tensor):
+        atol = temperature_atol(q, k, t, g, dtype, normalize=normalize, reduction=reduction)
+        err = (grads[2].double().cpu() - ref_grads[2].cpu()).abs().item()
+        assert err <= atol, f"grad temperature {what}: {grads[2].item()} vs {ref_grads[2].item()} (atol {atol:.3g})"
+
+
+# --- the reference itself -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_reference_by_hand(symmetric, normalize):
+    """CLIP's loss written out with log_softmax, row by row."""
+    q = torch.randn(6, 5, dtype=torch.float64)
+    k = torch.randn(6, 5, dtype=torch.float64)
+    t = 0.3
+    qn = q / q.norm(dim=1, keepdim=True) if normalize else q
+    kn = k / k.norm(dim=1, keepdim=True) if normalize else k
+    want = []
+    for i in range(6):
+        row = -torch.log_softmax(torch.stack([qn[i] @ kn[j] / t for j in range(6)]), 0)[i]
+        col = -torch.log_softmax(torch.stack([qn[j] @ kn[i] / t for j in range(6)]), 0)[i]
+        want.append(0.5 * (row + col) if symmetric else row)
+    want = torch.stack(want)
+    got = reference.info_nce(q, k, temperature=t, normalize=normalize, symmetric=symmetric, reduction="none")
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(reference.info_nce(q, k, temperature=t, normalize=normalize, symmetric=symmetric),
+                               want.mean())
+
+
+def test_reference_extra_negatives_and_labels():
+    q = torch.randn(3, 4, dtype=torch.float64)
+    k = torch.randn(8, 4, dtype=torch.float64)
+    labels = torch.tensor([5, 0, 7])
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.5
+    want = F.cross_entropy(logits, labels, reduction="sum")
+    torch.testing.assert_close(reference.info_nce(q, k, labels, temperature=0.5, reduction="sum"), want)
+
+
+# --- every backend against the reference --------------------------------------------------------
+
+
+def _loss_params():
+    """backend x dtype x shape x normalize x symmetric x reduction x temperature: in full for the
+    small shapes on the compiled backends; one option combination in four for the large shapes
+    (they test the tiling, the options are covered by the small ones); under Triton's CPU
+    interpreter (each program ~30 ms) small shapes only, one combination in five. The selection
+    rotates with the shape and dtype, so that every option value still meets every shape."""
+    params = []
+    combos = list(itertools.product([False, True], [False, True], REDUCTIONS, TEMPERATURES))
+    for bp in backend_params():
+        backend, device = bp.values
+        slow = (backend, device) == ("triton", "cpu")
+        for dtype in DTYPES:
+            if dtype == torch.float64 and backend != "cpu":
+                continue  # float64 is a CPU-backend dtype
+            for s_i, (N, M, D) in enumerate(SMALL_SHAPES + ([] if slow else LARGE_SHAPES)):
+                for c_i, (normalize, symmetric, reduction, temp) in enumerate(combos):
+                    if symmetric and M != N:
+                        continue
+                    if slow and (c_i + s_i + DTYPES.index(dtype)) % 5:
+                        continue
+                    if (N, M, D) in LARGE_SHAPES and (c_i + s_i + DTYPES.index(dtype)) % 4:
+                        continue  # the tile-crossing shapes: one combination in four, rotating
+                    tid = (f"{backend}-{device}-{str(dtype)[6:]}-N{N}-M{M}-D{D}-{'norm' if normalize else 'raw'}-"
+                           f"{'sym' if symmetric else 'q2k'}-{reduction}-{temp}")
+                    marks = [pytest.mark.slow] if N * M * D > 5_000_000 else []
+                    params.append(pytest.param(backend, device, dtype, N, M, D, normalize, symmetric, reduction,
+                                               temp, id=tid, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("backend,device,dtype,N,M,D,normalize,symmetric,reduction,temp_kind", _loss_params())
+def test_against_reference(backend, device, dtype, N, M, D, normalize, symmetric, reduction, temp_kind):
+    require_backend(backend, device)
+    check_against_reference(backend, device, dtype, N, M, D, normalize=normalize, symmetric=symmetric,
+                            reduction=reduction, temp_kind=temp_kind)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temp_kind", TEMPERATURES)
+def test_explicit_labels(backend, device, dtype, temp_kind):
+    """Labels pick any key (repeats allowed); M > N gives extra negatives."""
+    require_backend(backend, device)
+    N, M = rows(backend, device, 40), rows(backend, device, 300) * 3
+    q, k = make_inputs(N, M, 24, dtype, device, True)
+    labels = torch.randint(0, M, (N,), device=device)
+    labels[0] = M - 1
+    if N > 1:
+        labels[1] = labels[0]
+    t = make_temperature(temp_kind, dtype, device)
+    for reduction in REDUCTIONS:
+        loss, grads, g = run(q, k, labels, t, backend, reduction=reduction)
+        ref_loss, ref_grads = expected(q, k, labels, t, g, reduction=reduction)
+        parts_q, parts_k = cancelling_parts(q, k, t, g, normalize=True, symmetric=False, reduction=reduction)
+        assert_close(loss, ref_loss, dtype, "loss", f"labels {reduction}")
+        assert_grad_close(grads[0], ref_grads[0], dtype, parts_q, f"labels grad query {reduction}")
+        assert_grad_close(grads[1], ref_grads[1], dtype, parts_k, f"labels grad key {reduction}")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("layout", ["transposed", "row-slice", "expanded-key"])
+def test_noncontiguous_inputs(backend, device, layout):
+    require_backend(backend, device)
+    n = rows(backend, device, 20)
+
+    def randn(*shape):  # raw dot products of a few units, so unnormalized logits stay moderate
+        return torch.randn(*shape, device=device) * 0.25
+
+    if layout == "transposed":
+        q = randn(16, n).t()
+        k = randn(16, n + 3).t()
+    elif layout == "row-slice":
+        q = randn(n, 40)[:, 3:20]
+        k = randn(2 * n, 17)[::2]
+    else:  # one query row broadcast to every row: stride 0 (distinct keys, so no gradient is 0)
+        q = randn(1, 9).expand(n, 9)
+        k = randn(n, 9)
+    assert not q.is_contiguous() or not k.is_contiguous()
+    t = torch.tensor(0.2, device=device)
+    for kw in ({"symmetric": False}, {"symmetric": layout != "transposed", "normalize": False}):
+        loss, grads, g = run(q, k, None, t, backend, **kw)
+        ref_loss, ref_grads = expected(q, k, None, t, g, **kw)
+        parts_q, parts_k = cancelling_parts(q, k, t, g, normalize=kw.get("normalize", True), symmetric=kw["symmetric"],
+                                            reduction="mean")
+        assert_close(loss, ref_loss, torch.float32, "loss", layout)
+        assert_grad_close(grads[0], ref_grads[0], torch.float32, parts_q, f"{layout} grad query")
+        assert_grad_close(grads[1], ref_grads[1], torch.float32, parts_k, f"{layout} grad key")
+
+
+# --- the kernel ops against float64 torch --------------------------------------------------------
+
+
+def _op_reference(q, k, scale, g, h):
+    """lse of S = scale * q k^T along rows and columns in float64, and the gradients of
+    sum g * lse_rows + sum h * lse_cols."""
+    q64 = q.detach().double().requires_grad_()
+    k64 = k.detach().double().requires_grad_()
+    s64 = scale.detach().double().requires_grad_()
+    S = s64 * (q64 @ k64.T)
+    lr, lc = torch.logsumexp(S, 1), torch.logsumexp(S, 0)
+    total = (lr * g.double()).sum() + ((lc * h.double()).sum() if h is not None else 0.0)
+    return lr, lc, torch.autograd.grad(total, (q64, k64, s64))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [False, True])
+@pytest.mark.parametrize("NMD", [(1, 1, 1), (9, 31, 7), (300, 600, 40), (257, 129, 64)], ids=str)
+def test_lse_ops(backend, device, dtype, cols, NMD):
+    require_backend(backend, device)
+    if dtype == torch.float64 and backend != "cpu":
+        pytest.skip("float64 is a CPU-backend dtype")
+    N, M, D = NMD
+    if interpreted(backend, device) and N * M > 1000:
+        pytest.skip("too many programs for Triton's CPU interpreter; runs on GPU")
+    acc = acc_of(dtype)
+    q = (torch.randn(N, D, device=device) / math.sqrt(D)).to(dtype)
+    k = (torch.randn(M, D, device=device) / math.sqrt(D)).to(dtype)
+    scale = torch.tensor(4.5, dtype=acc, device=device)
+    if device == "cpu":
+        poison_cpu_allocator((N + M) * D * 8)
+    fwd = nce_ops.forward_op(backend)
+    qa, ka, sa = q.clone().requires_grad_(), k.clone().requires_grad_(), scale.clone().requires_grad_()
+    lse_rows, lse_cols = fwd(qa, ka, sa, cols)
+    assert lse_rows.dtype == acc and lse_rows.shape == (N,)
+    assert lse_cols.dtype == acc and lse_cols.shape == ((M,) if cols else (0,))
+    g = torch.randn(N, dtype=acc, device=device)
+    h = torch.randn(M, dtype=acc, device=device) if cols else None
+    total = (lse_rows * g).sum() + ((lse_cols * h).sum() if cols else 0.0)
+    grads = torch.autograd.grad(total, (qa, ka, sa))
+    ref_r, ref_c, ref_grads = _op_reference(q, k, scale, g, h)
+    assert_close(lse_rows, ref_r, dtype, "loss", "lse_rows")
+    if cols:
+        assert_close(lse_cols, ref_c, dtype, "loss", "lse_cols")
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype and grads[2].dtype == acc
+    assert_close(grads[0], ref_grads[0], dtype, "grad", "grad query")
+    assert_close(grads[1], ref_grads[1], dtype, "grad", "grad key")
+    # d scale = sum_ij P_ij T_ij: bounded terms, |T| <= max|q| max|k|; see temperature_atol.
+    bound = (g.abs().sum() + (h.abs().sum() if cols else 0)).item() * (
+        q.double().norm(dim=1).max() * k.double().norm(dim=1).max()).item()
+    rtol, atol = TOL[dtype]["loss"]
+    assert abs(grads[2].item() - ref_grads[2].item()) <= rtol * bound + atol, "grad scale"
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_lse_ops_empty_sides(backend, device):
+    """No keys: lse -inf (torch.logsumexp of an empty row); no queries: lse_cols -inf."""
+    require_backend(backend, device)
+    fwd = nce_ops.forward_op(backend)
+    scale = torch.tensor(2.0, device=device)
+    lr, lc = fwd(torch.randn(3, 4, device=device), torch.randn(0, 4, device=device), scale, True)
+    assert lr.shape == (3,) and torch.all(lr == float("-inf")) and lc.shape == (0,)
+    lr, lc = fwd(torch.randn(0, 4, device=device), torch.randn(5, 4, device=device), scale, True)
+    assert lr.shape == (0,) and lc.shape == (5,) and torch.all(lc == float("-inf"))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_deterministic(backend, device):
+    """Two runs give the same bits (no atomics), forward and every gradient."""
+    require_backend(backend, device)
+    n = rows(backend, device, 300)
+    q, k = make_inputs(n, n, 48, torch.float32, device, True)
+    t = torch.tensor(0.07, device=device)
+    first = run(q, k, None, t, backend, symmetric=True, grad_out=torch.tensor(1.0, device=device))
+    second = run(q, k, None, t, backend, symmetric=True, grad_out=torch.tensor(1.0, device=device))
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+def test_cpu_thread_counts_agree():
+    """Bits may differ with the thread count (the column lse, dK and d scale are summed per part);
+    the values agree to accumulation accuracy."""
+    q, k = make_inputs(600, 600, 32, torch.float32, "cpu", True)
+    t = torch.tensor(0.07)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(q, k, None, t, "cpu", symmetric=True, grad_out=torch.tensor(1.0))
+    finally:
+        torch.set_num_threads(threads)
+    many = run(q, k, None, t, "cpu", symmetric=True, grad_out=torch.tensor(1.0))
+    assert_close(one[0], many[0], torch.float32, "loss")
+    for a, b in zip(one[1][:2], many[1][:2]):
+        assert_close(a, b, torch.float32, "grad")
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def _bad_calls():
+    q = torch.randn(4, 8)
+    k = torch.randn(6, 8)
+    nce = fusedloss.info_nce
+    return [
+        ("key feature size", lambda: nce(q, torch.randn(6, 7)), ValueError, "same feature size"),
+        ("query 1-D", lambda: nce(q[0], k), ValueError, "query must be 2-D"),
+        ("key 3-D", lambda: nce(q, k[None]), ValueError, "key must be 2-D"),
+        ("integer query", lambda: nce(q.long(), k), TypeError, "query"),
+        ("integer key", lambda: nce(q, k.int()), TypeError, "key"),
+        ("dtype mismatch", lambda: nce(q, k.double()), TypeError, "key must have query's dtype"),
+        ("device mismatch", lambda: nce(q, k.to("meta")), RuntimeError, "key is on meta"),
+        ("labels out of range", lambda: nce(q, k, torch.tensor([0, 1, 6, 2])), IndexError, "labels must be in"),
+        ("negative label", lambda: nce(q, k, torch.tensor([0, -1, 2, 2])), IndexError, "labels must be in"),
+        ("float labels", lambda: nce(q, k, torch.zeros(4)), TypeError, "labels"),
+        ("bool labels", lambda: nce(q, k, torch.zeros(4, dtype=torch.bool)), TypeError, "labels"),
+        ("labels shape", lambda: nce(q, k, torch.zeros(3, dtype=torch.long)), ValueError, "labels must have shape"),
+        ("labels 2-D", lambda: nce(q, k, torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must have shape"),
+        ("labels list", lambda: nce(q, k, [0, 1, 2, 3]), TypeError, "labels"),
+        ("labels device", lambda: nce(q, k, torch.zeros(4, dtype=torch.long, device="meta")), RuntimeError,
+         "labels is on meta"),
+        ("M < N", lambda: nce(k, q), ValueError, "at least as many keys"),
+        ("symmetric M != N", lambda: nce(q, k, symmetric=True), ValueError, "symmetric=True needs"),
+        ("symmetric labels", lambda: nce(q, q, torch.arange(4), symmetric=True), ValueError, "symmetric=True uses"),
+        ("zero temperature", lambda: nce(q, k, temperature=0.0), ValueError, "temperature"),
+        ("negative temperature", lambda: nce(q, k, temperature=-0.1), ValueError, "temperature"),
+        ("temperature shape", lambda: nce(q, k, temperature=torch.ones(1)), ValueError, "temperature"),
+        ("integer temperature tensor", lambda: nce(q, k, temperature=torch.tensor(1)), TypeError, "temperature"),
+        ("temperature device", lambda: nce(q, k, temperature=torch.tensor(0.1, device="meta")), RuntimeError,
+         "temperature is on meta"),
+        ("temperature string", lambda: nce(q, k, temperature="0.1"), TypeError, "temperature"),
+        ("reduction", lambda: nce(q, k, reduction="avg"), ValueError, "reduction"),
+        ("backend", lambda: nce(q, k, backend="tpu"), ValueError, "backend"),
+        ("cuda backend on CPU", lambda: nce(q, k, backend="cuda"), RuntimeError, "cuda"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=lambda c: c[0])
+def test_bad_input(case):
+    _, call, error, match = case
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (lambda q, k, s: (q[:, :3], k, s, False), "same feature size"),
+        (lambda q, k, s: (q, k.double(), s, False), "key must have query's dtype"),
+        (lambda q, k, s: (q.t(), k.t(), s, False), "contiguous|same feature size"),
+        (lambda q, k, s: (q, k, s.double(), False), "scale must be Float"),
+        (lambda q, k, s: (q, k, s.reshape(1), False), "scale must be a 0-dim"),
+        (lambda q, k, s: (q.long(), k.long(), s, False), "query must be float32"),
+    ],
+)
+def test_op_checks(args, match):
+    """The C++ op's own checks, for callers that bypass the functional API."""
+    q, k, s = torch.randn(4, 6), torch.randn(5, 6), torch.tensor(2.0)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fusedloss.info_nce_lse_fwd(*args(q, k, s))
+    lr, lc = torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, True)
+    with pytest.raises(RuntimeError, match="grad_rows must have shape"):
+        torch.ops.fusedloss.info_nce_lse_bwd(lr[:3], None, q, k, s, lr, None)
+    with pytest.raises(RuntimeError, match="grad_cols needs lse_cols"):
+        torch.ops.fusedloss.info_nce_lse_bwd(lr, lc, q, k, s, lr, None)
+    with pytest.raises(RuntimeError, match="lse_rows must be Float"):
+        torch.ops.fusedloss.info_nce_lse_bwd(lr, None, q, k, s, lr.double(), None)
+
+
+# --- the module ----------------------------------------------------------------------------------
+
+
+def test_module_fixed_temperature():
+    loss_fn = fusedloss.nn.InfoNCELoss(0.2, symmetric=True, reduction="sum")
+    q, k = torch.randn(10, 16), torch.randn(10, 16)
+    torch.testing.assert_close(loss_fn(q, k), fusedloss.info_nce(q, k, temperature=0.2, symmetric=True,
+                                                                 reduction="sum"))
+    assert list(loss_fn.parameters()) == []
+    assert "temperature=0.2" in repr(loss_fn) and "symmetric=True" in repr(loss_fn)
+    with pytest.raises(ValueError, match="temperature"):
+        fusedloss.nn.InfoNCELoss(0.0)
+
+
+def test_module_learnable_temperature():
+    loss_fn = fusedloss.nn.InfoNCELoss(0.07, learnable_temperature=True)
+    (name, param), = loss_fn.named_parameters()
+    assert name == "logit_scale"
+    torch.testing.assert_close(param.detach(), torch.tensor(math.log(1 / 0.07)))
+    q, k = torch.randn(12, 8), torch.randn(15, 8)
+    loss = loss_fn(q, k)
+    torch.testing.assert_close(loss, fusedloss.info_nce(q, k, temperature=0.07))
+    loss.backward()
+    # d loss / d logit_scale = d loss / d scale * scale, against the reference
+    ls = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
+    reference.info_nce(q.double(), k.double(), temperature=torch.exp(-ls)).backward()
+    assert abs(param.grad.item() - ls.grad.item()) <= 1e-5 * (1 + abs(ls.grad.item()))
+    # CLIP's clamp: a scale above 100 acts as 100 and gets no gradient
+    with torch.no_grad():
+        param.fill_(10.0)
+    param.grad = None
+    loss = loss_fn(q, k)
+    torch.testing.assert_close(loss, fusedloss.info_nce(q, k, temperature=0.01))
+    loss.backward()
+    assert param.grad.item() == 0.0
+    assert "temperature=learnable" in repr(loss_fn)
+
+
+# --- PyTorch integration ------------------------------------------------------------------------
+
+
+def _op_samples(dtype, device="cpu"):
+    acc = acc_of(dtype)
+    for N, M, D in ((9, 13, 7), (1, 1, 1)):
+        q = torch.randn(N, D, device=device).to(dtype)
+        k = torch.randn(M, D, device=device).to(dtype)
+        s = torch.tensor(1.7, dtype=acc, device=device)
+        for cols in (False, True):
+            yield q.clone().requires_grad_(), k.clone().requires_grad_(), s.clone().requires_grad_(), cols
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck_cpu(dtype):
+    for args in _op_samples(dtype):
+        torch.library.opcheck(torch.ops.fusedloss.info_nce_lse_fwd, args)
+        q, k, s, cols = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        lr, lc = torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, cols)
+        g = torch.randn_like(lr)
+        grad_cols = torch.randn_like(lc) if cols else None
+        torch.library.opcheck(torch.ops.fusedloss.info_nce_lse_bwd,
+                              (g, grad_cols, q, k, s, lr, lc if cols else None))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_opcheck_kernel_ops(backend, device):
+    require_backend(backend, device)
+    if interpreted(backend, device):
+        # Fake tensors (test_faketensor, and torch.compile in test_aot_dispatch_dynamic) cannot run a
+        # triton_op on CPU tensors: the interpreter needs real data pointers.
+        tests = ("test_schema", "test_autograd_registration")
+    else:
+        tests = torch.library._OPCHECK_DEFAULT_UTILS
+    fwd = nce_ops.forward_op(backend)
+    for args in _op_samples(torch.float32, device):
+        torch.library.opcheck(fwd, args, test_utils=tests)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values != ("triton", "cpu")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_compile_fullgraph(backend, device, dtype, symmetric):
+    """torch.compile(fullgraph=True) traces through the op, forward and backward, learnable temperature."""
+    require_backend(backend, device)
+    q, k = make_inputs(24, 24, 20, dtype, device, True)
+
+    def step(q, k, t):
+        return fusedloss.info_nce(q, k, temperature=t, symmetric=symmetric, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    ins_c = [q.clone().requires_grad_(), k.clone().requires_grad_(), torch.tensor(0.1, device=device,
+                                                                                 requires_grad=True)]
+    ins_e = [x.detach().clone().requires_grad_() for x in ins_c]
+    out_c = compiled(*ins_c)
+    out_e = step(*ins_e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(ins_c, ins_e):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_compile_fullgraph_labels_and_module():
+    """Explicit labels (their host-side range check is skipped while compiling) and the module."""
+    loss_fn = fusedloss.nn.InfoNCELoss(learnable_temperature=True, backend="cpu")
+    q, k = torch.randn(8, 12), torch.randn(20, 12)
+    labels = torch.randint(0, 20, (8,))
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, labels), loss_fn(q, k, labels))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradcheck_float64(symmetric, normalize):
+    q = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    for reduction in ("none", "mean"):
+        assert torch.autograd.gradcheck(
+            lambda q, k, t: fusedloss.info_nce(q, k, temperature=t, normalize=normalize, symmetric=symmetric,
+                                               reduction=reduction, backend="cpu"), (q, k, t))
+
+
+def test_double_backward_is_a_clear_error():
+    q = torch.randn(3, 4, requires_grad=True)
+    loss = fusedloss.info_nce(q, torch.randn(3, 4), normalize=False, backend="cpu")
+    (g,) = torch.autograd.grad(loss, q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_queries(reduction):
+    q = torch.randn(0, 5, requires_grad=True)
+    k = torch.randn(3, 5)
+    ours = fusedloss.info_nce(q, k, reduction=reduction, backend="cpu")
+    theirs = reference.info_nce(q.detach(), k, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
