@@ -35,7 +35,9 @@ from torch import Tensor
 from fusedloss.triton._common import acc_dtype as _acc_dtype
 from fusedloss.triton._common import cast_rtne
 from fusedloss.triton._common import launch_config as _launch_config
-from fusedloss.triton._common import param as _param
+# A jit helper keeps its own name: torch.compile copies the kernel source with its helpers under
+# their __name__, so an alias would be an undefined name in the compiled kernel.
+from fusedloss.triton._common import param
 from fusedloss.triton._common import split_float as _split_float
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fwd_grad_"]
@@ -142,14 +144,14 @@ def _options(smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softc
              inv_temperature_lo, ACC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     # The float options in ACC, and the softcap's factors: softcap_scale = softcap / T and its
     # inverse (both unused without the cap).
-    eps = _param(smoothing_hi, smoothing_lo, ACC)
-    z_loss = _param(z_loss_hi, z_loss_lo, ACC)
-    inv_temperature = _param(inv_temperature_hi, inv_temperature_lo, ACC)
+    eps = param(smoothing_hi, smoothing_lo, ACC)
+    z_loss = param(z_loss_hi, z_loss_lo, ACC)
+    inv_temperature = param(inv_temperature_hi, inv_temperature_lo, ACC)
     inv_softcap = inv_temperature
     softcap_scale = inv_temperature
     inv_softcap_scale = inv_temperature
     if HAS_SOFTCAP:
-        softcap = _param(softcap_hi, softcap_lo, ACC)
+        softcap = param(softcap_hi, softcap_lo, ACC)
         inv_softcap = 1.0 / softcap
         softcap_scale = softcap * inv_temperature
         inv_softcap_scale = 1.0 / softcap_scale

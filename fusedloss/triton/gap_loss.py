@@ -44,7 +44,9 @@ from torch import Tensor
 from fusedloss.triton._common import acc_dtype as _acc_dtype
 from fusedloss.triton._common import cast_rtne
 from fusedloss.triton._common import launch_config as _launch_config
-from fusedloss.triton._common import param as _param
+# A jit helper keeps its own name: torch.compile copies the kernel source with its helpers under
+# their __name__, so an alias would be an undefined name in the compiled kernel.
+from fusedloss.triton._common import param
 from fusedloss.triton._common import split_float as _split_float
 
 __all__ = ["gap_loss_fwd", "gap_loss_bwd"]
@@ -161,7 +163,7 @@ def _gap_loss_fwd_kernel(
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     x_row = input_ptr + row * input_row_stride
-    margin = _param(margin_hi, margin_lo, ACC)
+    margin = param(margin_hi, margin_lo, ACC)
 
     y, ignored, in_range, active, y_safe = _target_state(target_ptr, row, num_classes, ignore_index)
     x_y = tl.load(x_row + y_safe, mask=active, other=0.0).to(ACC)
@@ -232,7 +234,7 @@ def _gap_loss_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = input_ptr + row * input_row_stride
     grad_row = grad_ptr + row * num_classes  # the gradient is contiguous
-    margin = _param(margin_hi, margin_lo, ACC)
+    margin = param(margin_hi, margin_lo, ACC)
 
     y, ignored, in_range, active, y_safe = _target_state(target_ptr, row, num_classes, ignore_index)
     x_y = tl.load(x_row + y_safe, mask=active, other=0.0).to(ACC)
