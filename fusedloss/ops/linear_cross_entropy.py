@@ -224,8 +224,10 @@ def linear_cross_entropy_fwd(input: Tensor, linear_weight: Tensor, target: Tenso
         return rows, _empty(input, acc), _empty(input, acc), _empty(input, acc)
     loss = rows.sum()
     if reduction == "mean":
-        inv = 1.0 / _mean_denominator(target, weight, ignore_index, acc)
-        loss = loss * inv
+        denominator = _mean_denominator(target, weight, ignore_index, acc)
+        loss = loss / denominator  # 0/0 = NaN when every row is ignored, as torch
+        # ... but zero gradients then (every row's G is 0), as torch and the reference: not 0 * inf.
+        inv = torch.where(denominator != 0, 1.0 / denominator, 0.0)
         for g in (gi, gw, gb):
             if g is not None:
                 g.mul_(inv)  # once, on the fp32 sums (see the module docstring)
