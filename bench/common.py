@@ -66,7 +66,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results"
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-OPS = ("cross_entropy", "gap_loss")  # info_nce, linear_cross_entropy join as their bench_<op>.py appear
+OPS = ("cross_entropy", "gap_loss", "linear_cross_entropy")  # info_nce joins as its bench_<op>.py appears
 
 COLUMNS = [
     "op", "provider", "mode", "shape", "dtype", "device",
