@@ -10,9 +10,10 @@ from fusedloss import _backend, _checks, reference
 from fusedloss.ops import cross_entropy as _ce
 from fusedloss.ops import gap_loss as _gap
 from fusedloss.ops import info_nce as _nce
+from fusedloss.ops import linear_cross_entropy as _lce
 from fusedloss.ops._common import acc_dtype
 
-__all__ = ["cross_entropy", "gap_loss", "info_nce"]
+__all__ = ["cross_entropy", "gap_loss", "info_nce", "linear_cross_entropy"]
 
 
 def _reduce_rows(loss: Tensor, reduction: str, out_shape: torch.Size, denominator) -> Tensor:
@@ -112,6 +113,109 @@ def cross_entropy(
     if return_lse:
         return out, lse.view(expected)
     return out
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    options=None,
+    backend: str | None = None,
+) -> Tensor:
+    """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the (N, V) logits.
+
+    A drop-in for ``torch.nn.functional.linear_cross_entropy`` (torch 2.14) for class-index targets:
+    the same arguments (``ignore_index=None`` means -100, as there), plus ``z_loss`` and ``softcap`` of
+    :func:`cross_entropy`. input ``(N, D)`` or ``(D,)`` (with a 0-dim target); extra leading dims
+    ``(*, D)`` with target ``(*)`` are accepted too (torch takes 1-D and 2-D input only).
+    linear_weight ``(V, D)``, linear_bias ``(V,)``, both in the input's dtype and on its device.
+
+    Rows are processed in chunks of ``chunk_size`` (None: a size picked from N, D, V, the device and the
+    dtype): per chunk a BLAS/cuBLAS matmul, the fused cross-entropy row kernel and, when gradients are
+    needed, the gradient matmuls. For ``mean``/``sum`` the gradients are computed in the same pass as the
+    loss and kept until the backward (one (V, D) fp32 weight gradient, accumulated across chunks), so a
+    second backward through the same graph (``retain_graph=True``) raises; ``none`` recomputes the logits
+    in its backward. The loss is float32 for bf16/fp16 input, the gradients have the parameters' dtypes.
+
+    ``options`` (torch's ``LinearCrossEntropyOptions``) is accepted for drop-in use: its
+    ``batch_chunk_size`` serves as ``chunk_size`` when that is None; its other fields (accumulation
+    dtype and policy, chunking method, allow_retain_graph) do not apply: fusedloss always accumulates in
+    fp32 and picks its own chunk size. Probability targets and K-dimensional ``linear_weight`` (torch's
+    ``out_features``) are not supported (they raise): use ``cross_entropy`` on the logits for those.
+    """
+    _checks.floating("input", input)
+    _checks.floating("linear_weight", linear_weight)
+    _checks.tensor("target", target)
+    _checks.reduction(reduction)
+    label_smoothing = _checks.in_closed_unit("label_smoothing", label_smoothing)
+    z_loss = _checks.non_negative("z_loss", z_loss)
+    softcap = None if softcap is None else _checks.positive("softcap", softcap)
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if input.dim() == 0:
+        raise ValueError("input must be (D,), (N, D) or (*, D); got a 0-dim tensor")
+    if linear_weight.dim() != 2:
+        if linear_weight.dim() > 2:
+            raise NotImplementedError(f"linear_weight must be (V, D); K-dimensional weights (torch's out_features) "
+                                      f"are not supported, got shape {tuple(linear_weight.shape)}")
+        raise ValueError(f"linear_weight must be (V, D), got shape {tuple(linear_weight.shape)}")
+    V, D = linear_weight.shape
+    if input.shape[-1] != D:
+        raise ValueError(f"input has {input.shape[-1]} features (last dim) but linear_weight has {D} "
+                         f"(shape {tuple(linear_weight.shape)}): they must match")
+    if V == 0:
+        raise ValueError(f"linear_weight has no classes: shape {tuple(linear_weight.shape)}")
+    _checks.same_device("linear_weight", linear_weight, "input", input)
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight has dtype {linear_weight.dtype} but input has {input.dtype}; "
+                        "cast them to one dtype")
+    if linear_bias is not None:
+        _checks.floating("linear_bias", linear_bias)
+        if linear_bias.shape != (V,):
+            raise ValueError(f"linear_bias must have shape ({V},) (one per class), got {tuple(linear_bias.shape)}")
+        _checks.same_device("linear_bias", linear_bias, "input", input)
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but input has {input.dtype}; "
+                            "cast them to one dtype")
+    expected = input.shape[:-1]
+    if target.is_floating_point():
+        raise NotImplementedError("linear_cross_entropy takes class-index targets; for probability targets "
+                                  "use cross_entropy(input @ linear_weight.T, target)")
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold int64 class indices, got dtype {target.dtype}")
+    if target.shape != expected:
+        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    _checks.same_device("target", target, "input", input)
+    weight = _checks.class_weight(weight, V, input)
+    name = _backend.resolve(backend, input.device)
+    if name == "reference":
+        return reference.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                              reduction=reduction, ignore_index=ignore_index,
+                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+
+    rows = input.reshape(-1, D)
+    flat_target = target.reshape(-1).to(torch.int64).contiguous()
+    acc = acc_dtype(input.dtype)
+    w = weight.to(acc).contiguous() if weight is not None else None
+    grad = torch.is_grad_enabled()
+    loss = _lce.linear_cross_entropy_fwd(
+        rows, linear_weight, flat_target, linear_bias, w, reduction, ignore_index, label_smoothing, z_loss,
+        softcap or 0.0, chunk_size or 0, grad and input.requires_grad, grad and linear_weight.requires_grad,
+        grad and linear_bias is not None and linear_bias.requires_grad, name)[0]
+    return loss.view(expected) if reduction == "none" else loss
 
 
 GAP_MODES = ("sum", "max")

@@ -10,7 +10,7 @@ from torch.nn import _reduction
 
 from fusedloss import functional as F
 
-__all__ = ["CrossEntropyLoss", "GapLoss", "InfoNCELoss", "MultiMarginLoss"]
+__all__ = ["CrossEntropyLoss", "GapLoss", "InfoNCELoss", "LinearCrossEntropyLoss", "MultiMarginLoss"]
 
 
 class CrossEntropyLoss(nn.Module):
@@ -53,6 +53,89 @@ class CrossEntropyLoss(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
         for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None), ("temperature", 1.0),
+                              ("backend", None)):
+            if getattr(self, name) != default:
+                parts.append(f"{name}={getattr(self, name)!r}")
+        return ", ".join(parts)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Chunked linear cross-entropy (see ``fusedloss.linear_cross_entropy``), in two forms.
+
+    - Options only (``LinearCrossEntropyLoss(reduction=..., ...)``): holds nothing but the loss options
+      (and the class ``weight`` buffer); called as ``loss(input, linear_weight, target, linear_bias=None)``,
+      the head living in the model.
+    - torch 2.14's twin (``LinearCrossEntropyLoss(in_features, num_classes, bias=..., device=..., dtype=...)``):
+      owns the head as ``self.linear`` (an ``nn.Linear``, initialized as torch's) and is called as
+      ``loss(input, target)``, like ``torch.nn.LinearCrossEntropyLoss``. ``out_features`` other than
+      ``()`` (K-dimensional loss) is not supported; ``options`` is accepted as in the functional form.
+    """
+
+    def __init__(
+        self,
+        in_features: int | None = None,
+        num_classes: int | None = None,
+        *,
+        out_features: tuple = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = -100,
+        label_smoothing: float = 0.0,
+        options=None,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if (in_features is None) != (num_classes is None):
+            raise ValueError("in_features and num_classes go together: pass both (the module owns the head, as "
+                             "torch's) or neither (pass linear_weight when calling it)")
+        if tuple(out_features) != ():
+            raise NotImplementedError(f"out_features (K-dimensional loss) is not supported, got {out_features!r}")
+        if in_features is not None:
+            self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+            if weight is not None and tuple(weight.shape) != (num_classes,):
+                raise ValueError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
+        else:
+            self.linear = None
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = -100 if ignore_index is None else ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, input: Tensor, *args: Tensor, linear_bias: Tensor | None = None) -> Tensor:
+        if self.linear is not None:
+            if len(args) != 1 or linear_bias is not None:
+                raise TypeError("this LinearCrossEntropyLoss owns its head (in_features, num_classes): call it as "
+                                "loss(input, target)")
+            (target,) = args
+            linear_weight, linear_bias = self.linear.weight, self.linear.bias
+        else:
+            if len(args) != 2:
+                raise TypeError("call as loss(input, linear_weight, target, linear_bias=None) (or construct it "
+                                "with in_features and num_classes to own the head)")
+            linear_weight, target = args
+        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                      reduction=self.reduction, ignore_index=self.ignore_index,
+                                      label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                                      chunk_size=self.chunk_size, options=self.options, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.linear is not None:
+            parts.append(f"in_features={self.linear.in_features}, num_classes={self.linear.out_features}, "
+                         f"bias={self.linear.bias is not None}")
+        parts += [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
+        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None), ("chunk_size", None),
                               ("backend", None)):
             if getattr(self, name) != default:
                 parts.append(f"{name}={getattr(self, name)!r}")

@@ -200,3 +200,34 @@ def info_nce(
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+):
+    """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) with the full (N, V) logits.
+
+    input (D,), (N, D) or (*, D) with target input.shape[:-1]; linear_weight (V, D); linear_bias (V,).
+    Computed in float32 for bf16/fp16 input (float64 stays float64), as the kernels do.
+    """
+    x = input.to(_compute_dtype(input.dtype))
+    logits = x @ linear_weight.to(x.dtype).T
+    if linear_bias is not None:
+        logits = logits + linear_bias.to(x.dtype)
+    if logits.dim() > 2:  # (*, V) rows, class last
+        logits = logits.reshape(-1, logits.shape[-1])
+        out = cross_entropy(logits, target.reshape(-1), weight, ignore_index=ignore_index, reduction=reduction,
+                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        return out.view(target.shape) if reduction == "none" else out
+    return cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)

@@ -1,0 +1,331 @@
+"""Chunked linear cross-entropy: ``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the
+(N, V) logits. The op's whole contract with PyTorch.
+
+- ``fusedloss::linear_cross_entropy_fwd``: loss (reduced, or per row for ``reduction="none"``) and, for
+  ``mean``/``sum`` with gradients wanted, the gradients of that loss for input, linear_weight and
+  linear_bias in the same pass (non-differentiable extra outputs, in the accumulation dtype).
+- ``fusedloss::linear_cross_entropy_bwd``: the recompute backward of ``reduction="none"``.
+
+Both are ``torch.library.custom_op``s written in Python over BLAS/cuBLAS matmuls and the fused cross-entropy
+row kernel of the chosen backend: opaque to torch.compile (which traces around them with the fake kernels
+below), so ``torch.compile(fullgraph=True)`` works on every backend.
+
+The math, with Z = X W^T + b (N, V) the logits, l_i = CE(Z_i, y_i), and L = sum_i s_i l_i for per-row
+scales s_i (1 for sum, 1/denominator for mean, grad_output_i for none):
+  1. G := dL/dZ, row i = s_i dl_i/dZ_i: what the row kernel writes over a chunk of logits, in place.
+  2. dL/dX = G W: row-chunk by row-chunk, no accumulation.
+  3. dL/dW = G^T X = sum over chunks c of G_c^T X_c: accumulated in fp32 (fp64 for fp64 input).
+  4. dL/db = sum_i G_i: column sums, accumulated likewise.
+Chunks run over rows (tokens): a chunk's logits, G_c and nothing (N, V)-sized exists at any time.
+
+mean/sum: 1-4 run in the forward with s_i = 1 (the kernel's gradient rows stay in [-w, w]: no fp16
+underflow), the mean's 1/denominator is applied once to the fp32 accumulators at the end, and the backward
+only multiplies them by grad_output (a 0-dim tensor: no host sync). That is one matmul pass in total
+instead of recomputing the logits in the backward. none: the forward computes the loss only; the backward
+recomputes each chunk's logits and runs 1-4 with s_i = grad_output_i.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from fusedloss import reference
+from fusedloss.ops import cross_entropy as _ce
+from fusedloss.ops._common import acc_dtype, no_context, no_double_backward
+
+FWD = "fusedloss::linear_cross_entropy_fwd"
+BWD = "fusedloss::linear_cross_entropy_bwd"
+
+# Bytes of a chunk's logits when chunk_size is None (see auto_chunk_size): CPU between the bounds, as
+# large as the input's fp32 gradient; CUDA the fixed size.
+CHUNK_BYTES = {"cpu": (8 << 20, 64 << 20), "cuda": (256 << 20, 256 << 20)}
+MIN_CHUNK_ROWS = {"cpu": 32, "cuda": 128}
+
+
+def auto_chunk_size(n: int, d: int, v: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Rows per chunk, from N, D, V, the device and the dtype.
+
+    CPU: the chunk's logits are as large as the input's gradient (N x D in the accumulation dtype), kept
+    within 8..64 MB. Each chunk adds G_c^T X_c into the (V, D) fp32 weight gradient, a GEMM whose inner
+    dimension is the chunk's rows, so every chunk reads and writes that whole accumulator: larger chunks
+    are faster (at N=4096, D=1024, V=32000: 256 rows about 12% faster than 128, 64 rows 25% slower, on
+    this 2-core machine), until about 64 MB. But the weight gradient, the input gradient and this
+    buffer make the peak, and torch's chunked path sizes its chunks like the input (its aspect_ratio
+    rule), so with this rule the peak is torch's (V*D + 2*N*D floats: 164 MB at that shape, the issue's
+    budget) whenever the input's gradient takes 8 MB or more, while the chunk grows with N. The buffer is reused across chunks, so
+    its first-touch page faults are paid once.
+    CUDA, 256 MB: a chunk of >= 128 rows against V columns is thousands of cuBLAS tiles, enough to fill
+    the GPU, and its GEMMs take long enough (about a millisecond at V=32000, D=4096) that the per-chunk
+    launches of the row kernel and the casts are noise; 256 MB is small next to the GPU's memory and the
+    weight gradient.
+    The logits are in the accumulation dtype (fp32 for bf16/fp16 input), so that is the element size.
+    Rows are a multiple of 32 (tensor-core and vector friendly), except the last chunk's.
+    """
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    elem = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    low, high = CHUNK_BYTES[kind]
+    target = min(max(n * d * elem, low), high)
+    rows = target // max(1, v * elem)
+    rows = max(MIN_CHUNK_ROWS[kind], rows // 32 * 32)
+    return max(1, min(rows, n))
+
+
+def _mixed_precision(input: Tensor) -> bool:
+    """CUDA bf16/fp16 operands with fp32 results straight from cuBLAS (``torch.mm(..., out_dtype=)``,
+    CUDA-only in torch 2.11 and 2.14). Elsewhere the operands are cast to the accumulation dtype: on CPU,
+    bf16/fp16 GEMMs are emulated (6x slower than fp32 on this AVX2 machine), so fp32 is both faster and
+    exact in the products."""
+    return (input.device.type == "cuda" and input.dtype in (torch.float16, torch.bfloat16)
+            and torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA"))
+
+
+@contextlib.contextmanager
+def _autograd_inside_custom_op():
+    # custom_op implementations run with the autograd dispatch keys excluded; the reference row
+    # kernel differentiates with autograd, so it needs them back.
+    key = torch._C.DispatchKey.AutogradFunctionality
+    was = torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+    torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(key, was)
+
+
+def _reference_row_kernel(*args):
+    with _autograd_inside_custom_op():
+        return reference.fwd_grad_reference(*args)
+
+
+def _row_kernel(backend: str):
+    """The fused row kernel (fusedloss::cross_entropy_fwd_grad_ of ``backend``): overwrites a chunk's
+    logits with grad_scale_i * d loss_i / d logits_i, returns per-row (loss, lse)."""
+    if backend == "reference":
+        return _reference_row_kernel
+    return _ce.fwd_grad_op(backend)
+
+
+def _loss_kernel(backend: str):
+    """Per-row loss of a chunk of logits without writing a gradient (the plain forward kernel)."""
+    if backend == "reference":
+        def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
+            return (reference.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction="none",
+                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap or None,
+                                            temperature=temperature),)
+        return forward
+    return _ce.forward_op(backend)
+
+
+def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+            weight: Tensor | None, grad_scale: Tensor | None, ignore_index: int, label_smoothing: float,
+            z_loss: float, softcap: float, chunk_size: int, input_grad: bool, weight_grad: bool, bias_grad: bool,
+            backend: str):
+    """The chunk loop. Returns (loss rows (N,), grad_input, grad_weight, grad_bias) in the accumulation
+    dtype, each gradient None unless asked for; grad_scale (N,) (None means 1) scales the rows' gradients.
+
+    input (N, D), linear_weight (V, D), target (N,) int64 contiguous, weight (V,) contiguous in the
+    accumulation dtype. ``chunk_size`` 0 picks one (auto_chunk_size).
+    """
+    n, d = input.shape
+    v = linear_weight.shape[0]
+    acc = acc_dtype(input.dtype)
+    device = input.device
+    mixed = _mixed_precision(input)
+    op_dtype = input.dtype if mixed else acc
+    bias_grad = bias_grad and linear_bias is not None
+    grads = input_grad or weight_grad or bias_grad
+    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(n, d, v, device, input.dtype)
+    chunk = max(1, min(chunk, n))
+
+    # On the cast path a bf16/fp16 head is copied to fp32 once per call (V*D*4 bytes, the size of its
+    # weight gradient); fp32/fp64 heads are used as they are.
+    w_op = linear_weight.to(op_dtype)
+    b_acc = linear_bias.to(acc) if linear_bias is not None else None
+    # One logits buffer for every chunk (the last one uses its first rows): CPU allocations of this
+    # size are not cached by PyTorch, and a fresh one per chunk would pay its page faults each time.
+    logits_buf = torch.empty((chunk, v), dtype=acc, device=device)
+    dl_buf = torch.empty((chunk, v), dtype=op_dtype, device=device) if mixed and (input_grad or weight_grad) else None
+    loss = torch.empty((n,), dtype=acc, device=device)
+    grad_input = torch.empty((n, d), dtype=acc, device=device) if input_grad else None
+    grad_weight = torch.zeros((v, d), dtype=acc, device=device) if weight_grad else None
+    grad_bias = torch.zeros((v,), dtype=acc, device=device) if bias_grad else None
+    row_kernel = _row_kernel(backend) if grads else None
+    loss_kernel = None if grads else _loss_kernel(backend)
+    mm_kw = {"out_dtype": acc} if mixed else {}
+
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        x = input[start:stop].to(op_dtype)
+        t = target[start:stop]
+        logits = logits_buf[: stop - start]
+        if b_acc is None:
+            torch.mm(x, w_op.T, out=logits, **mm_kw)
+        else:
+            torch.addmm(b_acc, x, w_op.T, out=logits, **mm_kw)
+        if not grads:
+            loss[start:stop] = loss_kernel(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0)[0]
+            continue
+        scale = grad_scale[start:stop] if grad_scale is not None else None
+        loss[start:stop] = row_kernel(logits, t, weight, scale, ignore_index, label_smoothing, z_loss, softcap, 1.0)[0]
+        g = logits  # now G_c (step 1)
+        if bias_grad:
+            grad_bias += g.sum(0)
+        if dl_buf is not None:
+            # cuBLAS takes one operand dtype: G_c rounded to bf16/fp16 for steps 2-3 (as torch's own
+            # chunked path does), products accumulated in fp32 by out_dtype.
+            g = dl_buf[: stop - start].copy_(g)
+        if input_grad:
+            torch.mm(g, w_op, out=grad_input[start:stop], **mm_kw)
+        if weight_grad:
+            torch.addmm(grad_weight, g.T, x, out=grad_weight, **mm_kw)
+    return loss, grad_input, grad_weight, grad_bias
+
+
+def _mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype) -> Tensor:
+    """torch's weighted mean: sum of weight[target] over the non-ignored rows (their count without weights).
+    On device, from target and weight only, so it is known before the chunk loop and costs no sync."""
+    kept = target != ignore_index
+    if weight is None:
+        return kept.sum().to(acc)
+    return (weight[target.clamp(0, weight.shape[0] - 1)] * kept).sum()
+
+
+def _empty(like: Tensor, acc: torch.dtype) -> Tensor:
+    return like.new_empty((0,), dtype=acc)
+
+
+@torch.library.custom_op(FWD, mutates_args=())
+def linear_cross_entropy_fwd(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+                             weight: Tensor | None, reduction: str, ignore_index: int, label_smoothing: float,
+                             z_loss: float, softcap: float, chunk_size: int, input_grad: bool, weight_grad: bool,
+                             bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_input, grad_weight, grad_bias), all in the accumulation dtype. loss is 0-dim for mean
+    and sum, (N,) for none. The gradients are those of the returned loss, computed here only for mean and
+    sum and only where asked (shape (0,) otherwise)."""
+    acc = acc_dtype(input.dtype)
+    grads = reduction != "none" and (input_grad or weight_grad or bias_grad)
+    rows, gi, gw, gb = chunked(input, linear_weight, target, linear_bias, weight, None, ignore_index,
+                               label_smoothing, z_loss, softcap, chunk_size, grads and input_grad,
+                               grads and weight_grad, grads and bias_grad, backend)
+    if reduction == "none":
+        return rows, _empty(input, acc), _empty(input, acc), _empty(input, acc)
+    loss = rows.sum()
+    if reduction == "mean":
+        denominator = _mean_denominator(target, weight, ignore_index, acc)
+        loss = loss / denominator  # 0/0 = NaN when every row is ignored, as torch
+        # ... but zero gradients then (every row's G is 0), as torch and the reference: not 0 * inf.
+        inv = torch.where(denominator != 0, 1.0 / denominator, 0.0)
+        for g in (gi, gw, gb):
+            if g is not None:
+                g.mul_(inv)  # once, on the fp32 sums (see the module docstring)
+    return (loss, gi if gi is not None else _empty(input, acc), gw if gw is not None else _empty(input, acc),
+            gb if gb is not None else _empty(input, acc))
+
+
+@linear_cross_entropy_fwd.register_fake
+def _fwd_fake(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
+              softcap, chunk_size, input_grad, weight_grad, bias_grad, backend):
+    acc = acc_dtype(input.dtype)
+    n, d = input.shape
+    v = linear_weight.shape[0]
+    grads = reduction != "none"
+    loss = input.new_empty((n,) if reduction == "none" else (), dtype=acc)
+    gi = input.new_empty((n, d) if grads and input_grad else (0,), dtype=acc)
+    gw = input.new_empty((v, d) if grads and weight_grad else (0,), dtype=acc)
+    gb = input.new_empty((v,) if grads and bias_grad and linear_bias is not None else (0,), dtype=acc)
+    return loss, gi, gw, gb
+
+
+@torch.library.custom_op(BWD, mutates_args=())
+def linear_cross_entropy_bwd(grad_loss: Tensor, input: Tensor, linear_weight: Tensor, target: Tensor,
+                             linear_bias: Tensor | None, weight: Tensor | None, ignore_index: int,
+                             label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+                             input_grad: bool, weight_grad: bool, bias_grad: bool,
+                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_loss_i loss_i for input, linear_weight, linear_bias (reduction none), in
+    their dtypes (shape (0,) where not asked for): the logits are recomputed chunk by chunk."""
+    acc = acc_dtype(input.dtype)
+    _, gi, gw, gb = chunked(input, linear_weight, target, linear_bias, weight, grad_loss.to(acc), ignore_index,
+                            label_smoothing, z_loss, softcap, chunk_size, input_grad, weight_grad, bias_grad, backend)
+    return (gi.to(input.dtype) if gi is not None else _empty(input, input.dtype),
+            gw.to(linear_weight.dtype) if gw is not None else _empty(input, linear_weight.dtype),
+            gb.to(linear_bias.dtype) if gb is not None else _empty(input, input.dtype))
+
+
+@linear_cross_entropy_bwd.register_fake
+def _bwd_fake(grad_loss, input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, z_loss,
+              softcap, chunk_size, input_grad, weight_grad, bias_grad, backend):
+    return (input.new_empty(input.shape if input_grad else (0,)),
+            linear_weight.new_empty(linear_weight.shape if weight_grad else (0,)),
+            input.new_empty(linear_bias.shape if bias_grad and linear_bias is not None else (0,),
+                            dtype=linear_bias.dtype if linear_bias is not None else input.dtype))
+
+
+# --- autograd -----------------------------------------------------------------------------------
+N_FWD_INPUTS = 15
+
+
+def _setup_fwd(ctx, inputs, output):
+    (input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+     chunk_size, input_grad, weight_grad, bias_grad, backend) = inputs
+    _, gi, gw, gb = output
+    ctx.mark_non_differentiable(gi, gw, gb)
+    # Only the loss carries a gradient: no zero-filled tensors for the three gradient outputs.
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    ctx.needs = (input_grad, weight_grad, bias_grad and linear_bias is not None)
+    ctx.dtypes = (input.dtype, linear_weight.dtype, linear_bias.dtype if linear_bias is not None else None)
+    if reduction == "none":
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
+        ctx.scalars = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+        ctx.backend = backend
+    else:
+        ctx.save_for_backward(gi, gw, gb)
+
+
+def _scaled(saved: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """saved * scale in ``dtype``, rounded once. In eager mode the saved fp32 sums are scaled in place (no
+    second (V, D) buffer: the peak stays one weight gradient); a second backward through the same graph
+    then fails the saved-tensor version check, which _backward_fwd turns into a clear error. While traced
+    (torch.compile, AOTAutograd: fake or functional tensors) the product is out of place: the saved
+    buffers belong to the compiled graph."""
+    if type(saved) is not torch.Tensor or torch.compiler.is_compiling():
+        return (saved * scale).to(dtype)
+    return saved.mul_(scale).to(dtype)
+
+
+def _backward_fwd(ctx, grad_loss, _gi, _gw, _gb):
+    result = [None] * N_FWD_INPUTS
+    if grad_loss is None:
+        return tuple(result)
+    need_gi, need_gw, need_gb = ctx.needs
+    if ctx.reduction == "none":
+        input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
+        gi, gw, gb = torch.ops.fusedloss.linear_cross_entropy_bwd(
+            grad_loss, input, linear_weight, target, linear_bias, weight, *ctx.scalars, need_gi, need_gw, need_gb,
+            ctx.backend)
+    else:
+        try:
+            gi, gw, gb = ctx.saved_tensors
+        except RuntimeError as exc:
+            raise RuntimeError(
+                "fusedloss.linear_cross_entropy: backward ran twice through one graph (retain_graph=True); the "
+                "gradients computed in the forward are consumed by the first backward. Recompute the loss, or "
+                "pass reduction='none' and reduce it yourself.") from exc
+        scale = grad_loss  # 0-dim, in the accumulation dtype of the saved sums
+        in_dtype, w_dtype, b_dtype = ctx.dtypes
+        gi = _scaled(gi, scale, in_dtype) if need_gi else None
+        gw = _scaled(gw, scale, w_dtype) if need_gw else None
+        gb = _scaled(gb, scale, b_dtype) if need_gb else None
+    result[0] = gi if need_gi else None
+    result[1] = gw if need_gw else None
+    result[3] = gb if need_gb else None
+    return tuple(result)
+
+
+linear_cross_entropy_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
+linear_cross_entropy_bwd.register_autograd(no_double_backward("linear_cross_entropy"), setup_context=no_context)
