@@ -62,13 +62,22 @@
 
 #include "fusedloss/checks.h"
 #include "fusedloss/cross_entropy_math.h"
+#include "fusedloss/cuda_utils.cuh"
 
 namespace fusedloss {
 namespace ce {
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarpSize = 32;
+using cuda_utils::ceil_div;
+using cuda_utils::is_aligned16;
+using cuda_utils::kFullMask;
+using cuda_utils::kMaxGrid;
+using cuda_utils::kWarpSize;
+using cuda_utils::load_pack;
+using cuda_utils::Pack;
+using cuda_utils::pow2_at_least;
+using cuda_utils::rows_aligned16;
+using cuda_utils::store_pack;
 
 // Forward.
 constexpr int kGroupBlock = 128;             // threads of the group kernel
@@ -86,49 +95,10 @@ constexpr int kFinishBlock = 128;
 constexpr int kBwdBlock = 256;
 constexpr int kBwdIlp = 4;                   // loads per thread per tile
 
-constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
-
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Smallest power of two >= v, for v <= hi; 1 for v <= 1.
-inline int pow2_at_least(int64_t v, int hi) {
-  int p = 1;
-  while (p < v && p < hi) p *= 2;
-  return p;
-}
-
 // Row/split block size: about kElemsPerThread elements per thread, so short rows do not pay for
 // idle threads in the reduction and long rows get the full 1024.
 inline int row_block_threads(int64_t cols) {
   return std::max(kMinRowBlock, pow2_at_least(ceil_div(cols, kElemsPerThread), kMaxRowBlock));
-}
-
-template <typename T>
-bool is_aligned16(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
-// Every row base logits + r * row_stride is 16-byte aligned (a single row needs no stride check:
-// torch reports arbitrary strides for size-1 dimensions).
-template <typename scalar_t>
-bool rows_aligned16(const scalar_t* base, int64_t row_stride, int64_t n_rows) {
-  return is_aligned16(base) &&
-         (n_rows <= 1 || (row_stride * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0);
-}
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <int V, typename T>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
-  *reinterpret_cast<Pack<T, V>*>(p) = v;
 }
 
 template <typename P>

@@ -1,10 +1,8 @@
 #pragma once
 // Small launch and memory helpers of the CUDA kernels, for .cu files only (nvcc).
 //
-// They are the ones csrc/cuda/gap_loss.cu uses; csrc/cuda/cross_entropy.cu still has its own
-// copies of the first group (ceil_div, pow2_at_least, is_aligned16, rows_aligned16, Pack,
-// load_pack, store_pack, kFullMask, kWarpSize, kMaxGrid), identical, and could include this header
-// instead. The lane-order reductions at the end are not used there yet.
+// Shared by every .cu file. The lane-order reductions at the end are not used by cross_entropy.cu,
+// whose own reductions merge (max, sum) pairs.
 
 #include <cstdint>
 #include <limits>
