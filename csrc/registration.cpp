@@ -41,6 +41,14 @@ TORCH_LIBRARY(fusedloss, m) {
       "int ignore_index, float label_smoothing, float z_loss, float softcap, float temperature) "
       "-> (Tensor, Tensor)");
 
+  // The same, on class-major logits (CPU only): logits_t (C, N) contiguous in the accumulation dtype,
+  // column i holding row i. Chunked linear cross-entropy computes a chunk's logits in this layout
+  // on CPU, where the BLAS is faster at producing it (see csrc/cpu/linear_cross_entropy.cpp).
+  m.def(
+      "cross_entropy_fwd_grad_cols_(Tensor(a!) logits_t, Tensor target, Tensor? weight, Tensor? grad_scale, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, float temperature) "
+      "-> (Tensor, Tensor)");
+
   // Multi-class gap hinge. input (N, C) with unit class stride, target (N,) int64, weight (C,) in
   // the accumulation dtype; p is 1 or 2; max_mode keeps only the largest violation per row
   // (Crammer-Singer). Returns the per-row loss (N,) in the accumulation dtype, 0 for ignored rows.

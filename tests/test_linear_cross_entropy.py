@@ -572,3 +572,111 @@ def test_module_holding_only_options():
         fusedloss.nn.LinearCrossEntropyLoss(6)
     with pytest.raises(NotImplementedError, match="out_features"):
         fusedloss.nn.LinearCrossEntropyLoss(6, 10, out_features=(3,))
+
+
+# --- the CPU chunk loop's row kernel on class-major logits: fusedloss::cross_entropy_fwd_grad_cols_ ---
+
+COLS_OPTIONS = {
+    "plain": (False, -100, 0.0, 0.0, 0.0, 1.0),
+    "weight": (True, -100, 0.0, 0.0, 0.0, 1.0),
+    "weight+smoothing": (True, -100, 0.25, 0.0, 0.0, 1.0),
+    "z_loss": (False, -100, 0.0, 1e-3, 0.0, 1.0),
+    "softcap+temperature": (False, -100, 0.0, 0.0, 5.0, 0.7),
+    "in-range ignore_index": (False, 3, 0.0, 0.0, 0.0, 1.0),
+    "everything": (True, -100, 0.05, 1e-4, 30.0, 1.3),
+}
+
+
+def check_cols(N, C, dtype, opts, grad_scale, x=None, t=None):
+    """The op on fresh class-major logits, in place, against the float64 reference (autograd, reduction none)."""
+    use_weight, ignore_index, *scalars = COLS_OPTIONS[opts]
+    if x is None:
+        x = torch.randn(N, C, dtype=dtype) * 3
+        t = torch.randint(0, C, (N,))
+        t[::5] = ignore_index if ignore_index < 0 else t[::5]
+    w = torch.rand(C, dtype=dtype) + 0.5 if use_weight else None
+    g = {"none": None, "vector": torch.randn(N, dtype=dtype),
+         "scalar": torch.tensor(0.37, dtype=dtype).expand(N)}[grad_scale]
+    # Guard bands of NaN on both sides: a write outside the (C, N) block shows.
+    pad = 64
+    buf = torch.full((N * C + 2 * pad,), float("nan"), dtype=dtype)
+    logits_t = buf[pad:pad + N * C].view(C, N)
+    logits_t.copy_(x.T)
+    poison_cpu_allocator(8 * N * 8)
+    loss, lse = torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(logits_t, t, w, g, ignore_index, *scalars)
+
+    x64 = x.double().requires_grad_()
+    ref_loss, ref_lse = reference.cross_entropy(x64, t, w.double() if w is not None else None, ignore_index=ignore_index,
+                                                reduction="none", label_smoothing=scalars[0], z_loss=scalars[1],
+                                                softcap=scalars[2] or None, temperature=scalars[3], return_lse=True)
+    (ref_grad,) = torch.autograd.grad(ref_loss, x64, g.double() if g is not None else torch.ones_like(ref_loss))
+    msg = f"cols N={N} C={C} {dtype} {opts} grad_scale={grad_scale}"
+    assert torch.isnan(buf[:pad]).all() and torch.isnan(buf[pad + N * C:]).all(), f"{msg}: wrote outside logits"
+    assert loss.shape == (N,) and lse.shape == (N,) and loss.dtype == dtype
+    assert_close(loss, ref_loss, dtype, "loss", msg + " loss")
+    assert_close(lse, ref_lse, dtype, "loss", msg + " lse")
+    assert_close(logits_t.T, ref_grad, dtype, "grad", msg + " grad")
+    ignored = t == ignore_index
+    assert (logits_t.T[ignored] == 0).all() and (loss[ignored] == 0).all() and (lse[ignored] == 0).all()
+
+
+# Columns: 1 (scalar path only), 31/32/33 and 65/97 around the 32-column fp32 groups (16 for fp64), 128
+# (the CPU chunk at the headline shape); classes around the 128-class blocks.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("N,C", [(1, 7), (7, 1), (31, 129), (32, 128), (33, 1023), (65, 7), (97, 300), (128, 4097),
+                                 (17, 50257), (3, 131072), (40, 131071)])
+def test_cols_shapes(dtype, N, C):
+    check_cols(N, C, dtype, "everything", "vector")
+
+
+@pytest.mark.parametrize("opts", list(COLS_OPTIONS))
+@pytest.mark.parametrize("grad_scale", ["none", "vector", "scalar"])
+def test_cols_options(opts, grad_scale):
+    check_cols(40, 1023, torch.float32, opts, grad_scale)
+
+
+def test_cols_edge_columns():
+    """Non-finite and huge logits in the vector groups and in the scalar tail: torch's answers."""
+    N, C = 35, 300
+    x = torch.randn(N, C)
+    t = torch.randint(0, C, (N,))
+    x[0, 5] = float("nan")                   # NaN poisons its row
+    x[1, :] = float("-inf"); x[1, 7] = 2.0   # one finite logit
+    x[2, 0] = float("inf")
+    x[3] *= 1e30                             # huge: the lse must keep log_s
+    x[33, 9] = float("nan")                  # in the scalar tail
+    x[34] *= 1e30
+    t[1] = 7
+    t[4] = -100                              # an ignored row with a NaN logit still gets zeros
+    x[4, 3] = float("nan")
+    loss, lse = torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(x.T.contiguous(), t, None, None, -100, 0.0, 0.0,
+                                                                 0.0, 1.0)
+    x64 = x.double()
+    want = F.cross_entropy(x64, t, reduction="none")
+    assert torch.allclose(loss.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True), (loss, want)
+    assert loss[4] == 0 and lse[4] == 0
+
+
+def test_cols_rejects_bad_layout_and_targets():
+    x = torch.randn(50, 8)
+    t = torch.randint(0, 50, (8,))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(x.T, t, None, None, -100, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(x.half(), t, None, None, -100, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="target must have shape"):
+        torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(x, t[:3], None, None, -100, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(x, t, torch.ones(8), None, -100, 0.0, 0.0, 0.0, 1.0)
+    before = x.clone()
+    t[3] = 50
+    with pytest.raises(IndexError, match="out of range"):
+        torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(x, t, None, None, -100, 0.0, 0.0, 0.0, 1.0)
+    assert torch.equal(x, before)
+
+
+def test_cols_opcheck():
+    x = torch.randn(300, 40)
+    t = torch.randint(0, 300, (40,))
+    torch.library.opcheck(torch.ops.fusedloss.cross_entropy_fwd_grad_cols_.default,
+                          (x, t, torch.rand(300) + 0.5, torch.randn(40), -100, 0.1, 1e-3, 0.0, 1.0))

@@ -32,12 +32,13 @@ import contextlib
 import torch
 from torch import Tensor
 
-from fusedloss import reference
+from fusedloss import _backend, reference
 from fusedloss.ops import cross_entropy as _ce
 from fusedloss.ops._common import acc_dtype, no_context, no_double_backward
 
 FWD = "fusedloss::linear_cross_entropy_fwd"
 BWD = "fusedloss::linear_cross_entropy_bwd"
+COLS = "fusedloss::cross_entropy_fwd_grad_cols_"
 
 # Bytes of a chunk's logits when chunk_size is None (see auto_chunk_size): CPU between the bounds, as
 # large as the input's fp32 gradient; CUDA the fixed size.
@@ -157,6 +158,11 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
     loss_kernel = None if grads else _loss_kernel(backend)
     mm_kw = {"out_dtype": acc} if mixed else {}
 
+    if grads and backend == "cpu":
+        _chunks_class_major(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+                            softcap, chunk, logits_buf.view(-1), loss, grad_input, grad_weight, grad_bias)
+        return loss, grad_input, grad_weight, grad_bias
+
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         x = input[start:stop].to(op_dtype)
@@ -183,6 +189,42 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
         if weight_grad:
             torch.addmm(grad_weight, g.T, x, out=grad_weight, **mm_kw)
     return loss, grad_input, grad_weight, grad_bias
+
+
+def _chunks_class_major(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing, z_loss,
+                        softcap, chunk, buf, loss, grad_input, grad_weight, grad_bias):
+    """The CPU chunk loop: every chunk's logits class-major, (V, rows) = W X_c^T, which MKL computes faster
+    than (rows, V) at the few rows a chunk has here (csrc/cpu/linear_cross_entropy.cpp gives the figures),
+    the row kernel of that layout, and the input and weight gradients from it as BLAS operands:
+    dX_c = (G_c^T)^T W, dW += G_c^T X_c. Same math and memory as the row-major loop."""
+    n = input.shape[0]
+    v = w_op.shape[0]
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        x = input[start:stop].to(w_op.dtype)
+        logits_t = buf[: v * (stop - start)].view(v, stop - start)
+        if b_acc is None:
+            torch.mm(w_op, x.T, out=logits_t)
+        else:
+            torch.addmm(b_acc.unsqueeze(1), w_op, x.T, out=logits_t)
+        scale = grad_scale[start:stop] if grad_scale is not None else None
+        loss[start:stop] = torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(
+            logits_t, target[start:stop], weight, scale, ignore_index, label_smoothing, z_loss, softcap, 1.0)[0]
+        if grad_bias is not None:
+            grad_bias += logits_t.sum(1)
+        if grad_input is not None:
+            torch.mm(logits_t.T, w_op, out=grad_input[start:stop])
+        if grad_weight is not None:
+            torch.addmm(grad_weight, logits_t, x, out=grad_weight)
+
+
+def _cols_fake(logits_t, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, temperature):
+    n = logits_t.shape[1]
+    return logits_t.new_empty((n,)), logits_t.new_empty((n,))
+
+
+if _backend.extension_loaded():
+    torch.library.register_fake(COLS)(_cols_fake)
 
 
 def _mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype) -> Tensor:

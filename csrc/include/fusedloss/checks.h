@@ -7,13 +7,11 @@
 
 namespace fusedloss {
 
-inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target,
-                          const std::optional<at::Tensor>& weight) {
-  TORCH_CHECK(logits.dim() == 2, "fusedloss: logits must be 2-D (N, C), got ", logits.dim(), "-D");
-  TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1,
-              "fusedloss: logits must have unit stride along the class dimension");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0),
-              "fusedloss: target must have shape (N,) = (", logits.size(0), ",), got ", target.sizes());
+// target (N,) and weight (C,) of logits with N rows of C classes (any layout).
+inline void check_ce_target_weight(const at::Tensor& logits, int64_t N, int64_t C, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == N,
+              "fusedloss: target must have shape (N,) = (", N, ",), got ", target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, "fusedloss: target must be int64, got ",
               target.scalar_type());
   TORCH_CHECK(target.is_contiguous(), "fusedloss: target must be contiguous");
@@ -21,8 +19,8 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target,
               " but logits are on ", logits.device());
   if (weight.has_value()) {
     const auto& w = *weight;
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == logits.size(1), "fusedloss: weight must have shape (C,) = (",
-                logits.size(1), ",), got ", w.sizes());
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == C, "fusedloss: weight must have shape (C,) = (",
+                C, ",), got ", w.sizes());
     TORCH_CHECK(w.is_contiguous(), "fusedloss: weight must be contiguous");
     TORCH_CHECK(w.device() == logits.device(), "fusedloss: weight is on ", w.device(),
                 " but logits are on ", logits.device());
@@ -30,6 +28,14 @@ inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target,
     TORCH_CHECK(w.scalar_type() == acc, "fusedloss: weight must be ", acc, " for ", logits.scalar_type(),
                 " logits, got ", w.scalar_type());
   }
+}
+
+inline void check_ce_args(const at::Tensor& logits, const at::Tensor& target,
+                          const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(logits.dim() == 2, "fusedloss: logits must be 2-D (N, C), got ", logits.dim(), "-D");
+  TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1,
+              "fusedloss: logits must have unit stride along the class dimension");
+  check_ce_target_weight(logits, logits.size(0), logits.size(1), target, weight);
 }
 
 // The ops that write their result over the logits (cross_entropy_fwd_grad_) need them contiguous:
