@@ -149,9 +149,9 @@ def _owned_weight(w, y_local, owned, n: int, c: int, acc, device) -> Tensor | No
 
 def _combine(m, log_s, sum_wd, z_y, owned, w_y, n_local: int, w_local_sum, live, *, group, eps: float,
              z_loss: float, has_weight: bool):
-    """Steps 2-3: the two all-reduces and the per-row loss. Returns (loss (N,), saved) with saved the per-row
-    tensors the gradient needs: (M, log_S with +inf on rows not live, z_y, w_y, owner count) and the
-    scalars (V, W)."""
+    """Steps 2-3: the two all-reduces and the per-row loss. Returns (loss (N,), (M, log_S, Z_y, W_y), (V, W)):
+    the per-row tensors the gradient needs (log_S is +inf on rows not live, so their p_ij are 0; W_y is
+    w[y] on live rows, 0 elsewhere) and the global class count and weight mass, 0-dim."""
     acc = m.dtype
     M = m.clone()
     dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
@@ -611,7 +611,8 @@ def info_nce(
 
     ``batch_sizes``: ``[(N_0, M_0), (N_1, M_1), ...]`` for every rank when known; None gathers them (one
     tiny all_gather and, on GPUs, a host sync per call). Communication: one all_gather of the keys (of
-    queries and keys for symmetric) forward, one reduce-scatter of their gradient backward.
+    queries and keys for symmetric) forward, one reduce-scatter of their gradient backward, in float32 for
+    fp16/bf16 inputs (see below). The loss is float32 for fp16/bf16/fp32 inputs, gradients in their dtype.
     """
     rank, world = _group_info("info_nce", group)
     _checks.floating("query", query)
@@ -656,16 +657,21 @@ def info_nce(
                                  f"{int(labels[bad][0])} at position {int(bad.nonzero()[0, 0])}")
     global_labels = labels + offset
     kw = dict(temperature=temperature, normalize=normalize, reduction="none", backend=backend)
+    # fp16/bf16 rows travel in float32 (fusedloss.info_nce computes in float32 anyway): the gradient that
+    # comes back is then summed over ranks in float32 and rounded to the input dtype once, by autograd,
+    # instead of once per rank and again in the sum.
+    acc = acc_dtype(query.dtype)
+    q, k = query.to(acc), key.to(acc)
     if symmetric:
         # One collective for both: the backward then has one reduce-scatter, whose order across ranks
         # cannot depend on the order autograd visits two of them.
-        both = _GatherRows.apply(torch.cat([query, key], 1), [q for q, _ in sizes], rank, group)
-        all_q, all_k = both.split(query.shape[1], dim=1)
-        loss = 0.5 * (_functional.info_nce(query, all_k, global_labels, **kw)
-                      + _functional.info_nce(key, all_q, global_labels, **kw))
+        both = _GatherRows.apply(torch.cat([q, k], 1), [n_r for n_r, _ in sizes], rank, group)
+        all_q, all_k = both.split(q.shape[1], dim=1)
+        loss = 0.5 * (_functional.info_nce(q, all_k, global_labels, **kw)
+                      + _functional.info_nce(k, all_q, global_labels, **kw))
     else:
-        all_k = _GatherRows.apply(key, [k for _, k in sizes], rank, group)
-        loss = _functional.info_nce(query, all_k, global_labels, **kw)
+        all_k = _GatherRows.apply(k, [m_r for _, m_r in sizes], rank, group)
+        loss = _functional.info_nce(q, all_k, global_labels, **kw)
     if reduction == "none":
         return loss
     if reduction == "sum":

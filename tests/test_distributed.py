@@ -168,6 +168,7 @@ def case_vocab_parallel_linear_ce(rank, world, seed):
         (torch.float64, "reference", dict(label_smoothing=0.1), "sum", None, True),
         (torch.float64, "cpu", dict(z_loss=1e-2), "mean", 5, False),
         (torch.float32, "cpu", dict(label_smoothing=0.1, weight=True), "mean", None, True),
+        (torch.bfloat16, "cpu", dict(label_smoothing=0.1, z_loss=1e-3), "mean", 4, True),
     ]
     for i, (dtype, backend, opts, reduction, chunk, reduce_grad) in enumerate(cases):
         gen = torch.Generator().manual_seed(seed + 100 + i)
@@ -210,6 +211,7 @@ def case_info_nce(rank, world, seed):
             for dtype, backend in ((torch.float64, "cpu"), (torch.float32, "cpu")):
                 runs.append((symmetric, learnable, dtype, backend, [5] * world, None))
     runs.append((False, True, torch.float64, "reference", [5] * world, None))
+    runs.append((True, True, torch.bfloat16, "cpu", [5] * world, None))
     uneven = [4, 7, 5][:world]
     runs.append((True, True, torch.float64, "cpu", uneven, None))
     runs.append((False, False, torch.float64, "cpu", uneven, [k + 3 for k in uneven]))  # extra keys, labels
@@ -234,6 +236,8 @@ def case_info_nce(rank, world, seed):
         # The terms whose sum over ranks is the single-process mean.
         part = loss / world if reduction == "mean" else loss / total_n
         part.backward()
+        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), msg
+        assert q.grad.dtype == k.grad.dtype == dtype, msg
         summed = part.detach().clone()
         dist.all_reduce(summed)
 
