@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
 # The GPU check: run on a machine with a CUDA GPU and its own torch (no network needed):
 #   bash bench/gpu_check.sh [OUT_DIR]
-#   STAGES="build test check" bash bench/gpu_check.sh      (a subset; default: build test check bench)
+#   STAGES="build test check" bash bench/gpu_check.sh      (a subset; default: build test check sanitize bench)
 # Builds the extension against that torch, runs the whole test suite on CUDA tensors (cuda and
-# triton backends required), the numerical check, then the benchmark. Everything lands in OUT_DIR
-# (default: $OUT, the device tool's output folder, else bench/results/gpu-<date>), named with the GPU.
-# Each stage runs under its own time limit (STAGE_LIMIT_S, default 420 s) so that a slow stage still
-# leaves the logs of the others.
+# triton backends required), the numerical check of every op, compute-sanitizer's memcheck on a small
+# subset, then the benchmark. Everything lands in OUT_DIR (default: $OUT, the device tool's output
+# folder, else bench/results/gpu-<date>), named with the GPU. Each stage runs under its own time
+# limit (STAGE_LIMIT_S, default 420 s; the sanitizer SANITIZE_LIMIT_S, default 240 s) so that a slow
+# stage still leaves the logs of the others. A summary table of the stages is printed last (and
+# written to OUT_DIR/summary.txt).
+#
+# Knobs: TEST_K (pytest -k of the test stage, default every CUDA test), TEST_WORKERS (xdist workers),
+# SANITIZE_K (pytest -k of the sanitizer stage), SANITIZE_TOOLS (default "memcheck"; e.g.
+# "memcheck racecheck"), BENCH_ARGS (extra arguments of the main benchmark), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/gpu-$(date +%F)}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-build test check bench}   # TEST_K: the tests to run (default: every CUDA test)
+STAGES=${STAGES:-build test check sanitize bench}
 LIMIT=${STAGE_LIMIT_S:-420}
+SANITIZE_LIMIT=${SANITIZE_LIMIT_S:-240}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
 export MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-4} PYTHONUNBUFFERED=1
 status=0
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+# The summary: one row per stage (name, result, seconds, what it found).
+SUMMARY=()
+record() {  # record STAGE RESULT START_EPOCH NOTE
+  SUMMARY+=("$(printf '%-9s %-8s %6s  %s' "$1" "$2" "$(( $(date +%s) - $3 ))" "$4")")
+}
+verdict() { [[ $1 == 0 ]] && echo ok || { [[ $1 == 124 || $1 == 137 ]] && echo TIMEOUT || echo FAIL; }; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$OUT_DIR/gpu.txt"
 
@@ -25,8 +39,9 @@ if has build; then
   echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
   start=$(date +%s)
   FUSEDLOSS_CUDA=1 timeout "$LIMIT" $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT_DIR/build.log" 2>&1 \
-    || { tail -60 "$OUT_DIR/build.log"; exit 1; }
+    || { tail -60 "$OUT_DIR/build.log"; record build FAIL "$start" "see build.log"; printf '%s\n' "${SUMMARY[@]}"; exit 1; }
   echo "built in $(( $(date +%s) - start )) s"
+  record build ok "$start" "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 fi
 $PY -m fusedloss info | tee "$OUT_DIR/info.txt"
 
@@ -35,22 +50,92 @@ if has test; then
   xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n ${TEST_WORKERS:-6}")
   start=$(date +%s)
   FUSEDLOSS_REQUIRE_BACKENDS=cuda,triton timeout -s INT -k 30 "$LIMIT" $PY -m pytest -q -ra -p no:cacheprovider $xdist -k "${TEST_K:-cuda}" \
-    --durations=15 tests > "$OUT_DIR/pytest-cuda.txt" 2>&1 || status=1
+    --durations=15 tests > "$OUT_DIR/pytest-cuda.txt" 2>&1
+  rc=$?; [[ $rc == 0 ]] || status=1
   echo "tests took $(( $(date +%s) - start )) s"
   grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest-cuda.txt" | head -40
   grep -E "^E  " "$OUT_DIR/pytest-cuda.txt" | sort | uniq -c | sort -rn | head -40
   tail -25 "$OUT_DIR/pytest-cuda.txt"
+  record test "$(verdict $rc)" "$start" "$(grep -E '^=+ .*(passed|failed|error).* =+$' "$OUT_DIR/pytest-cuda.txt" | tail -1 | tr -d '=' | xargs)"
 fi
 
 if has check; then
   echo "== check"
-  timeout "$LIMIT" $PY -m fusedloss check --device cuda > "$OUT_DIR/check.txt" 2>&1 || status=1
-  tail -20 "$OUT_DIR/check.txt"
+  start=$(date +%s)
+  timeout "$LIMIT" $PY -m fusedloss check --device cuda --no-progress > "$OUT_DIR/check.txt" 2>&1
+  rc=$?; [[ $rc == 0 ]] || status=1
+  grep -E "FAIL" "$OUT_DIR/check.txt" | head -30
+  tail -4 "$OUT_DIR/check.txt"
+  record check "$(verdict $rc)" "$start" "$(grep -E '^check: (PASS|FAIL)' "$OUT_DIR/check.txt" | tail -1)"
+fi
+
+if has sanitize; then
+  # compute-sanitizer on a few CUDA tests per op (odd sizes, layouts, empty and all-ignored inputs)
+  # and on `fusedloss check` of the cuda backend (every op and option once, bf16): the sanitizer runs
+  # kernels 10-100x slower, so the subset is small. PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every
+  # tensor its own cudaMalloc: with the caching allocator, an access past a tensor's end usually
+  # lands in another block of the same segment and memcheck cannot see it.
+  echo "== sanitize"
+  start=$(date +%s)
+  SAN=$(command -v compute-sanitizer || true)
+  [[ -z $SAN && -x /usr/local/cuda/bin/compute-sanitizer ]] && SAN=/usr/local/cuda/bin/compute-sanitizer
+  [[ -z $SAN && -n ${CUDA_HOME:-} && -x $CUDA_HOME/bin/compute-sanitizer ]] && SAN=$CUDA_HOME/bin/compute-sanitizer
+  if [[ -z $SAN ]]; then
+    echo "sanitize: SKIPPED: compute-sanitizer not found (not on PATH, nor in /usr/local/cuda/bin or \$CUDA_HOME/bin)"
+    record sanitize skipped "$start" "compute-sanitizer not found"
+  else
+    K=${SANITIZE_K:-"cuda-cuda and (test_layouts or test_all_ignored_and_empty or test_fwd_grad_edge_rows or test_nonfinite_and_huge_logits or test_one_dim_input_and_module or test_noncontiguous_inputs or test_lse_ops_empty_sides or (test_shapes and float32 and (N257-C1023 or N3-C7 or 2-1000 or 2-3-)))"}
+    notes=()
+    san_rc=0
+    for tool in ${SANITIZE_TOOLS:-memcheck}; do
+      log="$OUT_DIR/sanitize-$tool.txt"
+      half=$(( SANITIZE_LIMIT / 2 ))
+      {
+        echo "## pytest -k \"$K\""
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 30 "$half" "$SAN" --tool "$tool" --error-exitcode 86 --print-limit 50 \
+          $PY -m pytest -q -p no:cacheprovider -x -k "$K" tests
+        echo "## pytest exit $?"
+        echo "## fusedloss check --device cuda --backend cuda --dtype bfloat16"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 30 "$half" "$SAN" --tool "$tool" --error-exitcode 86 --print-limit 50 \
+          $PY -m fusedloss check --device cuda --backend cuda --dtype bfloat16 --quiet --no-progress
+        echo "## check exit $?"
+      } > "$log" 2>&1
+      codes=$(grep -E "^## (pytest|check) exit" "$log" | awk '{print $4}' | xargs)
+      errors=$(grep -E "ERROR SUMMARY: [0-9]+ error" "$log" | awk '{s += $4} END {print s + 0}')
+      echo "$tool: exit codes (pytest, check) $codes; ERROR SUMMARY total $errors error(s); log $log"
+      grep -E "^=+ .*(passed|failed|error).* =+$" "$log" | tail -1
+      grep -E "^========= (Invalid|Program hit|Uninitialized|Race|Error)" "$log" | sort | uniq -c | sort -rn | head -20
+      [[ $codes == "0 0" && $errors == 0 ]] || { san_rc=1; status=1; }
+      [[ $codes == *124* || $codes == *137* || $codes == *130* ]] && notes+=("$tool: a part TIMED OUT")
+      notes+=("$tool: $errors sanitizer error(s), exit $codes")
+    done
+    record sanitize "$( [[ $san_rc == 0 ]] && echo ok || echo FAIL )" "$start" "$(IFS=';'; echo "${notes[*]}")"
+  fi
 fi
 
 if has bench; then
   echo "== bench"
-  timeout "$LIMIT" $PY -m fusedloss bench --device cuda --no-plot ${BENCH_ARGS:-} --out "$OUT_DIR" > "$OUT_DIR/bench.txt" 2>&1 || status=1
+  start=$(date +%s)
+  # The large case first: cross-entropy at 16384 x 131072 in bf16 (4.3 GB of logits), every provider
+  # and mode; its own folder, so that its CSV does not overwrite the sweep's cross_entropy CSV.
+  timeout "$LIMIT" $PY -m fusedloss bench --device cuda --no-plot --ops cross_entropy --dtype bfloat16 \
+    --shapes "N=16384,C=131072" --out "$OUT_DIR/ce-16384x131072-bf16" > "$OUT_DIR/bench-ce-large.txt" 2>&1
+  rc_large=$?
+  tail -20 "$OUT_DIR/bench-ce-large.txt"
+  timeout "$LIMIT" $PY -m fusedloss bench --device cuda --no-plot ${BENCH_ARGS:-} --out "$OUT_DIR" > "$OUT_DIR/bench.txt" 2>&1
+  rc=$?
   tail -60 "$OUT_DIR/bench.txt"
+  [[ $rc == 0 && $rc_large == 0 ]] || status=1
+  csvs=$(ls "$OUT_DIR"/*.csv "$OUT_DIR"/ce-16384x131072-bf16/*.csv 2>/dev/null | wc -l)
+  record bench "$(verdict $(( rc > rc_large ? rc : rc_large )))" "$start" "sweep exit $rc, CE 16384x131072 bf16 exit $rc_large; $csvs CSV file(s)"
 fi
+
+{
+  echo
+  echo "== summary ($(head -2 "$OUT_DIR/gpu.txt" | tail -1 | cut -d, -f1))"
+  printf '%-9s %-8s %6s  %s\n' stage result seconds details
+  printf '%-9s %-8s %6s  %s\n' ----- ------ ------- -------
+  printf "%s\n" ${SUMMARY[@]+"${SUMMARY[@]}"}
+  echo "overall: $([[ $status == 0 ]] && echo PASS || echo FAIL); logs in $OUT_DIR"
+} | tee "$OUT_DIR/summary.txt"
 exit $status

@@ -142,7 +142,32 @@ def info() -> dict:
         "default_backend_override": os.environ.get(ENV_VAR),
         "backends": {d: available(d) for d in devices},
     }
+    report.update(_build_report())
     return report
+
+
+def _build_report() -> dict:
+    """What the loaded extension was compiled for (read from its binary, see _buildinfo), and the
+    GPU's architecture: a GPU whose architecture has no SASS (nor older PTX) cannot run the kernels."""
+    from fusedloss import _buildinfo
+
+    built = _buildinfo.read(_C.__file__) if _C is not None and getattr(_C, "__file__", None) else {}
+    archs = built.get("cuda_archs")
+    out = {
+        "cuda_archs": _buildinfo.format_archs(archs) if cuda_built() else None,
+        "cpu_vector_isa": built.get("cpu_vector_isa"),
+        "gpu_arch": None,
+        "gpu_arch_supported": None,
+    }
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        sm = major * 10 + minor
+        out["gpu_arch"] = f"sm_{sm}"
+        if cuda_built() and archs:
+            # SASS runs on its own major version at an equal or higher minor; PTX is JIT-compiled for any newer GPU
+            out["gpu_arch_supported"] = (any(a // 10 == major and a <= sm for a in archs["sass"])
+                                         or any(a <= sm for a in archs["ptx"]))
+    return out
 
 
 def _triton_version() -> str | None:
