@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from fusedloss import backends, ops, reference  # noqa: E402  (ops registers the torch.library ops)
 from fusedloss import functional, nn  # noqa: E402
 from fusedloss.backends import info  # noqa: E402
-from fusedloss.functional import cross_entropy, gap_loss, info_nce, linear_cross_entropy  # noqa: E402
+from fusedloss.functional import cross_entropy, focal_loss, gap_loss, info_nce, linear_cross_entropy  # noqa: E402
 
-__all__ = ["__version__", "backends", "cross_entropy", "functional", "gap_loss", "info", "info_nce",
+__all__ = ["__version__", "backends", "cross_entropy", "focal_loss", "functional", "gap_loss", "info", "info_nce",
            "linear_cross_entropy", "nn", "reference"]
