@@ -923,7 +923,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_fwd_cuda(const at::Ten
   auto fwd = cross_entropy_fwd_cuda(logits, target, std::nullopt, ignore_index, 0.0, 0.0, 0.0, 1.0);
   at::Tensor loss = std::get<0>(fwd);  // each live row's nll until focal_finish_kernel
   at::Tensor stats = std::get<2>(fwd);
-  at::Tensor coef = at::empty_like(loss);
+  at::Tensor coef = at::empty({logits.size(0)}, loss.options());
   const int64_t n = logits.size(0);
   if (n == 0) return {loss, stats, coef};
 
