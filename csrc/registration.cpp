@@ -49,6 +49,17 @@ TORCH_LIBRARY(fusedloss, m) {
       "int ignore_index, float label_smoothing, float z_loss, float softcap, float temperature) "
       "-> (Tensor, Tensor)");
 
+  // Focal loss (cross_entropy_math.h (6)): the cross-entropy forward's row pass with a focal finish.
+  // logits, target as for cross_entropy_fwd; weight (C,) in the accumulation dtype is the per-class
+  // factor a_y of the row's loss (the functional API passes weight * alpha); gamma >= 0. Returns, in
+  // the accumulation dtype: the per-row loss a_y (1 - p_y)^gamma (-log p_y) (N,), stats (N, 2) =
+  // (max, log_s) as cross_entropy_fwd's, and coef (N,) with d loss_i / d logits_i = coef_i *
+  // (softmax(logits_i) - onehot(y_i)). Ignored rows give zeros. No backward op of its own: the
+  // gradient is cross_entropy_bwd(grad_loss * coef, None, logits, target, None, stats, ignore_index,
+  // 0, 0, 0, 1), composed in Python (fusedloss/ops/focal_loss.py).
+  m.def("focal_loss_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float gamma) "
+        "-> (Tensor, Tensor, Tensor)");
+
   // Multi-class gap hinge. input (N, C) with unit class stride, target (N,) int64, weight (C,) in
   // the accumulation dtype; p is 1 or 2; max_mode keeps only the largest violation per row
   // (Crammer-Singer). Returns the per-row loss (N,) in the accumulation dtype, 0 for ignored rows.

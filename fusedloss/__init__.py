@@ -6,7 +6,7 @@ from fusedloss import backends, ops, reference  # noqa: E402  (ops registers the
 from fusedloss import distributed, functional, nn  # noqa: E402  (distributed: no process group needed to import)
 from fusedloss.backends import info  # noqa: E402
 from fusedloss.compose import ComposedLoss, build_loss, register_loss  # noqa: E402
-from fusedloss.functional import cross_entropy, gap_loss, info_nce, linear_cross_entropy  # noqa: E402
+from fusedloss.functional import cross_entropy, focal_loss, gap_loss, info_nce, linear_cross_entropy  # noqa: E402
 
-__all__ = ["ComposedLoss", "__version__", "backends", "build_loss", "cross_entropy", "distributed", "functional",
-           "gap_loss", "info", "info_nce", "linear_cross_entropy", "nn", "reference", "register_loss"]
+__all__ = ["ComposedLoss", "__version__", "backends", "build_loss", "cross_entropy", "distributed", "focal_loss",
+           "functional", "gap_loss", "info", "info_nce", "linear_cross_entropy", "nn", "reference", "register_loss"]

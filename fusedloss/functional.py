@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fusedloss import _backend, _checks, reference
 from fusedloss.ops import cross_entropy as _ce
+from fusedloss.ops import focal_loss as _fl
 from fusedloss.ops import gap_loss as _gap
 from fusedloss.ops import info_nce as _nce
 from fusedloss.ops import linear_cross_entropy as _lce
 from fusedloss.ops._common import acc_dtype
 
-__all__ = ["cross_entropy", "gap_loss", "info_nce", "linear_cross_entropy"]
+__all__ = ["cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy"]
 
 
 def _reduce_rows(loss: Tensor, reduction: str, out_shape: torch.Size, denominator) -> Tensor:
@@ -22,6 +25,30 @@ def _reduce_rows(loss: Tensor, reduction: str, out_shape: torch.Size, denominato
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / denominator()
+
+
+def _class_rows(input: Tensor, C: int) -> Tensor:
+    """input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)`` as ``(rows, C)`` with unit class stride, the
+    layout the row kernels take: the class dimension moves last (free for channels-last input, one
+    copy otherwise)."""
+    if input.dim() == 1:
+        rows = input.unsqueeze(0)
+    elif input.dim() == 2:
+        rows = input
+    else:
+        rows = input.movedim(1, -1).reshape(-1, C)
+    if C > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _weighted_count(flat_target: Tensor, w: Tensor | None, ignore_index: int, C: int, acc: torch.dtype) -> Tensor:
+    """torch's weighted-mean denominator: the weight mass of the non-ignored targets (their count
+    without weights)."""
+    kept = flat_target != ignore_index
+    if w is None:
+        return kept.sum().to(acc)
+    return (w[flat_target.clamp(0, C - 1)] * kept).sum()
 
 
 def cross_entropy(
@@ -85,34 +112,109 @@ def cross_entropy(
     if name == "reference":
         return reference.cross_entropy(input, target, weight, **kwargs)
 
-    # The kernels take (rows, C) with unit class stride: the class dimension moves last (free for
-    # channels-last input, one copy otherwise).
-    if input.dim() == 1:
-        rows = input.unsqueeze(0)
-    elif input.dim() == 2:
-        rows = input
-    else:
-        rows = input.movedim(1, -1).reshape(-1, C)
-    if C > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
+    rows = _class_rows(input, C)
     flat_target = target.reshape(-1).to(torch.int64).contiguous()
     acc = acc_dtype(input.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
 
     loss, lse, _ = _ce.forward_op(name)(rows, flat_target, w, int(ignore_index), label_smoothing, z_loss,
                                      softcap or 0.0, temperature)
-
-    def denominator():
-        kept = flat_target != ignore_index
-        if w is None:
-            return kept.sum().to(acc)
-        # torch's weighted mean divides by the weight mass of the non-ignored targets.
-        return (w[flat_target.clamp(0, C - 1)] * kept).sum()
-
-    out = _reduce_rows(loss, reduction, expected, denominator)
+    out = _reduce_rows(loss, reduction, expected, lambda: _weighted_count(flat_target, w, ignore_index, C, acc))
     if return_lse:
         return out, lse.view(expected)
     return out
+
+
+def focal_loss(
+    input: Tensor,
+    target: Tensor,
+    gamma: float = 2.0,
+    alpha: float | Tensor | None = None,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> Tensor:
+    """Multi-class focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection"), fused in the
+    cross-entropy row kernels.
+
+    Per element, with p = softmax(input) along the class dimension and y the target class:
+    ``weight[y] * alpha_y * (1 - p_y) ** gamma * (-log p_y)``, 0 where ``target == ignore_index``.
+
+    - ``gamma``: a float >= 0. ``gamma=0`` with ``alpha=None`` is ``cross_entropy(input, target, weight)``.
+    - ``alpha``: ``None`` (alpha_y = 1), a float >= 0 that scales every class alike, or a ``(C,)``
+      tensor indexed by the target class (alpha_y = alpha[y]), the multi-class form of the paper's
+      alpha-balancing. (torchvision's ``sigmoid_focal_loss`` alpha, alpha for positives and
+      1 - alpha for negatives, belongs to the binary sigmoid form; it is not this one.)
+    - ``weight``: ``(C,)`` class weights, as in ``cross_entropy``.
+    - ``reduction``: ``"none"`` (the target's shape), ``"sum"``, or ``"mean"``: the sum divided by
+      ``sum(weight[y])`` over the non-ignored elements (their count without ``weight``), which is
+      ``cross_entropy``'s weighted mean. alpha enters the numerator only, weight both; every element
+      ignored gives NaN, as in torch.
+
+    input ``(C,)`` with a 0-dim target, ``(N, C)`` with target ``(N,)``, or ``(N, C, d1, ...)`` with
+    target ``(N, d1, ...)``; class-index targets only. The loss is float32 for fp16/bf16/fp32 input
+    (float64 for float64); the gradient has the input's dtype. Only ``input`` gets a gradient
+    (``weight`` and ``alpha`` are constants). Targets are checked against ``[0, C)`` on the CPU
+    backend; the GPU backends give NaN for that element instead.
+    """
+    _checks.floating("input", input)
+    _checks.tensor("target", target)
+    _checks.reduction(reduction)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a float >= 0, got {type(gamma).__name__}")
+    gamma = float(gamma)
+    if not (math.isfinite(gamma) and gamma >= 0.0):
+        raise ValueError(f"gamma must be a finite float >= 0, got {gamma}")
+    if input.dim() == 0:
+        raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
+    cdim = 0 if input.dim() == 1 else 1
+    C = input.shape[cdim]
+    if C == 0:
+        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
+    _checks.same_device("target", target, "input", input)
+    if isinstance(alpha, Tensor):
+        _checks.floating("alpha", alpha)
+        if alpha.dim() != 1 or alpha.shape[0] != C:
+            raise ValueError(f"alpha must be a float or a tensor of shape ({C},) (one per class), got shape "
+                             f"{tuple(alpha.shape)}")
+        _checks.same_device("alpha", alpha, "input", input)
+    elif alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be None, a float or a ({C},) tensor, got {type(alpha).__name__}")
+        alpha = float(alpha)
+        if not (math.isfinite(alpha) and alpha >= 0.0):
+            raise ValueError(f"alpha must be a finite float >= 0, got {alpha}")
+    weight = _checks.class_weight(weight, C, input)
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold int64 class indices (focal_loss takes no probability targets), got dtype "
+                        f"{target.dtype}")
+    expected = input.shape[:cdim] + input.shape[cdim + 1:]
+    if target.shape != expected:
+        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    name = _backend.resolve(backend, input.device)
+    if name == "reference":
+        return reference.focal_loss(input, target, gamma, alpha, weight=weight, ignore_index=ignore_index,
+                                    reduction=reduction)
+
+    rows = _class_rows(input, C)
+    flat_target = target.reshape(-1).to(torch.int64).contiguous()
+    acc = acc_dtype(input.dtype)
+    w = weight.detach().to(acc) if weight is not None else None
+    # The kernels take one per-class factor a_y = weight[y] * alpha_y; weight alone is the mean's
+    # denominator.
+    factor = w
+    if isinstance(alpha, Tensor):
+        factor = alpha.detach().to(acc) if factor is None else factor * alpha.detach().to(acc)
+    elif alpha is not None:
+        factor = torch.full((C,), alpha, dtype=acc, device=input.device) if factor is None else factor * alpha
+    if factor is not None:
+        factor = factor.contiguous()
+
+    loss, _, _ = _fl.forward_op(name)(rows, flat_target, factor, int(ignore_index), gamma)
+    return _reduce_rows(loss, reduction, expected, lambda: _weighted_count(flat_target, w, ignore_index, C, acc))
 
 
 def linear_cross_entropy(

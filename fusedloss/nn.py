@@ -10,7 +10,7 @@ from torch.nn import _reduction
 
 from fusedloss import functional as F
 
-__all__ = ["CrossEntropyLoss", "GapLoss", "InfoNCELoss", "LinearCrossEntropyLoss", "MultiMarginLoss"]
+__all__ = ["CrossEntropyLoss", "FocalLoss", "GapLoss", "InfoNCELoss", "LinearCrossEntropyLoss", "MultiMarginLoss"]
 
 
 class CrossEntropyLoss(nn.Module):
@@ -175,6 +175,49 @@ class GapLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, p={self.p}, reduction={self.reduction!r}, "
                 f"class_normalize={self.class_normalize}, mode={self.mode!r}")
+
+
+class FocalLoss(nn.Module):
+    """Multi-class focal loss (see ``fusedloss.focal_loss``): gamma 2 by default.
+
+    ``alpha`` (a ``(C,)`` tensor) and ``weight`` are buffers (they follow ``.to()``); a float alpha is
+    a plain attribute.
+    """
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: float | Tensor | None = None,
+        *,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.gamma = gamma
+        if isinstance(alpha, Tensor):
+            self.register_buffer("alpha", alpha)
+        else:
+            self.alpha = alpha
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.focal_loss(input, target, self.gamma, self.alpha, weight=self.weight, ignore_index=self.ignore_index,
+                            reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        parts = [f"gamma={self.gamma}"]
+        if self.alpha is not None:
+            parts.append(f"alpha={self.alpha}" if not isinstance(self.alpha, Tensor) else
+                         f"alpha=<tensor of {self.alpha.shape[0]}>")
+        parts += [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
 
 
 class MultiMarginLoss(GapLoss):

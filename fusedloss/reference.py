@@ -93,6 +93,58 @@ def cross_entropy(
     return (out, lse) if return_lse else out
 
 
+def focal_loss(
+    input: Tensor,
+    target: Tensor,
+    gamma: float = 2.0,
+    alpha: float | Tensor | None = None,
+    *,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+):
+    """Multi-class focal loss (Lin et al. 2017) from its formula, by autograd through it.
+
+    Per element (0 where ``target == ignore_index``), with p = softmax(input) along the class dim:
+      w[y] * alpha_y * (1 - p_y)**gamma * (-log p_y)
+    alpha_y is 1 (None), alpha (a float) or alpha[y] (a (C,) tensor). ``mean`` divides the sum by
+    the sum of w[y] over non-ignored elements (their count without weights): alpha is not in the
+    denominator. 1 - p_y is ``-expm1(log p_y)``; where it is exactly 0 (a row one-hot in the compute
+    dtype), (1 - p_y)**gamma is taken as the constant 0 (1 for gamma = 0), whose gradient, 0, is the
+    limit: autograd through q**gamma would give 0 * inf there for gamma < 1.
+    """
+    cdim = 0 if input.dim() == 1 else 1
+    C = input.shape[cdim]
+    x = input.to(_compute_dtype(input.dtype))
+    logp_all = torch.log_softmax(x, dim=cdim)
+    ignored = target == ignore_index
+    if target.device.type == "cpu" and target.numel():
+        bad = ~ignored & ((target < 0) | (target >= C))
+        if bool(bad.any()):
+            raise IndexError(f"target {int(target[bad][0])} is out of range for {C} classes")
+    safe = target.masked_fill(ignored, 0)
+    logp = logp_all.gather(cdim, safe.unsqueeze(cdim)).squeeze(cdim)
+    q = -torch.expm1(logp)
+    if gamma == 0:
+        focal = torch.ones_like(q)
+    else:
+        live = q > 0
+        focal = torch.where(live, torch.where(live, q, 1.0) ** gamma, 0.0)
+    loss = -focal * logp
+    w_y = weight.to(x.dtype)[safe] if weight is not None else torch.ones_like(loss)
+    loss = loss * w_y
+    if isinstance(alpha, Tensor):
+        loss = loss * alpha.to(x.dtype)[safe]
+    elif alpha is not None:
+        loss = loss * float(alpha)
+    loss = loss.masked_fill(ignored, 0.0)
+    if reduction == "mean":
+        return loss.sum() / (w_y * ~ignored).sum()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
 def gap_loss(
     input: Tensor,
     target: Tensor,

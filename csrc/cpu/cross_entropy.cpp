@@ -13,6 +13,8 @@
 // cross-entropy): the forward's pass over a row, then, by the same thread while the row is still
 // in L2, the backward's pass over it with the gradient written over the logits. Rows cut into
 // pieces (few long rows) finish their stats first, then write their gradient piece by piece.
+// Focal loss forward (focal_loss_fwd): the forward's pass with a focal finish of each row; its
+// backward is the cross-entropy backward with a per-row grad_loss.
 #define FL_CPU_VEC 1
 #include "fusedloss/checks.h"
 #include "fusedloss/cpu_utils.h"
@@ -335,6 +337,45 @@ void ce_fwd_grad_cpu_impl(at::Tensor& logits, const at::Tensor& target, const st
   }
 }
 
+// Focal loss ((6) in cross_entropy_math.h): the forward's row pass, finished with focal_row on the
+// row's nll (row_loss without weights: the options carry no smoothing, z-loss, softcap or
+// temperature) and a_y = weight[y]. The gradient needs no kernel of its own (see registration.cpp).
+template <typename scalar_t>
+void focal_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                        const ce::Options<at::opmath_type<scalar_t>>& o, at::opmath_type<scalar_t> gamma,
+                        at::Tensor& loss, at::Tensor& stats, at::Tensor& coef) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = logits.size(0), C = logits.size(1), row_stride = logits.stride(0);
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  const acc_t* w = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
+  acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
+  acc_t* stats_p = stats.mutable_data_ptr<acc_t>();
+  acc_t* coef_p = coef.mutable_data_ptr<acc_t>();
+  cpu::check_targets(t, N, C, o.ignore_index);
+
+  auto finish_row = [&](int64_t row, const ce::RowStats<acc_t>* merged) {
+    if (merged == nullptr) {
+      loss_p[row] = 0;
+      coef_p[row] = 0;
+      stats_p[2 * row] = 0;
+      stats_p[2 * row + 1] = 0;
+      return;
+    }
+    const int64_t y = t[row];
+    const acc_t z_y = ce::transform_logit<acc_t>(static_cast<acc_t>(x[row * row_stride + y]), o);
+    acc_t nll, lse;
+    ce::row_loss(*merged, z_y, acc_t(1), o, &nll, &lse, stats_p + 2 * row + 1);
+    stats_p[2 * row] = merged->max;
+    const auto f = ce::focal_row<acc_t>(nll, w ? w[y] : acc_t(1), gamma);
+    loss_p[row] = f.loss;
+    coef_p[row] = f.coef;
+  };
+  // The class weights enter only through a_y: the stats pass reads none (no smoothing).
+  for_each_row_stats<scalar_t, acc_t>(x, row_stride, t, static_cast<const acc_t*>(nullptr), N, C, fwd_piece(N, C),
+                                      o, finish_row);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                          double label_smoothing, double z_loss, double softcap,
@@ -392,10 +433,29 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_grad_cpu(at::Tensor& logits
   return {loss, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   int64_t ignore_index, double gamma) {
+  check_ce_args(logits, target, weight);
+  TORCH_CHECK(gamma >= 0, "fusedloss: focal_loss gamma must be >= 0, got ", gamma);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  auto stats = at::empty({logits.size(0), 2}, logits.options().dtype(acc));
+  auto coef = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  if (logits.size(0) == 0) return {loss, stats, coef};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "focal_loss_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto o = make_options<acc_t>(logits.size(1), ignore_index, 0.0, 0.0, 0.0, 1.0);
+    focal_fwd_cpu_impl<scalar_t>(logits, target, weight, o, static_cast<acc_t>(gamma), loss, stats, coef);
+  });
+  return {loss, stats, coef};
+}
+
 }  // namespace
 }  // namespace fusedloss
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("focal_loss_fwd", &fusedloss::focal_loss_fwd_cpu);
   m.impl("cross_entropy_fwd_grad_", &fusedloss::cross_entropy_fwd_grad_cpu);
   m.impl("cross_entropy_fwd", &fusedloss::cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &fusedloss::cross_entropy_bwd_cpu);

@@ -12,7 +12,12 @@ The per-row math follows csrc/include/fusedloss/cross_entropy_math.h step by ste
       lse_term = g 2 lambda lse + g_lse, p_scale = nll + smooth W + lse_term
   (5) times dz/dx = transform_grad(z) = (1 - tanh^2(x / softcap)) / T, from z itself
 
+  (6) focal loss: loss = a_y q^gamma nll, coef = a_y q^gamma (1 + gamma p_y nll / q), with
+      nll = (m - z_y) + log_s, q = 1 - p_y = -expm1(-nll)            (_focal_row)
+
 The forward returns loss (N,), lse (N,) and stats (N, 2) = (m, log_s); the backward reads stats.
+The focal loss forward (fusedloss::focal_loss_fwd_triton) is the forward's program finished with
+(6); it returns loss, stats and coef, and its gradient is the backward's with grad_loss * coef.
 The forward + gradient (fusedloss::cross_entropy_fwd_grad_triton_, the row kernel of chunked linear
 cross-entropy) does both in one program per row: the forward's pass, then the backward's pass with
 the gradient written over the logits while the row is still in cache.
@@ -40,7 +45,7 @@ from fusedloss.triton._common import launch_config as _launch_config
 from fusedloss.triton._common import param
 from fusedloss.triton._common import split_float as _split_float
 
-__all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fwd_grad_"]
+__all__ = ["cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_fwd_grad_", "focal_loss_fwd"]
 
 # Forward: one program per row loops over the row in chunks of BLOCK_SIZE classes; a large chunk
 # means few block reductions per row (a max and a sum per chunk, two more with label smoothing).
@@ -322,6 +327,73 @@ def _cross_entropy_fwd_kernel(
                                     HAS_SMOOTHING)
     tl.store(loss_ptr + row, _dead_row_fill(loss, ignored, in_range))
     tl.store(lse_ptr + row, _dead_row_fill(lse, ignored, in_range))
+    tl.store(stats_ptr + 2 * row, _dead_row_fill(m, ignored, in_range))
+    tl.store(stats_ptr + 2 * row + 1, _dead_row_fill(log_s, ignored, in_range))
+
+
+@triton.jit
+def _focal_row(nll, a_y, gamma):
+    # (6): focal_row of cross_entropy_math.h, where the derivation is. loss = a_y q^gamma nll and
+    # coef = a_y q^gamma (1 + gamma p nll / q), q = 1 - p = -expm1(-nll). q^gamma is
+    # exp(gamma log q) (triton.language has no pow that the interpreter runs), taken only where
+    # q > 0: q = 0 gives 0 (q * 0 keeps a NaN q NaN), and gamma = 0 gives 1 whatever q. Its relative
+    # error is about |gamma log q| ulps, under 100 ulps wherever q^gamma is a normal float32.
+    q = -_expm1(-nll)
+    p = tl.exp(-nll)
+    q_pos = q > 0.0
+    q_gamma = tl.where(q_pos, tl.exp(gamma * tl.log(tl.where(q_pos, q, 1.0))), q * 0.0)
+    q_gamma = tl.where(gamma == 0.0, 1.0, q_gamma)
+    nll_over_q = tl.where(q > 0.0, nll / tl.where(q > 0.0, q, 1.0), 1.0)
+    p_term = gamma * p * tl.where(p > 0.0, nll_over_q, 0.0)  # p = 0: 0, not 0 * inf
+    loss = a_y * (q_gamma * nll)
+    coef = a_y * (q_gamma * (1.0 + p_term))
+    return loss, coef
+
+
+# ----------------------------------------------------------------------------------------------
+# Focal loss forward: (2) + (6), one program per row
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _focal_loss_fwd_kernel(
+    logits_ptr,
+    logits_row_stride,
+    target_ptr,
+    weight_ptr,
+    loss_ptr,
+    stats_ptr,
+    coef_ptr,
+    num_classes,
+    ignore_index,
+    gamma_hi,
+    gamma_lo,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # The forward's program with neither weights in the stats nor smoothing, z-loss, softcap or
+    # temperature: _row_loss gives the row's nll, _focal_row finishes it with a_y = weight[y].
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_row_stride
+    gamma = param(gamma_hi, gamma_lo, ACC)
+    one = tl.full([], 1.0, ACC)
+    zero = tl.zeros([], ACC)
+    y, ignored, in_range, active, y_safe = _row_target(target_ptr, row, num_classes, ignore_index)
+
+    x_y = tl.load(logits_row + y_safe, mask=active, other=0.0).to(ACC)
+    z_y = _transform_logit(x_y, one, one, one, False)
+    if HAS_WEIGHT:
+        a_y = tl.load(weight_ptr + y_safe, mask=active, other=0.0).to(ACC)
+    else:
+        a_y = one
+
+    m, s, sum_wd, sum_w = _row_stats(logits_row, weight_ptr, num_classes, tl.where(active, num_classes, 0), one, one,
+                                     one, ACC, False, False, False, BLOCK_SIZE)
+    nll, lse, m, log_s = _row_loss(m, s, sum_wd, sum_w, z_y, one, zero, zero, num_classes, active, ACC, False)
+    loss, coef = _focal_row(nll, a_y, gamma)
+    tl.store(loss_ptr + row, _dead_row_fill(loss, ignored, in_range))
+    tl.store(coef_ptr + row, _dead_row_fill(coef, ignored, in_range))
     tl.store(stats_ptr + 2 * row, _dead_row_fill(m, ignored, in_range))
     tl.store(stats_ptr + 2 * row + 1, _dead_row_fill(log_s, ignored, in_range))
 
@@ -662,3 +734,46 @@ def cross_entropy_fwd_grad_(
         num_warps=num_warps,
     )
     return loss, lse
+
+
+def focal_loss_fwd(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    gamma: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Focal loss per row (N,), stats (N, 2) = (m, log_s) and the gradient coefficient coef (N,), in the
+    accumulation dtype; ``weight`` is the per-class factor a_y. The gradient is cross_entropy_bwd with
+    grad_loss * coef and no weights.
+
+    Ignored rows give zeros; a target outside [0, C) that is not ignore_index gives NaNs.
+    """
+    n_rows, num_classes = logits.shape
+    acc_dtype = _acc_dtype(logits.dtype)
+    loss = torch.empty((n_rows,), dtype=acc_dtype, device=logits.device)
+    stats = torch.empty((n_rows, 2), dtype=acc_dtype, device=logits.device)
+    coef = torch.empty((n_rows,), dtype=acc_dtype, device=logits.device)
+    if n_rows == 0:
+        return loss, stats, coef
+
+    has_weight = weight is not None
+    weight_arg = weight if has_weight else target  # a read-only stand-in, never read
+    block, num_warps = _launch_config(num_classes, _FWD_MAX_BLOCK, _FWD_MAX_WARPS)
+
+    torch.library.wrap_triton(_focal_loss_fwd_kernel)[(n_rows,)](
+        logits,
+        logits.stride(0),
+        target,
+        weight_arg,
+        loss,
+        stats,
+        coef,
+        num_classes,
+        ignore_index,
+        *_split_float(gamma),
+        HAS_WEIGHT=has_weight,
+        BLOCK_SIZE=block,
+        num_warps=num_warps,
+    )
+    return loss, stats, coef

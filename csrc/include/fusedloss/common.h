@@ -25,6 +25,8 @@ FL_HOST_DEVICE float fl_expm1(float x) { return ::expm1f(x); }
 FL_HOST_DEVICE double fl_expm1(double x) { return ::expm1(x); }
 FL_HOST_DEVICE float fl_tanh(float x) { return ::tanhf(x); }
 FL_HOST_DEVICE double fl_tanh(double x) { return ::tanh(x); }
+FL_HOST_DEVICE float fl_pow(float x, float y) { return ::powf(x, y); }
+FL_HOST_DEVICE double fl_pow(double x, double y) { return ::pow(x, y); }
 // A product rounded on its own. nvcc fuses a * b - c into one FMA by default; where a backward
 // recomputes a value whose rounded form the forward already used (the transformed logit z, whose
 // row max the forward saved), the fused form would differ from the forward by a rounding.

@@ -28,6 +28,8 @@
 //       p_y - 1 comes from expm1: when p_y is close to 1, p_y * A - c_y cancels catastrophically.
 //   (5) chain rule through (1): dz/dx = (1 - tanh^2(x / softcap)) / T, and tanh(x / softcap) is
 //       z * T / softcap, so the backward recomputes z and needs no extra saved tensor.
+//   (6) focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection", eq. 5, in its
+//       multi-class softmax form; issue #9): focal_row below.
 // Only (m, log_s) per row is saved between forward and backward: the backward is one pass that
 // recomputes z_k and p_k, reading the logits once and writing the gradient once.
 // A row whose target equals ignore_index has loss 0, lse 0 and gradient 0, as in torch.
@@ -203,6 +205,45 @@ FL_HOST_DEVICE acc_t grad_target(acc_t z_y, acc_t w_y, const GradCoefs<acc_t>& c
   const acc_t p = fl_exp(d);
   const acc_t value = c.nll * fl_expm1(d) + c.smooth * (p * c.weight_sum - w_y) + c.lse_term * p;
   return value * transform_grad<acc_t>(z_y, o);
+}
+
+// (6) Focal loss. Per live row, with nll = -log p_y = (m - z_y) + log_s (row_loss's value without
+// weights, smoothing or z-loss), p = p_y, q = 1 - p, gamma >= 0 and one per-class factor
+// a_y = w_y * alpha_y:
+//     loss = a_y * q^gamma * nll                      (= a_y * nll, the cross-entropy, at gamma = 0)
+// Gradient, with s_j = softmax_j(z) and d log p / d z_j = [j == y] - s_j:
+//   (a) d p / d z_j = p ([j == y] - s_j), so d q / d z_j = -p ([j == y] - s_j).
+//   (b) d q^gamma / d z_j = gamma q^(gamma - 1) d q / d z_j = -gamma p q^(gamma - 1) ([j == y] - s_j).
+//   (c) loss / a_y = -q^gamma log p, so by the product rule
+//         d (loss / a_y) / d z_j = -(d q^gamma / d z_j) log p - q^gamma ([j == y] - s_j)
+//                                = (s_j - [j == y]) (q^gamma - gamma p q^(gamma - 1) log p).
+//       The gradient is the cross-entropy gradient s - onehot(y) times one per-row coefficient
+//         c = q^gamma - gamma p q^(gamma - 1) log p = q^gamma (1 + gamma p nll / q)   (c >= q^gamma >= 0),
+//       so the backward is (4) with grad_loss scaled per row by coef = a_y c (and no weights).
+//   (d) q^(gamma - 1) is singular at q = 0 when gamma < 1, but nll / q -> 1 as q -> 0
+//       (nll = -log(1 - q) = q + q^2 / 2 + ...): the second form of c is finite everywhere, and
+//       c -> 0 as p -> 1 for gamma > 0 (c = 1 at gamma = 0). q = -expm1(-nll) keeps q's relative
+//       accuracy when p is close to 1 (1 - p would cancel), and nll / q is taken as 1 where q is 0.
+//   (e) A row whose p is 0 (nll = inf: a -inf target logit) has c = q^gamma = 1: p nll / q is taken
+//       as 0 there, the limit of p log p, rather than 0 * inf.
+// q^gamma is 1 at gamma = 0 whatever q (pow(0, 0) = 1 is not relied on).
+template <typename acc_t>
+struct FocalRow {
+  acc_t loss;  // a_y q^gamma nll
+  acc_t coef;  // a_y c: d loss / d z = coef * (softmax(z) - onehot(y))
+};
+
+template <typename acc_t>
+FL_HOST_DEVICE FocalRow<acc_t> focal_row(acc_t nll, acc_t a_y, acc_t gamma) {
+  const acc_t q = -fl_expm1(-nll);
+  const acc_t p = fl_exp(-nll);
+  const acc_t q_gamma = gamma == acc_t(0) ? acc_t(1) : fl_pow(q, gamma);
+  const acc_t nll_over_q = q > acc_t(0) ? nll / q : acc_t(1);
+  const acc_t p_term = p > acc_t(0) ? gamma * p * nll_over_q : acc_t(0);
+  FocalRow<acc_t> r;
+  r.loss = a_y * (q_gamma * nll);
+  r.coef = a_y * (q_gamma * (acc_t(1) + p_term));
+  return r;
 }
 
 }  // namespace ce
