@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import fusedloss
 from fusedloss import reference
@@ -115,6 +116,232 @@ def weight_bad(n_classes: int) -> list[Bad]:
 
 
 @dataclass(frozen=True)
+class Edge:
+    """An edge input whose answer is torch's: ``make(device)`` gives the keyword arguments (options
+    included, reduction excluded); every floating tensor but ``weight`` is a leaf that gets a gradient.
+    ``view`` maps those leaves to what the op is called with (expanded, transposed, channels-last
+    views), so the gradient flows back through the view as it would in a model. ``twin`` is torch's
+    function with the same keywords, run on float32 copies of the leaves; None means the float64
+    reference (where torch has no twin, or where the twin's answer is an artefact, said in ``why``).
+    """
+
+    id: str
+    make: Callable[[str], dict]
+    twin: Callable | None = None
+    view: Callable[[dict], dict] | None = None
+    why: str = ""
+
+
+def _nonfinite_rows(device, dtype=torch.float32, C=6):
+    """Rows of NaN, +-inf, all -inf, all +inf, +inf and -inf together, next to finite rows."""
+    x = torch.randn(8, C, device=device)
+    x[0, 2] = float("nan")
+    x[1, 3] = float("inf")
+    x[2, 1] = float("-inf")
+    x[4] = float("-inf")
+    x[5] = float("inf")
+    x[6, 0], x[6, 1] = float("-inf"), float("inf")
+    return x.to(dtype)
+
+
+def _huge_rows(device, C=6):
+    """Logits of +-1e30 (finite in float32, inf in float16): all equal, mixed signs, one alone."""
+    x = torch.randn(5, C, device=device)
+    x[0] = 1e30
+    x[1] = -1e30
+    x[2, ::2], x[2, 1::2] = 1e30, -1e30
+    x[3, 1] = 1e30
+    return x
+
+
+def _fp16_max_rows(device, C=7):
+    x = torch.full((4, C), 65504.0, device=device)
+    x[1] = -65504.0
+    x[2, ::2], x[2, 1::2] = 65504.0, -65504.0
+    x[3] = torch.randn(C, device=device)
+    x[3, 2] = 65504.0
+    return x.half()
+
+
+def _targets(n, C, device):
+    return torch.tensor([2, 3, 1, 0, 0, 1, 0, 5, 4, 6][:n], dtype=torch.long, device=device) % C
+
+
+def _as(**fixed):
+    """make(device) for keyword arguments that need only the device for their tensors."""
+    return lambda device: {k: v(device) if callable(v) else v for k, v in fixed.items()}
+
+
+def _expand_rows(key, n):
+    return lambda kw: {**kw, key: kw[key].expand(n, *kw[key].shape[1:])}
+
+
+def _transpose(key):
+    return lambda kw: {**kw, key: kw[key].t()}
+
+
+def _channels_last(key):
+    return lambda kw: {**kw, key: kw[key].contiguous(memory_format=torch.channels_last)}
+
+
+def _ce_twin(**kw):
+    return F.cross_entropy(**kw)
+
+
+CE_EDGES = (
+    Edge("nonfinite", _as(input=lambda d: _nonfinite_rows(d), target=lambda d: _targets(8, 6, d)), _ce_twin),
+    Edge("nonfinite-smoothing-weight", _as(input=lambda d: _nonfinite_rows(d), target=lambda d: _targets(8, 6, d),
+                                           weight=lambda d: torch.rand(6, device=d) + 0.5, label_smoothing=0.1),
+         _ce_twin),
+    Edge("nonfinite-bf16", _as(input=lambda d: _nonfinite_rows(d, torch.bfloat16), target=lambda d: _targets(8, 6, d)),
+         _ce_twin),
+    Edge("nonfinite-fp16", _as(input=lambda d: _nonfinite_rows(d, torch.float16), target=lambda d: _targets(8, 6, d)),
+         _ce_twin),
+    Edge("1e30", _as(input=_huge_rows, target=lambda d: _targets(5, 6, d)), _ce_twin),
+    Edge("1e30-smoothing", _as(input=_huge_rows, target=lambda d: _targets(5, 6, d), label_smoothing=0.2), _ce_twin),
+    Edge("fp16-max", _as(input=_fp16_max_rows, target=lambda d: _targets(4, 7, d), label_smoothing=0.1), _ce_twin),
+    Edge("all-ignored", _as(input=lambda d: torch.randn(3, 7, device=d), target=lambda d: torch.full((3,), -100, device=d)),
+         _ce_twin),
+    Edge("all-ignored-weight-smoothing", _as(input=lambda d: torch.randn(3, 7, device=d),
+                                             target=lambda d: torch.full((3,), 4, device=d), ignore_index=4,
+                                             weight=lambda d: torch.rand(7, device=d), label_smoothing=0.3), _ce_twin),
+    Edge("empty-batch", _as(input=lambda d: torch.randn(0, 5, device=d),
+                            target=lambda d: torch.zeros(0, dtype=torch.long, device=d)), _ce_twin),
+    Edge("empty-batch-weight", _as(input=lambda d: torch.randn(0, 5, device=d),
+                                   target=lambda d: torch.zeros(0, dtype=torch.long, device=d),
+                                   weight=lambda d: torch.rand(5, device=d)), _ce_twin),
+    Edge("empty-kdim", _as(input=lambda d: torch.randn(2, 5, 0, device=d),
+                           target=lambda d: torch.zeros(2, 0, dtype=torch.long, device=d)), _ce_twin),
+    Edge("one-class", _as(input=lambda d: torch.randn(4, 1, device=d), target=lambda d: torch.zeros(4, dtype=torch.long,
+                                                                                               device=d),
+                          label_smoothing=0.3), _ce_twin),
+    Edge("one-row-1d", _as(input=lambda d: torch.randn(7, device=d), target=lambda d: torch.tensor(3, device=d)),
+         _ce_twin),
+    Edge("one-row-2d", _as(input=lambda d: torch.randn(1, 9, device=d), target=lambda d: torch.tensor([8], device=d)),
+         _ce_twin),
+    Edge("transposed", _as(input=lambda d: torch.randn(7, 5, device=d), target=lambda d: _targets(5, 7, d)), _ce_twin,
+         view=_transpose("input")),
+    Edge("expanded-rows", _as(input=lambda d: torch.randn(1, 7, device=d), target=lambda d: _targets(5, 7, d)),
+         _ce_twin, view=_expand_rows("input", 5)),
+    Edge("expanded-classes", _as(input=lambda d: torch.randn(5, 1, device=d), target=lambda d: _targets(5, 7, d)),
+         _ce_twin, view=lambda kw: {**kw, "input": kw["input"].expand(5, 7)}),
+    Edge("expanded-target", _as(input=lambda d: torch.randn(5, 7, device=d), target=lambda d: torch.tensor(2, device=d)),
+         _ce_twin, view=lambda kw: {**kw, "target": kw["target"].expand(5)}),
+    Edge("channels-last", _as(input=lambda d: torch.randn(2, 7, 2, 3, device=d),
+                              target=lambda d: torch.randint(0, 7, (2, 2, 3), device=d),
+                              weight=lambda d: torch.rand(7, device=d), label_smoothing=0.1), _ce_twin,
+         view=_channels_last("input")),
+    Edge("channels-last-bf16", _as(input=lambda d: torch.randn(2, 7, 2, 3, device=d).bfloat16(),
+                                   target=lambda d: torch.randint(0, 7, (2, 2, 3), device=d)), _ce_twin,
+         view=_channels_last("input")),
+)
+
+
+def _gap_twin(input, target, *, margin, p=1, weight=None, reduction="mean", class_normalize=True):
+    assert class_normalize
+    return F.multi_margin_loss(input, target, p=p, margin=margin, weight=weight, reduction=reduction)
+
+
+def _gap(**fixed):
+    return _as(margin=0.5, class_normalize=True, **fixed)
+
+
+GAP_EDGES = (
+    Edge("nonfinite", _gap(input=lambda d: _nonfinite_rows(d), target=lambda d: _targets(8, 6, d)), _gap_twin),
+    Edge("nonfinite-p2-weight", _gap(input=lambda d: _nonfinite_rows(d), target=lambda d: _targets(8, 6, d), p=2,
+                                     weight=lambda d: torch.rand(6, device=d) + 0.5), _gap_twin),
+    Edge("nonfinite-bf16", _gap(input=lambda d: _nonfinite_rows(d, torch.bfloat16), target=lambda d: _targets(8, 6, d)),
+         _gap_twin),
+    Edge("1e30", _gap(input=_huge_rows, target=lambda d: _targets(5, 6, d)), None,
+         why="torch computes (margin - x_y) + x_j, which loses the margin next to 1e30 (the loss of a row of equal "
+             "logits comes out 0); fusedloss computes (x_j - x_y) + margin, exact when x_j == x_y"),
+    Edge("fp16-max", _gap(input=_fp16_max_rows, target=lambda d: _targets(4, 7, d)), _gap_twin),
+    Edge("all-ignored", _gap(input=lambda d: torch.randn(3, 7, device=d), target=lambda d: torch.full((3,), -100,
+                                                                                                   device=d)),
+         None, why="multi_margin_loss has no ignore_index"),
+    Edge("empty-batch", _gap(input=lambda d: torch.randn(0, 5, device=d),
+                             target=lambda d: torch.zeros(0, dtype=torch.long, device=d)), None,
+         why="torch 2.14's multi_margin_loss returns uninitialized memory for an empty batch (mean and sum)"),
+    Edge("one-class", _gap(input=lambda d: torch.randn(4, 1, device=d),
+                           target=lambda d: torch.zeros(4, dtype=torch.long, device=d)), _gap_twin),
+    Edge("one-row-1d", _gap(input=lambda d: torch.randn(7, device=d), target=lambda d: torch.tensor(3, device=d)),
+         _gap_twin),
+    Edge("transposed", _gap(input=lambda d: torch.randn(7, 5, device=d), target=lambda d: _targets(5, 7, d)),
+         _gap_twin, view=_transpose("input")),
+    Edge("expanded-rows", _gap(input=lambda d: torch.randn(1, 7, device=d), target=lambda d: _targets(5, 7, d)),
+         _gap_twin, view=_expand_rows("input", 5)),
+)
+
+
+def _lce_twin(**kw):
+    return F.linear_cross_entropy(**kw)
+
+
+def _lce(n=5, d=4, v=7, **fixed):
+    args = dict(input=lambda dev: torch.randn(n, d, device=dev), linear_weight=lambda dev: torch.randn(v, d, device=dev),
+                target=lambda dev: _targets(n, v, dev))
+    return _as(**{**args, **fixed})
+
+
+def _nan_input(kw):
+    x = kw["input"].clone()
+    x[1, 2] = float("nan")
+    x[3, 0] = float("inf")
+    return {**kw, "input": x}
+
+
+LCE_EDGES = (
+    Edge("nonfinite-input", _lce(), _lce_twin, view=_nan_input),
+    Edge("all-ignored", _lce(target=lambda d: torch.full((5,), -100, device=d)), _lce_twin),
+    Edge("empty-batch", _lce(n=0), _lce_twin),
+    Edge("one-row-1d", _as(input=lambda d: torch.randn(4, device=d), linear_weight=lambda d: torch.randn(7, 4, device=d),
+                           target=lambda d: torch.tensor(6, device=d)), _lce_twin),
+    Edge("one-class", _lce(v=1), _lce_twin),
+    Edge("no-features", _lce(d=0), _lce_twin),
+    Edge("expanded-input", _lce(n=1), _lce_twin, view=lambda kw: {**kw, "input": kw["input"].expand(5, 4),
+                                                                 "target": _targets(5, 7, kw["input"].device)}),
+    Edge("transposed-weight", _as(input=lambda d: torch.randn(5, 4, device=d),
+                                  linear_weight=lambda d: torch.randn(4, 7, device=d),
+                                  target=lambda d: _targets(5, 7, d), linear_bias=lambda d: torch.randn(7, device=d),
+                                  label_smoothing=0.1), _lce_twin, view=_transpose("linear_weight")),
+)
+
+
+def _nce(n=5, m=5, d=4, **fixed):
+    """temperature 1 unless given: a smooth softmax, so that no row's gradient is the small difference of
+    large parts (test_info_nce.cancelling_parts derives the tolerance those need; its shapes cover them)."""
+    args = dict(query=lambda dev: torch.randn(n, d, device=dev), key=lambda dev: torch.randn(m, d, device=dev),
+                temperature=1.0)
+    return _as(**{**args, **fixed})
+
+
+def _poke(key, index, value):
+    def view(kw):
+        x = kw[key].clone()
+        x[index] = value
+        return {**kw, key: x}
+    return view
+
+
+NCE_EDGES = (
+    Edge("nan-query", _nce(), view=_poke("query", (1, 2), float("nan"))),
+    Edge("inf-key", _nce(), view=_poke("key", (3, 0), float("inf"))),
+    Edge("inf-query-unnormalized", _nce(normalize=False, temperature=1.0), view=_poke("query", (2, 1), float("inf"))),
+    Edge("zero-rows", _nce(labels=lambda d: torch.tensor([0, 1, 2, 3, 4], device=d)),
+         view=lambda kw: {**kw, "query": kw["query"] * torch.tensor([[1.0], [0.0], [1.0], [1.0], [1.0]],
+                                                                     device=kw["query"].device)}),
+    Edge("symmetric", _nce(symmetric=True, temperature=0.5)),
+    Edge("empty-batch", _nce(n=0)),
+    Edge("empty-batch-and-keys", _nce(n=0, m=0)),
+    Edge("one-feature", _nce(d=1, normalize=False)),
+    Edge("expanded-query", _nce(n=1, labels=lambda d: torch.tensor([0, 1, 2, 3, 4], device=d)),
+         view=lambda kw: {**kw, "query": kw["query"].expand(5, 4)}),
+    Edge("transposed-key", _as(query=lambda d: torch.randn(5, 4, device=d), key=lambda d: torch.randn(4, 5, device=d),
+                               temperature=1.0), view=_transpose("key")),
+)
+
+
+@dataclass(frozen=True)
 class Op:
     name: str
     fn: Callable
@@ -125,6 +352,7 @@ class Op:
     # float64 keyword arguments for torch.autograd.gradcheck (the grads entries require grad)
     gradcheck_kwargs: Callable[[], dict]
     kernel_only: tuple[str, ...] = ()
+    edges: tuple[Edge, ...] = ()
 
     def call(self, kwargs: dict, backend: str | None):
         return self.fn(**kwargs, backend=backend)
@@ -168,6 +396,7 @@ CROSS_ENTROPY = Op(
         input=torch.randn(4, 6, dtype=torch.float64, requires_grad=True), target=torch.tensor([1, -100, 5, 0]),
         weight=torch.rand(6, dtype=torch.float64) + 0.5, label_smoothing=0.2, z_loss=0.01, softcap=2.0,
         temperature=0.6, reduction="mean"),
+    edges=CE_EDGES,
 )
 
 
@@ -207,6 +436,7 @@ GAP_LOSS = Op(
         input=(torch.randperm(24, dtype=torch.float64) * 0.37).reshape(4, 6).requires_grad_(),
         target=torch.tensor([1, -100, 5, 0]), margin=0.55, p=2, weight=torch.rand(6, dtype=torch.float64) + 0.5,
         reduction="mean"),
+    edges=GAP_EDGES,
 )
 
 
@@ -257,6 +487,7 @@ LINEAR_CROSS_ENTROPY = Op(
         # none only: gradcheck runs two backwards through one graph, which mean and sum refuse by design
         # (their gradients are made in the forward; see test_linear_cross_entropy.test_gradcheck_float64)
         reduction="none"),
+    edges=LCE_EDGES,
 )
 
 
@@ -319,6 +550,7 @@ INFO_NCE = Op(
         query=torch.randn(5, 4, dtype=torch.float64, requires_grad=True),
         key=torch.randn(5, 4, dtype=torch.float64, requires_grad=True),
         temperature=torch.tensor(0.7, dtype=torch.float64, requires_grad=True), symmetric=True, reduction="mean"),
+    edges=NCE_EDGES,
 )
 
 

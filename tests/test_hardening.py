@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, assert_close, backend_params, require_backend
+from conftest import TOL, assert_close, backend_params, interpreted, require_backend
 from harden_ops import OPS, bad_case_params, case_of, float64_kwargs, nan_rows_allowed
 
 import fusedloss
@@ -105,3 +105,66 @@ def test_bad_input(bad_input_results, op_name, backend, device, case_id):
     if result.get("grad_nan_rows") is not None:
         assert not any(r for i, r in enumerate(result["grad_nan_rows"]) if i != case.nan_row), (
             f"NaN gradient outside row {case.nan_row}: {result['grad_nan_rows']}")
+
+
+# --- 2. edge input: torch's answer, NaN where torch gives NaN ------------------------------------
+
+REDUCTIONS = ("none", "mean", "sum")
+ALL_BACKENDS = backend_params() + [pytest.param("reference", d, id=f"reference-{d}") for d in ("cpu", "cuda")]
+
+
+def _loss_and_grads(fn, base: dict, view, reduction: str, cast: torch.dtype | None):
+    """fn's loss and its gradients with respect to the floating tensors it is given (all but
+    ``weight``), for a fixed upstream gradient. They are made from ``base`` (cast to ``cast`` if given),
+    then passed through ``view``: the gradient is that of the view the op sees, not of the base, whose
+    gradient would be a sum over the expanded dimension (softmax gradients sum to ~0 along classes,
+    and the rounding of that ~0 is no property of the op)."""
+    kw = {}
+    for k, v in base.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = v.detach().to(cast) if cast is not None else v.detach().clone()
+            if k != "weight":
+                v.requires_grad_()
+        kw[k] = v
+    if view is not None:
+        kw = view(kw)
+    inputs = [v for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    loss = fn(**kw, reduction=reduction)
+    if not loss.requires_grad:
+        return loss, [None] * len(inputs)
+    g = torch.linspace(0.5, 1.5, max(loss.numel(), 1), dtype=loss.dtype, device=loss.device)[:loss.numel()]
+    grads = torch.autograd.grad(loss, inputs, g.reshape(loss.shape), allow_unused=True)
+    return loss, grads
+
+
+def _edge_params():
+    return [pytest.param(op.name, edge.id, id=f"{op.name}-{edge.id}") for op in OPS.values() for edge in op.edges]
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("op_name,edge_id", _edge_params())
+def test_edge_input(op_name, edge_id, backend, device):
+    """The loss and gradients of torch's twin on float32 copies (or of the float64 reference, where the
+    edge says why), NaN exactly where they are NaN, for every reduction."""
+    require_backend(backend, device)
+    op = OPS[op_name]
+    edge = next(e for e in op.edges if e.id == edge_id)
+    base = edge.make(device)
+    dtype = next(v.dtype for v in base.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    # Under Triton's interpreter (~30 ms a program) one reduction: the kernels are the same for all three,
+    # which are PyTorch ops on the per-row losses, shared by every backend and run on the others.
+    for reduction in ("none",) if interpreted(backend, device) else REDUCTIONS:
+        loss, grads = _loss_and_grads(lambda **kw: op.call(kw, backend), base, edge.view, reduction, None)
+        if edge.twin is not None:
+            want, want_grads = _loss_and_grads(edge.twin, base, edge.view, reduction, torch.float32)
+        else:
+            want, want_grads = _loss_and_grads(lambda **kw: op.call_reference(kw), base, edge.view, reduction,
+                                               torch.float64)
+        what = f"{op_name} {edge_id} {backend} {reduction}"
+        assert_close(loss, want, dtype, "loss", what)
+        for got, exp in zip(grads, want_grads):
+            if exp is None or got is None:
+                assert got is None or not got.any(), f"{what}: a gradient where torch has none"
+                continue
+            assert got.dtype == exp.dtype or got.dtype == dtype, f"{what}: gradient dtype {got.dtype}"
+            assert_close(got, exp, dtype, "grad", what)
