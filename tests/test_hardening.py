@@ -168,3 +168,171 @@ def test_edge_input(op_name, edge_id, backend, device):
                 continue
             assert got.dtype == exp.dtype or got.dtype == dtype, f"{what}: gradient dtype {got.dtype}"
             assert_close(got, exp, dtype, "grad", what)
+
+
+# --- 3. huge sizes: N x C > 2^31 elements ------------------------------------------------------------
+
+# N * C = 2,149,777,600 > 2^31 = 2,147,483,648 elements: 4.3 GB of bf16 (and 2^32 bytes), whose last rows
+# start past element 2^31. C is odd (the vector loops' tails) and above the CPU forward's 16 x 2048 piece.
+HUGE_N, HUGE_C = 65600, 32771
+HUGE_BYTES = HUGE_N * HUGE_C * 2
+HUGE_BACKENDS = [p for p in backend_params() if not interpreted(*p.values)]
+
+
+def _available_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+@pytest.fixture(scope="module")
+def huge_rows():
+    """huge_rows(device) -> (x, b, t, a), made once per device for the module's huge tests (the input
+    alone costs seconds of page faults) and freed after them."""
+    made = {}
+
+    def get(device):
+        if device not in made:
+            made.clear()  # one at a time
+            gc.collect()
+            made[device] = _huge_rows(device)
+        return made[device]
+
+    get.holds = lambda device: device in made
+    yield get
+    made.clear()
+    gc.collect()
+
+
+def _huge_rows(device):
+    """x (HUGE_N, HUGE_C) bf16: every row the same base row b, except its target's logit a_i. The loss
+    of row i is known from b and a_i alone, in float64: lse_i = log(sum_j e^b_j - e^b_t + e^a_i)."""
+    base = torch.randn(HUGE_C, device=device).bfloat16()
+    x = torch.empty(HUGE_N, HUGE_C, dtype=torch.bfloat16, device=device)
+    x.copy_(base.expand(HUGE_N, HUGE_C))
+    t = torch.randint(0, HUGE_C, (HUGE_N,), device=device)
+    a = (torch.randn(HUGE_N, device=device) * 3).bfloat16()
+    x[torch.arange(HUGE_N, device=device), t] = a
+    return x, base.double(), t, a.double()
+
+
+def _dot_rows(grad: torch.Tensor, v: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """grad @ v in float32, a chunk of rows at a time through one reused buffer (a fresh float copy per
+    chunk would pay its page faults every time)."""
+    buf = torch.empty(rows_per_chunk, grad.shape[1], device=grad.device)
+    out = torch.empty(grad.shape[0], device=grad.device)
+    for i in range(0, grad.shape[0], rows_per_chunk):
+        chunk = buf[: min(rows_per_chunk, grad.shape[0] - i)]
+        torch.mv(chunk.copy_(grad[i:i + chunk.shape[0]]), v, out=out[i:i + chunk.shape[0]])
+    return out
+
+
+def _sample_rows(n):
+    return sorted({0, 1, n // 2, n - 2, n - 1} | set(torch.randint(0, n, (3,)).tolist()))
+
+
+def _require_memory(device, nbytes):
+    have = _available_bytes(device)
+    if have < nbytes:
+        pytest.skip(f"needs {nbytes / 2**30:.1f} GiB free on {device}, {have / 2**30:.1f} GiB available")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", HUGE_BACKENDS)
+def test_huge_cross_entropy(huge_rows, backend, device):
+    """Loss of every row (analytic, float64), the gradient of sampled rows (the first, middle and last
+    ones, past element 2^31) against the float64 reference, and of every row through a dot product."""
+    require_backend(backend, device)
+    _require_memory(device, HUGE_BYTES * (1 if huge_rows.holds(device) else 2) + (2 << 30))
+    x, b, t, a = huge_rows(device)
+    x = x.detach().requires_grad_()  # a new leaf on the shared storage: the gradient stays here
+    t = t.clone()
+    t[::97] = -100
+    live = t != -100
+    ts = t.clamp(0)
+    g = torch.rand(HUGE_N, device=device) + 0.5
+    loss = fusedloss.cross_entropy(x, t, reduction="none", backend=backend)
+    loss.backward(g)
+    grad = x.grad
+    x = x.detach()
+    assert grad.dtype == torch.bfloat16 and grad.shape == x.shape
+
+    m = max(b.max().item(), a.max().item())
+    eb = (b - m).exp()
+    z = eb.sum() - eb[ts] + (a - m).exp()  # sum_j e^(x_ij - m), per row
+    lse = m + z.log()
+    want = torch.where(live, lse - a, 0.0)
+    assert_close(loss, want, torch.bfloat16, "loss", "huge cross_entropy loss")
+
+    rows = _sample_rows(HUGE_N)
+    x64 = x[rows].double().requires_grad_()
+    ref = reference.cross_entropy(x64, t[rows], reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref, x64, g[rows].double())
+    assert_close(grad[rows], ref_grad, torch.bfloat16, "grad", f"huge cross_entropy gradient rows {rows}")
+
+    # every row: grad_i . v = g_i (sum_j p_ij v_j - v_t), p_ij = e^(x_ij - lse_i); each element is
+    # rounded to bf16 (relative error <= 2^-9, 2^-8 with margin), so the dot errs by at most
+    # 2^-8 g_i (sum_j p_ij |v_j| + |v_t|) plus float32's sum over C terms (2^-24 C of the same sum).
+    v = torch.randn(HUGE_C, dtype=torch.float64, device=device)
+    p_v = ((eb * v).sum() - eb[ts] * v[ts] + (a - m).exp() * v[ts]) / z
+    p_abs = ((eb * v.abs()).sum() - eb[ts] * v[ts].abs() + (a - m).exp() * v[ts].abs()) / z
+    g64 = g.double()
+    want_dot = torch.where(live, g64 * (p_v - v[ts]), 0.0)
+    bound = g64 * (p_abs + v[ts].abs()) * (2.0**-8 + 2.0**-24 * HUGE_C)
+    got_dot = _dot_rows(grad, v.float()).double()
+    err = (got_dot - want_dot).abs() - bound
+    worst = int(err.argmax())
+    assert err.max() <= 0, f"row {worst}: grad . v = {got_dot[worst]:.6g}, want {want_dot[worst]:.6g} +- {bound[worst]:.3g}"
+    del x, grad, loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,device", HUGE_BACKENDS)
+def test_huge_gap_loss(huge_rows, backend, device):
+    """p=1, reduction sum: row i's loss is sum over j != t of max(0, b_j - a_i + margin), from the sorted
+    base row by prefix sums (float64); the gradient's non-target entries are exactly 0 or 1, its target
+    entry minus their count (rounded to bf16), checked on every row through a dot product and on
+    sampled rows against the float64 reference."""
+    require_backend(backend, device)
+    _require_memory(device, HUGE_BYTES * (1 if huge_rows.holds(device) else 2) + (2 << 30))
+    x, b, t, a = huge_rows(device)
+    x = x.detach().requires_grad_()
+    margin = 0.5
+    loss = fusedloss.gap_loss(x, t, margin, reduction="none", backend=backend)
+    loss.sum().backward()
+    grad = x.grad
+    x = x.detach()
+
+    # sum_j max(0, b_j - theta) over the base row, theta_i = a_i - margin, by prefix sums of sorted b
+    order = b.argsort()
+    bs = b[order]
+    suffix = torch.cat([bs.flip(0).cumsum(0).flip(0), bs.new_zeros(1)])
+    theta = a - margin
+    first = torch.searchsorted(bs, theta, right=True)  # first index with b_j > theta
+    count = HUGE_C - first
+    total = suffix[first] - count * theta
+    b_t = b[t]
+    t_term = (b_t - theta).clamp_min(0)
+    want = total - t_term
+    assert_close(loss, want, torch.bfloat16, "loss", "huge gap_loss loss")
+
+    rows = _sample_rows(HUGE_N)
+    x64 = x[rows].double().requires_grad_()
+    reference.gap_loss(x64, t[rows], margin, reduction="sum").backward()
+    assert_close(grad[rows], x64.grad, torch.bfloat16, "grad", f"huge gap_loss gradient rows {rows}")
+
+    # grad_i . v = sum_{j != t, b_j > theta_i} v_j + v_t * bf16(-count_i): exact terms, float32 sums
+    v = torch.randn(HUGE_C, dtype=torch.float64, device=device)
+    vs = v[order]
+    v_suffix = torch.cat([vs.flip(0).cumsum(0).flip(0), vs.new_zeros(1)])
+    above_t = b_t > theta
+    n_live = count - above_t.long()
+    want_dot = v_suffix[first] - torch.where(above_t, v[t], 0.0) + v[t] * (-n_live.double()).bfloat16().double()
+    bound = 2.0**-24 * HUGE_C * (v.abs().sum() + v[t].abs() * n_live) + 1e-12
+    got_dot = _dot_rows(grad, v.float()).double()
+    err = (got_dot - want_dot).abs() - bound
+    worst = int(err.argmax())
+    assert err.max() <= 0, f"row {worst}: grad . v = {got_dot[worst]:.6g}, want {want_dot[worst]:.6g}"
+    del x, grad, loss
