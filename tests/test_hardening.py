@@ -402,3 +402,180 @@ def test_cpu_bitwise_across_thread_counts(op_name):
     keep = THREAD_INDEPENDENT.get(op_name, range(len(results[1])))
     for i in keep:
         assert torch.equal(results[1][i], results[2][i]), f"{op_name}: output {i} differs between 1 and 2 threads"
+
+
+# --- 5. PyTorch integration ------------------------------------------------------------------------------
+# (opcheck of the forward ops on every backend, opcheck of the cpu backward ops and torch.compile on the
+# cpu backend are in the per-op files; here: what they leave out, for every op of the table)
+
+
+def _with_leaves(op, kwargs: dict):
+    """kwargs with op.grads made fresh leaves, and those leaves in order."""
+    kw = {k: (v.detach().clone().requires_grad_() if k in op.grads or (isinstance(v, torch.Tensor) and v.requires_grad)
+              else v) for k, v in kwargs.items()}
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    return kw, names
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_gradcheck_float64(op_name, backend):
+    """torch.autograd.gradcheck in float64 with every option of the op switched on."""
+    require_backend(backend, "cpu")
+    op = OPS[op_name]
+    kw, names = _with_leaves(op, op.gradcheck_kwargs())
+
+    def fn(*leaves):
+        return op.call({**kw, **dict(zip(names, leaves))}, backend)
+
+    assert torch.autograd.gradcheck(fn, tuple(kw[n] for n in names))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_double_backward(op_name, backend, device):
+    """The gradient of a gradient: a clear error from the kernel backends (their backward is a kernel of
+    its own, with no derivative), the right answer from the reference (gradgradcheck in float64)."""
+    require_backend(backend, device)
+    op = OPS[op_name]
+    dtype = torch.float64 if backend == "reference" or backend == "cpu" else torch.float32
+    for reduction in ("mean",) if backend == "reference" else ("none", "mean"):
+        kw, names = _with_leaves(op, op.make(3, dtype, device))
+        kw["reduction"] = reduction
+        if backend == "reference":
+            def fn(*leaves):
+                return op.call({**kw, **dict(zip(names, leaves))}, backend)
+            assert torch.autograd.gradgradcheck(fn, tuple(kw[n] for n in names))
+            continue
+        with pytest.raises(RuntimeError, match="no double backward"):
+            loss = op.call(kw, backend).sum()
+            grads = torch.autograd.grad(loss, [kw[n] for n in names], create_graph=True)
+            sum((g * g).sum() for g in grads).backward()
+
+
+def _bwd_op_samples(op_name, backend, device):
+    """(backward op, its arguments) for the kernel ops' backward of ``backend``, from a forward run."""
+    triton = backend == "triton"
+    ops = torch.ops.fusedloss
+    if op_name == "cross_entropy":
+        x = torch.randn(5, 37, device=device)
+        t = torch.randint(0, 37, (5,), device=device)
+        t[0] = -100
+        w = torch.rand(37, device=device) + 0.5
+        scalars = (-100, 0.1, 1e-3, 7.0, 0.8)
+        fwd = fusedloss.ops.cross_entropy.forward_op(backend)
+        loss, lse, stats = fwd(x, t, w, *scalars)
+        bwd = ops.cross_entropy_bwd_triton if triton else ops.cross_entropy_bwd
+        return [(bwd, (torch.randn_like(loss), gl, x, t, w, stats, *scalars)) for gl in (None, torch.randn_like(lse))]
+    if op_name == "gap_loss":
+        x = torch.randn(5, 23, device=device)
+        t = torch.randint(0, 23, (5,), device=device)
+        w = torch.rand(23, device=device) + 0.5
+        bwd = ops.gap_loss_bwd_triton if triton else ops.gap_loss_bwd
+        g = torch.randn(5, device=device)
+        return [(bwd, (g, x, t, w, 0.5, p, -100, cn, mx)) for p, cn, mx in ((1, False, False), (2, True, True))]
+    if op_name == "info_nce":
+        q = torch.nn.functional.normalize(torch.randn(6, 8, device=device), dim=1)
+        k = torch.nn.functional.normalize(torch.randn(6, 8, device=device), dim=1)
+        scale = torch.tensor(5.0, device=device)
+        lr, lc = fusedloss.ops.info_nce.forward_op(backend)(q, k, scale, True)
+        bwd = ops.info_nce_lse_bwd_triton if triton else ops.info_nce_lse_bwd
+        return [(bwd, (torch.randn_like(lr), gc, q, k, scale, lr, lc if gc is not None else None))
+                for gc in (None, torch.randn_like(lc))]
+    raise KeyError(op_name)
+
+
+@pytest.mark.parametrize("backend,device", backend_params(("cuda", "triton")))
+@pytest.mark.parametrize("op_name", ["cross_entropy", "gap_loss", "info_nce"])
+def test_opcheck_backward_ops(op_name, backend, device):
+    """opcheck of the backward kernel ops of the cuda and triton backends (the cpu ones are in the
+    per-op files; linear cross-entropy's ops are opchecked there on every backend)."""
+    require_backend(backend, device)
+    # Fake tensors cannot run a triton_op on CPU tensors (the interpreter needs data pointers).
+    tests = (("test_schema", "test_autograd_registration") if interpreted(backend, device)
+             else torch.library._OPCHECK_DEFAULT_UTILS)
+    for bwd, args in _bwd_op_samples(op_name, backend, device):
+        torch.library.opcheck(bwd, args, test_utils=tests)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_inputs(op, device):
+    # 64 KB per input and per gradient: a leak of one such tensor a call is 64 MB over 1,000 calls
+    return {"cross_entropy": lambda: dict(input=torch.randn(64, 256, device=device),
+                                          target=torch.randint(0, 256, (64,), device=device)),
+            "gap_loss": lambda: dict(input=torch.randn(64, 256, device=device),
+                                     target=torch.randint(0, 256, (64,), device=device)),
+            "linear_cross_entropy": lambda: dict(input=torch.randn(64, 64, device=device),
+                                                 linear_weight=torch.randn(256, 64, device=device),
+                                                 target=torch.randint(0, 256, (64,), device=device)),
+            "info_nce": lambda: dict(query=torch.randn(64, 256, device=device),
+                                     key=torch.randn(64, 256, device=device)),
+            }.get(op.name, lambda: op.make(64, torch.float32, device))()
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if not interpreted(*p.values)])
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_no_memory_growth(op_name, backend, device):
+    """1,000 forward + backward calls: no growth of the process's resident memory (CPU; 16 MB of slack
+    for the allocator's caching, against 64 MB for a leak of one input-sized tensor a call) or of
+    CUDA's allocated bytes (exactly)."""
+    require_backend(backend, device)
+    op = OPS[op_name]
+    kwargs = _memory_inputs(op, device)
+
+    def step():
+        kw, names = _with_leaves(op, kwargs)
+        loss = op.call(kw, backend)
+        torch.autograd.grad(loss, [kw[n] for n in names])
+
+    for _ in range(50):
+        step()
+    gc.collect()
+    before = torch.cuda.memory_allocated() if device == "cuda" else _rss_bytes()
+    for _ in range(1000):
+        step()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before
+    else:
+        growth = _rss_bytes() - before
+        assert growth < 16 << 20, f"resident memory grew by {growth / 2**20:.1f} MB over 1,000 calls"
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("op_name", list(OPS))
+def test_python_threads(op_name, backend, device):
+    """Four Python threads calling the op at once (the C++ ops release the GIL) each get the bits a
+    lone call gives on their inputs."""
+    require_backend(backend, device)
+    if interpreted(backend, device):
+        pytest.skip("Triton's CPU interpreter is not thread-safe (it patches triton.language while a kernel "
+                    "runs); the triton backend runs this on GPU")
+    op = OPS[op_name]
+    n = 200
+    calls = 10
+    inputs = [op.make(n, torch.float32, device) for _ in range(4)]
+    alone = [_fresh_call(op, kw, backend, "none") for kw in inputs]
+    failures = []
+
+    def worker(i):
+        try:
+            for _ in range(calls):
+                got = _fresh_call(op, inputs[i], backend, "none")
+                if not all(torch.equal(a, b) for a, b in zip(got, alone[i])):
+                    failures.append(f"thread {i}: a result differs from the lone call's")
+                    return
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(f"thread {i}: {type(exc).__name__}: {exc}")
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not failures, failures
