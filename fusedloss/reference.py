@@ -132,7 +132,8 @@ def gap_loss(
         # the first j != y with the largest gap (ties are common in bf16/fp16): the only class that
         # gets a gradient, besides y
         j = h.detach().scatter(1, safe, float("-inf")).argmax(1, keepdim=True)
-        per = term.gather(1, j).squeeze(1) if C > 1 else term.new_zeros(term.shape[0])
+        # C = 1: no j != y; an empty sum keeps the (zero) loss in the graph, as the kernels' zero gradient
+        per = term.gather(1, j).squeeze(1) if C > 1 else term[:, :0].sum(1)
     else:
         per = term.scatter(1, safe, 0.0).sum(1)  # j != y
     if weight is not None:
