@@ -200,8 +200,8 @@ CE_EDGES = (
     Edge("1e30", _as(input=_huge_rows, target=lambda d: _targets(5, 6, d)), _ce_twin),
     Edge("1e30-smoothing", _as(input=_huge_rows, target=lambda d: _targets(5, 6, d), label_smoothing=0.2), _ce_twin),
     Edge("fp16-max", _as(input=_fp16_max_rows, target=lambda d: _targets(4, 7, d), label_smoothing=0.1), _ce_twin),
-    Edge("all-ignored", _as(input=lambda d: torch.randn(3, 7, device=d), target=lambda d: torch.full((3,), -100, device=d)),
-         _ce_twin),
+    Edge("all-ignored", _as(input=lambda d: torch.randn(3, 7, device=d),
+                            target=lambda d: torch.full((3,), -100, device=d)), _ce_twin),
     Edge("all-ignored-weight-smoothing", _as(input=lambda d: torch.randn(3, 7, device=d),
                                              target=lambda d: torch.full((3,), 4, device=d), ignore_index=4,
                                              weight=lambda d: torch.rand(7, device=d), label_smoothing=0.3), _ce_twin),
@@ -225,7 +225,8 @@ CE_EDGES = (
          _ce_twin, view=_expand_rows("input", 5)),
     Edge("expanded-classes", _as(input=lambda d: torch.randn(5, 1, device=d), target=lambda d: _targets(5, 7, d)),
          _ce_twin, view=lambda kw: {**kw, "input": kw["input"].expand(5, 7)}),
-    Edge("expanded-target", _as(input=lambda d: torch.randn(5, 7, device=d), target=lambda d: torch.tensor(2, device=d)),
+    Edge("expanded-target", _as(input=lambda d: torch.randn(5, 7, device=d),
+                                target=lambda d: torch.tensor(2, device=d)),
          _ce_twin, view=lambda kw: {**kw, "target": kw["target"].expand(5)}),
     Edge("channels-last", _as(input=lambda d: torch.randn(2, 7, 2, 3, device=d),
                               target=lambda d: torch.randint(0, 7, (2, 2, 3), device=d),
@@ -278,8 +279,8 @@ def _lce_twin(**kw):
 
 
 def _lce(n=5, d=4, v=7, **fixed):
-    args = dict(input=lambda dev: torch.randn(n, d, device=dev), linear_weight=lambda dev: torch.randn(v, d, device=dev),
-                target=lambda dev: _targets(n, v, dev))
+    args = dict(input=lambda dev: torch.randn(n, d, device=dev),
+                linear_weight=lambda dev: torch.randn(v, d, device=dev), target=lambda dev: _targets(n, v, dev))
     return _as(**{**args, **fixed})
 
 
@@ -294,7 +295,8 @@ LCE_EDGES = (
     Edge("nonfinite-input", _lce(), _lce_twin, view=_nan_input),
     Edge("all-ignored", _lce(target=lambda d: torch.full((5,), -100, device=d)), _lce_twin),
     Edge("empty-batch", _lce(n=0), _lce_twin),
-    Edge("one-row-1d", _as(input=lambda d: torch.randn(4, device=d), linear_weight=lambda d: torch.randn(7, 4, device=d),
+    Edge("one-row-1d", _as(input=lambda d: torch.randn(4, device=d),
+                           linear_weight=lambda d: torch.randn(7, 4, device=d),
                            target=lambda d: torch.tensor(6, device=d)), _lce_twin),
     Edge("one-class", _lce(v=1), _lce_twin),
     Edge("no-features", _lce(d=0), _lce_twin),
@@ -573,9 +575,3 @@ def bad_case_params(devices=("cpu", "cuda")):
 
 def case_of(op_name: str, case_id: str) -> Bad:
     return next(c for c in OPS[op_name].bad if c.id == case_id)
-
-
-def float64_kwargs(kwargs: dict) -> dict:
-    """The same call in float64 (the oracle's inputs: the rounded values, exactly)."""
-    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
-
