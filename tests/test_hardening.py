@@ -531,13 +531,20 @@ def test_no_memory_growth(op_name, backend, device):
         loss = op.call(kw, backend)
         torch.autograd.grad(loss, [kw[n] for n in names])
 
-    for _ in range(50):
-        step()
-    gc.collect()
-    before = torch.cuda.memory_allocated() if device == "cuda" else _rss_bytes()
-    for _ in range(1000):
-        step()
-    gc.collect()
+    # One CPU thread: a leak does not need the pool, and on this shared 2-core machine each parallel
+    # region's wake-up of the second thread can cost milliseconds (1,000 calls took 50 s with two).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(50):
+            step()
+        gc.collect()
+        before = torch.cuda.memory_allocated() if device == "cuda" else _rss_bytes()
+        for _ in range(1000):
+            step()
+        gc.collect()
+    finally:
+        torch.set_num_threads(threads)
     if device == "cuda":
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() == before
