@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -32,20 +34,39 @@ def reduction(value: str) -> str:
     return value
 
 
+def real(name: str, value) -> float:
+    """A Python (or NumPy) real number as a float. Strings and tensors are refused: float() would
+    parse the one and read the other on the host (a sync inside the op)."""
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def integer(name: str, value) -> int:
+    """A Python (or NumPy) integer, not a bool: int() would truncate 1.5 and the kernels and the
+    reference would then disagree on which targets are ignored."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
 def in_closed_unit(name: str, value: float) -> float:
-    if not 0.0 <= float(value) <= 1.0:
+    value = real(name, value)
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return float(value)
 
 
 def non_negative(name: str, value: float) -> float:
-    if not float(value) >= 0.0:
+    value = real(name, value)
+    if not value >= 0.0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return float(value)
 
 
 def positive(name: str, value: float) -> float:
-    if not float(value) > 0.0:
+    value = real(name, value)
+    if not value > 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return float(value)
 

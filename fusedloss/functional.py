@@ -84,6 +84,7 @@ def cross_entropy(
     z_loss = _checks.non_negative("z_loss", z_loss)
     softcap = None if softcap is None else _checks.positive("softcap", softcap)
     temperature = _checks.positive("temperature", temperature)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
     if input.dim() == 0:
         raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
     cdim = 0 if input.dim() == 1 else 1
@@ -110,7 +111,8 @@ def cross_entropy(
         raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
                          f"got {tuple(target.shape)}")
     if name == "reference":
-        return reference.cross_entropy(input, target, weight, **kwargs)
+        # int64 as the kernels take them (torch's gather refuses uint8 and int16 indices)
+        return reference.cross_entropy(input, target.to(torch.int64), weight, **kwargs)
 
     rows = _class_rows(input, C)
     flat_target = target.reshape(-1).to(torch.int64).contiguous()
@@ -261,7 +263,7 @@ def linear_cross_entropy(
     label_smoothing = _checks.in_closed_unit("label_smoothing", label_smoothing)
     z_loss = _checks.non_negative("z_loss", z_loss)
     softcap = None if softcap is None else _checks.positive("softcap", softcap)
-    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    ignore_index = -100 if ignore_index is None else _checks.integer("ignore_index", ignore_index)
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -308,7 +310,7 @@ def linear_cross_entropy(
                                               reduction=reduction, ignore_index=ignore_index,
                                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
-    rows = input.reshape(-1, D)
+    rows = input.reshape(target.numel(), D)  # not (-1, D): that is ambiguous when D = 0
     flat_target = target.reshape(-1).to(torch.int64).contiguous()
     acc = acc_dtype(input.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
@@ -346,11 +348,13 @@ def gap_loss(
     _checks.floating("input", input)
     _checks.tensor("target", target)
     _checks.reduction(reduction)
-    if p not in (1, 2) or isinstance(p, bool):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
+    p = int(p)  # torch's multi_margin_loss takes p=1.0 too
     if mode not in GAP_MODES:
         raise ValueError(f"mode must be one of {GAP_MODES}, got {mode!r}")
-    margin = float(margin)
+    margin = _checks.real("margin", margin)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
     if input.dim() not in (1, 2):
         raise ValueError(f"input must be (C,) or (N, C), got shape {tuple(input.shape)}")
     C = input.shape[-1]
@@ -366,7 +370,7 @@ def gap_loss(
     weight = _checks.class_weight(weight, C, input)
     name = _backend.resolve(backend, input.device)
     if name == "reference":
-        return reference.gap_loss(input, target, margin, p=p, weight=weight, ignore_index=ignore_index,
+        return reference.gap_loss(input, target.to(torch.int64), margin, p=p, weight=weight, ignore_index=ignore_index,
                                   reduction=reduction, class_normalize=class_normalize, mode=mode)
 
     rows = input.unsqueeze(0) if input.dim() == 1 else input
@@ -416,7 +420,8 @@ def info_nce(
     Kernels (cpu, cuda, triton) compute only the log-sum-exps of ``S = Q K^T / temperature`` along
     rows (and columns), streaming tiles of S (forward and backward); the positive logits, the
     symmetric average and the reduction are PyTorch ops on ``(N,)`` vectors. Labels are checked
-    against ``[0, M)`` for CPU tensors; on CUDA an out-of-range label fails inside the gather.
+    against ``[0, M)`` for CPU tensors (IndexError); elsewhere, without a host sync, a query whose
+    label is out of range gets a NaN loss (and NaN gradients), as cross_entropy does on GPU.
     """
     _checks.floating("query", query)
     _checks.floating("key", key)
@@ -446,6 +451,8 @@ def info_nce(
             raise ValueError(f"labels must have shape (N,) = ({N},), got {tuple(labels.shape)}")
         _checks.same_device("labels", labels, "query", query)
         labels = labels.to(torch.int64)
+        if N and M == 0:  # known from the shapes: no label can be in range
+            raise IndexError(f"labels must be in [0, M) = [0, 0): there are no keys for the {N} queries")
         if labels.device.type == "cpu" and N and not torch.compiler.is_compiling():
             bad = (labels < 0) | (labels >= M)
             if bool(bad.any()):
@@ -457,9 +464,17 @@ def info_nce(
         if M != N:
             raise ValueError(f"symmetric=True needs as many keys as queries, got N={N} and M={M}")
     name = _backend.resolve(backend, query.device)
+    # Off the CPU the labels are not read on the host (that would sync): an out-of-range label gathers
+    # a clamped index instead of faulting on the device, and its query's loss is NaN, as the
+    # cross-entropy kernels do with such a target.
+    label_ok = None
+    if labels is not None and labels.device.type != "cpu":
+        label_ok = (labels >= 0) & (labels < M)
+        labels = labels.clamp(0, M - 1)
     if name == "reference":
-        return reference.info_nce(query, key, labels, temperature=temperature, normalize=normalize,
-                                  symmetric=symmetric, reduction=reduction)
+        loss = reference.info_nce(query, key, labels, temperature=temperature, normalize=normalize,
+                                  symmetric=symmetric, reduction="none")
+        return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
 
     # The kernels run on rows in the accumulation dtype (float32 copies of fp16/bf16 rows): the
     # gradient of a query is the difference of two nearly equal terms, scale * (sum_j P_ij k_j -
@@ -484,8 +499,16 @@ def info_nce(
     loss = lse_rows - pos
     if symmetric:
         loss = 0.5 * (loss + (lse_cols - pos))
+    return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
+
+
+def _nan_where_not(ok: Tensor | None, loss: Tensor) -> Tensor:
+    return loss if ok is None else torch.where(ok, loss, torch.full_like(loss, float("nan")))
+
+
+def _reduce_info_nce(loss: Tensor, reduction: str, n: int) -> Tensor:
     if reduction == "none":
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / N
+    return loss.sum() / n

@@ -23,6 +23,15 @@ def transform_logits(x: Tensor, softcap: float | None, temperature: float) -> Te
     return x / temperature
 
 
+def _out_of_range(target: Tensor, ignored: Tensor, C: int) -> Tensor:
+    """Targets outside [0, C) that are not ignore_index: an IndexError for CPU tensors; elsewhere
+    (no host sync) the mask of their rows, whose loss becomes NaN, as the GPU kernels do."""
+    bad = ~ignored & ((target < 0) | (target >= C))
+    if target.device.type == "cpu" and target.numel() and bool(bad.any()):
+        raise IndexError(f"target {int(target[bad][0])} is out of range for {C} classes")
+    return bad
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -49,7 +58,9 @@ def cross_entropy(
     x = input.to(_compute_dtype(input.dtype))
     z = transform_logits(x, softcap, temperature)
     lse = torch.logsumexp(z, dim=cdim)
-    logp = z - lse.unsqueeze(cdim)
+    # log_softmax, not z - lse: at |z| ~ 1e30 the lse rounds to z's ulp and z - lse loses the whole
+    # answer (log C for equal logits); log_softmax subtracts the max first, as torch's loss does.
+    logp = torch.log_softmax(z, dim=cdim)
     w_shape = [1] * x.dim()
     w_shape[cdim] = C
     w = weight.to(x.dtype).view(w_shape) if weight is not None else None
@@ -69,11 +80,8 @@ def cross_entropy(
         return (out, lse) if return_lse else out
 
     ignored = target == ignore_index
-    if target.device.type == "cpu" and target.numel():
-        bad = ~ignored & ((target < 0) | (target >= C))
-        if bool(bad.any()):
-            raise IndexError(f"target {int(target[bad][0])} is out of range for {C} classes")
-    safe = target.masked_fill(ignored, 0)
+    bad = _out_of_range(target, ignored, C)
+    safe = target.masked_fill(ignored | bad, 0)
     nll = -logp.gather(cdim, safe.unsqueeze(cdim)).squeeze(cdim)
     w_y = weight.to(x.dtype)[safe] if weight is not None else torch.ones_like(nll)
     loss = (1 - label_smoothing) * w_y * nll
@@ -82,8 +90,8 @@ def cross_entropy(
         loss = loss + label_smoothing / C * smooth
     if z_loss > 0:
         loss = loss + z_loss * lse**2
-    loss = loss.masked_fill(ignored, 0.0)
-    lse = lse.masked_fill(ignored, 0.0)
+    loss = loss.masked_fill(ignored, 0.0).masked_fill(bad, float("nan"))
+    lse = lse.masked_fill(ignored, 0.0).masked_fill(bad, float("nan"))
     if reduction == "mean":
         out = loss.sum() / (w_y * ~ignored).sum()
     elif reduction == "sum":
@@ -168,25 +176,23 @@ def gap_loss(
     t = target.reshape(-1)
     C = rows.shape[1]
     ignored = t == ignore_index
-    if t.device.type == "cpu" and t.numel():
-        bad = ~ignored & ((t < 0) | (t >= C))
-        if bool(bad.any()):
-            raise IndexError(f"target {int(t[bad][0])} is out of range for {C} classes")
-    safe = t.masked_fill(ignored, 0).unsqueeze(1)
+    bad = _out_of_range(t, ignored, C)
+    safe = t.masked_fill(ignored | bad, 0).unsqueeze(1)
     h = rows - rows.gather(1, safe) + margin
     term = torch.where(h > 0, h, torch.zeros_like(h)) ** p
     if mode == "max":
         # the first j != y with the largest gap (ties are common in bf16/fp16): the only class that
         # gets a gradient, besides y
         j = h.detach().scatter(1, safe, float("-inf")).argmax(1, keepdim=True)
-        per = term.gather(1, j).squeeze(1) if C > 1 else term.new_zeros(term.shape[0])
+        # C = 1: no j != y; an empty sum keeps the (zero) loss in the graph, as the kernels' zero gradient
+        per = term.gather(1, j).squeeze(1) if C > 1 else term[:, :0].sum(1)
     else:
         per = term.scatter(1, safe, 0.0).sum(1)  # j != y
     if weight is not None:
         per = per * weight.to(x.dtype)[safe.squeeze(1)]
     if class_normalize:
         per = per / C
-    per = per.masked_fill(ignored, 0.0)
+    per = per.masked_fill(ignored, 0.0).masked_fill(bad, float("nan"))
     if reduction == "mean":
         return per.sum() / (~ignored).sum()
     if reduction == "sum":

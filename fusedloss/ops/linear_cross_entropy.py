@@ -351,6 +351,14 @@ def _backward_fwd(ctx, grad_loss, _gi, _gw, _gb):
             grad_loss, input, linear_weight, target, linear_bias, weight, *ctx.scalars, need_gi, need_gw, need_gb,
             ctx.backend)
     else:
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the gradients were made in the forward and would enter the new
+            # graph as constants, so a gradient of them (a gradient penalty, a Hessian-vector product)
+            # would silently miss this loss's curvature. Refused here, where the reason is known.
+            raise RuntimeError(
+                f"fusedloss: linear_cross_entropy has no double backward (the gradient of its gradient): with "
+                f"reduction={ctx.reduction!r} its gradients are computed in the forward, so backward with "
+                "create_graph=True is refused")
         try:
             gi, gw, gb = ctx.saved_tensors
         except RuntimeError as exc:
