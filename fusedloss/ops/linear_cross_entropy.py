@@ -53,7 +53,7 @@ def auto_chunk_size(n: int, d: int, v: int, device: torch.device, dtype: torch.d
     within 8..64 MB. Each chunk adds G_c^T X_c into the (V, D) fp32 weight gradient, a GEMM whose inner
     dimension is the chunk's rows, so every chunk reads and writes that whole accumulator: larger chunks
     are faster (at N=4096, D=1024, V=32000: 256 rows about 12% faster than 128, 64 rows 25% slower, on
-    this 2-core machine), until about 64 MB. But the weight gradient, the input gradient and this
+    this 2-core machine, measured with row-major chunks, before the class-major loop), until about 64 MB. But the weight gradient, the input gradient and this
     buffer make the peak, and torch's chunked path sizes its chunks like the input (its aspect_ratio
     rule), so with this rule the peak is torch's (V*D + 2*N*D floats: 164 MB at that shape, the issue's
     budget) whenever the input's gradient takes 8 MB or more, while the chunk grows with N. The buffer is reused across chunks, so
