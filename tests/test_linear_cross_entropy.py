@@ -680,3 +680,45 @@ def test_cols_opcheck():
     t = torch.randint(0, 300, (40,))
     torch.library.opcheck(torch.ops.fusedloss.cross_entropy_fwd_grad_cols_.default,
                           (x, t, torch.rand(300) + 0.5, torch.randn(40), -100, 0.1, 1e-3, 0.0, 1.0))
+
+
+def test_cpu_class_major_loop_is_thread_count_independent(spy):
+    """Chunks above CLASS_MAJOR_MIN_LOGITS take the class-major loop: its GEMMs and row kernel give the
+    same bits with 1 and 2 threads (tests/test_hardening.py checks a small shape, the row-major loop)."""
+    x, W, _, t, w = make_inputs(300, 64, 4001, torch.float32, "cpu", weight=True)
+    assert 300 * 4001 >= _lce.CLASS_MAJOR_MIN_LOGITS
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xa, Wa = x.clone().requires_grad_(), W.clone().requires_grad_()
+            loss = fusedloss.linear_cross_entropy(xa, Wa, t, weight=w, label_smoothing=0.1, backend="cpu")
+            loss.backward()
+            results.append((loss, xa.grad, Wa.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture
+def class_major_everywhere(monkeypatch):
+    """Every CPU chunk takes the class-major loop, however small (the default threshold sends small
+    chunks to the row-major loop)."""
+    monkeypatch.setattr(_lce, "CLASS_MAJOR_MIN_LOGITS", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("N,D,V", [shape_param(*s) for s in SHAPES])
+@pytest.mark.parametrize("chunk", ["1", "mid", "over"])
+def test_cpu_class_major_loop_shapes(class_major_everywhere, dtype, N, D, V, chunk):
+    if chunk == "1" and N > 37:
+        pytest.skip("one-row chunks of many rows: covered by the smaller shapes")
+    check_against_reference("cpu", "cpu", dtype, N, D, V, OPTIONS["everything"], "mean", chunk_for(chunk, N))
+
+
+@pytest.mark.parametrize("opts", list(OPTIONS))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cpu_class_major_loop_options(class_major_everywhere, opts, reduction):
+    check_against_reference("cpu", "cpu", torch.float32, 37, 16, 257, OPTIONS[opts], reduction, 12)

@@ -39,6 +39,11 @@ from fusedloss.ops._common import acc_dtype, no_context, no_double_backward
 FWD = "fusedloss::linear_cross_entropy_fwd"
 BWD = "fusedloss::linear_cross_entropy_bwd"
 COLS = "fusedloss::cross_entropy_fwd_grad_cols_"
+# CPU chunks of at least this many logits take the class-major loop (_chunks_class_major). Below it the
+# GEMMs are too small for the layout to matter, and MKL's small-matrix path gives W @ X^T different bits
+# with 1 and 2 threads (seen at V=7, D=4; every larger shape tried agreed), which would break the CPU
+# backend's thread-count independence.
+CLASS_MAJOR_MIN_LOGITS = 1 << 20
 
 # Bytes of a chunk's logits when chunk_size is None (see auto_chunk_size): CPU between the bounds, as
 # large as the input's fp32 gradient; CUDA the fixed size.
@@ -158,7 +163,7 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
     loss_kernel = None if grads else _loss_kernel(backend)
     mm_kw = {"out_dtype": acc} if mixed else {}
 
-    if grads and backend == "cpu":
+    if grads and backend == "cpu" and chunk * v >= CLASS_MAJOR_MIN_LOGITS:
         _chunks_class_major(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing, z_loss,
                             softcap, chunk, logits_buf.view(-1), loss, grad_input, grad_weight, grad_bias)
         return loss, grad_input, grad_weight, grad_bias
