@@ -164,6 +164,7 @@ def focal_loss(
     _checks.floating("input", input)
     _checks.tensor("target", target)
     _checks.reduction(reduction)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma must be a float >= 0, got {type(gamma).__name__}")
     gamma = float(gamma)

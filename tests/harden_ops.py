@@ -238,6 +238,86 @@ CE_EDGES = (
 )
 
 
+def _focal_ce_twin(*, gamma, alpha=None, **kw):
+    """torch's cross-entropy is focal loss at gamma = 0 with no alpha (test_focal_loss checks the
+    reference against it); torch has no multi-class focal loss for gamma > 0."""
+    assert gamma == 0.0 and alpha is None
+    return F.cross_entropy(**kw)
+
+
+NO_FOCAL_TWIN = "torch has no multi-class focal loss (torchvision's is the binary sigmoid form): the float64 reference"
+
+
+def _focal_targets(n, C, device):
+    """_targets with row 2's target moved off its -inf logit: there the focal coefficient's limit (1) makes
+    the kernels' gradient finite, softmax - onehot, where the reference's autograd through the formula
+    gives 0 * inf = NaN (test_focal_loss.test_one_hot_rows checks that row; the gamma = 0 edges, against
+    torch, keep it)."""
+    t = _targets(n, C, device)
+    t[2] = 3
+    return t
+
+
+def _fl(gamma=2.0, **fixed):
+    return _as(gamma=gamma, **fixed)
+
+
+FOCAL_EDGES = (
+    Edge("nonfinite-gamma0", _fl(0.0, input=lambda d: _nonfinite_rows(d), target=lambda d: _targets(8, 6, d),
+                                 weight=lambda d: torch.rand(6, device=d) + 0.5), _focal_ce_twin),
+    Edge("nonfinite", _fl(input=lambda d: _nonfinite_rows(d), target=lambda d: _focal_targets(8, 6, d), alpha=0.25),
+         None, why=NO_FOCAL_TWIN),
+    Edge("nonfinite-alpha-weight", _fl(0.5, input=lambda d: _nonfinite_rows(d),
+                                       target=lambda d: _focal_targets(8, 6, d),
+                                       alpha=lambda d: torch.rand(6, device=d),
+                                       weight=lambda d: torch.rand(6, device=d) + 0.5), None, why=NO_FOCAL_TWIN),
+    Edge("nonfinite-bf16", _fl(input=lambda d: _nonfinite_rows(d, torch.bfloat16),
+                               target=lambda d: _focal_targets(8, 6, d)), None, why=NO_FOCAL_TWIN),
+    Edge("nonfinite-fp16", _fl(0.0, input=lambda d: _nonfinite_rows(d, torch.float16),
+                               target=lambda d: _targets(8, 6, d)), _focal_ce_twin),
+    Edge("1e30-gamma0", _fl(0.0, input=_huge_rows, target=lambda d: _targets(5, 6, d)), _focal_ce_twin),
+    Edge("1e30", _fl(input=_huge_rows, target=lambda d: _targets(5, 6, d), alpha=0.5), None, why=NO_FOCAL_TWIN),
+    Edge("fp16-max", _fl(1.5, input=_fp16_max_rows, target=lambda d: _targets(4, 7, d)), None, why=NO_FOCAL_TWIN),
+    Edge("fp16-max-gamma0", _fl(0.0, input=_fp16_max_rows, target=lambda d: _targets(4, 7, d)), _focal_ce_twin),
+    Edge("all-ignored", _fl(input=lambda d: torch.randn(3, 7, device=d),
+                            target=lambda d: torch.full((3,), -100, device=d)), None, why=NO_FOCAL_TWIN),
+    Edge("all-ignored-weight-alpha", _fl(0.5, input=lambda d: torch.randn(3, 7, device=d),
+                                         target=lambda d: torch.full((3,), 4, device=d), ignore_index=4,
+                                         weight=lambda d: torch.rand(7, device=d),
+                                         alpha=lambda d: torch.rand(7, device=d)), None, why=NO_FOCAL_TWIN),
+    Edge("empty-batch", _fl(input=lambda d: torch.randn(0, 5, device=d),
+                            target=lambda d: torch.zeros(0, dtype=torch.long, device=d)), None, why=NO_FOCAL_TWIN),
+    Edge("empty-batch-weight", _fl(0.0, input=lambda d: torch.randn(0, 5, device=d),
+                                   target=lambda d: torch.zeros(0, dtype=torch.long, device=d),
+                                   weight=lambda d: torch.rand(5, device=d)), _focal_ce_twin),
+    Edge("empty-kdim", _fl(input=lambda d: torch.randn(2, 5, 0, device=d),
+                           target=lambda d: torch.zeros(2, 0, dtype=torch.long, device=d)), None, why=NO_FOCAL_TWIN),
+    # one class: p_y = 1 exactly, so loss 0 and gradient 0 (the limit, for gamma < 1 too)
+    Edge("one-class", _fl(0.5, input=lambda d: torch.randn(4, 1, device=d),
+                          target=lambda d: torch.zeros(4, dtype=torch.long, device=d)), None, why=NO_FOCAL_TWIN),
+    Edge("one-row-1d", _fl(input=lambda d: torch.randn(7, device=d), target=lambda d: torch.tensor(3, device=d),
+                           alpha=0.25), None, why=NO_FOCAL_TWIN),
+    Edge("one-row-2d", _fl(input=lambda d: torch.randn(1, 9, device=d), target=lambda d: torch.tensor([8], device=d)),
+         None, why=NO_FOCAL_TWIN),
+    Edge("transposed", _fl(input=lambda d: torch.randn(7, 5, device=d), target=lambda d: _targets(5, 7, d)), None,
+         view=_transpose("input"), why=NO_FOCAL_TWIN),
+    Edge("expanded-rows", _fl(input=lambda d: torch.randn(1, 7, device=d), target=lambda d: _targets(5, 7, d)),
+         None, view=_expand_rows("input", 5), why=NO_FOCAL_TWIN),
+    Edge("expanded-classes", _fl(input=lambda d: torch.randn(5, 1, device=d), target=lambda d: _targets(5, 7, d)),
+         None, view=lambda kw: {**kw, "input": kw["input"].expand(5, 7)}, why=NO_FOCAL_TWIN),
+    Edge("expanded-target", _fl(input=lambda d: torch.randn(5, 7, device=d),
+                                target=lambda d: torch.tensor(2, device=d)),
+         None, view=lambda kw: {**kw, "target": kw["target"].expand(5)}, why=NO_FOCAL_TWIN),
+    Edge("channels-last", _fl(1.5, input=lambda d: torch.randn(2, 7, 2, 3, device=d),
+                              target=lambda d: torch.randint(0, 7, (2, 2, 3), device=d),
+                              weight=lambda d: torch.rand(7, device=d), alpha=lambda d: torch.rand(7, device=d)),
+         None, view=_channels_last("input"), why=NO_FOCAL_TWIN),
+    Edge("channels-last-bf16-gamma0", _fl(0.0, input=lambda d: torch.randn(2, 7, 2, 3, device=d).bfloat16(),
+                                          target=lambda d: torch.randint(0, 7, (2, 2, 3), device=d)), _focal_ce_twin,
+         view=_channels_last("input")),
+)
+
+
 def _gap_twin(input, target, *, margin, p=1, weight=None, reduction="mean", class_normalize=True):
     assert class_normalize
     return F.multi_margin_loss(input, target, p=p, margin=margin, weight=weight, reduction=reduction)
@@ -402,6 +482,59 @@ CROSS_ENTROPY = Op(
 )
 
 
+# --- focal_loss ----------------------------------------------------------------------------------
+
+FL_C = 5
+
+
+def _fl_make(n, dtype, device):
+    return dict(input=torch.randn(n, FL_C, device=device).to(dtype), target=torch.randint(0, FL_C, (n,), device=device),
+                gamma=2.0)
+
+
+FOCAL_LOSS = Op(
+    name="focal_loss",
+    fn=fusedloss.focal_loss,
+    reference=reference.focal_loss,
+    make=_fl_make,
+    grads=("input",),
+    bad=tuple(common_bad("input") + target_range_bad("target", FL_C) + weight_bad(FL_C) + [
+        Bad("input-0d", _with("input", lambda v, d: v[0, 0]), (ValueError,), ("input",)),
+        Bad("input-no-classes", _with("input", lambda v, d: v[:, :0]), (ValueError,), ("input",)),
+        Bad("input-other-device", _stray("input"), (RuntimeError,), ("input",)),
+        Bad("target-batch-mismatch", _with("target", lambda v, d: v[:2]), (ValueError,), ("target",)),
+        Bad("target-rank", _with("target", lambda v, d: v[:, None]), (ValueError,), ("target",)),
+        Bad("target-float", _with("target", lambda v, d: v.float()), (TypeError,), ("target",)),
+        Bad("target-bool", _with("target", lambda v, d: v.bool()), (TypeError,), ("target",)),
+        Bad("target-complex", _with("target", lambda v, d: v.to(torch.complex64)), (TypeError,), ("target",)),
+        Bad("target-not-a-tensor", _with("target", lambda v, d: v.tolist()), (TypeError,), ("target",)),
+        Bad("target-other-device", _stray("target"), (RuntimeError,), ("target",)),
+        Bad("gamma-negative", _set(gamma=-0.5), (ValueError,), ("gamma",)),
+        Bad("gamma-nan", _set(gamma=float("nan")), (ValueError,), ("gamma",)),
+        Bad("gamma-inf", _set(gamma=float("inf")), (ValueError,), ("gamma",)),
+        Bad("gamma-bool", _set(gamma=True), (TypeError,), ("gamma",)),
+        Bad("gamma-str", _set(gamma="2"), (TypeError,), ("gamma",)),
+        Bad("gamma-tensor", lambda kw, d: {**kw, "gamma": torch.tensor(2.0, device=d)}, (TypeError,), ("gamma",)),
+        Bad("alpha-length", lambda kw, d: {**kw, "alpha": torch.rand(FL_C - 1, device=d)}, (ValueError,), ("alpha",)),
+        Bad("alpha-2d", lambda kw, d: {**kw, "alpha": torch.rand(1, FL_C, device=d)}, (ValueError,), ("alpha",)),
+        Bad("alpha-integer", lambda kw, d: {**kw, "alpha": torch.ones(FL_C, dtype=torch.long, device=d)}, (TypeError,),
+            ("alpha",)),
+        Bad("alpha-other-device", lambda kw, d: {**kw, "alpha": torch.rand(FL_C, device=other_device(d))},
+            (RuntimeError,), ("alpha",)),
+        Bad("alpha-negative", _set(alpha=-0.25), (ValueError,), ("alpha",)),
+        Bad("alpha-nan", _set(alpha=float("nan")), (ValueError,), ("alpha",)),
+        Bad("alpha-str", _set(alpha="balanced"), (TypeError,), ("alpha",)),
+        Bad("ignore_index-float", _set(ignore_index=1.5), (TypeError,), ("ignore_index",)),
+        Bad("ignore_index-str", _set(ignore_index="x"), (TypeError,), ("ignore_index",)),
+    ]),
+    gradcheck_kwargs=lambda: dict(
+        input=torch.randn(4, 6, dtype=torch.float64, requires_grad=True), target=torch.tensor([1, -100, 5, 0]),
+        gamma=1.5, alpha=torch.rand(6, dtype=torch.float64) + 0.1, weight=torch.rand(6, dtype=torch.float64) + 0.5,
+        reduction="mean"),
+    edges=FOCAL_EDGES,
+)
+
+
 # --- gap_loss ------------------------------------------------------------------------------------
 
 GAP_C = 6
@@ -556,7 +689,7 @@ INFO_NCE = Op(
 )
 
 
-OPS = {op.name: op for op in (CROSS_ENTROPY, GAP_LOSS, LINEAR_CROSS_ENTROPY, INFO_NCE)}
+OPS = {op.name: op for op in (CROSS_ENTROPY, GAP_LOSS, LINEAR_CROSS_ENTROPY, INFO_NCE, FOCAL_LOSS)}
 
 
 def bad_case_params(devices=("cpu", "cuda")):
