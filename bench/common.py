@@ -334,48 +334,11 @@ def time_fn(fn: Callable[[], object], device: str, cfg: TimingConfig) -> tuple[f
     return result
 
 
-class _QuietStderr:
-    """Silence fd 2 (kineto's profiler_start/stop lines, the allocator's 'unknown size' warning)."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        self._null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(self._null, 2)
-        return self
-
-    def __exit__(self, *exc):
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        os.close(self._null)
-        return False
-
-
 def peak_memory(fn: Callable[[], object], device: str) -> int | None:
     """Peak bytes allocated by one call of ``fn`` above what was allocated before it (see module doc)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return int(torch.cuda.max_memory_allocated() - before)
-    try:
-        from torch.profiler import ProfilerActivity, profile
+    from fusedloss._memory import peak_memory as measure  # the demo's measure too
 
-        with _QuietStderr():
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                fn()
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    except Exception:  # noqa: BLE001 - a profiler without these internals: report no number, not a wrong one
-        return None
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return int(peak)
+    return measure(fn, device)
 
 
 _COPY_BW: dict[str, float] = {}

@@ -94,3 +94,19 @@ def temperature(value, ref: Tensor, ref_name: str):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(value).__name__}")
     return positive("temperature", value)
+
+
+def query_key(query: Tensor, key: Tensor) -> None:
+    """InfoNCE's query (N, D) and key (M, D): floating, 2-D, one device and dtype, one feature size."""
+    floating("query", query)
+    floating("key", key)
+    if query.dim() != 2:
+        raise ValueError(f"query must be 2-D (N, D), got shape {tuple(query.shape)}")
+    if key.dim() != 2:
+        raise ValueError(f"key must be 2-D (M, D), got shape {tuple(key.shape)}")
+    same_device("key", key, "query", query)
+    if key.dtype != query.dtype:
+        raise TypeError(f"key must have query's dtype {query.dtype}, got {key.dtype}")
+    if key.shape[1] != query.shape[1]:
+        raise ValueError(f"query and key must have the same feature size D, got query {tuple(query.shape)} "
+                         f"and key {tuple(key.shape)}")

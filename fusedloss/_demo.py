@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fusedloss
+from fusedloss._memory import peak_memory
 
 try:  # progress bars are optional
     from tqdm.auto import tqdm as _tqdm
@@ -210,64 +211,6 @@ def head_loss(kind: str, hidden: Tensor, weight: Tensor, target: Tensor, dtype: 
 # ----------------------------------------------------------------------------------------------
 # measuring
 # ----------------------------------------------------------------------------------------------
-class _QuietStderr:
-    """The profiler's C++ side prints start/stop and no-GPU notices on fd 2: hide them."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        self._null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(self._null, 2)
-        return self
-
-    def __exit__(self, *exc):
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        os.close(self._null)
-        return False
-
-
-def _cpu_peak(fn) -> int | None:
-    """Peak bytes that PyTorch's CPU allocator holds during ``fn()`` above what it held before: the
-    running sum of the allocation/free events it reports to the profiler. RSS cannot tell this: glibc
-    keeps freed blocks, so after the first step RSS hardly moves whatever a step allocates. The
-    profiled call runs with fd 2 silenced: the profiler's C++ side prints start/stop notices and warns
-    about every block freed that was allocated before it started (the gradients of the last step)."""
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    except Exception:  # noqa: BLE001 - no profiler: run unmeasured
-        fn()
-        return None
-    with _QuietStderr():
-        with prof:
-            fn()
-    try:
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    except Exception:  # noqa: BLE001 - a profiler without these internals: no number rather than a wrong one
-        return None
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
-def _peak_memory(fn, device: torch.device) -> int | None:
-    """Peak bytes held during ``fn()`` above what was held before it."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    return _cpu_peak(fn)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -321,7 +264,7 @@ class Run:
 
     def step(self, i: int, *, timed: bool, measure_memory: bool) -> None:
         if measure_memory:
-            self.peak = _peak_memory(lambda: self._step(i), self.device)
+            self.peak = peak_memory(lambda: self._step(i), self.device)
             return
         if not timed:
             self._step(i)

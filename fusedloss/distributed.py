@@ -615,19 +615,8 @@ def info_nce(
     fp16/bf16 inputs (see below). The loss is float32 for fp16/bf16/fp32 inputs, gradients in their dtype.
     """
     rank, world = _group_info("info_nce", group)
-    _checks.floating("query", query)
-    _checks.floating("key", key)
+    _checks.query_key(query, key)
     _checks.reduction(reduction)
-    if query.dim() != 2:
-        raise ValueError(f"query must be 2-D (N, D), got shape {tuple(query.shape)}")
-    if key.dim() != 2:
-        raise ValueError(f"key must be 2-D (M, D), got shape {tuple(key.shape)}")
-    _checks.same_device("key", key, "query", query)
-    if key.dtype != query.dtype:
-        raise TypeError(f"key must have query's dtype {query.dtype}, got {key.dtype}")
-    if key.shape[1] != query.shape[1]:
-        raise ValueError(f"query and key must have the same feature size D, got query {tuple(query.shape)} and "
-                         f"key {tuple(key.shape)}")
     n, m = query.shape[0], key.shape[0]
     if symmetric and labels is not None:
         raise ValueError("symmetric=True uses the default labels (query i pairs with key i); got labels")

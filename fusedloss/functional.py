@@ -424,21 +424,10 @@ def info_nce(
     against ``[0, M)`` for CPU tensors (IndexError); elsewhere, without a host sync, a query whose
     label is out of range gets a NaN loss (and NaN gradients), as cross_entropy does on GPU.
     """
-    _checks.floating("query", query)
-    _checks.floating("key", key)
+    _checks.query_key(query, key)
     _checks.reduction(reduction)
-    if query.dim() != 2:
-        raise ValueError(f"query must be 2-D (N, D), got shape {tuple(query.shape)}")
-    if key.dim() != 2:
-        raise ValueError(f"key must be 2-D (M, D), got shape {tuple(key.shape)}")
-    _checks.same_device("key", key, "query", query)
-    if key.dtype != query.dtype:
-        raise TypeError(f"key must have query's dtype {query.dtype}, got {key.dtype}")
-    N, D = query.shape
+    N = query.shape[0]
     M = key.shape[0]
-    if key.shape[1] != D:
-        raise ValueError(f"query and key must have the same feature size D, got query {tuple(query.shape)} "
-                         f"and key {tuple(key.shape)}")
     temperature = _checks.temperature(temperature, query, "query")
     if labels is None:
         if M < N:
