@@ -18,7 +18,7 @@ all: build
 
 $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" triton ninja pybind11 "setuptools>=64" wheel \
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" triton ninja pybind11 "setuptools>=77" wheel \
 		pytest hypothesis pyyaml numpy matplotlib tqdm
 	FUSEDLOSS_NO_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@

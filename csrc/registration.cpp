@@ -1,7 +1,11 @@
 // The one TORCH_LIBRARY block of fusedloss: every op's schema. Each backend file registers its
-// kernels with TORCH_LIBRARY_IMPL(fusedloss, <key>); fake kernels and autograd are registered from
-// Python (fusedloss/ops/). The Triton twins of these ops (fusedloss::<op>_triton) are
-// torch.library.triton_op registrations made in Python.
+// kernels with TORCH_LIBRARY_IMPL(fusedloss, <key>); fake kernels are registered from Python
+// (fusedloss/ops/). Two layers:
+//   - the public-level ops (cross_entropy, focal_loss, gap_loss): what fusedloss.functional calls, a
+//     reduced loss and what the backward needs; autograd in C++ (csrc/autograd.cpp);
+//   - the kernel ops they are made of (<op>_fwd, <op>_bwd, reduce_rows): per-row values.
+// The Triton twins (fusedloss::<op>_triton) are torch.library.triton_op registrations made in Python
+// (fusedloss/ops/) with the same schemas.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,6 +18,28 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedloss, m) {
+  // ---- public-level ops. reduction is at::Reduction's value: 0 none, 1 mean, 2 sum. The loss is 0-dim
+  // for mean/sum, per row (N,) for none, in the accumulation dtype; mass, the mean's denominator (see
+  // reduce_rows), is 0-dim for mean/sum and (0,) for none. Other outputs as the kernel ops' below.
+  m.def(
+      "cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, int reduction, "
+      "float label_smoothing, float z_loss, float softcap, float temperature) -> (Tensor loss, Tensor lse, "
+      "Tensor stats, Tensor mass)");
+  // factor: the row loss's per-class factor a_y (weight * alpha); weight: the class weights of the mean.
+  m.def(
+      "focal_loss(Tensor logits, Tensor target, Tensor? factor, Tensor? weight, int ignore_index, int reduction, "
+      "float gamma) -> (Tensor loss, Tensor stats, Tensor coef, Tensor mass)");
+  m.def(
+      "gap_loss(Tensor input, Tensor target, Tensor? weight, float margin, int p, int ignore_index, "
+      "bool class_normalize, bool max_mode, int reduction) -> (Tensor loss, Tensor mass)");
+  // sum_i kept_i u_i loss_i and mass = sum_i kept_i u_i w[target_i] (kept_i: target_i != ignore_index;
+  // u the token weights, w the class weights, 1 when absent), the first divided by mass when mean, as
+  // 0-dim tensors of the loss's dtype; deterministic (fusedloss/reduce_math.h).
+  m.def(
+      "reduce_rows(Tensor loss, Tensor target, Tensor? weight, Tensor? token_weight, int ignore_index, bool mean) "
+      "-> (Tensor out, Tensor mass)");
+
+  // ---- kernel ops
   // logits (N, C) with unit class stride; target (N,) int64; weight (C,) in the accumulation dtype
   // (float32, float64 for float64 logits). Returns, in the accumulation dtype: the per-row loss
   // (N,), the per-row lse (N,), and stats (N, 2) = (max, log_s) of the transformed row, which the

@@ -93,8 +93,23 @@ def available(device: torch.device | str) -> list[str]:
     return [b for b in order if why_unavailable(b, device) is None]
 
 
+_RESOLVED: dict = {}
+
+
 def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend an op runs on input on ``device``, given the user's request."""
+    """The backend an op runs on input on ``device``, given the user's request.
+
+    What can run where does not change while the process runs (see the module's facts above), so each
+    (request, FUSEDLOSS_BACKEND, device type, extension loaded) is decided once; errors are not cached."""
+    key = (backend, os.environ.get(ENV_VAR), device.type, _C is None)
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _resolve(backend, device)
+        _RESOLVED[key] = name
+    return name
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
     requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if requested is None:
         if device.type == "cuda":

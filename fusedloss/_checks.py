@@ -71,6 +71,15 @@ def positive(name: str, value: float) -> float:
     return float(value)
 
 
+def ce_options(label_smoothing, z_loss, softcap, temperature) -> tuple[float, float, float | None, float]:
+    """cross-entropy's float options, checked (the defaults, the common case, in one comparison)."""
+    if (type(label_smoothing) is float and type(z_loss) is float and softcap is None and type(temperature) is float
+            and label_smoothing == 0.0 and z_loss == 0.0 and temperature == 1.0):
+        return label_smoothing, z_loss, softcap, temperature
+    return (in_closed_unit("label_smoothing", label_smoothing), non_negative("z_loss", z_loss),
+            None if softcap is None else positive("softcap", softcap), positive("temperature", temperature))
+
+
 def class_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> Tensor | None:
     if weight is None:
         return None

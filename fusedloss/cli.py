@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import fusedloss
-from fusedloss import _check
+from fusedloss import _selfcheck as _check
 
 # ----------------------------------------------------------------------------------------------
 # info

@@ -15,16 +15,9 @@ from fusedloss.ops import gap_loss as _gap
 from fusedloss.ops import info_nce as _nce
 from fusedloss.ops import linear_cross_entropy as _lce
 from fusedloss.ops._common import acc_dtype
+from fusedloss.ops._registry import REDUCTION
 
 __all__ = ["cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy"]
-
-
-def _reduce_rows(loss: Tensor, reduction: str, out_shape: torch.Size, denominator) -> Tensor:
-    if reduction == "none":
-        return loss.view(out_shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / denominator()
 
 
 def _class_rows(input: Tensor, C: int) -> Tensor:
@@ -42,13 +35,18 @@ def _class_rows(input: Tensor, C: int) -> Tensor:
     return rows
 
 
-def _weighted_count(flat_target: Tensor, w: Tensor | None, ignore_index: int, C: int, acc: torch.dtype) -> Tensor:
-    """torch's weighted-mean denominator: the weight mass of the non-ignored targets (their count
-    without weights)."""
-    kept = flat_target != ignore_index
-    if w is None:
-        return kept.sum().to(acc)
-    return (w[flat_target.clamp(0, C - 1)] * kept).sum()
+def _flat_target(target: Tensor) -> Tensor:
+    """Class indices as the contiguous int64 vector the kernels take (free when they are one)."""
+    if target.dtype == torch.int64 and target.dim() == 1 and target.is_contiguous():
+        return target
+    return target.reshape(-1).to(torch.int64).contiguous()
+
+
+def _acc_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Class weights in the accumulation dtype, contiguous, as the kernels take them."""
+    if weight is None:
+        return None
+    return weight.to(acc_dtype(dtype)).contiguous()
 
 
 def cross_entropy(
@@ -80,10 +78,7 @@ def cross_entropy(
     _checks.floating("input", input)
     _checks.tensor("target", target)
     _checks.reduction(reduction)
-    label_smoothing = _checks.in_closed_unit("label_smoothing", label_smoothing)
-    z_loss = _checks.non_negative("z_loss", z_loss)
-    softcap = None if softcap is None else _checks.positive("softcap", softcap)
-    temperature = _checks.positive("temperature", temperature)
+    label_smoothing, z_loss, softcap, temperature = _checks.ce_options(label_smoothing, z_loss, softcap, temperature)
     ignore_index = _checks.integer("ignore_index", ignore_index)
     if input.dim() == 0:
         raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
@@ -95,7 +90,8 @@ def cross_entropy(
     weight = _checks.class_weight(weight, C, input)
     name = _backend.resolve(backend, input.device)
     kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-                  softcap=softcap, temperature=temperature, return_lse=return_lse)
+                  softcap=softcap, temperature=temperature, return_lse=return_lse) if name == "reference" or \
+        target.is_floating_point() else None
 
     if target.is_floating_point():
         if target.shape != input.shape:
@@ -115,13 +111,13 @@ def cross_entropy(
         return reference.cross_entropy(input, target.to(torch.int64), weight, **kwargs)
 
     rows = _class_rows(input, C)
-    flat_target = target.reshape(-1).to(torch.int64).contiguous()
-    acc = acc_dtype(input.dtype)
-    w = weight.to(acc).contiguous() if weight is not None else None
+    flat_target = _flat_target(target)
+    w = _acc_weight(weight, input.dtype)
 
-    loss, lse, _ = _ce.forward_op(name)(rows, flat_target, w, int(ignore_index), label_smoothing, z_loss,
-                                     softcap or 0.0, temperature)
-    out = _reduce_rows(loss, reduction, expected, lambda: _weighted_count(flat_target, w, ignore_index, C, acc))
+    out, lse, _, _ = _ce.CROSS_ENTROPY.op(name)(rows, flat_target, w, ignore_index, REDUCTION[reduction],
+                                                label_smoothing, z_loss, softcap or 0.0, temperature)
+    if reduction == "none":
+        out = out.view(expected)
     if return_lse:
         return out, lse.view(expected)
     return out
@@ -203,7 +199,7 @@ def focal_loss(
                                     reduction=reduction)
 
     rows = _class_rows(input, C)
-    flat_target = target.reshape(-1).to(torch.int64).contiguous()
+    flat_target = _flat_target(target)
     acc = acc_dtype(input.dtype)
     w = weight.detach().to(acc) if weight is not None else None
     # The kernels take one per-class factor a_y = weight[y] * alpha_y; weight alone is the mean's
@@ -216,8 +212,8 @@ def focal_loss(
     if factor is not None:
         factor = factor.contiguous()
 
-    loss, _, _ = _fl.forward_op(name)(rows, flat_target, factor, int(ignore_index), gamma)
-    return _reduce_rows(loss, reduction, expected, lambda: _weighted_count(flat_target, w, ignore_index, C, acc))
+    out = _fl.FOCAL_LOSS.op(name)(rows, flat_target, factor, w, ignore_index, REDUCTION[reduction], gamma)[0]
+    return out.view(expected) if reduction == "none" else out
 
 
 def linear_cross_entropy(
@@ -377,12 +373,11 @@ def gap_loss(
     rows = input.unsqueeze(0) if input.dim() == 1 else input
     if C > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
-    flat_target = target.reshape(-1).to(torch.int64).contiguous()
-    acc = acc_dtype(input.dtype)
-    w = weight.to(acc).contiguous() if weight is not None else None
-    loss = _gap.forward_op(name)(rows, flat_target, w, margin, p, int(ignore_index), bool(class_normalize),
-                                 mode == "max")
-    return _reduce_rows(loss, reduction, expected, lambda: (flat_target != ignore_index).sum().to(acc))
+    flat_target = _flat_target(target)
+    w = _acc_weight(weight, input.dtype)
+    out = _gap.GAP_LOSS.op(name)(rows, flat_target, w, margin, p, ignore_index, bool(class_normalize), mode == "max",
+                                 REDUCTION[reduction])[0]
+    return out.view(expected) if reduction == "none" else out
 
 
 def info_nce(

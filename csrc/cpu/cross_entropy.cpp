@@ -150,7 +150,7 @@ void for_each_row_stats(const scalar_t* x, int64_t row_stride, const int64_t* t,
                         int64_t C, int64_t piece, const ce::Options<acc_t>& o, const Finish& finish) {
   const int64_t splits = std::max<int64_t>(1, (C + piece - 1) / piece);
   if (splits == 1) {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, cpu::grain_items(C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         if (ce::is_ignored(t[row], o)) {
           finish(row, nullptr);
@@ -246,7 +246,7 @@ template <typename scalar_t, typename acc_t, typename CoefsOf>
 void grad_rows(const scalar_t* x, int64_t row_stride, scalar_t* out, int64_t N, int64_t C, const int64_t* t,
                const acc_t* w, const ce::Options<acc_t>& o, const CoefsOf& coefs_of) {
   const int64_t pieces = (C + kBwdPiece - 1) / kBwdPiece;
-  at::parallel_for(0, N * pieces, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * pieces, cpu::grain_items(std::min(C, kBwdPiece)), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / pieces, part = item % pieces;
       const int64_t lo = part * kBwdPiece, hi = std::min(C, lo + kBwdPiece);

@@ -122,7 +122,7 @@ void gap_fwd_cpu_impl(const at::Tensor& input, const at::Tensor& target, const s
   const acc_t* w = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
   acc_t* out = loss.mutable_data_ptr<acc_t>();
   cpu::check_targets(t, N, C, o.ignore_index);
-  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, cpu::grain_items(C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t y = t[row];
       if (gap::is_ignored(y, o)) {
@@ -154,7 +154,7 @@ void gap_bwd_cpu_impl(const at::Tensor& grad_loss, const at::Tensor& input, cons
   const int64_t g_stride = grad_loss.stride(0);
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
   cpu::check_targets(t, N, C, o.ignore_index);
-  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, cpu::grain_items(C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t y = t[row];
       scalar_t* gr = out + row * C;

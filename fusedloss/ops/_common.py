@@ -6,10 +6,7 @@ import importlib.util
 
 import torch
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype kernels accumulate in and return per-row values in."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fusedloss._dtypes import acc_dtype  # noqa: F401  (the ops' modules take it from here)
 
 
 def no_double_backward(op_name: str):

@@ -1,5 +1,9 @@
 """The cross-entropy op's whole contract with PyTorch.
 
+- ``CROSS_ENTROPY``, the public-level op ``fusedloss::cross_entropy`` (what fusedloss.functional calls):
+  the forward kernel, the reduction (mean, sum) by the reduce_rows kernel, autograd in C++
+  (csrc/autograd.cpp); its Triton twin ``fusedloss::cross_entropy_triton`` (same schema, autograd
+  below). Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu, fusedloss/triton/cross_entropy.py.
 - ``fusedloss::cross_entropy_fwd`` / ``_bwd``: schemas in csrc/registration.cpp, CPU and CUDA kernels
   in csrc/; their fake (meta) kernels are registered here.
 - ``fusedloss::cross_entropy_fwd_triton`` / ``_bwd_triton``: the Triton kernels as triton_ops, so that
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fusedloss import _backend
+from fusedloss.ops import _registry
 from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
 
 FWD = "fusedloss::cross_entropy_fwd"
@@ -137,3 +142,63 @@ def fwd_grad_op(backend: str):
 
         return fwd_grad_reference
     raise ValueError(f"no cross-entropy forward + gradient op for backend {backend!r}")
+
+
+# --- the public-level op -------------------------------------------------------------------------
+
+SCHEMA = ("(Tensor logits, Tensor target, Tensor? weight, int ignore_index, int reduction, float label_smoothing, "
+          "float z_loss, float softcap, float temperature) -> (Tensor loss, Tensor lse, Tensor stats, Tensor mass)")
+
+
+def _mass_fake(like: Tensor, reduction: int) -> Tensor:
+    return like.new_empty((0,) if reduction == _registry.NONE else ())
+
+
+def _fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature):
+    n = logits.shape[0]
+    acc = acc_dtype(logits.dtype)
+    loss = logits.new_empty((n,) if reduction == _registry.NONE else (), dtype=acc)
+    return (loss, logits.new_empty((n,), dtype=acc), logits.new_empty((n, 2), dtype=acc),
+            _mass_fake(loss.new_empty(()), reduction))
+
+
+def reduce_triton(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                  reduction: int) -> tuple[Tensor, Tensor]:
+    """(reduced loss, mass) by the Triton reduction kernel; ``none`` keeps the rows."""
+    if reduction == _registry.NONE:
+        return loss, loss.new_empty((0,))
+    from fusedloss.triton import reduce as kernels
+
+    return kernels.reduce_rows(loss, target, weight, None, ignore_index, reduction == _registry.MEAN)
+
+
+def _triton_impl(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature):
+    from fusedloss.triton import cross_entropy as kernels
+
+    loss, lse, stats = kernels.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
+                                                 softcap, temperature)
+    out, mass = reduce_triton(loss, target, weight, ignore_index, reduction)
+    return out, lse, stats, mass
+
+
+def _triton_setup_context(ctx, inputs, output):
+    logits, target, weight, ignore_index, reduction, *scalars = inputs
+    _, _, stats, mass = output
+    ctx.mark_non_differentiable(stats, mass)
+    ctx.save_for_backward(logits, target, weight, stats, mass)
+    ctx.ignore_index = ignore_index
+    ctx.reduction = reduction
+    ctx.scalars = tuple(scalars)
+
+
+def _triton_backward(ctx, grad_loss, grad_lse, _grad_stats, _grad_mass):
+    logits, target, weight, stats, mass = ctx.saved_tensors
+    g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats)
+    grad = torch.ops.fusedloss.cross_entropy_bwd_triton(g, grad_lse, logits, target, weight, stats, ctx.ignore_index,
+                                                        *ctx.scalars)
+    return grad, None, None, None, None, None, None, None, None
+
+
+CROSS_ENTROPY = _registry.KernelOp("cross_entropy", SCHEMA, _fake, triton_module="cross_entropy",
+                                   triton_impl=_triton_impl, setup_context=_triton_setup_context,
+                                   backward=_triton_backward)

@@ -1,5 +1,8 @@
 """The focal loss op's whole contract with PyTorch.
 
+- ``FOCAL_LOSS``, the public-level op ``fusedloss::focal_loss`` (what fusedloss.functional calls): the
+  forward kernel, the reduction by reduce_rows, autograd in C++ (csrc/autograd.cpp); its Triton twin
+  ``fusedloss::focal_loss_triton`` (same schema, autograd below).
 - ``fusedloss::focal_loss_fwd``: schema in csrc/registration.cpp, CPU and CUDA kernels in
   csrc/{cpu,cuda}/cross_entropy.*; its fake kernel is registered here.
 - ``fusedloss::focal_loss_fwd_triton``: the Triton kernel as a triton_op, so that torch.compile
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fusedloss import _backend
+from fusedloss.ops import _registry
 from fusedloss.ops._common import acc_dtype, triton_kernels_present
 
 FWD = "fusedloss::focal_loss_fwd"
@@ -81,3 +85,50 @@ def forward_op(backend: str):
     if backend == "triton":
         return torch.ops.fusedloss.focal_loss_fwd_triton
     raise ValueError(f"no focal loss kernel op for backend {backend!r}")
+
+
+# --- the public-level op -------------------------------------------------------------------------
+
+SCHEMA = ("(Tensor logits, Tensor target, Tensor? factor, Tensor? weight, int ignore_index, int reduction, "
+          "float gamma) -> (Tensor loss, Tensor stats, Tensor coef, Tensor mass)")
+
+
+def _fake(logits, target, factor, weight, ignore_index, reduction, gamma):
+    n = logits.shape[0]
+    acc = acc_dtype(logits.dtype)
+    loss = logits.new_empty((n,) if reduction == _registry.NONE else (), dtype=acc)
+    mass = logits.new_empty((0,) if reduction == _registry.NONE else (), dtype=acc)
+    return loss, logits.new_empty((n, 2), dtype=acc), logits.new_empty((n,), dtype=acc), mass
+
+
+def _triton_impl(logits, target, factor, weight, ignore_index, reduction, gamma):
+    from fusedloss.ops.cross_entropy import reduce_triton
+    from fusedloss.triton import cross_entropy as kernels
+
+    loss, stats, coef = kernels.focal_loss_fwd(logits, target, factor, ignore_index, gamma)
+    out, mass = reduce_triton(loss, target, weight, ignore_index, reduction)
+    return out, stats, coef, mass
+
+
+def _triton_setup_context(ctx, inputs, output):
+    logits, target, factor, weight, ignore_index, reduction, gamma = inputs
+    _, stats, coef, mass = output
+    ctx.mark_non_differentiable(stats, coef, mass)
+    ctx.save_for_backward(logits, target, stats, coef, mass)
+    ctx.ignore_index = ignore_index
+    ctx.reduction = reduction
+
+
+def _triton_backward(ctx, grad_loss, _grad_stats, _grad_coef, _grad_mass):
+    logits, target, stats, coef, mass = ctx.saved_tensors
+    g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats) * coef
+    grad = torch.ops.fusedloss.cross_entropy_bwd_triton(g, None, logits, target, None, stats, ctx.ignore_index, 0.0,
+                                                        0.0, 0.0, 1.0)
+    return grad, None, None, None, None, None, None
+
+
+# The Triton twin's backward uses cross_entropy_bwd_triton, registered by fusedloss.ops.cross_entropy.
+from fusedloss.ops import cross_entropy as _ce  # noqa: E402,F401
+
+FOCAL_LOSS = _registry.KernelOp("focal_loss", SCHEMA, _fake, triton_module="cross_entropy", triton_impl=_triton_impl,
+                                setup_context=_triton_setup_context, backward=_triton_backward)

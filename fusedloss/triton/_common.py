@@ -6,7 +6,7 @@ import struct
 import triton
 import triton.language as tl
 
-from fusedloss.ops._common import acc_dtype  # noqa: F401  (re-exported for the kernels' launchers)
+from fusedloss._dtypes import acc_dtype  # noqa: F401  (re-exported for the kernels' launchers)
 
 # Elements per thread that set num_warps (16 fp32 values; 32 bytes of bf16 = two 16-byte loads).
 ELEMENTS_PER_THREAD = 16

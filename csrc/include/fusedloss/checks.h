@@ -117,4 +117,29 @@ inline void check_info_nce_bwd_args(const at::Tensor& grad_rows, const std::opti
   }
 }
 
+// reduce_rows: loss (N,) contiguous, a floating accumulation dtype; target (N,) int64 contiguous on
+// its device; weight (C,) and token_weight (N,) contiguous in the loss's dtype.
+inline void check_reduce_args(const at::Tensor& loss, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& token_weight) {
+  TORCH_CHECK(loss.dim() == 1 && loss.is_contiguous(), "fusedloss: loss must be a contiguous (N,) tensor, got ",
+              loss.sizes());
+  const auto dt = loss.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "fusedloss: loss must be float32 or float64, got ", dt);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == loss.size(0) && target.is_contiguous(),
+              "fusedloss: target must be a contiguous (N,) tensor with N = ", loss.size(0), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "fusedloss: target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(target.device() == loss.device(), "fusedloss: target is on ", target.device(), " but loss is on ",
+              loss.device());
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) > 0 && weight->is_contiguous() && weight->scalar_type() == dt &&
+                    weight->device() == loss.device(),
+                "fusedloss: weight must be a contiguous, non-empty (C,) ", dt, " tensor on ", loss.device());
+  }
+  if (token_weight.has_value()) {
+    TORCH_CHECK(token_weight->dim() == 1 && token_weight->size(0) == loss.size(0) && token_weight->is_contiguous() &&
+                    token_weight->scalar_type() == dt && token_weight->device() == loss.device(),
+                "fusedloss: token_weight must be a contiguous (N,) ", dt, " tensor on ", loss.device());
+  }
+}
+
 }  // namespace fusedloss

@@ -1,0 +1,264 @@
+// The public-level ops (fusedloss::cross_entropy, focal_loss, gap_loss): each is one row kernel, the
+// reduction (reduce_rows) and, in the backward, one gradient kernel. Their autograd lives here, in
+// C++, so that a call from Python reaches the kernels with nothing in Python between the user's
+// call and the kernel but the argument checks of fusedloss.functional (a torch.library Python
+// autograd formula costs tens of microseconds a call, more than the kernels at small sizes).
+//
+// Two kernels per op:
+//   CompositeExplicitAutograd: the forward alone (inference, no_grad, tensors without autograd):
+//     row kernel, then reduce_rows, through the dispatcher, so the CPU or CUDA kernels run.
+//   Autograd: a torch::autograd::Function whose forward is the same below autograd and whose backward
+//     calls the gradient kernel. The kernel ops it calls have fake kernels (fusedloss/ops/), so
+//     torch.compile traces through this Function as it does through ATen's own formulas.
+// Every op returns, after its loss, what its backward needs (stats, coef, the mean's denominator
+// "mass"), marked non-differentiable; the Triton twins (fusedloss/ops/, Python autograd) return the
+// same outputs, so both share one fake. "mass" is 0-dim for mean and sum, (0,) for none.
+//
+// The gradient of the reduced loss, g the incoming gradient: none  d/dl_i = g_i;  sum  d/dl_i = g;
+// mean  d/dl_i = g / mass (the weights w_{y_i} inside l_i carry the rest of torch's weighted mean).
+#include "fusedloss/reduce_math.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace fusedloss {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using Tensor2 = std::tuple<Tensor, Tensor>;
+using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
+using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+const auto& reduce_rows_op() {
+  static const auto op =
+      kernel_op<Tensor2(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, bool)>(
+          "fusedloss::reduce_rows");
+  return op;
+}
+const auto& ce_fwd_op() {
+  static const auto op = kernel_op<Tensor3(const Tensor&, const Tensor&, const OptTensor&, int64_t, double, double,
+                                           double, double)>("fusedloss::cross_entropy_fwd");
+  return op;
+}
+const auto& ce_bwd_op() {
+  static const auto op =
+      kernel_op<Tensor(const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                       int64_t, double, double, double, double)>("fusedloss::cross_entropy_bwd");
+  return op;
+}
+const auto& focal_fwd_op() {
+  static const auto op = kernel_op<Tensor3(const Tensor&, const Tensor&, const OptTensor&, int64_t, double)>(
+      "fusedloss::focal_loss_fwd");
+  return op;
+}
+const auto& gap_fwd_op() {
+  static const auto op = kernel_op<Tensor(const Tensor&, const Tensor&, const OptTensor&, double, int64_t, int64_t,
+                                          bool, bool)>("fusedloss::gap_loss_fwd");
+  return op;
+}
+const auto& gap_bwd_op() {
+  static const auto op = kernel_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double,
+                                          int64_t, int64_t, bool, bool)>("fusedloss::gap_loss_bwd");
+  return op;
+}
+
+void check_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction == reduce::kNone || reduction == reduce::kMean || reduction == reduce::kSum,
+              "fusedloss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// (reduced loss, mass) of per-row losses.
+Tensor2 reduce(const Tensor& loss, const Tensor& target, const OptTensor& mass_weight, int64_t ignore_index,
+               int64_t reduction) {
+  check_reduction(reduction);
+  if (reduction == reduce::kNone) return {loss, at::empty({0}, loss.options())};
+  return reduce_rows_op().call(loss, target, mass_weight, std::nullopt, ignore_index, reduction == reduce::kMean);
+}
+
+// d loss / d l_i for every row, from the incoming gradient of the reduced loss (see the top).
+Tensor row_grad(const Tensor& grad, const Tensor& mass, int64_t reduction, int64_t n, const at::TensorOptions& options) {
+  if (!grad.defined()) return at::zeros({n}, options);
+  if (reduction == reduce::kNone) return grad;
+  if (reduction == reduce::kSum) return grad.expand({n});
+  return at::div(grad, mass).expand({n});
+}
+
+OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// A backward with create_graph=True runs in grad mode: then the gradient kernels are called with
+// autograd, whose formula (fusedloss/ops/) says that there is no double backward when one is asked
+// for. Otherwise they are called below autograd, at no cost.
+struct MaybeBelowAutograd {
+  std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
+  MaybeBelowAutograd() {
+    if (!at::GradMode::is_enabled()) guard.emplace();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// cross_entropy(logits, target, weight, ...) -> (loss, lse, stats, mass)
+
+Tensor4 cross_entropy_impl(const Tensor& logits, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
+                           int64_t reduction, double label_smoothing, double z_loss, double softcap,
+                           double temperature) {
+  auto [loss, lse, stats] =
+      ce_fwd_op().call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature);
+  auto [out, mass] = reduce(loss, target, weight, ignore_index, reduction);
+  return {out, lse, stats, mass};
+}
+
+struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
+                               const OptTensor& weight, int64_t ignore_index, int64_t reduction,
+                               double label_smoothing, double z_loss, double softcap, double temperature) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse, stats, mass] = cross_entropy_impl(logits, target, weight, ignore_index, reduction,
+                                                      label_smoothing, z_loss, softcap, temperature);
+    ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stats, mass});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["z_loss"] = z_loss;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->mark_non_differentiable({stats, mass});
+    return {out, lse, stats, mass};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &logits = saved[0], &target = saved[1], &weight = saved[2], &stats = saved[3], &mass = saved[4];
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const Tensor g = row_grad(grads[0], mass, reduction, logits.size(0), stats.options());
+    MaybeBelowAutograd below;
+    Tensor grad = ce_bwd_op().call(g, optional(grads[1]), logits, target, optional(weight), stats,
+                                   ctx->saved_data["ignore_index"].toInt(),
+                                   ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
+                                   ctx->saved_data["softcap"].toDouble(), ctx->saved_data["temperature"].toDouble());
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor4 cross_entropy_autograd(const Tensor& logits, const Tensor& target, const OptTensor& weight,
+                               int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+                               double softcap, double temperature) {
+  auto r = CrossEntropyFunction::apply(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                       softcap, temperature);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// focal_loss(logits, target, factor, weight, ...) -> (loss, stats, coef, mass). factor a_y is the row
+// loss's per-class factor (weight * alpha), weight alone the mean's denominator; the gradient is the
+// cross-entropy gradient with grad_loss * coef and no weights (cross_entropy_math.h (6)).
+
+Tensor4 focal_loss_impl(const Tensor& logits, const Tensor& target, const OptTensor& factor, const OptTensor& weight,
+                        int64_t ignore_index, int64_t reduction, double gamma) {
+  auto [loss, stats, coef] = focal_fwd_op().call(logits, target, factor, ignore_index, gamma);
+  auto [out, mass] = reduce(loss, target, weight, ignore_index, reduction);
+  return {out, stats, coef, mass};
+}
+
+struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
+                               const OptTensor& factor, const OptTensor& weight, int64_t ignore_index,
+                               int64_t reduction, double gamma) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, stats, coef, mass] = focal_loss_impl(logits, target, factor, weight, ignore_index, reduction, gamma);
+    ctx->save_for_backward({logits, target, stats, coef, mass});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->mark_non_differentiable({stats, coef, mass});
+    return {out, stats, coef, mass};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &logits = saved[0], &target = saved[1], &stats = saved[2], &coef = saved[3], &mass = saved[4];
+    const Tensor g = row_grad(grads[0], mass, ctx->saved_data["reduction"].toInt(), logits.size(0), stats.options());
+    MaybeBelowAutograd below;
+    Tensor grad = ce_bwd_op().call(at::mul(g, coef), std::nullopt, logits, target, std::nullopt, stats,
+                                   ctx->saved_data["ignore_index"].toInt(), 0.0, 0.0, 0.0, 1.0);
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor4 focal_loss_autograd(const Tensor& logits, const Tensor& target, const OptTensor& factor,
+                            const OptTensor& weight, int64_t ignore_index, int64_t reduction, double gamma) {
+  auto r = FocalLossFunction::apply(logits, target, factor, weight, ignore_index, reduction, gamma);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// gap_loss(input, target, weight, ...) -> (loss, mass). Its mean counts the kept rows (no weights).
+
+Tensor2 gap_loss_impl(const Tensor& input, const Tensor& target, const OptTensor& weight, double margin, int64_t p,
+                      int64_t ignore_index, bool class_normalize, bool max_mode, int64_t reduction) {
+  Tensor loss = gap_fwd_op().call(input, target, weight, margin, p, ignore_index, class_normalize, max_mode);
+  return reduce(loss, target, std::nullopt, ignore_index, reduction);
+}
+
+struct GapLossFunction : public torch::autograd::Function<GapLossFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
+                               const OptTensor& weight, double margin, int64_t p, int64_t ignore_index,
+                               bool class_normalize, bool max_mode, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mass] =
+        gap_loss_impl(input, target, weight, margin, p, ignore_index, class_normalize, max_mode, reduction);
+    ctx->save_for_backward({input, target, weight.value_or(Tensor()), mass});
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["class_normalize"] = class_normalize;
+    ctx->saved_data["max_mode"] = max_mode;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->mark_non_differentiable({mass});
+    return {out, mass};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &target = saved[1], &weight = saved[2], &mass = saved[3];
+    const Tensor g = row_grad(grads[0], mass, ctx->saved_data["reduction"].toInt(), input.size(0), mass.options());
+    MaybeBelowAutograd below;
+    Tensor grad = gap_bwd_op().call(g, input, target, optional(weight), ctx->saved_data["margin"].toDouble(),
+                                    ctx->saved_data["p"].toInt(), ctx->saved_data["ignore_index"].toInt(),
+                                    ctx->saved_data["class_normalize"].toBool(), ctx->saved_data["max_mode"].toBool());
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor2 gap_loss_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight, double margin,
+                          int64_t p, int64_t ignore_index, bool class_normalize, bool max_mode, int64_t reduction) {
+  auto r = GapLossFunction::apply(input, target, weight, margin, p, ignore_index, class_normalize, max_mode, reduction);
+  return {r[0], r[1]};
+}
+
+}  // namespace
+}  // namespace fusedloss
+
+TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) {
+  m.impl("cross_entropy", &fusedloss::cross_entropy_impl);
+  m.impl("focal_loss", &fusedloss::focal_loss_impl);
+  m.impl("gap_loss", &fusedloss::gap_loss_impl);
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
+  m.impl("cross_entropy", &fusedloss::cross_entropy_autograd);
+  m.impl("focal_loss", &fusedloss::focal_loss_autograd);
+  m.impl("gap_loss", &fusedloss::gap_loss_autograd);
+}

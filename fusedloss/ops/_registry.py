@@ -1,0 +1,80 @@
+"""The one registration of every public-level op, for both kinds of kernels.
+
+An op's module (``fusedloss/ops/<op>.py``) declares it once as a :class:`KernelOp`: its schema, its
+fake (output shapes), and its Triton twin's implementation and autograd. This module then
+
+- registers the fake for the C++ op ``fusedloss::<name>`` (schema in csrc/registration.cpp, CPU and
+  CUDA kernels in csrc/cpu, csrc/cuda, autograd in C++ in csrc/autograd.cpp),
+- defines the Triton twin ``fusedloss::<name>_triton`` with the same schema as a ``triton_op`` (so
+  torch.compile traces into its kernels), with the declared autograd,
+- and answers ``op(backend)``: the callable that runs ``backend``'s kernels.
+
+The Triton twin returns what the C++ op returns (the reduced loss, then what its backward needs), so
+one fake serves both; a test checks that the two schemas are the same.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from fusedloss import _backend
+from fusedloss.ops._common import triton_kernels_present
+
+# at::Reduction's values, which the kernels take.
+REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+NONE, MEAN, SUM = 0, 1, 2
+
+
+def row_grad(grad: Tensor | None, mass: Tensor, reduction: int, n: int, like: Tensor) -> Tensor:
+    """d loss / d l_i for every row from the incoming gradient of the reduced loss (csrc/autograd.cpp
+    has the same): none g_i, sum g, mean g / mass."""
+    if grad is None:
+        return like.new_zeros(n)
+    if reduction == NONE:
+        return grad
+    if reduction == SUM:
+        return grad.expand(n)
+    return (grad / mass).expand(n)
+
+
+def _reduce_rows_fake(loss, target, weight, token_weight, ignore_index, mean):
+    return loss.new_empty(()), loss.new_empty(())
+
+
+if _backend.extension_loaded():
+    torch.library.register_fake("fusedloss::reduce_rows")(_reduce_rows_fake)
+
+
+class KernelOp:
+    """One public-level op: ``op(backend)(*args)`` runs the kernels of ``backend`` ("cpu", "cuda",
+    "triton") with autograd."""
+
+    def __init__(self, name: str, schema: str, fake: Callable, *, triton_module: str, triton_impl: Callable,
+                 setup_context: Callable, backward: Callable) -> None:
+        self.name = name
+        self.schema = schema
+        self._cpp = None
+        self._triton = None
+        if _backend.extension_loaded():
+            torch.library.register_fake(f"fusedloss::{name}")(fake)
+            self._cpp = getattr(torch.ops.fusedloss, name).default
+        if triton_kernels_present(triton_module):
+            from torch.library import triton_op
+
+            twin = triton_op(f"fusedloss::{name}_triton", triton_impl, mutates_args={}, schema=schema)
+            twin.register_autograd(backward, setup_context=setup_context)
+            self._triton = getattr(torch.ops.fusedloss, f"{name}_triton").default
+
+    def op(self, backend: str):
+        if backend in ("cpu", "cuda"):
+            if self._cpp is None:
+                raise RuntimeError(f"fusedloss: the compiled extension holds no {self.name} op")
+            return self._cpp
+        if backend == "triton":
+            if self._triton is None:
+                raise RuntimeError(f"fusedloss: the Triton {self.name} kernels are not available in this install")
+            return self._triton
+        raise ValueError(f"no {self.name} kernel op for backend {backend!r}")

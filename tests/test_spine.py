@@ -1,0 +1,198 @@
+"""The op spine: the public-level ops (one schema for the C++ op and its Triton twin, autograd in C++ for
+the C++ op) and the kernel-side reduction they share (reduce_rows), against float64 formulas."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import fusedloss
+from fusedloss import _backend
+from fusedloss.ops import _registry
+from fusedloss.ops import cross_entropy as ce_ops
+from fusedloss.ops import focal_loss as focal_ops
+from fusedloss.ops import gap_loss as gap_ops
+from conftest import assert_close, backend_params, require_backend, rows
+
+SPECS = {"cross_entropy": ce_ops.SCHEMA, "focal_loss": focal_ops.SCHEMA, "gap_loss": gap_ops.SCHEMA}
+
+
+def _normalized(schema: str) -> str:
+    return re.sub(r"\s+", " ", schema).strip()
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_triton_twin_has_the_cpp_schema(name):
+    """The Python spec's schema (the Triton twin's) is the one csrc/registration.cpp declares."""
+    if not _backend.extension_loaded():
+        pytest.skip("the compiled extension is not loaded")
+    cpp = str(getattr(torch.ops.fusedloss, name).default._schema)
+    assert _normalized(cpp) == _normalized(f"fusedloss::{name}{SPECS[name]}")
+    if _backend.triton_installed():
+        twin = str(getattr(torch.ops.fusedloss, f"{name}_triton").default._schema)
+        assert _normalized(twin) == _normalized(f"fusedloss::{name}_triton{SPECS[name]}")
+
+
+def _reduce_reference(loss, target, weight, token_weight, ignore_index, mean):
+    kept = target != ignore_index
+    u = token_weight.double() if token_weight is not None else torch.ones_like(loss, dtype=torch.float64)
+    w = weight.double()[target.clamp(0, weight.numel() - 1)] if weight is not None else torch.ones_like(u)
+    total = (kept * u * loss.double()).sum()
+    mass = (kept * u * w).sum()
+    return (total / mass if mean else total), mass
+
+
+def _reduce(backend, *args):
+    if backend == "triton":
+        from fusedloss.triton import reduce as kernels
+
+        return kernels.reduce_rows(*args)
+    return torch.ops.fusedloss.reduce_rows(*args)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [0, 1, 7, 4096 * 5 + 3, (1 << 16) + 1001])
+@pytest.mark.parametrize("weights", ["none", "class", "token", "both"])
+@pytest.mark.parametrize("mean", [False, True])
+def test_reduce_rows_against_float64(backend, device, dtype, n, weights, mean):
+    require_backend(backend, device)
+    if backend == "triton" and device == "cpu" and n > 4096 * 5 + 3:
+        n = (1 << 16) + 1001  # keeps the multi-program path; one size under the interpreter
+    C = 11
+    loss = torch.rand(n, dtype=dtype, device=device) * 10
+    target = torch.randint(0, C, (n,), device=device)
+    target[::5] = -100
+    loss[target == -100] = 0
+    weight = torch.rand(C, dtype=dtype, device=device) + 0.5 if weights in ("class", "both") else None
+    token = torch.rand(n, dtype=dtype, device=device) if weights in ("token", "both") else None
+    out, mass = _reduce(backend, loss, target, weight, token, -100, mean)
+    ref_out, ref_mass = _reduce_reference(loss, target, weight, token, -100, mean)
+    assert out.shape == () and mass.shape == () and out.dtype == dtype
+    rtol = 1e-12 if dtype == torch.float64 else 2e-7  # a double accumulator, rounded once
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), rtol=rtol, atol=0, equal_nan=True)
+    torch.testing.assert_close(mass.double().cpu(), ref_mass.cpu(), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_reduce_rows_all_ignored_mean_is_nan(backend, device):
+    require_backend(backend, device)
+    loss = torch.zeros(5, device=device)
+    target = torch.full((5,), -100, device=device)
+    out, mass = _reduce(backend, loss, target, None, None, -100, True)
+    assert torch.isnan(out).item() and mass.item() == 0
+
+
+def test_reduce_rows_thread_count_independent():
+    """Blocks of a fixed size, merged in order: the same bits with one and two threads."""
+    n = 4096 * 37 + 5
+    loss = torch.rand(n) * 100
+    target = torch.randint(0, 7, (n,))
+    weight = torch.rand(7) + 0.1
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.fusedloss.reduce_rows(loss, target, weight, None, -100, True))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_reduce_rows_bad_input():
+    loss = torch.rand(4)
+    with pytest.raises(RuntimeError, match="target must be"):
+        torch.ops.fusedloss.reduce_rows(loss, torch.zeros(3, dtype=torch.int64), None, None, -100, True)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.fusedloss.reduce_rows(loss, torch.zeros(4, dtype=torch.int64), torch.rand(3).double(), None, -100,
+                                        True)
+    with pytest.raises(RuntimeError, match="token_weight must be"):
+        torch.ops.fusedloss.reduce_rows(loss, torch.zeros(4, dtype=torch.int64), None, torch.rand(5), -100, True)
+
+
+def _public_args(name, device, dtype, reduction):
+    x = torch.randn(rows("cpu", device, 13), 9, dtype=dtype, device=device, requires_grad=True)
+    t = torch.randint(0, 9, (x.shape[0],), device=device)
+    t[2] = -100
+    w = torch.rand(9, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device) + 0.5
+    r = _registry.REDUCTION[reduction]
+    if name == "cross_entropy":
+        return (x, t, w, -100, r, 0.1, 1e-3, 0.0, 1.0)
+    if name == "focal_loss":
+        return (x, t, w * 0.7, w, -100, r, 2.0)
+    return (x, t, w, 0.5, 2, -100, False, False, r)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_public_op_opcheck(name, reduction):
+    """The C++ op with its C++ autograd passes torch.library's checks (schema, fake, autograd, AOT)."""
+    require_backend("cpu", "cpu")
+    args = _public_args(name, "cpu", torch.float32, reduction)
+    torch.library.opcheck(getattr(torch.ops.fusedloss, name).default, args)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_public_op_inference_mode(name):
+    """Under inference_mode the autograd kernel is skipped: the CompositeExplicitAutograd kernel runs
+    and gives the same loss."""
+    require_backend("cpu", "cpu")
+    args = _public_args(name, "cpu", torch.float32, "mean")
+    op = getattr(torch.ops.fusedloss, name).default
+    expected = op(*args)[0]
+    with torch.inference_mode():
+        detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        got = op(*detached)[0]
+    assert torch.equal(got, expected.detach())
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_double_backward_raises(backend, device, name):
+    """create_graph=True computes the gradient; differentiating it again says there is none."""
+    require_backend(backend, device)
+    args = _public_args(name, device, torch.float32, "mean")
+    op = _registry_op(name).op(backend)
+    x = args[0]
+    (g,) = torch.autograd.grad(op(*args)[0], x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        g.sum().backward()
+
+
+def _registry_op(name):
+    return {"cross_entropy": ce_ops.CROSS_ENTROPY, "focal_loss": focal_ops.FOCAL_LOSS, "gap_loss": gap_ops.GAP_LOSS}[name]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_compile_fullgraph_public_ops_match_float64(reduction):
+    """torch.compile(fullgraph=True) of the three losses on the cpu backend, forward and backward,
+    against the float64 reference."""
+    require_backend("cpu", "cpu")
+    x = torch.randn(17, 10)
+    t = torch.randint(0, 10, (17,))
+    t[3] = -100
+    w = torch.rand(10) + 0.5
+
+    def step(x):
+        return (fusedloss.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1, backend="cpu").sum()
+                + fusedloss.focal_loss(x, t, 1.5, weight=w, reduction=reduction, backend="cpu").sum()
+                + fusedloss.gap_loss(x, t, 0.5, weight=w, reduction=reduction, backend="cpu").sum())
+
+    def reference(x):
+        ref = fusedloss.reference
+        return (ref.cross_entropy(x, t, w.double(), reduction=reduction, label_smoothing=0.1).sum()
+                + ref.focal_loss(x, t, 1.5, weight=w.double(), reduction=reduction).sum()
+                + ref.gap_loss(x, t, 0.5, weight=w.double(), reduction=reduction).sum())
+
+    torch._dynamo.reset()
+    xc = x.clone().requires_grad_()
+    out = torch.compile(step, fullgraph=True)(xc)
+    out.backward()
+    xr = x.double().requires_grad_()
+    expected = reference(xr)
+    expected.backward()
+    assert_close(out, expected, torch.float32, "loss", "compiled")
+    assert_close(xc.grad, xr.grad, torch.float32, "grad", "compiled")
