@@ -497,10 +497,10 @@ _SM_COUNT: dict = {}
 def _vocab_splits(n_rows: int, num_classes: int, device: torch.device) -> tuple[int, int]:
     """(n_splits, columns per split): enough programs for the GPU when the rows are few (two per SM,
     counted with the smallest BLOCK_N), each split at least one _SPLIT_ALIGN-column block. Under the
-    interpreter at most two splits (that exercises the merge)."""
+    interpreter four programs' worth (that exercises the merge at test sizes)."""
     align = INTERPRET_BLOCKS["BLOCK_V"] if _INTERPRET else _SPLIT_ALIGN
     if _INTERPRET or device.type != "cuda":
-        target, min_block_n = 2, INTERPRET_BLOCKS["BLOCK_N"]
+        target, min_block_n = 4, INTERPRET_BLOCKS["BLOCK_N"]
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNT:
