@@ -254,8 +254,8 @@ def test_return_lse_gradient_on_the_triton_backend():
 def test_memory_is_O_rows_plus_vocabulary(monkeypatch):
     """Peak memory of forward + backward beyond the inputs and the gradients: O(N + V) floats, never a
     (rows, V) buffer. N=256, V=32768: the chunked cpu backend's logits buffer alone is 32 MB at this shape
-    (the same measure shows it, so the measure can fail); the fused kernels stay within 64 (N + V) floats
-    plus what the interpreter itself allocates per launch (checked small here: D=16)."""
+    (the same measure shows it, so the measure can fail); the fused kernels stay within the gradients plus
+    16 (N + V) floats (measured here: 2.03 MB, the gradients' size, against 34.0 MB for the chunked path)."""
     require_backend("triton", "cpu")
     require_backend("cpu", "cpu")
     kernels = _kernels()
@@ -266,7 +266,7 @@ def test_memory_is_O_rows_plus_vocabulary(monkeypatch):
     x, W, _, t, _ = make_inputs(N, D, V, torch.float32, "cpu")
     xa, Wa = x.clone().requires_grad_(), W.clone().requires_grad_()
     logits_bytes = N * V * 4
-    io_bytes = 2 * (N * D + V * D) * 4  # the gradients, and the interpreter's copies of the inputs
+    grad_bytes = (N * D + V * D) * 4
 
     def step(backend):
         def run():
@@ -280,7 +280,7 @@ def test_memory_is_O_rows_plus_vocabulary(monkeypatch):
     if fused is None or chunked is None:
         pytest.skip("the profiler's memory events are unavailable")
     assert chunked >= logits_bytes, f"the measure misses the chunked path's logits: {chunked} bytes"
-    assert fused <= io_bytes + 64 * (N + V) * 4, f"fused fwd+bwd peak {fused / 2**20:.2f} MB"
+    assert fused <= grad_bytes + 16 * (N + V) * 4, f"fused fwd+bwd peak {fused / 2**20:.2f} MB"
     assert fused < logits_bytes / 4
 
 
