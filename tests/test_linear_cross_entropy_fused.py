@@ -10,17 +10,14 @@ the opt-in gradient filter. Under TRITON_INTERPRET=1 the kernels run on CPU tens
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, assert_close, backend_params, interpreted, require_backend, rows
+from conftest import assert_close, backend_params, interpreted, require_backend, rows
 from test_linear_cross_entropy import assert_grads_close, check_against_reference, make_inputs, matmul_bounds
 
 import fusedloss
 from fusedloss import _memory, reference
-from fusedloss.ops import linear_cross_entropy as _lce
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EVERYTHING = {"bias": True, "weight": True, "label_smoothing": 0.05, "z_loss": 1e-4, "softcap": 30.0}
@@ -337,3 +334,68 @@ def test_gradient_filter_is_opt_in():
         assert torch.equal(a, b)
     skipped = grads(1e30)
     assert (skipped[0] == 0).all() and (skipped[1] == 0).all()
+
+
+@pytest.mark.parametrize("which", ["input", "bias"])
+def test_only_the_needed_gradients(which):
+    """A frozen head gets no gradient (and no (V, D) buffer); the bias alone, or the input alone, is right."""
+    device = triton_device()
+    require_backend("triton", device)
+    x, W, b, t, _ = make_inputs(9, 8, 45, torch.float32, device, bias=True)
+    xa = x.clone().requires_grad_(which == "input")
+    ba = b.clone().requires_grad_(which == "bias")
+    loss = fusedloss.linear_cross_entropy(xa, W, t, linear_bias=ba, label_smoothing=0.1, backend="triton")
+    (got,) = torch.autograd.grad(loss, [xa if which == "input" else ba])
+    x64 = x.double().requires_grad_(which == "input")
+    b64 = b.double().requires_grad_(which == "bias")
+    ref = reference.linear_cross_entropy(x64, W.double(), t, linear_bias=b64, label_smoothing=0.1)
+    (want,) = torch.autograd.grad(ref, [x64 if which == "input" else b64])
+    assert_close(got, want, torch.float32, "grad", which)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile traces a triton_op on CUDA tensors only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compile_fullgraph_cuda(dtype):
+    """torch.compile(fullgraph=True) traces into the fused ops (wrap_triton, autotuned kernels), forward and
+    backward, and gives eager's numbers."""
+    require_backend("triton", "cuda")
+    x, W, b, t, w = make_inputs(64, 96, 1000, dtype, "cuda", bias=True, weight=True)
+
+    def step(x, W, b):
+        loss, lse = fusedloss.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, label_smoothing=0.1,
+                                                   z_loss=1e-4, return_lse=True, backend="triton")
+        return loss + lse.mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    a = [v.clone().requires_grad_() for v in (x, W, b)]
+    e = [v.clone().requires_grad_() for v in (x, W, b)]
+    out_c, out_e = compiled(*a), step(*e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    for p, q in zip(a, e):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_compile_fullgraph_cpu_shift_and_lse():
+    """shift and return_lse stay traceable on the CPU-traceable path (the cpu backend's chunked op)."""
+    require_backend("cpu", "cpu")
+    x = torch.randn(2, 9, 16)
+    W = torch.randn(203, 16) * 0.3
+    t = torch.randint(0, 203, (2, 9))
+
+    def step(x, W):
+        loss, lse = fusedloss.linear_cross_entropy(x, W, t, shift=1, return_lse=True, backend="cpu")
+        return loss + lse.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    a = [v.clone().requires_grad_() for v in (x, W)]
+    e = [v.clone().requires_grad_() for v in (x, W)]
+    out_c, out_e = compiled(*a), step(*e)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    for p, q in zip(a, e):
+        torch.testing.assert_close(p.grad, q.grad)

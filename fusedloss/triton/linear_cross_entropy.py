@@ -626,8 +626,11 @@ def linear_cross_entropy_bwd(
 
         torch.library.wrap_triton(_dx_kernel)[grid_dx](*head, dx, *tail, **common)
     if (weight_grad and D > 0) or bias_grad:
+        # bias alone: one program per class block (the D blocks would only repeat its recomputation)
+        d_blocks = weight_grad and D > 0
+
         def grid_dw(meta):
-            return (triton.cdiv(num_classes, meta["BLOCK_V"]), max(1, triton.cdiv(D, meta["BLOCK_DO"])))
+            return (triton.cdiv(num_classes, meta["BLOCK_V"]), triton.cdiv(D, meta["BLOCK_DO"]) if d_blocks else 1)
 
         torch.library.wrap_triton(_dw_kernel)[grid_dw](
             *head, dw if weight_grad else stand_in, db if bias_grad else stand_in, *tail,
