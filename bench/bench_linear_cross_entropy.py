@@ -9,7 +9,18 @@ grad (an LM head in training). Providers:
   in full.
 - ``torch-chunked``: ``F.linear_cross_entropy(h, W, target, options=torch.nn.LinearCrossEntropyOptions())``,
   torch's own chunked path (torch >= 2.14; the provider is left out where torch lacks it).
-- ``fusedloss-<backend>``: every available kernel backend (not triton on CPU: the interpreter).
+- ``cce``: Cut Cross-Entropy (``pip install cut-cross-entropy``), ``linear_cross_entropy(h, W, target,
+  impl="cce")`` with its defaults (its gradient filter on: ``filter_eps="auto"``); CUDA only.
+- ``liger``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (``pip install liger-kernel``); CUDA only.
+- ``fusedloss-<backend>``: every available kernel backend (not triton on CPU: the interpreter). On CUDA,
+  ``fusedloss-cuda`` is our chunked cuBLAS path and ``fusedloss-triton`` our fused kernel (logits only in
+  registers, fusedloss/triton/linear_cross_entropy.py), side by side.
+The peers are imported lazily; one that is missing (or cannot run on the device) is left out with a printed
+reason.
+
+TFLOP/s counts the ideal 2 N D V flops per GEMM: 2 N D V forward, 4 N D V backward, 6 N D V fwd+bwd
+(recomputations and the providers' own extra work are not counted: a provider that recomputes shows a lower
+rate for the same time).
 
 Peak memory is the point of this op: the default sweeps V at fixed N and D, so the PNG's memory row
 is peak memory against V. The issue's headline (N=4096, D=1024, V=32000, fp32 on CPU) is
@@ -53,6 +64,11 @@ def bytes_moved(case: Case, mode: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
+def flops(case: Case, mode: str) -> int:
+    n, d, v = case.shape["N"], case.shape["D"], case.shape["V"]
+    return {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * n * d * v
+
+
 VOCABS = (8192, 32000, 65536, 131072, 262144)
 
 
@@ -60,7 +76,8 @@ def shapes(device: str, quick: bool) -> list[dict]:
     if device.startswith("cuda"):
         if quick:
             return [{"N": 4096, "D": 4096, "V": v} for v in (32000, 131072)]
-        return [{"N": 8192, "D": 4096, "V": v} for v in VOCABS]
+        # issue #18's race: N=8192, D=4096, V in {32000, 131072, 262144}
+        return [{"N": 8192, "D": 4096, "V": v} for v in (32000, 131072, 262144)]
     if quick:
         return [{"N": 512, "D": 256, "V": v} for v in (8192, 32000)]
     # CPU: N and D scaled down, and V up to 65536 only: torch's chunked path cuts the rows into ceil(V/D)
@@ -81,17 +98,52 @@ def _torch_chunked_fn():
     return functools.partial(F.linear_cross_entropy, options=options())
 
 
+def _cce_fn():
+    from cut_cross_entropy import linear_cross_entropy as cce  # noqa: PLC0415 - optional peer, imported lazily
+
+    return functools.partial(cce, impl="cce")
+
+
+def _liger_fn():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: PLC0415 - optional peer
+
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return lambda h, w, target: loss(w, h, target)  # Liger takes the weight first
+
+
+# The peers: (provider name, factory, pip name). CUDA only (Triton kernels).
+PEERS = (("cce", _cce_fn, "cut-cross-entropy"), ("liger", _liger_fn, "liger-kernel"))
+
+
+def _peer_providers(device: str) -> list[Provider]:
+    out = []
+    for name, factory, pip_name in PEERS:
+        if not device.startswith("cuda"):
+            print(f"[bench] {OP}: provider {name} skipped: it runs on CUDA tensors only")
+            continue
+        try:
+            fn = factory()
+        except Exception as exc:  # noqa: BLE001 - ImportError, or a version that does not load here
+            print(f"[bench] {OP}: provider {name} skipped: {type(exc).__name__}: {exc} (pip install {pip_name})")
+            continue
+        out.append(Provider(name, lambda case, fn=fn: fn, warmup=2))
+    return out
+
+
 def providers(device: str) -> list[Provider]:
     out = [Provider("naive", lambda case: _naive, warmup=1)]
     chunked = _torch_chunked_fn()
     if chunked is not None:
         out.append(Provider("torch-chunked", lambda case: chunked, warmup=1))
+    else:
+        print(f"[bench] {OP}: provider torch-chunked skipped: this torch has no F.linear_cross_entropy options")
+    out += _peer_providers(device)
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.linear_cross_entropy, backend=b))
     return out
 
 
 SPEC = OpSpec(name=OP, make_inputs=make_inputs, providers=providers, bytes_moved=bytes_moved, shapes=shapes,
-              baseline="naive")
+              baseline="naive", flops=flops)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ COLUMNS = [
     "versions", "git sha",
     # additions, the same for every op
     "setting", "device name", "threads", "load avg", "bytes", "copy GB/s", "timestamp", "note",
+    "TFLOP/s",  # ops whose OpSpec counts flops (linear_cross_entropy: 6 N D V for fwd+bwd), else empty
 ]
 
 DTYPES = {
@@ -152,6 +153,7 @@ class OpSpec:
     bytes_moved: Callable[[Case, str], int]  # (case, mode) -> bytes an ideal kernel reads + writes
     shapes: Callable[[str, bool], list]  # (device, quick) -> [shape dict]
     baseline: str = "torch"  # the provider speed-ups are measured against
+    flops: Callable[[Case, str], int] | None = None  # (case, mode) -> flops of the ideal kernel, or None
 
 
 def fusedloss_providers(device: str, make_fn: Callable[[object, str], Callable]) -> list:
@@ -497,6 +499,8 @@ def run_op(spec: OpSpec, device: str, dtypes: Sequence[torch.dtype], modes: Sequ
                             except Exception:  # noqa: BLE001 - a time without a memory figure
                                 peak = None
                         row = _row(case, prov.name, mode, env, nbytes, copy_bw, res, peak)
+                        if spec.flops is not None:
+                            row["TFLOP/s"] = f"{spec.flops(case, mode) / (res[0] * 1e-3) / 1e12:.1f}"
                     row["load avg"] = load
                     rows.append(row)
                 steps = None  # frees the retained graphs of "bwd"
@@ -585,8 +589,10 @@ def format_table(rows: Sequence[dict], baseline: str = "torch") -> str:
         return "(no results)"
     ratio = speedups(rows, baseline)
     show_setting = len({r.get("setting", "") for r in rows}) > 1
+    show_flops = any(r.get("TFLOP/s") for r in rows)
     header = ["op", "shape", "dtype", "mode", "provider"] + (["setting"] if show_setting else []) + [
-        "median ms", "p20 ms", "p80 ms", "GB/s", "% floor", "peak MB", f"vs {baseline}"]
+        "median ms", "p20 ms", "p80 ms", "GB/s", "% floor", "peak MB", f"vs {baseline}"] + (
+        ["TFLOP/s"] if show_flops else [])
     lines = []
     for i, r in enumerate(rows):
         peak = _num(r.get("peak memory"))
@@ -594,14 +600,16 @@ def format_table(rows: Sequence[dict], baseline: str = "torch") -> str:
         if show_setting:
             cells.append(r.get("setting", ""))
         if _num(r["median"]) is None:
-            cells += ["failed: " + (r.get("note") or "?")[:60], "", "", "", "", "", ""]
+            cells += ["failed: " + (r.get("note") or "?")[:60], "", "", "", "", "", ""] + ([""] if show_flops else [])
         else:
             cells += [f"{float(r['median']):.3f}", f"{float(r['p20']):.3f}", f"{float(r['p80']):.3f}",
                       f"{float(r['GB/s']):.1f}", f"{float(r['% of floor']):.0f}",
                       f"{peak / 1e6:.1f}" if peak is not None else "", f"{ratio[i]:.2f}x" if i in ratio else ""]
+            if show_flops:
+                cells.append(r.get("TFLOP/s", ""))
         lines.append(cells)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    numeric = {h for h in header if h.endswith(("ms", "GB/s", "floor", "MB")) or h.startswith("vs ")}
+    numeric = {h for h in header if h.endswith(("ms", "GB/s", "floor", "MB", "TFLOP/s")) or h.startswith("vs ")}
 
     def fmt(cells):
         return "  ".join(str(c).rjust(w) if h in numeric else str(c).ljust(w)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: run on a machine with a CUDA GPU and its own torch (no network needed):
 #   bash bench/gpu_check.sh [OUT_DIR]
-#   STAGES="build test check" bash bench/gpu_check.sh      (a subset; default: build test check sanitize bench)
+#   STAGES="build test check" bash bench/gpu_check.sh      (a subset; default: build test check sanitize bench lce)
 # Builds the extension against that torch, runs the whole test suite on CUDA tensors (cuda and
 # triton backends required), the numerical check of every op, compute-sanitizer's memcheck on a small
 # subset, then the benchmark. Everything lands in OUT_DIR (default: $OUT, the device tool's output
@@ -9,6 +9,24 @@
 # limit (STAGE_LIMIT_S, default 420 s; the sanitizer SANITIZE_LIMIT_S, default 240 s) so that a slow
 # stage still leaves the logs of the others. A summary table of the stages is printed last (and
 # written to OUT_DIR/summary.txt).
+#
+# The lce stage is issue #18's race: linear cross-entropy fwd+bwd at N=8192, D=4096, V in {32000, 131072,
+# 262144}, bf16 then fp32, every provider side by side (naive head, torch's chunked F.linear_cross_entropy,
+# Cut Cross-Entropy "cce", Liger's LigerFusedLinearCrossEntropyLoss, our chunked cuBLAS path fusedloss-cuda
+# and our fused Triton kernel fusedloss-triton), time, TFLOP/s (6 N D V) and peak memory, into
+# OUT_DIR/lce-race. fp32 runs IEEE FMAs unless LCE_FP32_PRECISION=high (TF32) is set; the fused kernel's
+# backward recomputes the logits ceil(D / BLOCK_DO) times (see fusedloss/triton/linear_cross_entropy.py),
+# so its fp32 V=262144 case takes seconds per step: bf16 runs first, each dtype under its own limit.
+#
+# The peers are not on the GPU machine's image and it has no network: carry them as wheels in .whl/ (the
+# device tool's `carry`), made on a machine with pip (see the device README's Notes), e.g.
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     --platform any -d .whl cut-cross-entropy liger-kernel
+# (both are pure-Python wheels over triton and torch, which the image has; check each wheel's
+# Requires-Dist with `unzip -p .whl/NAME-*.whl '*/METADATA' | grep ^Requires-Dist` and add what is missing).
+# This script installs whatever .whl/*.whl holds into /tmp/site (no index, no deps) before it starts.
 #
 # Knobs: TEST_K (pytest -k of the test stage, default every CUDA test), TEST_WORKERS (xdist workers),
 # SANITIZE_K (pytest -k of the sanitizer stage), SANITIZE_TOOLS (default "memcheck"; e.g.
@@ -18,7 +36,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-bench/results/gpu-$(date +%F)}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-build test check sanitize bench}
+STAGES=${STAGES:-build test check sanitize bench lce}
 LIMIT=${STAGE_LIMIT_S:-420}
 SANITIZE_LIMIT=${SANITIZE_LIMIT_S:-240}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
@@ -33,6 +51,10 @@ record() {  # record STAGE RESULT START_EPOCH NOTE
 }
 verdict() { [[ $1 == 0 ]] && echo ok || { [[ $1 == 124 || $1 == 137 ]] && echo TIMEOUT || echo FAIL; }; }
 
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "wheels in .whl/ did not install"
+fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; } | tee "$OUT_DIR/gpu.txt"
 
 if has build; then
@@ -128,6 +150,29 @@ if has bench; then
   [[ $rc == 0 && $rc_large == 0 ]] || status=1
   csvs=$(ls "$OUT_DIR"/*.csv "$OUT_DIR"/ce-16384x131072-bf16/*.csv 2>/dev/null | wc -l)
   record bench "$(verdict $(( rc > rc_large ? rc : rc_large )))" "$start" "sweep exit $rc, CE 16384x131072 bf16 exit $rc_large; $csvs CSV file(s)"
+fi
+
+if has lce; then
+  echo "== lce (issue #18: linear cross-entropy race)"
+  start=$(date +%s)
+  $PY -c 'import cut_cross_entropy' 2>/dev/null || echo "lce: Cut Cross-Entropy not installed (carry it in .whl/): cce is left out"
+  $PY -c 'import liger_kernel' 2>/dev/null || echo "lce: liger-kernel not installed (carry it in .whl/): liger is left out"
+  shapes="N=8192,D=4096,V=32000;N=8192,D=4096,V=131072;N=8192,D=4096,V=262144"
+  rc_lce=0
+  for dt in bfloat16 float32; do
+    timeout "$LIMIT" $PY - "$dt" "$shapes" "$OUT_DIR/lce-race-$dt" > "$OUT_DIR/bench-lce-$dt.txt" 2>&1 <<'PYEOF'
+import os, sys
+import torch
+if os.environ.get("LCE_FP32_PRECISION"):
+    torch.set_float32_matmul_precision(os.environ["LCE_FP32_PRECISION"])
+from fusedloss import cli
+sys.exit(cli.main(["bench", "--device", "cuda", "--no-plot", "--ops", "linear_cross_entropy", "--modes", "fwd+bwd",
+                   "--dtype", sys.argv[1], "--shapes", sys.argv[2], "--out", sys.argv[3]]))
+PYEOF
+    rc=$?; [[ $rc == 0 ]] || { rc_lce=$rc; status=1; }
+    tail -30 "$OUT_DIR/bench-lce-$dt.txt"
+  done
+  record lce "$(verdict $rc_lce)" "$start" "N=8192 D=4096 V=32000/131072/262144, bf16 and fp32, fwd+bwd; logs bench-lce-*.txt"
 fi
 
 {

@@ -228,8 +228,10 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    shift: int = 0,
     chunk_size: int | None = None,
     options=None,
+    return_lse: bool = False,
     backend: str | None = None,
 ) -> Tensor:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the (N, V) logits.
@@ -252,6 +254,16 @@ def linear_cross_entropy(
     dtype and policy, chunking method, allow_retain_graph) do not apply: fusedloss always accumulates in
     fp32 and picks its own chunk size. Probability targets and K-dimensional ``linear_weight`` (torch's
     ``out_features``) are not supported (they raise): use ``cross_entropy`` on the logits for those.
+
+    ``shift=1`` (a causal LM's labels): input ``(B, T, D)`` with target ``(B, T)`` (or ``(N, D)`` with
+    ``(N,)``, one sequence), position t is scored against target t + 1 of its sequence and the last
+    position of each sequence is ignored; nothing of ``input`` is copied (the chunked paths shift the
+    int64 targets, the fused kernel indexes them). ``return_lse=True`` returns ``(loss, lse)``, lse per
+    element (the target's shape), float32, 0 where ignored; differentiable on the triton backend,
+    returned without gradient by the chunked cpu/cuda/reference-row paths.
+
+    The ``triton`` backend runs the fused kernels of fusedloss/triton/linear_cross_entropy.py (float32,
+    bfloat16, float16; logits only in registers, ``chunk_size`` unused); float64 takes the chunked path.
     """
     _checks.floating("input", input)
     _checks.floating("linear_weight", linear_weight)
@@ -261,6 +273,8 @@ def linear_cross_entropy(
     z_loss = _checks.non_negative("z_loss", z_loss)
     softcap = None if softcap is None else _checks.positive("softcap", softcap)
     ignore_index = -100 if ignore_index is None else _checks.integer("ignore_index", ignore_index)
+    if isinstance(shift, bool) or shift not in (0, 1):
+        raise ValueError(f"shift must be 0 or 1 (score position t against target t + shift), got {shift!r}")
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -305,18 +319,31 @@ def linear_cross_entropy(
     if name == "reference":
         return reference.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                               reduction=reduction, ignore_index=ignore_index,
-                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                                              label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                              shift=shift, return_lse=return_lse)
 
     rows = input.reshape(target.numel(), D)  # not (-1, D): that is ambiguous when D = 0
     flat_target = target.reshape(-1).to(torch.int64).contiguous()
     acc = acc_dtype(input.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
+    if name == "triton" and input.dtype in _lce.FUSED_DTYPES:
+        # the fused kernels: per-row loss and lse, the reduction here on device; the shift by index math
+        seq_len = (target.shape[-1] if target.dim() else 1) if shift else 0
+        loss, lse, _ = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(
+            rows, linear_weight, flat_target, linear_bias, w, ignore_index, label_smoothing, z_loss, softcap or 0.0,
+            1.0, seq_len)
+        kept = reference.shift_target(target, ignore_index).reshape(-1) if shift else flat_target
+        out = _reduce_rows(loss, reduction, expected, lambda: _lce._mean_denominator(kept, w, ignore_index, acc))
+        return (out, lse.view(expected)) if return_lse else out
+    if shift:
+        flat_target = reference.shift_target(target, ignore_index).reshape(-1).to(torch.int64).contiguous()
     grad = torch.is_grad_enabled()
-    loss = _lce.linear_cross_entropy_fwd(
+    loss, *_, lse = _lce.linear_cross_entropy_fwd(
         rows, linear_weight, flat_target, linear_bias, w, reduction, ignore_index, label_smoothing, z_loss,
         softcap or 0.0, chunk_size or 0, grad and input.requires_grad, grad and linear_weight.requires_grad,
-        grad and linear_bias is not None and linear_bias.requires_grad, name)[0]
-    return loss.view(expected) if reduction == "none" else loss
+        grad and linear_bias is not None and linear_bias.requires_grad, name)
+    loss = loss.view(expected) if reduction == "none" else loss
+    return (loss, lse.view(expected)) if return_lse else loss
 
 
 GAP_MODES = ("sum", "max")

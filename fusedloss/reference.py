@@ -272,12 +272,18 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    shift: int = 0,
+    return_lse: bool = False,
 ):
     """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) with the full (N, V) logits.
 
     input (D,), (N, D) or (*, D) with target input.shape[:-1]; linear_weight (V, D); linear_bias (V,).
-    Computed in float32 for bf16/fp16 input (float64 stays float64), as the kernels do.
+    Computed in float32 for bf16/fp16 input (float64 stays float64), as the kernels do. ``shift=1``
+    scores each position against the next target of its sequence (``shift_target``);
+    ``return_lse`` also returns the per-element lse (0 where ignored).
     """
+    if shift:
+        target = shift_target(target, ignore_index)
     x = input.to(_compute_dtype(input.dtype))
     logits = x @ linear_weight.to(x.dtype).T
     if linear_bias is not None:
@@ -285,7 +291,19 @@ def linear_cross_entropy(
     if logits.dim() > 2:  # (*, V) rows, class last
         logits = logits.reshape(-1, logits.shape[-1])
         out = cross_entropy(logits, target.reshape(-1), weight, ignore_index=ignore_index, reduction=reduction,
-                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_lse=return_lse)
+        if return_lse:
+            out, lse = out
+            return (out.view(target.shape) if reduction == "none" else out), lse.view(target.shape)
         return out.view(target.shape) if reduction == "none" else out
     return cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_lse=return_lse)
+
+
+def shift_target(target: Tensor, ignore_index: int) -> Tensor:
+    """The targets of ``shift=1``: position t of each sequence (the last dim of ``target``) gets target t + 1;
+    the last position, which has no next token, gets ``ignore_index``. A 0-dim target (one position) is
+    ignored."""
+    if target.dim() == 0:
+        return torch.full_like(target, ignore_index)
+    return torch.cat([target[..., 1:], torch.full_like(target[..., :1], ignore_index)], dim=-1)

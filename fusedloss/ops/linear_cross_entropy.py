@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fusedloss import _backend, reference
 from fusedloss.ops import cross_entropy as _ce
-from fusedloss.ops._common import acc_dtype, no_context, no_double_backward
+from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
 
 FWD = "fusedloss::linear_cross_entropy_fwd"
 BWD = "fusedloss::linear_cross_entropy_bwd"
@@ -119,9 +119,9 @@ def _loss_kernel(backend: str):
     """Per-row loss of a chunk of logits without writing a gradient (the plain forward kernel)."""
     if backend == "reference":
         def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
-            return (reference.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction="none",
-                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap or None,
-                                            temperature=temperature),)
+            return reference.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction="none",
+                                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap or None,
+                                           temperature=temperature, return_lse=True)
         return forward
     return _ce.forward_op(backend)
 
@@ -130,8 +130,9 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
             weight: Tensor | None, grad_scale: Tensor | None, ignore_index: int, label_smoothing: float,
             z_loss: float, softcap: float, chunk_size: int, input_grad: bool, weight_grad: bool, bias_grad: bool,
             backend: str):
-    """The chunk loop. Returns (loss rows (N,), grad_input, grad_weight, grad_bias) in the accumulation
-    dtype, each gradient None unless asked for; grad_scale (N,) (None means 1) scales the rows' gradients.
+    """The chunk loop. Returns (loss rows (N,), grad_input, grad_weight, grad_bias, lse rows (N,)) in the
+    accumulation dtype, each gradient None unless asked for; grad_scale (N,) (None means 1) scales the rows'
+    gradients.
 
     input (N, D), linear_weight (V, D), target (N,) int64 contiguous, weight (V,) contiguous in the
     accumulation dtype. ``chunk_size`` 0 picks one (auto_chunk_size).
@@ -156,6 +157,7 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
     logits_buf = torch.empty((chunk, v), dtype=acc, device=device)
     dl_buf = torch.empty((chunk, v), dtype=op_dtype, device=device) if mixed and (input_grad or weight_grad) else None
     loss = torch.empty((n,), dtype=acc, device=device)
+    lse = torch.empty((n,), dtype=acc, device=device)
     grad_input = torch.empty((n, d), dtype=acc, device=device) if input_grad else None
     grad_weight = torch.zeros((v, d), dtype=acc, device=device) if weight_grad else None
     grad_bias = torch.zeros((v,), dtype=acc, device=device) if bias_grad else None
@@ -165,8 +167,8 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
 
     if grads and backend == "cpu" and chunk * v >= CLASS_MAJOR_MIN_LOGITS:
         _chunks_class_major(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing, z_loss,
-                            softcap, chunk, logits_buf.view(-1), loss, grad_input, grad_weight, grad_bias)
-        return loss, grad_input, grad_weight, grad_bias
+                            softcap, chunk, logits_buf.view(-1), loss, grad_input, grad_weight, grad_bias, lse)
+        return loss, grad_input, grad_weight, grad_bias, lse
 
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
@@ -178,10 +180,13 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
         else:
             torch.addmm(b_acc, x, w_op.T, out=logits, **mm_kw)
         if not grads:
-            loss[start:stop] = loss_kernel(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0)[0]
+            rows = loss_kernel(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0)
+            loss[start:stop] = rows[0]
+            lse[start:stop] = rows[1]
             continue
         scale = grad_scale[start:stop] if grad_scale is not None else None
-        loss[start:stop] = row_kernel(logits, t, weight, scale, ignore_index, label_smoothing, z_loss, softcap, 1.0)[0]
+        loss[start:stop], lse[start:stop] = row_kernel(logits, t, weight, scale, ignore_index, label_smoothing, z_loss,
+                                                       softcap, 1.0)
         g = logits  # now G_c (step 1)
         if bias_grad:
             grad_bias += g.sum(0)
@@ -193,11 +198,11 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
             torch.mm(g, w_op, out=grad_input[start:stop], **mm_kw)
         if weight_grad:
             torch.addmm(grad_weight, g.T, x, out=grad_weight, **mm_kw)
-    return loss, grad_input, grad_weight, grad_bias
+    return loss, grad_input, grad_weight, grad_bias, lse
 
 
 def _chunks_class_major(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing, z_loss,
-                        softcap, chunk, buf, loss, grad_input, grad_weight, grad_bias):
+                        softcap, chunk, buf, loss, grad_input, grad_weight, grad_bias, lse):
     """The CPU chunk loop: every chunk's logits class-major, (V, rows) = W X_c^T, which MKL computes faster
     than (rows, V) at the few rows a chunk has here (csrc/cpu/linear_cross_entropy.cpp gives the figures),
     the row kernel of that layout, and the input and weight gradients from it as BLAS operands:
@@ -213,8 +218,8 @@ def _chunks_class_major(input, w_op, target, b_acc, weight, grad_scale, ignore_i
         else:
             torch.addmm(b_acc.unsqueeze(1), w_op, x.T, out=logits_t)
         scale = grad_scale[start:stop] if grad_scale is not None else None
-        loss[start:stop] = torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(
-            logits_t, target[start:stop], weight, scale, ignore_index, label_smoothing, z_loss, softcap, 1.0)[0]
+        loss[start:stop], lse[start:stop] = torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(
+            logits_t, target[start:stop], weight, scale, ignore_index, label_smoothing, z_loss, softcap, 1.0)
         if grad_bias is not None:
             grad_bias += logits_t.sum(1)
         if grad_input is not None:
@@ -249,17 +254,18 @@ def _empty(like: Tensor, acc: torch.dtype) -> Tensor:
 def linear_cross_entropy_fwd(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
                              weight: Tensor | None, reduction: str, ignore_index: int, label_smoothing: float,
                              z_loss: float, softcap: float, chunk_size: int, input_grad: bool, weight_grad: bool,
-                             bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_input, grad_weight, grad_bias), all in the accumulation dtype. loss is 0-dim for mean
+                             bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_input, grad_weight, grad_bias, lse), all in the accumulation dtype. loss is 0-dim for mean
     and sum, (N,) for none. The gradients are those of the returned loss, computed here only for mean and
-    sum and only where asked (shape (0,) otherwise)."""
+    sum and only where asked (shape (0,) otherwise). lse (N,) per row, 0 where ignored, not differentiable
+    (return_lse on the chunked path)."""
     acc = acc_dtype(input.dtype)
     grads = reduction != "none" and (input_grad or weight_grad or bias_grad)
-    rows, gi, gw, gb = chunked(input, linear_weight, target, linear_bias, weight, None, ignore_index,
-                               label_smoothing, z_loss, softcap, chunk_size, grads and input_grad,
-                               grads and weight_grad, grads and bias_grad, backend)
+    rows, gi, gw, gb, lse = chunked(input, linear_weight, target, linear_bias, weight, None, ignore_index,
+                                    label_smoothing, z_loss, softcap, chunk_size, grads and input_grad,
+                                    grads and weight_grad, grads and bias_grad, backend)
     if reduction == "none":
-        return rows, _empty(input, acc), _empty(input, acc), _empty(input, acc)
+        return rows, _empty(input, acc), _empty(input, acc), _empty(input, acc), lse
     loss = rows.sum()
     if reduction == "mean":
         denominator = _mean_denominator(target, weight, ignore_index, acc)
@@ -270,7 +276,7 @@ def linear_cross_entropy_fwd(input: Tensor, linear_weight: Tensor, target: Tenso
             if g is not None:
                 g.mul_(inv)  # once, on the fp32 sums (see the module docstring)
     return (loss, gi if gi is not None else _empty(input, acc), gw if gw is not None else _empty(input, acc),
-            gb if gb is not None else _empty(input, acc))
+            gb if gb is not None else _empty(input, acc), lse)
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -284,7 +290,7 @@ def _fwd_fake(input, linear_weight, target, linear_bias, weight, reduction, igno
     gi = input.new_empty((n, d) if grads and input_grad else (0,), dtype=acc)
     gw = input.new_empty((v, d) if grads and weight_grad else (0,), dtype=acc)
     gb = input.new_empty((v,) if grads and bias_grad and linear_bias is not None else (0,), dtype=acc)
-    return loss, gi, gw, gb
+    return loss, gi, gw, gb, input.new_empty((n,), dtype=acc)
 
 
 @torch.library.custom_op(BWD, mutates_args=())
@@ -296,7 +302,7 @@ def linear_cross_entropy_bwd(grad_loss: Tensor, input: Tensor, linear_weight: Te
     """Gradients of sum_i grad_loss_i loss_i for input, linear_weight, linear_bias (reduction none), in
     their dtypes (shape (0,) where not asked for): the logits are recomputed chunk by chunk."""
     acc = acc_dtype(input.dtype)
-    _, gi, gw, gb = chunked(input, linear_weight, target, linear_bias, weight, grad_loss.to(acc), ignore_index,
+    _, gi, gw, gb, _ = chunked(input, linear_weight, target, linear_bias, weight, grad_loss.to(acc), ignore_index,
                             label_smoothing, z_loss, softcap, chunk_size, input_grad, weight_grad, bias_grad, backend)
     return (gi.to(input.dtype) if gi is not None else _empty(input, input.dtype),
             gw.to(linear_weight.dtype) if gw is not None else _empty(input, linear_weight.dtype),
@@ -319,8 +325,8 @@ N_FWD_INPUTS = 15
 def _setup_fwd(ctx, inputs, output):
     (input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
      chunk_size, input_grad, weight_grad, bias_grad, backend) = inputs
-    _, gi, gw, gb = output
-    ctx.mark_non_differentiable(gi, gw, gb)
+    _, gi, gw, gb, lse = output
+    ctx.mark_non_differentiable(gi, gw, gb, lse)
     # Only the loss carries a gradient: no zero-filled tensors for the three gradient outputs.
     ctx.set_materialize_grads(False)
     ctx.reduction = reduction
@@ -345,7 +351,7 @@ def _scaled(saved: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return saved.mul_(scale).to(dtype)
 
 
-def _backward_fwd(ctx, grad_loss, _gi, _gw, _gb):
+def _backward_fwd(ctx, grad_loss, _gi, _gw, _gb, _lse):
     result = [None] * N_FWD_INPUTS
     if grad_loss is None:
         return tuple(result)
@@ -384,3 +390,71 @@ def _backward_fwd(ctx, grad_loss, _gi, _gw, _gb):
 
 linear_cross_entropy_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 linear_cross_entropy_bwd.register_autograd(no_double_backward("linear_cross_entropy"), setup_context=no_context)
+
+
+# ================================================================================================
+# The fused Triton backend (issue #18): fusedloss/triton/linear_cross_entropy.py, logits only in
+# registers. Per-row outputs; the reduction (on device) and its gradient are the caller's autograd.
+# - fusedloss::linear_cross_entropy_fwd_triton(input, linear_weight, target, linear_bias, weight,
+#   ignore_index, label_smoothing, z_loss, softcap, temperature, seq_len) -> (loss (N,), lse (N,),
+#   stats (N, 2)), float32; seq_len > 0 is shift=1 over sequences of that length.
+# - fusedloss::linear_cross_entropy_bwd_triton(grad_loss, grad_lse, ..., stats, ..., input_grad,
+#   weight_grad, bias_grad, grad_filter) -> (grad_input, grad_weight, grad_bias) in the parameters'
+#   dtypes (shape (0,) where not asked for). Both loss and lse are differentiable.
+# float32, bfloat16 and float16 only: float64 on the triton backend takes the chunked op above.
+# ================================================================================================
+FWD_TRITON = "fusedloss::linear_cross_entropy_fwd_triton"
+BWD_TRITON = "fusedloss::linear_cross_entropy_bwd_triton"
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_REGISTERED = False
+
+if triton_kernels_present("linear_cross_entropy"):
+    from torch.library import triton_op
+
+    @triton_op(FWD_TRITON, mutates_args={})
+    def linear_cross_entropy_fwd_triton(input: Tensor, linear_weight: Tensor, target: Tensor,
+                                        linear_bias: Tensor | None, weight: Tensor | None, ignore_index: int,
+                                        label_smoothing: float, z_loss: float, softcap: float, temperature: float,
+                                        seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+        from fusedloss.triton import linear_cross_entropy as kernels
+
+        return kernels.linear_cross_entropy_fwd(input, linear_weight, target, linear_bias, weight, ignore_index,
+                                                label_smoothing, z_loss, softcap, temperature, seq_len)
+
+    @triton_op(BWD_TRITON, mutates_args={})
+    def linear_cross_entropy_bwd_triton(grad_loss: Tensor, grad_lse: Tensor | None, input: Tensor,
+                                        linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+                                        weight: Tensor | None, stats: Tensor, ignore_index: int,
+                                        label_smoothing: float, z_loss: float, softcap: float, temperature: float,
+                                        seq_len: int, input_grad: bool, weight_grad: bool, bias_grad: bool,
+                                        grad_filter: float) -> tuple[Tensor, Tensor, Tensor]:
+        from fusedloss.triton import linear_cross_entropy as kernels
+
+        return kernels.linear_cross_entropy_bwd(grad_loss, grad_lse, input, linear_weight, target, linear_bias,
+                                                weight, stats, ignore_index, label_smoothing, z_loss, softcap,
+                                                temperature, seq_len, input_grad, weight_grad, bias_grad, grad_filter)
+
+    def _setup_fwd_triton(ctx, inputs, output):
+        (input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, z_loss, softcap,
+         temperature, seq_len) = inputs
+        _, _, stats = output
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, stats)
+        ctx.scalars = (ignore_index, label_smoothing, z_loss, softcap, temperature, seq_len)
+
+    def _backward_fwd_triton(ctx, grad_loss, grad_lse, _grad_stats):
+        input, linear_weight, target, linear_bias, weight, stats = ctx.saved_tensors
+        need_gi, need_gw, need_gb = (ctx.needs_input_grad[i] for i in (0, 1, 3))
+        if grad_loss is None:  # only the returned lse was used
+            grad_loss = stats.new_zeros(stats.shape[0])
+        gi, gw, gb = torch.ops.fusedloss.linear_cross_entropy_bwd_triton(
+            grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, stats, *ctx.scalars, need_gi,
+            need_gw, need_gb, 0.0)
+        return (gi if need_gi else None, gw if need_gw else None, None, gb if need_gb else None, None, None, None,
+                None, None, None, None)
+
+    linear_cross_entropy_fwd_triton.register_autograd(_backward_fwd_triton, setup_context=_setup_fwd_triton)
+    linear_cross_entropy_bwd_triton.register_autograd(no_double_backward("linear_cross_entropy"),
+                                                      setup_context=no_context)
+    TRITON_REGISTERED = True
+# ================================ end of the fused Triton backend ================================
