@@ -20,6 +20,16 @@ from fusedloss.ops._registry import REDUCTION
 __all__ = ["cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy"]
 
 
+def _reduce_rows(loss: Tensor, reduction: str, out_shape: torch.Size, denominator) -> Tensor:
+    """The reduction of per-row losses with autograd, for the ops whose kernels return rows (the fused
+    linear cross-entropy); the others reduce in their kernels."""
+    if reduction == "none":
+        return loss.view(out_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / denominator()
+
+
 def _class_rows(input: Tensor, C: int) -> Tensor:
     """input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)`` as ``(rows, C)`` with unit class stride, the
     layout the row kernels take: the class dimension moves last (free for channels-last input, one
