@@ -126,6 +126,7 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
                                const OptTensor& weight, int64_t ignore_index, int64_t reduction,
                                double label_smoothing, double z_loss, double softcap, double temperature) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
     auto [out, lse, stats, mass] = cross_entropy_impl(logits, target, weight, ignore_index, reduction,
                                                       label_smoothing, z_loss, softcap, temperature);
     ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stats, mass});
@@ -178,6 +179,7 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
                                const OptTensor& factor, const OptTensor& weight, int64_t ignore_index,
                                int64_t reduction, double gamma) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
     auto [out, stats, coef, mass] = focal_loss_impl(logits, target, factor, weight, ignore_index, reduction, gamma);
     ctx->save_for_backward({logits, target, stats, coef, mass});
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -217,6 +219,7 @@ struct GapLossFunction : public torch::autograd::Function<GapLossFunction> {
                                const OptTensor& weight, double margin, int64_t p, int64_t ignore_index,
                                bool class_normalize, bool max_mode, int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
     auto [out, mass] =
         gap_loss_impl(input, target, weight, margin, p, ignore_index, class_normalize, max_mode, reduction);
     ctx->save_for_backward({input, target, weight.value_or(Tensor()), mass});

@@ -182,6 +182,7 @@ def _triton_impl(logits, target, weight, ignore_index, reduction, label_smoothin
 
 
 def _triton_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     logits, target, weight, ignore_index, reduction, *scalars = inputs
     _, _, stats, mass = output
     ctx.mark_non_differentiable(stats, mass)

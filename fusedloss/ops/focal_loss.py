@@ -111,6 +111,7 @@ def _triton_impl(logits, target, factor, weight, ignore_index, reduction, gamma)
 
 
 def _triton_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     logits, target, factor, weight, ignore_index, reduction, gamma = inputs
     _, stats, coef, mass = output
     ctx.mark_non_differentiable(stats, coef, mass)

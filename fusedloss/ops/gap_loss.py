@@ -110,6 +110,7 @@ def _triton_impl(input, target, weight, margin, p, ignore_index, class_normalize
 
 
 def _triton_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     input, target, weight, *scalars, reduction = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(input, target, weight, output[1])
