@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import zlib
 
-import pytest
-import torch
+# torch.compile's on-disk caches (/tmp/torchinductor_$USER) outlive a run, and their keys do not cover a
+# custom op's schema: a graph compiled against an earlier version of an op was replayed with the old
+# arguments (CI, 2026-12-02). Each test session compiles into its own fresh directory.
+# Processes forked for the distributed tests import this file again and share the parent's directory.
+if "FUSEDLOSS_TEST_INDUCTOR_DIR" not in os.environ:
+    os.environ["FUSEDLOSS_TEST_INDUCTOR_DIR"] = tempfile.mkdtemp(prefix="fusedloss-inductor-")
+    _OWN_INDUCTOR_DIR = True
+else:
+    _OWN_INDUCTOR_DIR = False
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ["FUSEDLOSS_TEST_INDUCTOR_DIR"]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import fusedloss
 
@@ -22,6 +34,13 @@ KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 # TRITON_INTERPRET fails the suite instead of skipping silently.
 REQUIRED = {b for b in os.environ.get("FUSEDLOSS_REQUIRE_BACKENDS", "").split(",") if b}
 SEED = int(os.environ.get("FUSEDLOSS_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if _OWN_INDUCTOR_DIR:
+        shutil.rmtree(os.environ["FUSEDLOSS_TEST_INDUCTOR_DIR"], ignore_errors=True)
 
 
 def pytest_report_header(config):
