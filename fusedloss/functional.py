@@ -522,13 +522,26 @@ def info_nce(
     q = q.contiguous()
     k = k.contiguous()
     if isinstance(temperature, Tensor):
-        scale = torch.reciprocal(temperature.to(acc))
+        # float64: the kernel's part of d scale and the positive logits' part below nearly cancel (at
+        # a low temperature); summed in float64 and rounded once, the temperature's gradient is as
+        # accurate as plain PyTorch's (see (3') in csrc/include/fusedloss/info_nce_math.h).
+        scale = torch.reciprocal(temperature.to(torch.float64))
     else:
         scale = torch.full((), 1.0 / temperature, dtype=acc, device=query.device)
     lse_rows, lse_cols = _nce.forward_op(name)(q, k, scale, bool(symmetric))
     # The positive logit of each query, s_i = scale * q_i . k_{labels_i}, composed by autograd.
     k_pos = k[:N] if labels is None else k.index_select(0, labels)
-    pos = torch.linalg.vecdot(q, k_pos) * scale
+    dots = torch.linalg.vecdot(q, k_pos)
+    if scale.dtype != dots.dtype:
+        # d scale's positive part is sum_i g_i (q_i . k_i); the kernel's part holds the same dots
+        # rounded its own way (BLAS tiles). Their float32 rounding errors would not cancel and
+        # dominate the temperature's gradient, so this part uses float64 dots (values only: q's and
+        # k's gradients still flow through the float32 dots), chunked to bound the transient copies.
+        with torch.no_grad():
+            exact = torch.cat([torch.linalg.vecdot(q[i:i + 4096].double(), k_pos[i:i + 4096].double())
+                               for i in range(0, N, 4096)]) if N else dots.double()
+        dots = dots.to(scale.dtype) + (exact - dots.to(scale.dtype)).detach()
+    pos = (dots * scale).to(acc)
     loss = lse_rows - pos
     if symmetric:
         loss = 0.5 * (loss + (lse_cols - pos))
