@@ -52,6 +52,18 @@ def _flat_target(target: Tensor) -> Tensor:
     return target.reshape(-1).to(torch.int64).contiguous()
 
 
+def _unbatched_target(target: Tensor, expected: torch.Size, input: Tensor) -> Tensor:
+    """The class-index target of ``input`` with the shape ``expected`` (input's without the class dim).
+    An unbatched ``(C,)`` input also takes a ``(1,)`` target, as torch's cross_entropy and nll_loss do
+    (the result is 0-dim there too)."""
+    if target.shape != expected:
+        if input.dim() == 1 and target.shape == (1,):
+            return target.view(())
+        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    return target
+
+
 def _acc_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """Class weights in the accumulation dtype, contiguous, as the kernels take them."""
     if weight is None:
@@ -76,11 +88,11 @@ def cross_entropy(
     """Fused softmax cross-entropy; a drop-in for ``torch.nn.functional.cross_entropy``.
 
     input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class indices (input's shape without the
-    class dimension) or class probabilities (input's shape). Extras: ``z_loss`` adds
-    ``z_loss * lse**2`` per element, ``softcap`` maps logits to ``softcap * tanh(x / softcap)`` first,
-    ``temperature`` then divides them, ``return_lse=True`` also returns the per-element lse (float32,
-    0 where ignored). The loss is float32 for fp16/bf16/fp32 input (float64 for float64); the
-    gradient has the input's dtype.
+    class dimension; ``(1,)`` too for ``(C,)`` input, as torch) or class probabilities (input's shape).
+    Extras: ``z_loss`` adds ``z_loss * lse**2`` per element, ``softcap`` maps logits to
+    ``softcap * tanh(x / softcap)`` first, ``temperature`` then divides them, ``return_lse=True`` also
+    returns the per-element lse (float32, 0 where ignored). The loss is float32 for fp16/bf16/fp32
+    input (float64 for float64); the gradient has the input's dtype.
 
     Class-index targets run the fused kernels of the chosen backend. Probability targets are
     computed with PyTorch ops on every backend (not fused yet).
@@ -113,9 +125,7 @@ def cross_entropy(
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold int64 class indices or float probabilities, got dtype {target.dtype}")
     expected = input.shape[:cdim] + input.shape[cdim + 1:]
-    if target.shape != expected:
-        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
-                         f"got {tuple(target.shape)}")
+    target = _unbatched_target(target, expected, input)
     if name == "reference":
         # int64 as the kernels take them (torch's gather refuses uint8 and int16 indices)
         return reference.cross_entropy(input, target.to(torch.int64), weight, **kwargs)
@@ -161,9 +171,9 @@ def focal_loss(
       ``cross_entropy``'s weighted mean. alpha enters the numerator only, weight both; every element
       ignored gives NaN, as in torch.
 
-    input ``(C,)`` with a 0-dim target, ``(N, C)`` with target ``(N,)``, or ``(N, C, d1, ...)`` with
-    target ``(N, d1, ...)``; class-index targets only. The loss is float32 for fp16/bf16/fp32 input
-    (float64 for float64); the gradient has the input's dtype. Only ``input`` gets a gradient
+    input ``(C,)`` with a 0-dim (or ``(1,)``) target, ``(N, C)`` with target ``(N,)``, or
+    ``(N, C, d1, ...)`` with target ``(N, d1, ...)``; class-index targets only. The loss is float32
+    for fp16/bf16/fp32 input (float64 for float64); the gradient has the input's dtype. Only ``input`` gets a gradient
     (``weight`` and ``alpha`` are constants). Targets are checked against ``[0, C)`` on the CPU
     backend; the GPU backends give NaN for that element instead.
     """
@@ -200,9 +210,7 @@ def focal_loss(
         raise TypeError(f"target must hold int64 class indices (focal_loss takes no probability targets), got dtype "
                         f"{target.dtype}")
     expected = input.shape[:cdim] + input.shape[cdim + 1:]
-    if target.shape != expected:
-        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
-                         f"got {tuple(target.shape)}")
+    target = _unbatched_target(target, expected, input)
     name = _backend.resolve(backend, input.device)
     if name == "reference":
         return reference.focal_loss(input, target, gamma, alpha, weight=weight, ignore_index=ignore_index,
@@ -248,8 +256,8 @@ def linear_cross_entropy(
 
     A drop-in for ``torch.nn.functional.linear_cross_entropy`` (torch 2.14) for class-index targets:
     the same arguments (``ignore_index=None`` means -100, as there), plus ``z_loss`` and ``softcap`` of
-    :func:`cross_entropy`. input ``(N, D)`` or ``(D,)`` (with a 0-dim target); extra leading dims
-    ``(*, D)`` with target ``(*)`` are accepted too (torch takes 1-D and 2-D input only).
+    :func:`cross_entropy`. input ``(N, D)`` or ``(D,)`` (with a 0-dim or ``(1,)`` target); extra leading
+    dims ``(*, D)`` with target ``(*)`` are accepted too (torch takes 1-D and 2-D input only).
     linear_weight ``(V, D)``, linear_bias ``(V,)``, both in the input's dtype and on its device.
 
     Rows are processed in chunks of ``chunk_size`` (None: a size picked from N, D, V, the device and the
@@ -320,9 +328,7 @@ def linear_cross_entropy(
                                   "use cross_entropy(input @ linear_weight.T, target)")
     if target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold int64 class indices, got dtype {target.dtype}")
-    if target.shape != expected:
-        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
-                         f"got {tuple(target.shape)}")
+    target = _unbatched_target(target, expected, input)
     _checks.same_device("target", target, "input", input)
     weight = _checks.class_weight(weight, V, input)
     name = _backend.resolve(backend, input.device)
@@ -377,7 +383,9 @@ def gap_loss(
     Times ``weight[y]`` when given; ``mean`` averages over samples whose target is not
     ``ignore_index``. ``class_normalize=True`` divides each sample by C, which makes it equal to
     ``torch.nn.functional.multi_margin_loss``. ``mode="max"`` keeps only the largest violation
-    (Crammer-Singer). input ``(C,)`` with a 0-dim target, or ``(N, C)`` with target ``(N,)``.
+    (Crammer-Singer). input ``(C,)`` with a 0-dim target, or ``(N, C)`` with target ``(N,)``; and
+    every other form ``torch.nn.functional.multi_margin_loss`` takes: a 0-dim input (one class), ``(C,)``
+    or ``(1, C)`` input with a 0-dim or ``(1,)`` target. ``reduction="none"`` has the target's shape.
     """
     _checks.floating("input", input)
     _checks.tensor("target", target)
@@ -389,16 +397,19 @@ def gap_loss(
         raise ValueError(f"mode must be one of {GAP_MODES}, got {mode!r}")
     margin = _checks.real("margin", margin)
     ignore_index = _checks.integer("ignore_index", ignore_index)
-    if input.dim() not in (1, 2):
-        raise ValueError(f"input must be (C,) or (N, C), got shape {tuple(input.shape)}")
-    C = input.shape[-1]
+    if input.dim() > 2:
+        raise ValueError(f"input must be (C,) or (N, C) (or 0-dim: one class), got shape {tuple(input.shape)}")
+    C = input.shape[-1] if input.dim() else 1
     if C == 0:
         raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
     if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold int64 class indices, got dtype {target.dtype}")
-    expected = input.shape[:-1]
-    if target.shape != expected:
-        raise ValueError(f"target must have shape {tuple(expected)} for input of shape {tuple(input.shape)}, "
+    # torch's multi_margin_loss shapes: one sample for 0-dim or (C,) input (and for (1, C)), whose target is
+    # 0-dim or (1,); N samples for (N, C), target (N,). reduction="none" returns the target's shape.
+    n = input.shape[0] if input.dim() == 2 else 1
+    if target.dim() > 1 or target.numel() != n:
+        expected = "() or (1,)" if n == 1 else f"({n},)"
+        raise ValueError(f"target must have shape {expected} for input of shape {tuple(input.shape)}, "
                          f"got {tuple(target.shape)}")
     _checks.same_device("target", target, "input", input)
     weight = _checks.class_weight(weight, C, input)
@@ -407,14 +418,14 @@ def gap_loss(
         return reference.gap_loss(input, target.to(torch.int64), margin, p=p, weight=weight, ignore_index=ignore_index,
                                   reduction=reduction, class_normalize=class_normalize, mode=mode)
 
-    rows = input.unsqueeze(0) if input.dim() == 1 else input
+    rows = input.reshape(1, C) if input.dim() < 2 else input
     if C > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     flat_target = _flat_target(target)
     w = _acc_weight(weight, input.dtype)
     out = _gap.GAP_LOSS.op(name)(rows, flat_target, w, margin, p, ignore_index, bool(class_normalize), mode == "max",
                                  REDUCTION[reduction])[0]
-    return out.view(expected) if reduction == "none" else out
+    return out.view(target.shape) if reduction == "none" else out
 
 
 def info_nce(
@@ -511,13 +522,26 @@ def info_nce(
     q = q.contiguous()
     k = k.contiguous()
     if isinstance(temperature, Tensor):
-        scale = torch.reciprocal(temperature.to(acc))
+        # float64: the kernel's part of d scale and the positive logits' part below nearly cancel (at
+        # a low temperature); summed in float64 and rounded once, the temperature's gradient is as
+        # accurate as plain PyTorch's (see (3') in csrc/include/fusedloss/info_nce_math.h).
+        scale = torch.reciprocal(temperature.to(torch.float64))
     else:
         scale = torch.full((), 1.0 / temperature, dtype=acc, device=query.device)
     lse_rows, lse_cols = _nce.forward_op(name)(q, k, scale, bool(symmetric))
     # The positive logit of each query, s_i = scale * q_i . k_{labels_i}, composed by autograd.
     k_pos = k[:N] if labels is None else k.index_select(0, labels)
-    pos = torch.linalg.vecdot(q, k_pos) * scale
+    dots = torch.linalg.vecdot(q, k_pos)
+    if scale.dtype != dots.dtype:
+        # d scale's positive part is sum_i g_i (q_i . k_i); the kernel's part holds the same dots
+        # rounded its own way (BLAS tiles). Their float32 rounding errors would not cancel and
+        # dominate the temperature's gradient, so this part uses float64 dots (values only: q's and
+        # k's gradients still flow through the float32 dots), chunked to bound the transient copies.
+        with torch.no_grad():
+            exact = torch.cat([torch.linalg.vecdot(q[i:i + 4096].double(), k_pos[i:i + 4096].double())
+                               for i in range(0, N, 4096)]) if N else dots.double()
+        dots = dots.to(scale.dtype) + (exact - dots.to(scale.dtype)).detach()
+    pos = (dots * scale).to(acc)
     loss = lse_rows - pos
     if symmetric:
         loss = 0.5 * (loss + (lse_cols - pos))

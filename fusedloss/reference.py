@@ -23,11 +23,18 @@ def transform_logits(x: Tensor, softcap: float | None, temperature: float) -> Te
     return x / temperature
 
 
+def _checked_on_host(target: Tensor) -> bool:
+    """Whether targets may be read on the host to raise an IndexError: CPU tensors in eager mode only.
+    Under torch.compile that read would be a data-dependent branch (a graph break, an error with
+    fullgraph=True), so there the rows are masked on device as elsewhere."""
+    return target.device.type == "cpu" and target.numel() > 0 and not torch.compiler.is_compiling()
+
+
 def _out_of_range(target: Tensor, ignored: Tensor, C: int) -> Tensor:
-    """Targets outside [0, C) that are not ignore_index: an IndexError for CPU tensors; elsewhere
-    (no host sync) the mask of their rows, whose loss becomes NaN, as the GPU kernels do."""
+    """Targets outside [0, C) that are not ignore_index: an IndexError for CPU tensors in eager mode;
+    elsewhere (no host sync) the mask of their rows, whose loss becomes NaN, as the GPU kernels do."""
     bad = ~ignored & ((target < 0) | (target >= C))
-    if target.device.type == "cpu" and target.numel() and bool(bad.any()):
+    if _checked_on_host(target) and bool(bad.any()):
         raise IndexError(f"target {int(target[bad][0])} is out of range for {C} classes")
     return bad
 
@@ -83,7 +90,7 @@ def cross_entropy(
     bad = _out_of_range(target, ignored, C)
     safe = target.masked_fill(ignored | bad, 0)
     nll = -logp.gather(cdim, safe.unsqueeze(cdim)).squeeze(cdim)
-    w_y = weight.to(x.dtype)[safe] if weight is not None else torch.ones_like(nll)
+    w_y = torch.take(weight.to(x.dtype), safe) if weight is not None else torch.ones_like(nll)
     loss = (1 - label_smoothing) * w_y * nll
     if label_smoothing > 0:
         smooth = -(logp * w).sum(cdim) if w is not None else -logp.sum(cdim)
@@ -126,11 +133,8 @@ def focal_loss(
     x = input.to(_compute_dtype(input.dtype))
     logp_all = torch.log_softmax(x, dim=cdim)
     ignored = target == ignore_index
-    if target.device.type == "cpu" and target.numel():
-        bad = ~ignored & ((target < 0) | (target >= C))
-        if bool(bad.any()):
-            raise IndexError(f"target {int(target[bad][0])} is out of range for {C} classes")
-    safe = target.masked_fill(ignored, 0)
+    bad = _out_of_range(target, ignored, C)
+    safe = target.masked_fill(ignored | bad, 0)
     logp = logp_all.gather(cdim, safe.unsqueeze(cdim)).squeeze(cdim)
     q = -torch.expm1(logp)
     if gamma == 0:
@@ -139,13 +143,13 @@ def focal_loss(
         live = q > 0
         focal = torch.where(live, torch.where(live, q, 1.0) ** gamma, 0.0)
     loss = -focal * logp
-    w_y = weight.to(x.dtype)[safe] if weight is not None else torch.ones_like(loss)
+    w_y = torch.take(weight.to(x.dtype), safe) if weight is not None else torch.ones_like(loss)
     loss = loss * w_y
     if isinstance(alpha, Tensor):
-        loss = loss * alpha.to(x.dtype)[safe]
+        loss = loss * torch.take(alpha.to(x.dtype), safe)
     elif alpha is not None:
         loss = loss * float(alpha)
-    loss = loss.masked_fill(ignored, 0.0)
+    loss = loss.masked_fill(ignored, 0.0).masked_fill(bad, float("nan"))
     if reduction == "mean":
         return loss.sum() / (w_y * ~ignored).sum()
     if reduction == "sum":
@@ -172,7 +176,7 @@ def gap_loss(
     exactly 0 (or NaN) counts as no violation, as in torch's kernels.
     """
     x = input.to(_compute_dtype(input.dtype))
-    rows = x.unsqueeze(0) if x.dim() == 1 else x
+    rows = x.reshape(1, -1) if x.dim() < 2 else x  # 0-dim: one sample of one class, as torch
     t = target.reshape(-1)
     C = rows.shape[1]
     ignored = t == ignore_index
@@ -189,7 +193,7 @@ def gap_loss(
     else:
         per = term.scatter(1, safe, 0.0).sum(1)  # j != y
     if weight is not None:
-        per = per * weight.to(x.dtype)[safe.squeeze(1)]
+        per = per * torch.take(weight.to(x.dtype), safe.squeeze(1))
     if class_normalize:
         per = per / C
     per = per.masked_fill(ignored, 0.0).masked_fill(bad, float("nan"))

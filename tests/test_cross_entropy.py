@@ -637,3 +637,37 @@ def test_fwd_grad_opcheck(backend, device, dtype):
     for weight, g, scalars in ((None, None, (-100, 0.0, 0.0, 0.0, 1.0)),
                                (w.to(acc), torch.rand(9, dtype=acc, device=device), (-100, 0.1, 1e-3, 7.0, 0.8))):
         torch.library.opcheck(op, (x.clone(), t, weight, g, *scalars), test_utils=tests)
+
+
+# torch's class-index shape forms for unbatched input (issue #15): (C,) takes a 0-dim target and also a
+# (1,) one, with a 0-dim result in both cases (torch's backward refuses the (1,) form; ours has one).
+SHAPE_FORMS = [((6,), ()), ((6,), (1,)), ((1, 6), (1,)), ((1,), ()), ((3, 6), (3,))]
+WITH_REFERENCE = backend_params() + [pytest.param("reference", d, id=f"reference-{d}") for d in DEVICES]
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("shapes", SHAPE_FORMS, ids=str)
+def test_torch_shape_forms(backend, device, shapes):
+    require_backend(backend, device)
+    x_shape, t_shape = shapes
+    C = x_shape[-1]
+    for reduction in ("none", "mean", "sum"):
+        for kw in ({}, {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3}):
+            x = torch.randn(x_shape, device=device)
+            t = torch.randint(0, C, t_shape, device=device)
+            kw = dict(kw)
+            w = torch.rand(C, device=device) + 0.5 if kw.pop("weight", False) else None
+            torch_shape = F.cross_entropy(x, t, reduction=reduction).shape
+            xa = x.clone().requires_grad_()
+            ours, lse = fusedloss.cross_entropy(xa, t, w, reduction=reduction, return_lse=True, backend=backend, **kw)
+            msg = f"{backend} input {x_shape} target {t_shape} {reduction} {kw}"
+            assert ours.shape == torch_shape, msg
+            assert lse.shape == (torch_shape if reduction == "none" else (() if x.dim() == 1 else (x_shape[0],))), msg
+            t_unbatched = t.view(()) if x.dim() == 1 else t
+            g = torch.randn(torch_shape, device=device)
+            ref, ref_grad = expected(x, t_unbatched, w, reduction=reduction, grad_out=g, **kw)
+            assert_close(ours, ref, torch.float32, "loss", msg)
+            (grad,) = torch.autograd.grad(ours, xa, g)
+            assert_close(grad, ref_grad, torch.float32, "grad", msg)
+            if not kw and w is None:
+                assert_close(ours, F.cross_entropy(x.double(), t, reduction=reduction), torch.float32, "loss", msg)

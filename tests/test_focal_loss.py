@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend, rows
+from conftest import (DEVICES, TOL, assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend,
+                      rows)
 
 import fusedloss
 from fusedloss import reference
@@ -458,3 +459,32 @@ def test_double_backward_is_a_clear_error():
 
 def test_tolerances_come_from_the_table():
     assert set(TOL) >= set(DTYPES)
+
+
+# Unbatched input (issue #15): (C,) takes a 0-dim or a (1,) target, with a 0-dim result, as torch's
+# cross_entropy (focal with gamma=0).
+SHAPE_FORMS = [((6,), ()), ((6,), (1,)), ((1, 6), (1,)), ((1,), ())]
+WITH_REFERENCE = backend_params() + [pytest.param("reference", d, id=f"reference-{d}") for d in DEVICES]
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("shapes", SHAPE_FORMS, ids=str)
+def test_torch_shape_forms(backend, device, shapes):
+    require_backend(backend, device)
+    x_shape, t_shape = shapes
+    C = x_shape[-1]
+    for reduction in REDUCTIONS:
+        x = torch.randn(x_shape, device=device)
+        t = torch.randint(0, C, t_shape, device=device)
+        w = torch.rand(C, device=device) + 0.5
+        torch_shape = F.cross_entropy(x, t, reduction=reduction).shape
+        t_unbatched = t.view(()) if x.dim() == 1 else t
+        msg = f"{backend} input {x_shape} target {t_shape} {reduction}"
+        for gamma, kw in ((0.0, {}), (2.0, {"weight": w, "alpha": torch.rand(C, device=device)})):
+            loss, grad, g = run(x, t, backend, reduction=reduction, gamma=gamma, **kw)
+            assert loss.shape == torch_shape, msg
+            ref, ref_grad = expected(x, t_unbatched, reduction=reduction, grad_out=g, gamma=gamma, **kw)
+            assert_close(loss, ref, torch.float32, "loss", msg)
+            assert_close(grad, ref_grad, torch.float32, "grad", msg)
+            if gamma == 0.0:
+                assert_close(loss, F.cross_entropy(x.double(), t, reduction=reduction), torch.float32, "loss", msg)

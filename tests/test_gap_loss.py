@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, backend_params, poison_cpu_allocator, require_backend, rows
+from conftest import DEVICES, assert_close, backend_params, poison_cpu_allocator, require_backend, rows
 
 import fusedloss
 from fusedloss import reference
@@ -198,3 +198,41 @@ def test_gradcheck_float64(p, mode):
     assert torch.autograd.gradcheck(
         lambda x: fusedloss.gap_loss(x, t, 0.55, p=p, weight=w, mode=mode, reduction="none", backend="cpu"), (x,)
     )
+
+
+# Every (input, target) shape torch's multi_margin_loss takes (issue #15): one sample for a 0-dim input
+# (one class), (C,) or (1, C), with a 0-dim or (1,) target; reduction="none" has the target's shape.
+MULTI_MARGIN_FORMS = [((), ()), ((), (1,)), ((6,), ()), ((6,), (1,)), ((1, 6), ()), ((1, 6), (1,)), ((1,), (1,)),
+                      ((4, 6), (4,))]
+WITH_REFERENCE = backend_params() + [pytest.param("reference", d, id=f"reference-{d}") for d in DEVICES]
+
+
+@pytest.mark.parametrize("backend,device", WITH_REFERENCE)
+@pytest.mark.parametrize("shapes", MULTI_MARGIN_FORMS, ids=str)
+def test_multi_margin_loss_shape_forms(backend, device, shapes):
+    require_backend(backend, device)
+    x_shape, t_shape = shapes
+    C = x_shape[-1] if x_shape else 1
+    for reduction in ("none", "mean", "sum"):
+        for weighted, p in ((False, 1), (True, 2)):
+            x = torch.randn(x_shape, device=device)
+            t = torch.randint(0, C, t_shape, device=device)
+            w = torch.rand(C, device=device) + 0.5 if weighted else None
+            x64 = x.double().requires_grad_()
+            theirs = F.multi_margin_loss(x64, t, p=p, margin=1.5, weight=w.double() if weighted else None,
+                                         reduction=reduction)
+            xa = x.clone().requires_grad_()
+            ours = fusedloss.nn.MultiMarginLoss(p=p, margin=1.5, weight=w, reduction=reduction, backend=backend)(xa, t)
+            msg = f"{backend} input {x_shape} target {t_shape} {reduction} p={p}"
+            assert_close(ours, theirs, torch.float32, "loss", msg)
+            g = torch.randn(theirs.shape, device=device)
+            (g_theirs,) = torch.autograd.grad(theirs, x64, g.double())
+            (g_ours,) = torch.autograd.grad(ours, xa, g)
+            assert_close(g_ours, g_theirs, torch.float32, "grad", msg)
+
+
+@pytest.mark.parametrize("x_shape,t_shape", [((4, 6), (1,)), ((4, 6), ()), ((6,), (1, 1)), ((6,), (2,)),
+                                             ((), (2,)), ((2, 3, 4), (2,))])
+def test_shapes_torch_refuses_are_refused(x_shape, t_shape):
+    with pytest.raises(ValueError, match="target must have shape|input must be"):
+        fusedloss.gap_loss(torch.randn(x_shape), torch.zeros(t_shape, dtype=torch.long), class_normalize=True)

@@ -428,7 +428,7 @@ def test_bad_input(case):
         (lambda q, k, s: (q[:, :3], k, s, False), "same feature size"),
         (lambda q, k, s: (q, k.double(), s, False), "key must have query's dtype"),
         (lambda q, k, s: (q.t(), k.t(), s, False), "contiguous|same feature size"),
-        (lambda q, k, s: (q, k, s.double(), False), "scale must be Float"),
+        (lambda q, k, s: (q, k, s.half(), False), "scale must be Float"),
         (lambda q, k, s: (q, k, s.reshape(1), False), "scale must be a 0-dim"),
         (lambda q, k, s: (q.long(), k.long(), s, False), "query must be float32"),
     ],
@@ -586,3 +586,42 @@ def test_no_queries(reduction):
     ours = fusedloss.info_nce(q, k, reduction=reduction, backend="cpu")
     theirs = reference.info_nce(q.detach(), k, reduction=reduction)
     torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+# --- the temperature's gradient against plain PyTorch's precision (issue #15) ---------------------
+
+
+def _plain_pytorch_info_nce(q, k, temperature, symmetric):
+    """What a user would write: the (N, N) logits and F.cross_entropy, in the inputs' dtype."""
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / temperature
+    labels = torch.arange(q.shape[0], device=q.device)
+    loss = F.cross_entropy(logits, labels)
+    return 0.5 * (loss + F.cross_entropy(logits.T, labels)) if symmetric else loss
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_temperature_gradient_as_accurate_as_plain_pytorch(backend, device, symmetric):
+    """At a low temperature the kernel's part of d temperature and the positive logits' part nearly
+    cancel; the result must stay within 2x of plain PyTorch's float32 error against float64, summed
+    over a few draws and temperatures (single draws of two rounding errors are too noisy to compare)."""
+    require_backend(backend, device)
+    N, D = (96, 16) if interpreted(backend, device) else (512, 768)
+    errors = {"ours": 0.0, "plain": 0.0}
+    for seed, t in itertools.product(range(2), (0.02, 0.05)):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(N, D, generator=g).to(device)
+        k = (q + 1.5 * torch.randn(N, D, generator=g).to(device))  # positives similar, as after training
+
+        def grad_of(fn, dtype):
+            temp = torch.tensor(t, dtype=dtype, device=device, requires_grad=True)
+            (grad,) = torch.autograd.grad(fn(q.to(dtype), k.to(dtype), temp), temp)
+            return grad.double().item()
+
+        exact = grad_of(lambda a, b, tt: _plain_pytorch_info_nce(a, b, tt, symmetric), torch.float64)
+        plain = grad_of(lambda a, b, tt: _plain_pytorch_info_nce(a, b, tt, symmetric), torch.float32)
+        ours = grad_of(lambda a, b, tt: fusedloss.info_nce(a, b, temperature=tt, symmetric=symmetric,
+                                                            backend=backend), torch.float32)
+        errors["ours"] += abs(ours - exact)
+        errors["plain"] += abs(plain - exact)
+    assert errors["ours"] <= 2 * errors["plain"], errors

@@ -725,3 +725,25 @@ def test_cpu_class_major_loop_shapes(class_major_everywhere, dtype, N, D, V, chu
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cpu_class_major_loop_options(class_major_everywhere, opts, reduction):
     check_against_reference("cpu", "cpu", torch.float32, 37, 16, 257, OPTIONS[opts], reduction, 12)
+
+
+@pytest.mark.parametrize("backend,device", backend_params() + [pytest.param("reference", "cpu", id="reference-cpu")])
+@pytest.mark.parametrize("t_shape", [(), (1,)], ids=str)
+def test_unbatched_input_takes_torchs_target_forms(backend, device, t_shape):
+    """(D,) input with a 0-dim or (1,) target, a 0-dim result, as torch's F.linear_cross_entropy (issue #15)."""
+    require_backend(backend, device)
+    x, W, b, _, w = make_inputs(1, 16, 37, torch.float32, device, bias=True, weight=True)
+    t = torch.randint(0, 37, t_shape, device=device)
+    for reduction in REDUCTIONS:
+        loss, grads, g = run(x[0], W, b, t, w, backend, reduction=reduction, label_smoothing=0.1)
+        assert loss.shape == ()
+        ref, ref_grads, _ = run(x[0].double(), W.double(), b.double(), t.view(()), w.double(), "reference",
+                             reduction=reduction, grad_out=g.double(), label_smoothing=0.1)
+        assert_close(loss, ref, torch.float32, "loss", f"{backend} {t_shape} {reduction}")
+        for a, e in zip(grads, ref_grads):
+            assert_close(a, e, torch.float32, "grad", f"{backend} {t_shape} {reduction}")
+        if TORCH_HAS_LCE:  # (torch's forward refuses weight with label smoothing in the (1,) form)
+            theirs = F.linear_cross_entropy(x[0].double(), W.double(), t, linear_bias=b.double(), reduction=reduction)
+            ours = fusedloss.linear_cross_entropy(x[0], W, t, linear_bias=b, reduction=reduction, backend=backend)
+            assert theirs.shape == ours.shape
+            assert_close(ours, theirs, torch.float32, "loss", f"{backend} {t_shape} {reduction} vs torch")

@@ -193,17 +193,22 @@ void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
 // ---- backward ---------------------------------------------------------------------------------
 
 // One tile of (1): on entry the unscaled products T = Q_t K_t^T, on exit scale * P (what both
-// gradient products need). Returns sum P_ij T_ij over the tile, the tile's part of (3), summed per
-// row in acc_t and across rows in double (a scalar sum over N * M terms).
+// gradient products need). Adds the tile's parts of (3') (info_nce_math.h): per row sum_j e_ij T_ij
+// and sum_j e_ij to row_num / row_den (nq rows), and with the columns the same per column over the
+// tile's rows to col_num / col_den (nk columns; cnum / cden are the tile's float32 scratch for them).
 template <typename acc_t>
-double tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t* g, const acc_t* lse_r,
-                   const acc_t* h, const acc_t* lse_c) {
+void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t* g, const acc_t* lse_r,
+                 const acc_t* h, const acc_t* lse_c, double* row_num, double* row_den, acc_t* cnum, acc_t* cden,
+                 double* col_num, double* col_den) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t nv = nk - nk % V;
   const bool has_cols = h != nullptr;
   const Vec vscale(scale), zero(acc_t(0));
-  double total = 0;
+  if (has_cols) {
+    std::fill(cnum, cnum + nk, acc_t(0));
+    std::fill(cden, cden + nk, acc_t(0));
+  }
   for (int64_t r = 0; r < nq; ++r) {
     acc_t* t = tile + r * nk;
     const acc_t gr = g[r], lr = lse_r[r];
@@ -211,36 +216,54 @@ double tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t
       std::fill(t, t + nk, acc_t(0));
       continue;
     }
-    // The vector form of grad_s (info_nce_math.h), term by term: g exp(s - lse_r), plus h exp(s - lse_c)
-    // where h != 0. The scalar tail calls grad_s itself.
+    // The vector form of grad_s (info_nce_math.h), term by term: g e_r, plus h e_c where h != 0.
     const Vec vg(gr), vlr(lr);
-    Vec acc(acc_t(0));
+    Vec num(acc_t(0)), den(acc_t(0));
     for (int64_t j = 0; j < nv; j += V) {
       const Vec tv = Vec::loadu(t + j);
       const Vec s = tv * vscale;
-      Vec p = gr == acc_t(0) ? zero : vg * fl_exp(s - vlr);
+      const Vec er = gr == acc_t(0) ? zero : fl_exp(s - vlr);
+      Vec p = vg * er;
       if (has_cols) {
         const Vec hv = Vec::loadu(h + j);
-        p = p + Vec::blendv(zero, hv * fl_exp(s - Vec::loadu(lse_c + j)), hv != zero);
+        const Vec ec = Vec::blendv(zero, fl_exp(s - Vec::loadu(lse_c + j)), hv != zero);
+        p = p + hv * ec;
+        (Vec::loadu(cnum + j) + ec * tv).store(cnum + j);
+        (Vec::loadu(cden + j) + ec).store(cden + j);
       }
-      acc = acc + p * tv;
+      num = num + er * tv;
+      den = den + er;
       (p * vscale).store(t + j);
     }
-    acc_t row = reduce_sum(acc);
+    acc_t rn = reduce_sum(num), rd = reduce_sum(den);
     for (int64_t j = nv; j < nk; ++j) {
-      const acc_t p = info_nce::grad_s<acc_t>(t[j] * scale, gr, lr, has_cols, has_cols ? h[j] : acc_t(0),
-                                              has_cols ? lse_c[j] : acc_t(0));
-      row += p * t[j];
+      const acc_t s = t[j] * scale;
+      const acc_t er = info_nce::softmax_weight(s, gr, lr);
+      acc_t p = gr * er;
+      if (has_cols) {
+        const acc_t ec = info_nce::softmax_weight(s, h[j], lse_c[j]);
+        p += h[j] * ec;
+        cnum[j] += ec * t[j];
+        cden[j] += ec;
+      }
+      rn += er * t[j];
+      rd += er;
       t[j] = p * scale;
     }
-    total += static_cast<double>(row);
+    row_num[r] += static_cast<double>(rn);
+    row_den[r] += static_cast<double>(rd);
   }
-  return total;
+  if (has_cols) {
+    for (int64_t j = 0; j < nk; ++j) {
+      col_num[j] += static_cast<double>(cnum[j]);
+      col_den[j] += static_cast<double>(cden[j]);
+    }
+  }
 }
 
 template <typename acc_t>
-void lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, const acc_t* g,
-                    const acc_t* h, const acc_t* lse_r, const acc_t* lse_c, acc_t* dq, acc_t* dk, acc_t* dscale) {
+double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, const acc_t* g,
+                      const acc_t* h, const acc_t* lse_r, const acc_t* lse_c, acc_t* dq, acc_t* dk) {
   const int64_t bq = query_tile_rows(N);
   const int64_t q_tiles = ceil_div(N, bq), k_tiles = ceil_div(M, kBK);
   const int64_t parts = num_parts(q_tiles);
@@ -249,12 +272,17 @@ void lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
   const auto dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
   auto extra_t = at::empty({parts > 1 ? (parts - 1) * M * D : 0}, at::TensorOptions().dtype(dt));
   acc_t* extra = static_cast<acc_t*>(extra_t.mutable_data_ptr());
+  // (3'): the rows' part per part; the columns' sums per part (num then den, M each), merged below.
   std::vector<double> dscale_part(parts, 0.0);
+  std::vector<double> col_sums(h ? parts * 2 * M : 0, 0.0);
   at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<acc_t> tile(kBQ * kBK);
+    std::vector<acc_t> tile(kBQ * kBK), cnum(h ? kBK : 0), cden(h ? kBK : 0);
+    std::vector<double> row_num(kBQ), row_den(kBQ);
     for (int64_t p = p_begin; p < p_end; ++p) {
       acc_t* dkp = p == 0 ? dk : extra + (p - 1) * M * D;
       std::fill(dkp, dkp + M * D, acc_t(0));
+      double* col_num = h ? col_sums.data() + p * 2 * M : nullptr;
+      double* col_den = h ? col_num + M : nullptr;
       const auto [t_begin, t_end] = part_tiles(p, parts, q_tiles);
       double ds = 0;
       for (int64_t qt = t_begin; qt < t_end; ++qt) {
@@ -262,15 +290,22 @@ void lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
         auto q_t = view2d(q + i0 * D, nq, D);
         auto dq_t = view2d(dq + i0 * D, nq, D);
         dq_t.zero_();
+        std::fill(row_num.begin(), row_num.end(), 0.0);
+        std::fill(row_den.begin(), row_den.end(), 0.0);
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
           const int64_t j0 = kt * kBK, nk = std::min(kBK, M - j0);
           tile_products(q + i0 * D, k + j0 * D, nq, nk, D, tile.data());
-          ds += tile_grad_s(tile.data(), nq, nk, scale, g + i0, lse_r + i0, h ? h + j0 : nullptr,
-                            lse_c ? lse_c + j0 : nullptr);
+          tile_grad_s(tile.data(), nq, nk, scale, g + i0, lse_r + i0, h ? h + j0 : nullptr,
+                      lse_c ? lse_c + j0 : nullptr, row_num.data(), row_den.data(), cnum.data(), cden.data(),
+                      h ? col_num + j0 : nullptr, h ? col_den + j0 : nullptr);
           if (D == 0) continue;
           auto p_t = view2d(tile.data(), nq, nk);
           dq_t.addmm_(p_t, view2d(k + j0 * D, nk, D));                      // (2): dQ_t += (scale P) K_t
           view2d(dkp + j0 * D, nk, D).addmm_(p_t.t(), q_t);                 // (2): dK_t += (scale P)^T Q_t
+        }
+        for (int64_t r = 0; r < nq; ++r) {
+          const acc_t gr = g[i0 + r];
+          if (gr != acc_t(0)) ds += static_cast<double>(gr) * info_nce::softmax_mean(row_num[r], row_den[r]);
         }
       }
       dscale_part[p] = ds;
@@ -287,7 +322,18 @@ void lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
   }
   double ds = 0;
   for (int64_t p = 0; p < parts; ++p) ds += dscale_part[p];
-  *dscale = static_cast<acc_t>(ds);
+  if (h) {  // the columns' part of (3'), each column's sums merged in part order
+    for (int64_t j = 0; j < M; ++j) {
+      if (h[j] == acc_t(0)) continue;
+      double num = 0, den = 0;
+      for (int64_t p = 0; p < parts; ++p) {
+        num += col_sums[p * 2 * M + j];
+        den += col_sums[p * 2 * M + M + j];
+      }
+      ds += static_cast<double>(h[j]) * info_nce::softmax_mean(num, den);
+    }
+  }
+  return ds;
 }
 
 // bf16/fp16 inputs run the float32 kernels on float32 copies (exact conversions).
@@ -325,15 +371,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
   // The gradients are accumulated in the accumulation dtype, in place for float32/float64 inputs.
   auto dq = at::empty({N, D}, query.options().dtype(acc));
   auto dk = at::empty({M, D}, query.options().dtype(acc));
-  auto dscale = at::empty({}, query.options().dtype(acc));
+  // d scale in scale's dtype (float64 from fusedloss.functional: see (3') in info_nce_math.h).
+  auto dscale = at::empty({}, scale.options());
   cpu::advise_huge_pages(dq.mutable_data_ptr(), dq.nbytes());
   cpu::advise_huge_pages(dk.mutable_data_ptr(), dk.nbytes());
   AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_lse_bwd_cpu", [&] {
-    lse_bwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D,
-                             scale.item<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                             cols ? h.const_data_ptr<scalar_t>() : nullptr, lr.const_data_ptr<scalar_t>(),
-                             cols ? lc.const_data_ptr<scalar_t>() : nullptr, dq.mutable_data_ptr<scalar_t>(),
-                             dk.mutable_data_ptr<scalar_t>(), dscale.mutable_data_ptr<scalar_t>());
+    const double ds = lse_bwd_kernel<scalar_t>(
+        q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D, scale.item<scalar_t>(),
+        g.const_data_ptr<scalar_t>(), cols ? h.const_data_ptr<scalar_t>() : nullptr, lr.const_data_ptr<scalar_t>(),
+        cols ? lc.const_data_ptr<scalar_t>() : nullptr, dq.mutable_data_ptr<scalar_t>(),
+        dk.mutable_data_ptr<scalar_t>());
+    dscale.fill_(ds);
   });
   if (query.scalar_type() != acc) {
     dq = dq.to(query.scalar_type());

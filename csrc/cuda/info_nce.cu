@@ -13,7 +13,7 @@
 //   running Lse (merge_part), and at the end the 4 lanes of a row merge in a fixed butterfly and
 //   the first writes finish(). Query blocks write lse_rows, key blocks lse_cols (only with cols).
 // Backward: a query block streams the key tiles; per tile it recomputes the dot tile, turns it
-//   into P (grad_s, (1)) in shared memory, adds sum P_ij (q_i . k_j) to its dscale partial, and
+//   into P (grad_s, (1)) in shared memory, adds its rows' sums of (3') to its dscale partial, and
 //   for each 64-column chunk of D adds scale * P K_tile to its rows of dQ. A key block does the
 //   same with P^T and Q: dK. The partial sums of dQ over key tiles live in an fp32 buffer of
 //   (N, D) (the output itself for fp32 / fp64); the last key tile writes the output dtype. Each
@@ -424,7 +424,7 @@ struct BwdArgs {
   scalar_t* grad_k;
   acc_t* buf_q;
   acc_t* buf_k;
-  double* dscale_partial;  // (tiles_q,): one per query block
+  double* dscale_partial;  // (blocks,): one per block, (3') of its own rows
   int64_t tiles_q;
   bool vec;
 };
@@ -585,7 +585,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
   acc_t* col_l = smem_at<acc_t>(smem, L::kColL);
   const acc_t* S_row = smem_at<acc_t>(smem, L::kS) + r * L::kLdS;
 
-  double dscale = 0.0;  // this thread's part of sum P_ij (q_i . k_j), query blocks only
+  // (3') for this block's own rows (queries: the row direction; keys: the column direction): this
+  // lane's part of sum_j e_ij dot_ij and of sum_j e_ij, float32 per tile, double across tiles.
+  double own_num = 0.0, own_den = 0.0;
   const int64_t n_tiles = ceil_div(t.n_other, kTile);
   for (int64_t jt = 0; jt < n_tiles; ++jt) {
     const int64_t c0 = jt * kTile;
@@ -604,9 +606,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
     }
     dot_tile<scalar_t, acc_t, kTC>(smem, t.own, t.own_rows, other, other_rows, d, a.vec);  // ends with a barrier
 
-    // (1) for this lane's 16 elements; (3) from the unscaled dot products.
+    // (1) for this lane's 16 elements; (3') from the unscaled dot products.
     acc_t p[kColsPerLane];
-    acc_t tile_dscale = 0;
+    acc_t tile_num = 0, tile_den = 0;
 #pragma unroll
     for (int k = 0; k < kColsPerLane; ++k) {
       const int c = sub + kLanesPerRow * k;
@@ -614,15 +616,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
       if (row_valid && c < other_rows) {
         const acc_t dot = S_row[c];
         const acc_t s = scale * dot;
-        // grad_s(s, g_i, lse_r_i, has_cols, h_j, lse_c_j): the query's pair is the row's in a
-        // query block and the column's in a key block.
-        pk = q ? grad_s(s, row_w, row_l, a.has_cols, col_w[c], col_l[c])
-               : grad_s(s, col_w[c], col_l[c], a.has_cols, row_w, row_l);
-        tile_dscale += pk * dot;
+        // grad_s(s, g_i, lse_r_i, has_cols, h_j, lse_c_j) term by term (a zero weight gives an
+        // exact 0 term): the query's pair is the row's in a query block and the column's in a key
+        // block, and the row direction's term comes first, as in grad_s.
+        const acc_t e_own = own_has ? softmax_weight(s, row_w, row_l) : acc_t(0);
+        const acc_t e_oth = oth_has ? softmax_weight(s, col_w[c], col_l[c]) : acc_t(0);
+        pk = q ? row_w * e_own + col_w[c] * e_oth : col_w[c] * e_oth + row_w * e_own;
+        tile_num += e_own * dot;
+        tile_den += e_own;
       }
       p[k] = pk;
     }
-    if (q) dscale += static_cast<double>(tile_dscale);
+    own_num += static_cast<double>(tile_num);
+    own_den += static_cast<double>(tile_den);
     store_p<scalar_t, acc_t, kTC>(smem, r, sub, p);  // each thread rewrites only its own S elements
     __syncthreads();
 
@@ -644,13 +650,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
       });
     }
   }
-  if (q) {  // block-uniform
-    const double total = block_allreduce(dscale, red, 0.0, [](double x, double y) { return x + y; });
-    if (threadIdx.x == 0) a.dscale_partial[t.r0 / kTile] = total;
+  // (3'): the 4 lanes of a row merge their sums in a fixed butterfly (every lane gets the same bits),
+  // the first adds w num / den, and the block's rows are summed in a fixed tree.
+#pragma unroll
+  for (int off = 1; off < kLanesPerRow; off *= 2) {
+    own_num += shfl_xor(own_num, off);
+    own_den += shfl_xor(own_den, off);
   }
+  double mine = 0.0;
+  if (sub == 0 && row_valid && own_has && row_w != acc_t(0)) {
+    mine = static_cast<double>(row_w) * softmax_mean(own_num, own_den);
+  }
+  const double total = block_allreduce(mine, red, 0.0, [](double x, double y) { return x + y; });
+  if (threadIdx.x == 0) a.dscale_partial[blockIdx.x] = total;
 }
 
-// grad_scale = the sum of the query blocks' partials, in index order per thread, then a fixed tree.
+// grad_scale = the sum of the blocks' partials, in index order per thread, then a fixed tree.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) info_nce_dscale_kernel(const double* partial, int64_t n, acc_t* out) {
   __shared__ double red[kThreads / kWarpSize];
@@ -681,8 +696,8 @@ void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
   TORCH_CHECK(key.is_contiguous(), "fusedloss: ", op, ": key must be contiguous");
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(scale.dim() == 0, "fusedloss: ", op, ": scale must be a 0-dim tensor, got shape ", scale.sizes());
-  TORCH_CHECK(scale.scalar_type() == acc, "fusedloss: ", op, ": scale must be ", acc, " for ", dt, " inputs, got ",
-              scale.scalar_type());
+  TORCH_CHECK(scale.scalar_type() == acc || scale.scalar_type() == at::kDouble, "fusedloss: ", op, ": scale must be ",
+              acc, " or float64 for ", dt, " inputs, got ", scale.scalar_type());
   TORCH_CHECK(scale.device() == query.device(), "fusedloss: ", op, ": scale is on ", scale.device(),
               " but query is on ", query.device());
 }
@@ -761,6 +776,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(const at::Tensor& query
   TORCH_CHECK(blocks <= cuda_utils::kMaxGrid, "fusedloss: ", op, ": N + M too large for one grid");
   check_device_arch(query.scalar_type(), query.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor scale_acc = scale.to(acc_dtype);  // the kernels read scale in acc_t (a float64 scale is allowed)
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "fusedloss_info_nce_lse_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -770,7 +786,7 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(const at::Tensor& query
     args.n = n;
     args.m = m;
     args.d = d;
-    args.scale = scale.const_data_ptr<acc_t>();
+    args.scale = scale_acc.const_data_ptr<acc_t>();
     args.lse_rows = lse_rows.mutable_data_ptr<acc_t>();
     args.lse_cols = cols ? lse_cols.mutable_data_ptr<acc_t>() : nullptr;
     args.tiles_q = tiles_q;
@@ -803,14 +819,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
   // A side with nothing to stream gets no contribution: its gradient is 0.
   at::Tensor grad_query = m == 0 ? at::zeros({n, d}, query.options()) : at::empty({n, d}, query.options());
   at::Tensor grad_key = n == 0 ? at::zeros({m, d}, key.options()) : at::empty({m, d}, key.options());
-  at::Tensor grad_scale = at::empty({}, query.options().dtype(acc_dtype));
+  // d scale summed in double, returned in scale's dtype (float64 from fusedloss.functional: (3')).
+  at::Tensor grad_scale = at::empty({}, query.options().dtype(at::kDouble));
   const int64_t tiles_q = ceil_div(n, kTile);
   const int64_t tiles_k = ceil_div(m, kTile);
   const int64_t blocks = tiles_q + tiles_k;
   TORCH_CHECK(blocks <= cuda_utils::kMaxGrid, "fusedloss: ", op, ": N + M too large for one grid");
-  at::Tensor partial = at::empty({tiles_q}, query.options().dtype(at::kDouble));
+  at::Tensor partial = at::empty({blocks}, query.options().dtype(at::kDouble));
   check_device_arch(query.scalar_type(), query.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor scale_acc = scale.to(acc_dtype);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "fusedloss_info_nce_lse_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -826,7 +844,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
     args.n = n;
     args.m = m;
     args.d = d;
-    args.scale = scale.const_data_ptr<acc_t>();
+    args.scale = scale_acc.const_data_ptr<acc_t>();
     args.g = grad_rows.const_data_ptr<acc_t>();
     args.g_stride = grad_rows.stride(0);
     args.lse_r = lse_rows.const_data_ptr<acc_t>();
@@ -844,11 +862,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
     args.tiles_q = tiles_q;
     args.vec = vec_ok(args.query, args.key, d);
     if (blocks > 0) launch_bwd(args, blocks, stream);
-    info_nce_dscale_kernel<acc_t><<<1, kThreads, 0, stream>>>(args.dscale_partial, tiles_q,
-                                                               grad_scale.mutable_data_ptr<acc_t>());
+    info_nce_dscale_kernel<double><<<1, kThreads, 0, stream>>>(args.dscale_partial, blocks,
+                                                                grad_scale.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_query, grad_key, grad_scale};
+  return {grad_query, grad_key, grad_scale.to(scale.scalar_type())};
 }
 
 }  // namespace

@@ -33,7 +33,8 @@ def _fwd_fake(query, key, scale, cols):
 
 
 def _bwd_fake(grad_rows, grad_cols, query, key, scale, lse_rows, lse_cols):
-    return query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty((), dtype=acc_dtype(query.dtype))
+    # d scale has scale's dtype (the accumulation dtype, or float64 when the caller wants it exact)
+    return query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty((), dtype=scale.dtype)
 
 
 def _setup_context(ctx, inputs, output):

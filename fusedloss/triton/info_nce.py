@@ -6,14 +6,16 @@ is never held: every kernel streams tiles of it, recomputed from Q and K with tl
             (max, sum exp) over the tiles of one row (column) block, flash-attention's online softmax
   (1)       P_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j)     (h, lse_c: column direction)
   (2)       dQ_i = scale sum_j P_ij K_j,   dK_j = scale sum_i P_ij Q_i
-  (3)       dscale = sum_ij P_ij (Q_i . K_j), from the unscaled dot products (scale never divides)
+  (3)       dscale = sum_ij P_ij (Q_i . K_j), from the unscaled dot products (scale never divides),
+            summed as (3'): per row (column) normalized by its sum of exp(S - lse), in float64
 
 Rows and columns are the same problem with Q and K swapped (S^T = scale K Q^T), so each kernel is
 written once over an "A" side, whose block of rows a program owns and writes, and a "B" side that it
 streams: the forward runs once with (A, B) = (Q, K) for lse_r and once with (K, Q) for lse_c; the
-backward once with (Q, K) for dQ and the partial sums of dscale, once with (K, Q) for dK. Each output
-element has exactly one writer and every sum runs in a fixed order: no atomics, the results are
-bitwise reproducible. dscale's per-program partials are summed afterwards by torch in fixed order.
+backward once with (Q, K) for dQ and the rows' partial sums of dscale, once with (K, Q) for dK and
+the columns' part of dscale. Each output element has exactly one writer and every sum runs in a fixed
+order: no atomics, the results are bitwise reproducible. dscale's per-program partials are summed
+afterwards by torch in fixed order.
 
 D is walked in chunks of BLOCK_D. When one chunk covers D (SINGLE_D), the A tile is loaded once and
 kept in registers, and the backward's (BLOCK_A, D) gradient accumulator lives in registers too. For
@@ -292,7 +294,10 @@ def _info_nce_grad_kernel(
         scratch_ptr = grad_ptr
     else:
         scratch_ptr = acc_ptr
-    dscale = tl.zeros([], tl.float64)  # (3): fp32 sums per tile, a float64 sum across tiles
+    # (3') of info_nce_math.h for the A side's rows: sum_b e_ab dots_ab and sum_b e_ab, float32 per
+    # tile, float64 across tiles; their ratio cancels the rounding of lse_a.
+    num_a = tl.zeros([BLOCK_A], tl.float64)
+    den_a = tl.zeros([BLOCK_A], tl.float64)
 
     for b0 in range(0, n_b, BLOCK_B):
         b_rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -302,16 +307,18 @@ def _info_nce_grad_kernel(
         z = dots * scale
         # (1), as grad_s(): a zero upstream gradient contributes an exact 0 (never 0 * inf).
         p = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+        valid = a_mask[:, None] & b_mask[None, :]  # padding rows and columns add nothing
         if HAS_A_TERM:
-            p += tl.where(g_a[:, None] == 0.0, 0.0, g_a[:, None] * tl.exp(z - lse_a[:, None]))
+            e_a = tl.where(valid & (g_a[:, None] != 0.0), tl.exp(z - lse_a[:, None]), 0.0)
+            p += g_a[:, None] * e_a
+            if HAS_DSCALE:
+                num_a += tl.sum(e_a * dots, axis=1).to(tl.float64)
+                den_a += tl.sum(e_a, axis=1).to(tl.float64)
         if HAS_B_TERM:
             g_b = tl.load(g_b_ptr + b_rows * g_b_stride, mask=b_mask, other=0.0).to(ACC)
             lse_b = tl.load(lse_b_ptr + b_rows * lse_b_stride, mask=b_mask, other=0.0).to(ACC)
             p += tl.where(g_b[None, :] == 0.0, 0.0, g_b[None, :] * tl.exp(z - lse_b[None, :]))
-        p = tl.where(a_mask[:, None] & b_mask[None, :], p, 0.0)  # padding rows and columns add nothing
-
-        if HAS_DSCALE:
-            dscale += tl.sum(tl.sum(p * dots, axis=1), axis=0).to(tl.float64)
+        p = tl.where(valid, p, 0.0)
 
         # (2): sum_b P_ab B_b.
         if SINGLE_D:
@@ -349,6 +356,9 @@ def _info_nce_grad_kernel(
             tl.store(grad_ptr + offsets, cast_rtne(part * scale, GRAD_T), mask=mask)
 
     if HAS_DSCALE:
+        # sum_a g_a (num_a / den_a); a row of zeros (g_a = 0, padding, an infinite lse) adds 0.
+        ratio = tl.where(den_a == 0.0, 0.0, num_a / tl.where(den_a == 0.0, 1.0, den_a))
+        dscale = tl.sum(tl.where(g_a != 0.0, g_a.to(tl.float64) * ratio, 0.0), axis=0)
         tl.store(dscale_part_ptr + pid, dscale)
 
 
@@ -420,7 +430,8 @@ def info_nce_lse_fwd(query: Tensor, key: Tensor, scale: Tensor, cols: bool) -> t
 
 def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor | None, g_b: Tensor | None,
           lse_b: Tensor | None, acc: torch.dtype, with_dscale: bool) -> tuple[Tensor, Tensor | None]:
-    """scale sum_b P_ab B_b for every row of A (A's dtype) and, with_dscale, the per-program partials of (3)."""
+    """scale sum_b P_ab B_b for every row of A (A's dtype) and, with_dscale, the per-program partials of (3')
+    for A's own direction."""
     n_a, dim = a.shape
     grad = torch.empty((n_a, dim), dtype=a.dtype, device=a.device)
     block_a, block_b, block_d, single_d, num_warps, num_stages = _config("bwd", a.dtype, dim)
@@ -483,7 +494,7 @@ def info_nce_lse_bwd(
     lse_cols: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j: grad_query (N, D) and
-    grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in the accumulation dtype. grad_rows and
+    grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in scale's dtype. grad_rows and
     grad_cols may be expanded (stride 0). Deterministic: no atomics."""
     _check_inputs(query, key, scale)
     query, key = _rows_contiguous(query), _rows_contiguous(key)
@@ -501,8 +512,13 @@ def info_nce_lse_bwd(
                              f"{tuple(grad_cols.shape)} and {tuple(lse_cols.shape)}")
     cols_g, cols_lse = (grad_cols, lse_cols) if has_cols else (None, None)
 
-    grad_query, dscale_part = _grad(query, key, scale, grad_rows, lse_rows, cols_g, cols_lse, acc, with_dscale=True)
-    grad_key, _ = _grad(key, query, scale, cols_g, cols_lse, grad_rows, lse_rows, acc, with_dscale=False)
-    # The per-program partials of (3), summed by torch in a fixed order: deterministic, no sync.
-    grad_scale = dscale_part.sum().to(acc)
-    return grad_query, grad_key, grad_scale
+    # (3') per row in the (Q, K) launch and, with the columns, per column in the (K, Q) launch.
+    grad_query, dscale_rows = _grad(query, key, scale, grad_rows, lse_rows, cols_g, cols_lse, acc, with_dscale=True)
+    grad_key, dscale_cols = _grad(key, query, scale, cols_g, cols_lse, grad_rows, lse_rows, acc,
+                                  with_dscale=has_cols)
+    # The per-program partials, summed by torch in a fixed order: deterministic, no sync. d scale in
+    # scale's dtype (float64 from fusedloss.functional, for the cancellation that follows).
+    grad_scale = dscale_rows.sum()
+    if dscale_cols is not None:
+        grad_scale = grad_scale + dscale_cols.sum()
+    return grad_query, grad_key, grad_scale.to(scale.dtype)

@@ -70,7 +70,7 @@ inline void check_row_stats(const at::Tensor& stats, const at::Tensor& logits) {
 }
 
 // InfoNCE's lse ops: query (N, D) and key (M, D) contiguous, one floating dtype, one device; scale a
-// 0-dim tensor in the accumulation dtype on that device.
+// 0-dim tensor in the accumulation dtype (or float64) on that device.
 inline at::ScalarType check_info_nce_args(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale) {
   TORCH_CHECK(query.dim() == 2, "fusedloss: query must be 2-D (N, D), got ", query.dim(), "-D");
   TORCH_CHECK(key.dim() == 2, "fusedloss: key must be 2-D (M, D), got ", key.dim(), "-D");
@@ -85,8 +85,10 @@ inline at::ScalarType check_info_nce_args(const at::Tensor& query, const at::Ten
               query.device());
   const auto acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(scale.dim() == 0, "fusedloss: scale must be a 0-dim tensor, got shape ", scale.sizes());
-  TORCH_CHECK(scale.scalar_type() == acc, "fusedloss: scale must be ", acc, " for ", dt, " inputs, got ",
-              scale.scalar_type());
+  // float64 is accepted for every input: the backward returns d scale in scale's dtype (see (3') in
+  // info_nce_math.h); the kernels compute with scale in acc.
+  TORCH_CHECK(scale.scalar_type() == acc || scale.scalar_type() == at::kDouble, "fusedloss: scale must be ", acc,
+              " or float64 for ", dt, " inputs, got ", scale.scalar_type());
   TORCH_CHECK(scale.device() == query.device(), "fusedloss: scale is on ", scale.device(), " but query is on ",
               query.device());
   return acc;

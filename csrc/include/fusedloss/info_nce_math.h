@@ -9,7 +9,16 @@
 //   dL/dS_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j)            =: P_ij          (1)
 //   dL/dQ_i  = scale * sum_j P_ij K_j,    dL/dK_j = scale * sum_i P_ij Q_i                    (2)
 //   dL/dscale = sum_ij P_ij (Q_i . K_j) = sum_ij P_ij S_ij / scale                              (3)
-// (3) is accumulated from the unscaled dot products, so scale never divides.
+// (3) is accumulated from the unscaled dot products, so scale never divides. Its precision matters
+// more than its size suggests: autograd adds the positive logit's part, -sum_i g_i (Q_i . K_label_i),
+// which cancels most of (3) (at a low temperature P is nearly one-hot on the positive). So (3) is
+// summed per row (per column for h) as
+//   sum_i g_i (sum_j e_ij T_ij) / (sum_j e_ij),   e_ij = exp(S_ij - lse_r_i),  T = Q K^T       (3')
+// equal to (3) because sum_j e_ij = 1, but free of the rounding of lse_r_i (|lse| ~ scale, so its
+// last bit moves every e_ij of the row by the same factor, ~1e-6 at scale 50): the ratio cancels
+// it. Partial sums are float32 per tile row, merged in double; the scale gradient is returned in
+// the dtype of scale, which the caller makes float64 (fusedloss.functional.info_nce) so that the
+// cancellation with the positive part happens before any rounding to float32.
 // Both are streamed over tiles: the forward keeps a running (max, sum exp) per row and per column
 // (flash-attention's online softmax); the backward recomputes each tile of S from Q and K.
 #include "fusedloss/common.h"
@@ -50,6 +59,19 @@ template <typename acc_t>
 FL_HOST_DEVICE acc_t finish(const Lse<acc_t>& r) {
   // An empty stream (M == 0) has lse -inf, as torch.logsumexp of an empty row.
   return r.max == -fl_inf<acc_t>() ? r.max : r.max + fl_log(r.sum);
+}
+
+// One softmax weight of (1) and (3'): exp(s - lse) where its upstream weight w is non-zero, else an
+// exact 0 (never exp of an ignored row's values, which may be inf).
+template <typename acc_t>
+FL_HOST_DEVICE acc_t softmax_weight(acc_t s, acc_t w, acc_t lse) {
+  return w == acc_t(0) ? acc_t(0) : fl_exp(s - lse);
+}
+
+// One row's (or column's) sum_j e_ij T_ij / sum_j e_ij of (3'). A sum of zeros (every e_ij 0: an
+// infinite lse) gives 0, as the unnormalized sum does; a NaN stays NaN.
+FL_HOST_DEVICE double softmax_mean(double num, double den) {
+  return den == 0.0 ? 0.0 : num / den;
 }
 
 // (1): the gradient of L with respect to one element S_ij. h and lse_c are 0 when the kernel runs
