@@ -23,18 +23,22 @@ $(DEPS): pyproject.toml
 	FUSEDLOSS_NO_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-# Incremental (ninja): only changed sources recompile.
+# Incremental (ninja): only changed sources recompile. Quiet: the compiler's output goes to
+# build/build.log, printed only when the build fails.
+BUILD_LOG := build/build.log
 build: $(DEPS)
-	$(PY) setup.py --quiet build_ext --inplace
+	@mkdir -p build
+	@echo "building the extension (log: $(BUILD_LOG))"
+	@$(PY) setup.py --quiet build_ext --inplace > $(BUILD_LOG) 2>&1 || { cat $(BUILD_LOG); echo "build failed (log: $(BUILD_LOG))"; exit 1; }
 
 # The whole suite: the Triton kernels run on CPU tensors under Triton's interpreter. The cpu and
 # triton backends must run here: if either cannot, its tests fail instead of skipping.
 TEST_ENV := TRITON_INTERPRET=1 FUSEDLOSS_REQUIRE_BACKENDS=cpu,triton
 test: build
-	$(TEST_ENV) $(PY) -m pytest -q -ra -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(TEST_ENV) $(PY) -m pytest -q -ra -p no:cacheprovider --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: build
-	$(TEST_ENV) $(PY) -m pytest -q -ra -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) tests
+	$(TEST_ENV) $(PY) -m pytest -q -ra -p no:cacheprovider --durations=15 -m "not slow" $(PYTEST_ARGS) tests
 
 demo: build
 	$(PY) -m fusedloss demo

@@ -1,5 +1,6 @@
-// The public-level ops (fusedloss::cross_entropy, focal_loss, gap_loss): each is one row kernel, the
-// reduction (reduce_rows) and, in the backward, one gradient kernel. Their autograd lives here, in
+// The public-level ops (fusedloss::cross_entropy, focal_loss, gap_loss, linear_cross_entropy): each is one
+// row kernel (for linear_cross_entropy the chunk loop), the reduction (reduce_rows) and, in the backward,
+// one gradient kernel. Their autograd lives here, in
 // C++, so that a call from Python reaches the kernels with nothing in Python between the user's
 // call and the kernel but the argument checks of fusedloss.functional (a torch.library Python
 // autograd formula costs tens of microseconds a call, more than the kernels at small sizes).
@@ -20,6 +21,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/div.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
@@ -251,6 +253,192 @@ Tensor2 gap_loss_autograd(const Tensor& input, const Tensor& target, const OptTe
   return {r[0], r[1]};
 }
 
+// ---------------------------------------------------------------------------------------------------
+// linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ...) -> (loss, lse, mass).
+// mean/sum with gradients wanted: the chunk loop computes them in the forward with unit row scales, as
+// fp32 sums (fusedloss/ops/linear_cross_entropy.py's docstring), and the backward scales them once by
+// grad / mass (mean) or grad (sum). none: the backward reruns the chunk loop with grad_scale = grad.
+
+using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+const auto& lce_chunks_op() {
+  static const auto op =
+      kernel_op<Tensor5(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                        const OptTensor&, int64_t, double, double, double, int64_t, bool, bool, bool)>(
+          "fusedloss::linear_cross_entropy_chunks");
+  return op;
+}
+
+Tensor3 linear_cross_entropy_impl(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+                                  const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index,
+                                  int64_t reduction, double label_smoothing, double z_loss, double softcap,
+                                  int64_t chunk_size) {
+  auto [rows, lse, gi, gw, gb] = lce_chunks_op().call(input, linear_weight, target, linear_bias, weight, std::nullopt,
+                                                      ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                                                      false, false, false);
+  auto [out, mass] = reduce(rows, target, weight, ignore_index, reduction);
+  return {out, lse, mass};
+}
+
+// saved * scale in `dtype`. In eager mode the saved fp32 sums are scaled in place (no second (V, D)
+// buffer: the peak stays one weight gradient), so a second backward through the graph fails the saved
+// tensors' version check (reported below). While traced (torch.compile: functional or fake tensors)
+// the product is out of place: the saved buffers belong to the graph.
+Tensor scaled(Tensor saved, const Tensor& scale, at::ScalarType dtype) {
+  const bool traced = saved.key_set().has_any(
+      c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+  return (traced ? at::mul(saved, scale) : saved.mul_(scale)).to(dtype);
+}
+
+// The recompute backward (reduction none, or mean/sum when the forward made no gradients): the chunk loop
+// with grad_scale = d loss / d l_i. Gradients in the parameters' dtypes, undefined where not needed.
+struct LceRecompute : public torch::autograd::Function<LceRecompute> {
+  struct Args {
+    OptTensor bias, weight;
+    int64_t ignore_index;
+    double label_smoothing, z_loss, softcap;
+    int64_t chunk_size;
+    bool need_gi, need_gw, need_gb;
+  };
+
+  static variable_list run(const Tensor& g, const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+                           const Args& a) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [rows, lse, gi, gw, gb] =
+        lce_chunks_op().call(input, linear_weight, target, a.bias, a.weight, g, a.ignore_index, a.label_smoothing,
+                             a.z_loss, a.softcap, a.chunk_size, a.need_gi, a.need_gw, a.need_gb);
+    return {a.need_gi ? gi.to(input.scalar_type()) : Tensor(),
+            a.need_gw ? gw.to(linear_weight.scalar_type()) : Tensor(),
+            a.need_gb && a.bias.has_value() ? gb.to(a.bias->scalar_type()) : Tensor()};
+  }
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& g, const Tensor& input,
+                               const Tensor& linear_weight, const Tensor& target, Args a) {
+    auto r = run(g, input, linear_weight, target, a);
+    for (auto& t : r) {
+      if (!t.defined()) t = at::empty({0}, g.options());  // a Function's outputs must be defined
+    }
+    return r;
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "fusedloss: linear_cross_entropy has no double backward (the gradient of its gradient)");
+    return {};
+  }
+};
+
+struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& linear_weight,
+                               const Tensor& target, const OptTensor& linear_bias, const OptTensor& weight,
+                               int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+                               double softcap, int64_t chunk_size, bool need_gi, bool need_gw, bool need_gb) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    check_reduction(reduction);
+    ctx->set_materialize_grads(false);
+    const bool in_forward = reduction != reduce::kNone && (need_gi || need_gw || need_gb);
+    auto [rows, lse, gi, gw, gb] =
+        lce_chunks_op().call(input, linear_weight, target, linear_bias, weight, std::nullopt, ignore_index,
+                             label_smoothing, z_loss, softcap, chunk_size, in_forward && need_gi,
+                             in_forward && need_gw, in_forward && need_gb);
+    auto [out, mass] = reduce(rows, target, weight, ignore_index, reduction);
+    const Tensor bias = linear_bias.value_or(Tensor());
+    if (in_forward) {
+      ctx->save_for_backward({gi, gw, gb, mass});
+    } else {
+      ctx->save_for_backward({input, linear_weight, target, bias, weight.value_or(Tensor()), mass});
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["label_smoothing"] = label_smoothing;
+      ctx->saved_data["z_loss"] = z_loss;
+      ctx->saved_data["softcap"] = softcap;
+      ctx->saved_data["chunk_size"] = chunk_size;
+    }
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["in_forward"] = in_forward;
+    ctx->saved_data["need_gi"] = need_gi;
+    ctx->saved_data["need_gw"] = need_gw;
+    ctx->saved_data["need_gb"] = need_gb;
+    ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
+    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(linear_weight.scalar_type());
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.defined() ? bias.scalar_type() : input.scalar_type());
+    ctx->mark_non_differentiable({lse, mass});
+    return {out, lse, mass};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(14);
+    if (!grads[0].defined()) return result;
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const bool need_gi = ctx->saved_data["need_gi"].toBool(), need_gw = ctx->saved_data["need_gw"].toBool(),
+               need_gb = ctx->saved_data["need_gb"].toBool();
+    const auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };
+    Tensor gi, gw, gb;
+    if (!ctx->saved_data["in_forward"].toBool()) {
+      const auto saved = ctx->get_saved_variables();
+      const Tensor &input = saved[0], &target = saved[2], &bias = saved[3], &mass = saved[5];
+      const Tensor g = row_grad(grads[0], mass, reduction, input.size(0), mass.options());
+      LceRecompute::Args args{optional(bias),
+                              optional(saved[4]),
+                              ctx->saved_data["ignore_index"].toInt(),
+                              ctx->saved_data["label_smoothing"].toDouble(),
+                              ctx->saved_data["z_loss"].toDouble(),
+                              ctx->saved_data["softcap"].toDouble(),
+                              ctx->saved_data["chunk_size"].toInt(),
+                              need_gi,
+                              need_gw,
+                              need_gb};
+      // With create_graph=True (grad mode on) through a Function whose backward refuses a second order.
+      const auto r = at::GradMode::is_enabled() ? LceRecompute::apply(g, input, saved[1], target, args)
+                                                : LceRecompute::run(g, input, saved[1], target, args);
+      gi = r[0];
+      gw = r[1];
+      gb = r[2];
+    } else {
+      // backward(create_graph=True): the gradients were made in the forward and would enter the new graph
+      // as constants, so a gradient of them would silently miss this loss's curvature. Refused here.
+      TORCH_CHECK(!at::GradMode::is_enabled(),
+                  "fusedloss: linear_cross_entropy has no double backward (the gradient of its gradient): with "
+                  "reduction='",
+                  reduction == reduce::kMean ? "mean" : "sum",
+                  "' its gradients are computed in the forward, so backward with create_graph=True is refused");
+      variable_list saved;
+      try {
+        saved = ctx->get_saved_variables();
+      } catch (const c10::Error&) {
+        TORCH_CHECK(false,
+                    "fusedloss.linear_cross_entropy: backward ran twice through one graph (retain_graph=True); "
+                    "the gradients computed in the forward are consumed by the first backward. Recompute the "
+                    "loss, or pass reduction='none' and reduce it yourself.");
+      }
+      const Tensor& mass = saved[3];
+      // mean: grad / mass, but 0 when every row is ignored (its gradients are 0, not 0 * inf), as torch.
+      const Tensor scale = reduction == reduce::kMean
+                               ? at::where(mass.ne(0), at::div(grads[0], mass), 0)
+                               : grads[0];
+      if (need_gi) gi = scaled(saved[0], scale, dtype("input_dtype"));
+      if (need_gw) gw = scaled(saved[1], scale, dtype("weight_dtype"));
+      if (need_gb) gb = scaled(saved[2], scale, dtype("bias_dtype"));
+    }
+    if (need_gi) result[0] = gi;
+    if (need_gw) result[1] = gw;
+    if (need_gb) result[3] = gb;
+    return result;
+  }
+};
+
+Tensor3 linear_cross_entropy_autograd(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+                                      const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index,
+                                      int64_t reduction, double label_smoothing, double z_loss, double softcap,
+                                      int64_t chunk_size) {
+  const bool grad = at::GradMode::is_enabled();
+  const bool need_gi = grad && input.requires_grad();
+  const bool need_gw = grad && linear_weight.requires_grad();
+  const bool need_gb = grad && linear_bias.has_value() && linear_bias->requires_grad();
+  auto r = LinearCrossEntropyFunction::apply(input, linear_weight, target, linear_bias, weight, ignore_index,
+                                             reduction, label_smoothing, z_loss, softcap, chunk_size, need_gi,
+                                             need_gw, need_gb);
+  return {r[0], r[1], r[2]};
+}
+
 }  // namespace
 }  // namespace fusedloss
 
@@ -258,10 +446,12 @@ TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) {
   m.impl("cross_entropy", &fusedloss::cross_entropy_impl);
   m.impl("focal_loss", &fusedloss::focal_loss_impl);
   m.impl("gap_loss", &fusedloss::gap_loss_impl);
+  m.impl("linear_cross_entropy", &fusedloss::linear_cross_entropy_impl);
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
   m.impl("cross_entropy", &fusedloss::cross_entropy_autograd);
   m.impl("focal_loss", &fusedloss::focal_loss_autograd);
   m.impl("gap_loss", &fusedloss::gap_loss_autograd);
+  m.impl("linear_cross_entropy", &fusedloss::linear_cross_entropy_autograd);
 }

@@ -1,7 +1,7 @@
 // The one TORCH_LIBRARY block of fusedloss: every op's schema. Each backend file registers its
 // kernels with TORCH_LIBRARY_IMPL(fusedloss, <key>); fake kernels are registered from Python
 // (fusedloss/ops/). Two layers:
-//   - the public-level ops (cross_entropy, focal_loss, gap_loss): what fusedloss.functional calls, a
+//   - the public-level ops (cross_entropy, focal_loss, gap_loss, linear_cross_entropy): what fusedloss.functional calls, a
 //     reduced loss and what the backward needs; autograd in C++ (csrc/autograd.cpp);
 //   - the kernel ops they are made of (<op>_fwd, <op>_bwd, reduce_rows): per-row values.
 // The Triton twins (fusedloss::<op>_triton) are torch.library.triton_op registrations made in Python
@@ -32,6 +32,13 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "gap_loss(Tensor input, Tensor target, Tensor? weight, float margin, int p, int ignore_index, "
       "bool class_normalize, bool max_mode, int reduction) -> (Tensor loss, Tensor mass)");
+  // Linear cross-entropy, cross_entropy(input @ linear_weight.T + linear_bias, target) without the (N, V)
+  // logits, in chunks of chunk_size rows (> 0). lse (N,) per row, not differentiable. With mean/sum and
+  // gradients wanted, the autograd kernel computes them in the forward (csrc/autograd.cpp).
+  m.def(
+      "linear_cross_entropy(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, "
+      "Tensor? weight, int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "
+      "int chunk_size) -> (Tensor loss, Tensor lse, Tensor mass)");
   // sum_i kept_i u_i loss_i and mass = sum_i kept_i u_i w[target_i] (kept_i: target_i != ignore_index;
   // u the token weights, w the class weights, 1 when absent), the first divided by mass when mean, as
   // 0-dim tensors of the loss's dtype; deterministic (fusedloss/reduce_math.h).
@@ -74,6 +81,17 @@ TORCH_LIBRARY(fusedloss, m) {
       "cross_entropy_fwd_grad_cols_(Tensor(a!) logits_t, Tensor target, Tensor? weight, Tensor? grad_scale, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap, float temperature) "
       "-> (Tensor, Tensor)");
+
+  // The chunk loop of linear_cross_entropy (csrc/linear_cross_entropy.cpp): input (N, D), linear_weight
+  // (V, D), target (N,) int64, linear_bias (V,), weight (V,) in the accumulation dtype, grad_scale (N,)
+  // (None: 1) scaling each row's gradient. Returns the per-row loss and lse (N,) and the gradients of
+  // sum_i grad_scale_i loss_i for input, linear_weight, linear_bias where asked ((0,) otherwise), all in
+  // the accumulation dtype.
+  m.def(
+      "linear_cross_entropy_chunks(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, "
+      "Tensor? weight, Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap, "
+      "int chunk_size, bool input_grad, bool weight_grad, bool bias_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Focal loss (cross_entropy_math.h (6)): the cross-entropy forward's row pass with a focal finish.
   // logits, target as for cross_entropy_fwd; weight (C,) in the accumulation dtype is the per-class

@@ -20,14 +20,17 @@ from fusedloss.ops._registry import REDUCTION
 __all__ = ["cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy"]
 
 
-def _reduce_rows(loss: Tensor, reduction: str, out_shape: torch.Size, denominator) -> Tensor:
-    """The reduction of per-row losses with autograd, for the ops whose kernels return rows (the fused
-    linear cross-entropy); the others reduce in their kernels."""
+def _reduce_rows_triton(loss: Tensor, reduction: str, out_shape: torch.Size, target: Tensor, weight: Tensor | None,
+                        ignore_index: int) -> Tensor:
+    """The reduction of per-row losses with autograd, for the one op whose kernels return rows (the fused
+    Triton linear cross-entropy); the others reduce in their kernels. The mean's denominator comes from
+    the reduction kernel (it depends on the target and the weights only: no gradient through it)."""
     if reduction == "none":
         return loss.view(out_shape)
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / denominator()
+    _, mass = _ce.reduce_triton(loss.detach(), target, weight, ignore_index, REDUCTION["mean"])
+    return loss.sum() / mass
 
 
 def _class_rows(input: Tensor, C: int) -> Tensor:
@@ -341,7 +344,7 @@ def linear_cross_entropy(
     rows = input.reshape(target.numel(), D)  # not (-1, D): that is ambiguous when D = 0
     flat_target = target.reshape(-1).to(torch.int64).contiguous()
     acc = acc_dtype(input.dtype)
-    w = weight.to(acc).contiguous() if weight is not None else None
+    w = _acc_weight(weight, input.dtype)
     if name == "triton" and input.dtype in _lce.FUSED_DTYPES:
         # the fused kernels: per-row loss and lse, the reduction here on device; the shift by index math
         seq_len = (target.shape[-1] if target.dim() else 1) if shift else 0
@@ -349,15 +352,15 @@ def linear_cross_entropy(
             rows, linear_weight, flat_target, linear_bias, w, ignore_index, label_smoothing, z_loss, softcap or 0.0,
             1.0, seq_len)
         kept = reference.shift_target(target, ignore_index).reshape(-1) if shift else flat_target
-        out = _reduce_rows(loss, reduction, expected, lambda: _lce._mean_denominator(kept, w, ignore_index, acc))
+        out = _reduce_rows_triton(loss, reduction, expected, kept, w, ignore_index)
         return (out, lse.view(expected)) if return_lse else out
     if shift:
         flat_target = reference.shift_target(target, ignore_index).reshape(-1).to(torch.int64).contiguous()
-    grad = torch.is_grad_enabled()
-    loss, *_, lse = _lce.linear_cross_entropy_fwd(
-        rows, linear_weight, flat_target, linear_bias, w, reduction, ignore_index, label_smoothing, z_loss,
-        softcap or 0.0, chunk_size or 0, grad and input.requires_grad, grad and linear_weight.requires_grad,
-        grad and linear_bias is not None and linear_bias.requires_grad, name)
+    if not chunk_size:
+        chunk_size = _lce.auto_chunk_size(rows.shape[0], D, V, input.device, input.dtype)
+    loss, lse, _ = _lce.LINEAR_CROSS_ENTROPY.op(name)(rows, linear_weight, flat_target, linear_bias, w, ignore_index,
+                                                      REDUCTION[reduction], label_smoothing, z_loss, softcap or 0.0,
+                                                      chunk_size)
     loss = loss.view(expected) if reduction == "none" else loss
     return (loss, lse.view(expected)) if return_lse else loss
 

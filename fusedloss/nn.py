@@ -13,7 +13,36 @@ from fusedloss import functional as F
 __all__ = ["CrossEntropyLoss", "FocalLoss", "GapLoss", "InfoNCELoss", "LinearCrossEntropyLoss", "MultiMarginLoss"]
 
 
-class CrossEntropyLoss(nn.Module):
+class _Loss(nn.Module):
+    """A loss module's options, declared once: ``OPTIONS`` maps each option the functional takes to its
+    default. The instance keeps them as attributes (settable after construction, as torch's losses),
+    ``_options()`` passes them to the functional by name, and ``extra_repr`` shows those in ``SHOWN`` and
+    those that differ from their default."""
+
+    OPTIONS: dict = {}
+    SHOWN: tuple = ("reduction",)
+
+    def _set_options(self, values: dict) -> None:
+        for name in self.OPTIONS:
+            setattr(self, name, values[name])
+
+    def _options(self) -> dict:
+        return {name: getattr(self, name) for name in self.OPTIONS}
+
+    def _repr_parts(self) -> list:
+        parts = []
+        for name, value in self._options().items():
+            default = self.OPTIONS[name]
+            if name in self.SHOWN or type(value) is not type(default) or value != default:
+                shown = f"<tensor of {value.shape[0]}>" if isinstance(value, Tensor) else repr(value)
+                parts.append(f"{name}={shown}")
+        return parts
+
+    def extra_repr(self) -> str:
+        return ", ".join(self._repr_parts())
+
+
+class CrossEntropyLoss(_Loss):
     """``torch.nn.CrossEntropyLoss`` with the fused kernels, plus ``z_loss``, ``softcap`` and ``temperature``.
 
     Accepts torch's constructor signature (including the deprecated ``size_average``/``reduce``).
@@ -37,29 +66,17 @@ class CrossEntropyLoss(nn.Module):
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
         self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.temperature = temperature
-        self.backend = backend
+        self._set_options(locals())
+
+    OPTIONS = {"reduction": "mean", "ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None,
+               "temperature": 1.0, "backend": None}
+    SHOWN = ("reduction", "ignore_index")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                               label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                               temperature=self.temperature, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        parts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
-        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None), ("temperature", 1.0),
-                              ("backend", None)):
-            if getattr(self, name) != default:
-                parts.append(f"{name}={getattr(self, name)!r}")
-        return ", ".join(parts)
+        return F.cross_entropy(input, target, self.weight, **self._options())
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class LinearCrossEntropyLoss(_Loss):
     """Chunked linear cross-entropy (see ``fusedloss.linear_cross_entropy``), in two forms.
 
     - Options only (``LinearCrossEntropyLoss(reduction=..., ...)``): holds nothing but the loss options
@@ -103,14 +120,12 @@ class LinearCrossEntropyLoss(nn.Module):
         else:
             self.linear = None
         self.register_buffer("weight", weight)
-        self.reduction = reduction
-        self.ignore_index = -100 if ignore_index is None else ignore_index
-        self.label_smoothing = label_smoothing
-        self.options = options
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.chunk_size = chunk_size
-        self.backend = backend
+        ignore_index = -100 if ignore_index is None else ignore_index
+        self._set_options(locals())
+
+    OPTIONS = {"reduction": "mean", "ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": None,
+               "chunk_size": None, "options": None, "backend": None}
+    SHOWN = ("reduction", "ignore_index")
 
     def forward(self, input: Tensor, *args: Tensor, linear_bias: Tensor | None = None) -> Tensor:
         if self.linear is not None:
@@ -125,24 +140,17 @@ class LinearCrossEntropyLoss(nn.Module):
                                 "with in_features and num_classes to own the head)")
             linear_weight, target = args
         return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
-                                      reduction=self.reduction, ignore_index=self.ignore_index,
-                                      label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                                      chunk_size=self.chunk_size, options=self.options, backend=self.backend)
+                                      **self._options())
 
     def extra_repr(self) -> str:
         parts = []
         if self.linear is not None:
             parts.append(f"in_features={self.linear.in_features}, num_classes={self.linear.out_features}, "
                          f"bias={self.linear.bias is not None}")
-        parts += [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
-        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("softcap", None), ("chunk_size", None),
-                              ("backend", None)):
-            if getattr(self, name) != default:
-                parts.append(f"{name}={getattr(self, name)!r}")
-        return ", ".join(parts)
+        return ", ".join(parts + self._repr_parts())
 
 
-class GapLoss(nn.Module):
+class GapLoss(_Loss):
     """Multi-class gap hinge loss (see ``fusedloss.gap_loss``); margin 0.5 by default."""
 
     def __init__(
@@ -159,25 +167,17 @@ class GapLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
-        self.margin = margin
-        self.p = p
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.class_normalize = class_normalize
-        self.mode = mode
-        self.backend = backend
+        self._set_options(locals())
+
+    OPTIONS = {"margin": 0.5, "p": 1, "ignore_index": -100, "reduction": "mean", "class_normalize": False,
+               "mode": "sum", "backend": None}
+    SHOWN = ("margin", "p", "reduction", "class_normalize", "mode")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.gap_loss(input, target, self.margin, p=self.p, weight=self.weight, ignore_index=self.ignore_index,
-                          reduction=self.reduction, class_normalize=self.class_normalize, mode=self.mode,
-                          backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"margin={self.margin}, p={self.p}, reduction={self.reduction!r}, "
-                f"class_normalize={self.class_normalize}, mode={self.mode!r}")
+        return F.gap_loss(input, target, weight=self.weight, **self._options())
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(_Loss):
     """Multi-class focal loss (see ``fusedloss.focal_loss``): gamma 2 by default.
 
     ``alpha`` (a ``(C,)`` tensor) and ``weight`` are buffers (they follow ``.to()``); a float alpha is
@@ -195,29 +195,17 @@ class FocalLoss(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        self.gamma = gamma
-        if isinstance(alpha, Tensor):
-            self.register_buffer("alpha", alpha)
-        else:
-            self.alpha = alpha
         self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.backend = backend
+        self._set_options(locals())
+        if isinstance(alpha, Tensor):
+            del self.alpha
+            self.register_buffer("alpha", alpha)
+
+    OPTIONS = {"gamma": 2.0, "alpha": None, "ignore_index": -100, "reduction": "mean", "backend": None}
+    SHOWN = ("gamma", "reduction", "ignore_index")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.focal_loss(input, target, self.gamma, self.alpha, weight=self.weight, ignore_index=self.ignore_index,
-                            reduction=self.reduction, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        parts = [f"gamma={self.gamma}"]
-        if self.alpha is not None:
-            parts.append(f"alpha={self.alpha}" if not isinstance(self.alpha, Tensor) else
-                         f"alpha=<tensor of {self.alpha.shape[0]}>")
-        parts += [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
-        if self.backend is not None:
-            parts.append(f"backend={self.backend!r}")
-        return ", ".join(parts)
+        return F.focal_loss(input, target, weight=self.weight, **self._options())
 
 
 class MultiMarginLoss(GapLoss):
@@ -240,7 +228,7 @@ class MultiMarginLoss(GapLoss):
                          backend=backend)
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(_Loss):
     """InfoNCE / CLIP contrastive loss (see ``fusedloss.info_nce``); ``forward(query, key, labels=None)``.
 
     ``learnable_temperature=True`` keeps the temperature as CLIP does: a parameter
@@ -264,17 +252,18 @@ class InfoNCELoss(nn.Module):
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
-        self.normalize = normalize
-        self.symmetric = symmetric
-        self.reduction = reduction
+        self._set_options(locals())
         self.learnable_temperature = learnable_temperature
-        self.backend = backend
         if learnable_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
             self.temperature = None
         else:
             self.logit_scale = None
             self.temperature = float(temperature)
+
+    # temperature is passed by forward (a float, or the learnable one in the graph), not as an option.
+    OPTIONS = {"normalize": True, "symmetric": False, "reduction": "mean", "backend": None}
+    SHOWN = ("normalize", "symmetric", "reduction")
 
     def current_temperature(self) -> float | Tensor:
         """The temperature the next forward uses: the float, or exp(-clamped logit_scale) in the graph."""
@@ -283,13 +272,8 @@ class InfoNCELoss(nn.Module):
         return torch.exp(-self.logit_scale.clamp(max=self.MAX_LOGIT_SCALE))
 
     def forward(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> Tensor:
-        return F.info_nce(query, key, labels, temperature=self.current_temperature(), normalize=self.normalize,
-                          symmetric=self.symmetric, reduction=self.reduction, backend=self.backend)
+        return F.info_nce(query, key, labels, temperature=self.current_temperature(), **self._options())
 
     def extra_repr(self) -> str:
         temp = "learnable" if self.learnable_temperature else f"{self.temperature}"
-        parts = [f"temperature={temp}", f"normalize={self.normalize}", f"symmetric={self.symmetric}",
-                 f"reduction={self.reduction!r}"]
-        if self.backend is not None:
-            parts.append(f"backend={self.backend!r}")
-        return ", ".join(parts)
+        return ", ".join([f"temperature={temp}"] + self._repr_parts())

@@ -25,6 +25,7 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ["FUSEDLOSS_TEST_INDUCTOR_DIR"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.utils.deterministic  # noqa: E402
 
 import fusedloss
 
@@ -50,7 +51,9 @@ def pytest_report_header(config):
 def backend_params(backends=KERNEL_BACKENDS):
     """(backend, device) pairs for every kernel backend on every device it can target."""
     params = []
-    for device in ("cpu", "cuda"):
+    # Only the devices this machine has (or that FUSEDLOSS_REQUIRE_BACKENDS requires, so that a missing
+    # GPU fails there): thousands of CUDA cases skipped one by one on a CPU machine report nothing.
+    for device in ("cpu", "cuda") if torch.cuda.is_available() or "cuda" in REQUIRED else ("cpu",):
         for backend in backends:
             if backend == "cpu" and device != "cpu" or backend == "cuda" and device != "cuda":
                 continue
@@ -70,6 +73,8 @@ def rows(backend: str, device: str, n: int) -> int:
 
 def require_backend(backend: str, device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
+        if "cuda" in REQUIRED:
+            pytest.fail("backend cuda is required here (FUSEDLOSS_REQUIRE_BACKENDS) but there is no CUDA device")
         pytest.skip("no CUDA device")
     reason = fusedloss.backends.why_unavailable(backend, device)
     if reason is None:
@@ -112,9 +117,23 @@ def assert_close(actual, expected, dtype, kind, msg=""):
     torch.testing.assert_close(a, e, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{msg} [{dtype}] {m}")
 
 
-def poison_cpu_allocator(nbytes: int) -> None:
-    """Leaves NaN in freed CPU memory so that an output element a kernel forgets to write shows."""
-    if nbytes <= 0:
-        return
-    junk = torch.full((nbytes // 4 + 16,), float("nan"))
-    del junk
+def poison_cpu_allocator(nbytes: int = 0) -> None:
+    """Until the end of the test, every new CPU tensor starts filled with NaN (integers with their
+    largest value), so that an output element a kernel forgets to write shows, whatever its size.
+
+    torch.utils.deterministic.fill_uninitialized_memory under use_deterministic_algorithms fills in
+    ATen's CPU and CUDA empty kernels, which the extension's at::empty reaches through the dispatcher
+    as Python's torch.empty does. ``nbytes`` is kept for the callers; the old
+    approach (NaN left in freed memory) only covered buffers small enough for the allocator to reuse.
+    warn_only: an op without a deterministic implementation warns instead of failing the test."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+
+
+@pytest.fixture(autouse=True)
+def _restore_deterministic_mode():
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.utils.deterministic.fill_uninitialized_memory = state[2]

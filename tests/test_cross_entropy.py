@@ -275,7 +275,7 @@ def test_all_ignored_and_empty(backend, device, reduction, weighted):
         torch.testing.assert_close(ours, theirs, equal_nan=True)
         if N:
             ours.sum().backward()
-            assert torch.equal(x.grad, torch.zeros_like(x)) or reduction == "mean"
+            assert torch.equal(x.grad, torch.zeros_like(x))  # every row ignored: no gradient, as torch
 
 
 def test_single_class():
@@ -396,7 +396,7 @@ def test_compile_fullgraph(backend, device, dtype):
     require_backend(backend, device)
     x, t, w = make_inputs(16, 203, dtype, device, weight=True)
 
-    def step(x, t, w):
+    def step(x, t, w, backend=backend):
         loss, lse = fusedloss.cross_entropy(x, t, w, label_smoothing=0.1, z_loss=1e-4, return_lse=True,
                                             backend=backend)
         return loss + lse.mean()
@@ -404,13 +404,13 @@ def test_compile_fullgraph(backend, device, dtype):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     xa = x.clone().requires_grad_()
-    xb = x.clone().requires_grad_()
+    xr = x.double().requires_grad_()
     out_c = compiled(xa, t, w)
-    out_e = step(xb, t, w)
+    out_r = step(xr, t, w.double(), backend="reference")
     out_c.backward()
-    out_e.backward()
-    torch.testing.assert_close(out_c, out_e)
-    torch.testing.assert_close(xa.grad, xb.grad)
+    out_r.backward()
+    assert_close(out_c, out_r, dtype, "loss", "compiled")
+    assert_close(xa.grad, xr.grad, dtype, "grad", "compiled")
 
 
 @pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.2, "z_loss": 0.01, "softcap": 2.0, "temperature": 0.6}])
@@ -451,7 +451,7 @@ def test_deterministic_across_thread_counts():
 def test_tolerance_table_covers_every_dtype():
     assert set(TOL) >= set(DTYPES) | {torch.float64}
     assert math.isclose(TOL[torch.bfloat16]["grad"][0], 2**-8)
-    assert "cuda" in DEVICES or not torch.cuda.is_available()
+    assert ("cuda" in DEVICES) == torch.cuda.is_available()
 
 
 # --- forward + gradient in place: fusedloss::cross_entropy_fwd_grad_ (linear cross-entropy's row kernel) ---

@@ -177,15 +177,17 @@ def test_opcheck(backend, device):
 def test_compile_fullgraph(backend, device):
     require_backend(backend, device)
     x, t, w = make_inputs(16, 50, torch.float32, device, weight=True)
-    step = lambda x: fusedloss.gap_loss(x, t, 0.3, p=2, weight=w, backend=backend)  # noqa: E731
+    def step(x, w, backend=backend):
+        return fusedloss.gap_loss(x, t, 0.3, p=2, weight=w, backend=backend)
+
     torch._dynamo.reset()
-    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_c = torch.compile(step, fullgraph=True)(xa)
-    out_e = step(xb)
+    xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    out_c = torch.compile(step, fullgraph=True)(xa, w)
+    out_r = step(xr, w.double(), backend="reference")
     out_c.backward()
-    out_e.backward()
-    torch.testing.assert_close(out_c, out_e)
-    torch.testing.assert_close(xa.grad, xb.grad)
+    out_r.backward()
+    assert_close(out_c, out_r, torch.float32, "loss", "compiled")
+    assert_close(xa.grad, xr.grad, torch.float32, "grad", "compiled")
 
 
 @pytest.mark.parametrize("p", [1, 2])

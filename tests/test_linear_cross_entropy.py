@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import TOL, assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend, rows
 
 import fusedloss
 from fusedloss import reference
-from fusedloss.ops import cross_entropy as _ce
 from fusedloss.ops import linear_cross_entropy as _lce
+from fusedloss.ops._registry import REDUCTION
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REDUCTIONS = ["none", "mean", "sum"]
@@ -27,9 +28,6 @@ OPTIONS = {
     "in-range ignore_index": {"ignore_index": 3},
     "everything": {"bias": True, "weight": True, "label_smoothing": 0.05, "z_loss": 1e-4, "softcap": 30.0},
 }
-# The row kernel's stand-in (until wip/lce-kernels is merged) is the reference, which has no NaN-row
-# behaviour for out-of-range targets on GPU (it would device-assert).
-STANDIN = not hasattr(_ce, "fwd_grad_op")
 TORCH_HAS_LCE = hasattr(F, "linear_cross_entropy")
 TORCH_LCE_OPTIONS = getattr(torch.nn, "LinearCrossEntropyOptions", None)
 
@@ -292,19 +290,26 @@ def test_layouts(backend, device, layout):
 # --- gradients only where they are needed ---------------------------------------------------------
 
 
+class _ChunkLoops(TorchDispatchMode):
+    """Records the gradient flags of every chunk loop (fusedloss::linear_cross_entropy_chunks) that runs,
+    whether called from Python or from the op's C++ autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.fusedloss.linear_cross_entropy_chunks.default:
+            self.calls.append(dict(grad_scale=args[5] is not None, chunk_size=args[10], input_grad=args[11],
+                                   weight_grad=args[12], bias_grad=args[13]))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture
-def spy(monkeypatch):
-    """Records the gradient flags of every chunk loop the ops run."""
-    calls = []
-    real = _lce.chunked
-
-    def chunked(*args):
-        calls.append(dict(grad_scale=args[5] is not None, chunk_size=args[10], input_grad=args[11],
-                          weight_grad=args[12], bias_grad=args[13]))
-        return real(*args)
-
-    monkeypatch.setattr(_lce, "chunked", chunked)
-    return calls
+def spy():
+    """The calls of the chunk loop made inside the test."""
+    with _ChunkLoops() as mode:
+        yield mode.calls
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -345,7 +350,7 @@ def test_options_object_sets_the_chunk_size(spy):
     fusedloss.linear_cross_entropy(x, W, t, options=TORCH_LCE_OPTIONS(batch_chunk_size=5), backend="cpu")
     fusedloss.linear_cross_entropy(x, W, t, options=TORCH_LCE_OPTIONS(batch_chunk_size=5), chunk_size=3, backend="cpu")
     fusedloss.linear_cross_entropy(x, W, t, options=TORCH_LCE_OPTIONS(), backend="cpu")
-    assert [c["chunk_size"] for c in spy] == [5, 3, 0]
+    assert [c["chunk_size"] for c in spy] == [5, 3, _lce.auto_chunk_size(20, 8, 33, x.device, x.dtype)]
 
 
 def test_auto_chunk_size():
@@ -413,30 +418,30 @@ def test_double_backward_is_a_clear_error():
 
 
 def _op_args(device, reduction, backend):
+    """Arguments of the public-level op (fusedloss::linear_cross_entropy, or its Triton twin)."""
     x, W, b, t, w = make_inputs(rows(backend, device, 9), 8, 37, torch.float32, device, bias=True, weight=True)
-    yield (x.requires_grad_(), W.requires_grad_(), t, b.requires_grad_(), w, reduction, -100, 0.1, 1e-3, 7.0, 4,
-           True, True, True, backend)
-    if reduction == "mean":  # a frozen input and bias, no class weight, the automatic chunk size
-        yield (x.detach(), W.detach().requires_grad_(), t, None, None, reduction, -100, 0.0, 0.0, 0.0, 0, False, True,
-               False, backend)
+    r = REDUCTION[reduction]
+    yield (x.requires_grad_(), W.requires_grad_(), t, b.requires_grad_(), w, -100, r, 0.1, 1e-3, 7.0, 4)
+    if reduction == "mean":  # a frozen input and bias, no class weight, one chunk
+        yield (x.detach(), W.detach().requires_grad_(), t, None, None, -100, r, 0.0, 0.0, 0.0, 100)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_opcheck(backend, device, reduction):
     require_backend(backend, device)
-    # The ops are opaque to the compiler whatever the backend: on CPU, the aot_dispatch tests (a
-    # compile each) run for the cpu backend only.
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor") if interpreted(backend, device) else None
+    # Fake tensors (test_faketensor, and torch.compile in the aot_dispatch tests) cannot run a triton_op on
+    # CPU tensors: the interpreter needs real data pointers.
+    tests = ("test_schema", "test_autograd_registration") if interpreted(backend, device) else None
+    op = _lce.LINEAR_CROSS_ENTROPY.op(backend)
     for args in _op_args(device, reduction, backend):
-        torch.library.opcheck(torch.ops.fusedloss.linear_cross_entropy_fwd, args,
-                              test_utils=tests or torch.library._OPCHECK_DEFAULT_UTILS)
-    if reduction == "none":
-        x, W, t = args[0].detach(), args[1].detach(), args[2]
-        torch.library.opcheck(torch.ops.fusedloss.linear_cross_entropy_bwd,
-                              (torch.randn(x.shape[0], device=device), x, W, t, torch.randn(37, device=device), None,
-                               -100, 0.0, 0.0, 0.0, 3, True, True, True, backend),
-                              test_utils=tests or torch.library._OPCHECK_DEFAULT_UTILS)
+        torch.library.opcheck(op, args, test_utils=tests or torch.library._OPCHECK_DEFAULT_UTILS)
+    if backend != "triton":
+        x, W, t, b, w = (a.detach() if isinstance(a, torch.Tensor) else a for a in args[:5])
+        chunks = torch.ops.fusedloss.linear_cross_entropy_chunks.default
+        for flags in ((True, True, True), (False, True, False)):
+            torch.library.opcheck(chunks, (x, W, t, b, w, torch.randn(x.shape[0], device=device), -100, 0.0, 0.0, 0.0,
+                                           3, *flags), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values != ("triton", "cpu")])
@@ -452,21 +457,21 @@ def test_compile_fullgraph(backend, device, dtype, reduction):
     x, W, b, t, w = make_inputs(N, 16, 203, dtype, device, bias=True, weight=True)
     scale = torch.linspace(0, 1, N, device=device)
 
-    def step(x, W, b):
+    def step(x, W, b, w, backend=backend):
         loss = fusedloss.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction,
                                               label_smoothing=0.1, z_loss=1e-4, chunk_size=5, backend=backend)
-        return (loss * scale).sum() if reduction == "none" else loss * 2
+        return (loss * scale.to(loss.dtype)).sum() if reduction == "none" else loss * 2
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     a = [v.clone().requires_grad_() for v in (x, W, b)]
-    e = [v.clone().requires_grad_() for v in (x, W, b)]
-    out_c, out_e = compiled(*a), step(*e)
+    r = [v.double().requires_grad_() for v in (x, W, b)]
+    out_c, out_r = compiled(*a, w), step(*r, w.double(), backend="reference")
     out_c.backward()
-    out_e.backward()
-    torch.testing.assert_close(out_c, out_e)
-    for p, q in zip(a, e):
-        torch.testing.assert_close(p.grad, q.grad)
+    out_r.backward()
+    assert_close(out_c, out_r, dtype, "loss", "compiled")
+    for p, q, what in zip(a, r, ("input", "linear_weight", "linear_bias")):
+        assert_close(p.grad, q.grad, dtype, "grad", f"compiled {what}")
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -484,7 +489,6 @@ def test_target_out_of_range_raises_index_error(backend, bad, reduction):
         fusedloss.linear_cross_entropy(x, W, t, reduction=reduction, backend=backend)
 
 
-@pytest.mark.skipif(STANDIN, reason="the row kernel's stand-in has no GPU out-of-range behaviour")
 @pytest.mark.parametrize("backend,device", backend_params(("cuda", "triton")))
 def test_target_out_of_range_on_gpu_backends_gives_nan_rows(backend, device):
     """As cross_entropy on GPU: never reads out of bounds, that row's loss and gradients are NaN."""

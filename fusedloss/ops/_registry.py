@@ -52,8 +52,9 @@ class KernelOp:
     """One public-level op: ``op(backend)(*args)`` runs the kernels of ``backend`` ("cpu", "cuda",
     "triton") with autograd."""
 
-    def __init__(self, name: str, schema: str, fake: Callable, *, triton_module: str, triton_impl: Callable,
-                 setup_context: Callable, backward: Callable) -> None:
+    def __init__(self, name: str, schema: str, fake: Callable, *, triton_module: str | None = None,
+                 triton_impl: Callable | None = None, setup_context: Callable | None = None,
+                 backward: Callable | None = None) -> None:
         self.name = name
         self.schema = schema
         self._cpp = None
@@ -61,7 +62,7 @@ class KernelOp:
         if _backend.extension_loaded():
             torch.library.register_fake(f"fusedloss::{name}")(fake)
             self._cpp = getattr(torch.ops.fusedloss, name).default
-        if triton_kernels_present(triton_module):
+        if triton_module is not None and triton_kernels_present(triton_module):
             from torch.library import triton_op
 
             twin = triton_op(f"fusedloss::{name}_triton", triton_impl, mutates_args={}, schema=schema)

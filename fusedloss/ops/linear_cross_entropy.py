@@ -1,14 +1,15 @@
 """Chunked linear cross-entropy: ``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the
 (N, V) logits. The op's whole contract with PyTorch.
 
-- ``fusedloss::linear_cross_entropy_fwd``: loss (reduced, or per row for ``reduction="none"``) and, for
-  ``mean``/``sum`` with gradients wanted, the gradients of that loss for input, linear_weight and
-  linear_bias in the same pass (non-differentiable extra outputs, in the accumulation dtype).
-- ``fusedloss::linear_cross_entropy_bwd``: the recompute backward of ``reduction="none"``.
-
-Both are ``torch.library.custom_op``s written in Python over BLAS/cuBLAS matmuls and the fused cross-entropy
-row kernel of the chosen backend: opaque to torch.compile (which traces around them with the fake kernels
-below), so ``torch.compile(fullgraph=True)`` works on every backend.
+- ``LINEAR_CROSS_ENTROPY``, the public-level op ``fusedloss::linear_cross_entropy`` (what
+  fusedloss.functional calls for the cpu and cuda backends, and for float64 on the triton backend): the
+  chunk loop ``fusedloss::linear_cross_entropy_chunks`` (csrc/linear_cross_entropy.cpp: BLAS/cuBLAS GEMMs
+  and the fused cross-entropy row kernel), the reduction (reduce_rows), autograd in C++
+  (csrc/autograd.cpp); its Triton twin runs ``chunked`` below, the same loop in Python over the Triton row
+  kernel. Both are opaque to torch.compile (which traces around them with the fake kernels below).
+- ``auto_chunk_size``: the rows per chunk, picked here and passed to the op.
+- ``fusedloss::linear_cross_entropy_fwd_triton`` / ``_bwd_triton`` (the end of this file): the fused
+  Triton kernels (logits only in registers) for 16- and 32-bit floats on the triton backend.
 
 The math, with Z = X W^T + b (N, V) the logits, l_i = CE(Z_i, y_i), and L = sum_i s_i l_i for per-row
 scales s_i (1 for sum, 1/denominator for mean, grad_output_i for none):
@@ -18,28 +19,27 @@ scales s_i (1 for sum, 1/denominator for mean, grad_output_i for none):
   4. dL/db = sum_i G_i: column sums, accumulated likewise.
 Chunks run over rows (tokens): a chunk's logits, G_c and nothing (N, V)-sized exists at any time.
 
-mean/sum: 1-4 run in the forward with s_i = 1 (the kernel's gradient rows stay in [-w, w]: no fp16
-underflow), the mean's 1/denominator is applied once to the fp32 accumulators at the end, and the backward
-only multiplies them by grad_output (a 0-dim tensor: no host sync). That is one matmul pass in total
+mean/sum (C++ op): 1-4 run in the forward with s_i = 1 (the kernel's gradient rows stay in [-w, w]: no
+fp16 underflow), and the backward multiplies the fp32 accumulators once by grad_output / denominator (mean)
+or grad_output (sum), 0-dim tensors: no host sync. That is one matmul pass in total
 instead of recomputing the logits in the backward. none: the forward computes the loss only; the backward
 recomputes each chunk's logits and runs 1-4 with s_i = grad_output_i.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
-from fusedloss import _backend, reference
+from fusedloss import _backend
 from fusedloss.ops import cross_entropy as _ce
+from fusedloss.ops import _registry
 from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
 
-FWD = "fusedloss::linear_cross_entropy_fwd"
-BWD = "fusedloss::linear_cross_entropy_bwd"
 COLS = "fusedloss::cross_entropy_fwd_grad_cols_"
-# CPU chunks of at least this many logits take the class-major loop (_chunks_class_major). Below it the
+CHUNKS = "fusedloss::linear_cross_entropy_chunks"
+# CPU chunks of at least this many logits take the class-major loop (csrc/linear_cross_entropy.cpp, the same
+# constant). Below it the
 # GEMMs are too small for the layout to matter, and MKL's small-matrix path gives W @ X^T different bits
 # with 1 and 2 threads (seen at V=7, D=4; every larger shape tried agreed), which would break the CPU
 # backend's thread-count independence.
@@ -88,41 +88,14 @@ def _mixed_precision(input: Tensor) -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA"))
 
 
-@contextlib.contextmanager
-def _autograd_inside_custom_op():
-    # custom_op implementations run with the autograd dispatch keys excluded; the reference row
-    # kernel differentiates with autograd, so it needs them back.
-    key = torch._C.DispatchKey.AutogradFunctionality
-    was = torch._C._dispatch_tls_is_dispatch_key_excluded(key)
-    torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        torch._C._dispatch_tls_set_dispatch_key_excluded(key, was)
-
-
-def _reference_row_kernel(*args):
-    with _autograd_inside_custom_op():
-        return reference.fwd_grad_reference(*args)
-
-
 def _row_kernel(backend: str):
     """The fused row kernel (fusedloss::cross_entropy_fwd_grad_ of ``backend``): overwrites a chunk's
     logits with grad_scale_i * d loss_i / d logits_i, returns per-row (loss, lse)."""
-    if backend == "reference":
-        return _reference_row_kernel
     return _ce.fwd_grad_op(backend)
 
 
 def _loss_kernel(backend: str):
     """Per-row loss of a chunk of logits without writing a gradient (the plain forward kernel)."""
-    if backend == "reference":
-        def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
-            return reference.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction="none",
-                                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap or None,
-                                           temperature=temperature, return_lse=True)
-        return forward
     return _ce.forward_op(backend)
 
 
@@ -165,11 +138,6 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
     loss_kernel = None if grads else _loss_kernel(backend)
     mm_kw = {"out_dtype": acc} if mixed else {}
 
-    if grads and backend == "cpu" and chunk * v >= CLASS_MAJOR_MIN_LOGITS:
-        _chunks_class_major(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing, z_loss,
-                            softcap, chunk, logits_buf.view(-1), loss, grad_input, grad_weight, grad_bias, lse)
-        return loss, grad_input, grad_weight, grad_bias, lse
-
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         x = input[start:stop].to(op_dtype)
@@ -201,195 +169,83 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
     return loss, grad_input, grad_weight, grad_bias, lse
 
 
-def _chunks_class_major(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing, z_loss,
-                        softcap, chunk, buf, loss, grad_input, grad_weight, grad_bias, lse):
-    """The CPU chunk loop: every chunk's logits class-major, (V, rows) = W X_c^T, which MKL computes faster
-    than (rows, V) at the few rows a chunk has here (csrc/cpu/linear_cross_entropy.cpp gives the figures),
-    the row kernel of that layout, and the input and weight gradients from it as BLAS operands:
-    dX_c = (G_c^T)^T W, dW += G_c^T X_c. Same math and memory as the row-major loop."""
-    n = input.shape[0]
-    v = w_op.shape[0]
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        x = input[start:stop].to(w_op.dtype)
-        logits_t = buf[: v * (stop - start)].view(v, stop - start)
-        if b_acc is None:
-            torch.mm(w_op, x.T, out=logits_t)
-        else:
-            torch.addmm(b_acc.unsqueeze(1), w_op, x.T, out=logits_t)
-        scale = grad_scale[start:stop] if grad_scale is not None else None
-        loss[start:stop], lse[start:stop] = torch.ops.fusedloss.cross_entropy_fwd_grad_cols_(
-            logits_t, target[start:stop], weight, scale, ignore_index, label_smoothing, z_loss, softcap, 1.0)
-        if grad_bias is not None:
-            grad_bias += logits_t.sum(1)
-        if grad_input is not None:
-            torch.mm(logits_t.T, w_op, out=grad_input[start:stop])
-        if grad_weight is not None:
-            torch.addmm(grad_weight, logits_t, x, out=grad_weight)
-
-
 def _cols_fake(logits_t, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, temperature):
     n = logits_t.shape[1]
     return logits_t.new_empty((n,)), logits_t.new_empty((n,))
 
 
-if _backend.extension_loaded():
-    torch.library.register_fake(COLS)(_cols_fake)
-
-
-def _mean_denominator(target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype) -> Tensor:
-    """torch's weighted mean: sum of weight[target] over the non-ignored rows (their count without weights).
-    On device, from target and weight only, so it is known before the chunk loop and costs no sync."""
-    kept = target != ignore_index
-    if weight is None:
-        return kept.sum().to(acc)
-    return (weight[target.clamp(0, weight.shape[0] - 1)] * kept).sum()
-
-
-def _empty(like: Tensor, acc: torch.dtype) -> Tensor:
-    return like.new_empty((0,), dtype=acc)
-
-
-@torch.library.custom_op(FWD, mutates_args=())
-def linear_cross_entropy_fwd(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
-                             weight: Tensor | None, reduction: str, ignore_index: int, label_smoothing: float,
-                             z_loss: float, softcap: float, chunk_size: int, input_grad: bool, weight_grad: bool,
-                             bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_input, grad_weight, grad_bias, lse), all in the accumulation dtype. loss is 0-dim for mean
-    and sum, (N,) for none. The gradients are those of the returned loss, computed here only for mean and
-    sum and only where asked (shape (0,) otherwise). lse (N,) per row, 0 where ignored, not differentiable
-    (return_lse on the chunked path)."""
-    acc = acc_dtype(input.dtype)
-    grads = reduction != "none" and (input_grad or weight_grad or bias_grad)
-    rows, gi, gw, gb, lse = chunked(input, linear_weight, target, linear_bias, weight, None, ignore_index,
-                                    label_smoothing, z_loss, softcap, chunk_size, grads and input_grad,
-                                    grads and weight_grad, grads and bias_grad, backend)
-    if reduction == "none":
-        return rows, _empty(input, acc), _empty(input, acc), _empty(input, acc), lse
-    loss = rows.sum()
-    if reduction == "mean":
-        denominator = _mean_denominator(target, weight, ignore_index, acc)
-        loss = loss / denominator  # 0/0 = NaN when every row is ignored, as torch
-        # ... but zero gradients then (every row's G is 0), as torch and the reference: not 0 * inf.
-        inv = torch.where(denominator != 0, 1.0 / denominator, 0.0)
-        for g in (gi, gw, gb):
-            if g is not None:
-                g.mul_(inv)  # once, on the fp32 sums (see the module docstring)
-    return (loss, gi if gi is not None else _empty(input, acc), gw if gw is not None else _empty(input, acc),
-            gb if gb is not None else _empty(input, acc), lse)
-
-
-@linear_cross_entropy_fwd.register_fake
-def _fwd_fake(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
-              softcap, chunk_size, input_grad, weight_grad, bias_grad, backend):
+def _chunks_fake(input, linear_weight, target, linear_bias, weight, grad_scale, ignore_index, label_smoothing,
+                 z_loss, softcap, chunk_size, input_grad, weight_grad, bias_grad):
     acc = acc_dtype(input.dtype)
     n, d = input.shape
     v = linear_weight.shape[0]
-    grads = reduction != "none"
-    loss = input.new_empty((n,) if reduction == "none" else (), dtype=acc)
-    gi = input.new_empty((n, d) if grads and input_grad else (0,), dtype=acc)
-    gw = input.new_empty((v, d) if grads and weight_grad else (0,), dtype=acc)
-    gb = input.new_empty((v,) if grads and bias_grad and linear_bias is not None else (0,), dtype=acc)
-    return loss, gi, gw, gb, input.new_empty((n,), dtype=acc)
+    return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
+            input.new_empty((n, d) if input_grad else (0,), dtype=acc),
+            input.new_empty((v, d) if weight_grad else (0,), dtype=acc),
+            input.new_empty((v,) if bias_grad and linear_bias is not None else (0,), dtype=acc))
 
 
-@torch.library.custom_op(BWD, mutates_args=())
-def linear_cross_entropy_bwd(grad_loss: Tensor, input: Tensor, linear_weight: Tensor, target: Tensor,
-                             linear_bias: Tensor | None, weight: Tensor | None, ignore_index: int,
-                             label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
-                             input_grad: bool, weight_grad: bool, bias_grad: bool,
-                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i grad_loss_i loss_i for input, linear_weight, linear_bias (reduction none), in
-    their dtypes (shape (0,) where not asked for): the logits are recomputed chunk by chunk."""
+if _backend.extension_loaded():
+    torch.library.register_fake(COLS)(_cols_fake)
+    torch.library.register_fake(CHUNKS)(_chunks_fake)
+
+
+# --- the public-level op -------------------------------------------------------------------------
+# fusedloss::linear_cross_entropy (schema in csrc/registration.cpp): the chunk loop
+# (linear_cross_entropy_chunks, csrc/linear_cross_entropy.cpp), the reduction (reduce_rows) and, for
+# mean/sum with gradients wanted, the gradients made in the same pass, scaled in the backward; autograd in
+# C++ (csrc/autograd.cpp). Its Triton twin, for the triton backend's float64 (the fused Triton kernels
+# below take 16- and 32-bit floats), runs ``chunked`` with the Triton row kernel and recomputes the
+# logits in its backward.
+
+SCHEMA = ("(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, Tensor? weight, "
+          "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, int chunk_size) "
+          "-> (Tensor loss, Tensor lse, Tensor mass)")
+
+
+def _fake(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+          chunk_size):
+    n = input.shape[0]
     acc = acc_dtype(input.dtype)
-    _, gi, gw, gb, _ = chunked(input, linear_weight, target, linear_bias, weight, grad_loss.to(acc), ignore_index,
-                            label_smoothing, z_loss, softcap, chunk_size, input_grad, weight_grad, bias_grad, backend)
-    return (gi.to(input.dtype) if gi is not None else _empty(input, input.dtype),
-            gw.to(linear_weight.dtype) if gw is not None else _empty(input, linear_weight.dtype),
-            gb.to(linear_bias.dtype) if gb is not None else _empty(input, input.dtype))
+    reduced = reduction != _registry.NONE
+    return (input.new_empty(() if reduced else (n,), dtype=acc), input.new_empty((n,), dtype=acc),
+            input.new_empty(() if reduced else (0,), dtype=acc))
 
 
-@linear_cross_entropy_bwd.register_fake
-def _bwd_fake(grad_loss, input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, z_loss,
-              softcap, chunk_size, input_grad, weight_grad, bias_grad, backend):
-    return (input.new_empty(input.shape if input_grad else (0,)),
-            linear_weight.new_empty(linear_weight.shape if weight_grad else (0,)),
-            input.new_empty(linear_bias.shape if bias_grad and linear_bias is not None else (0,),
-                            dtype=linear_bias.dtype if linear_bias is not None else input.dtype))
+def _triton_impl(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
+                 softcap, chunk_size):
+    rows, _, _, _, lse = chunked(input, linear_weight, target, linear_bias, weight, None, ignore_index,
+                                 label_smoothing, z_loss, softcap, chunk_size, False, False, False, "triton")
+    out, mass = _ce.reduce_triton(rows, target, weight, ignore_index, reduction)
+    return out, lse, mass
 
 
-# --- autograd -----------------------------------------------------------------------------------
-N_FWD_INPUTS = 15
-
-
-def _setup_fwd(ctx, inputs, output):
-    (input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-     chunk_size, input_grad, weight_grad, bias_grad, backend) = inputs
-    _, gi, gw, gb, lse = output
-    ctx.mark_non_differentiable(gi, gw, gb, lse)
-    # Only the loss carries a gradient: no zero-filled tensors for the three gradient outputs.
+def _triton_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
+    input, linear_weight, target, linear_bias, weight, ignore_index, reduction, *scalars = inputs
+    _, lse, mass = output
+    ctx.mark_non_differentiable(lse, mass)
+    ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, mass)
+    ctx.ignore_index = ignore_index
     ctx.reduction = reduction
-    ctx.needs = (input_grad, weight_grad, bias_grad and linear_bias is not None)
-    ctx.dtypes = (input.dtype, linear_weight.dtype, linear_bias.dtype if linear_bias is not None else None)
-    if reduction == "none":
-        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
-        ctx.scalars = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
-        ctx.backend = backend
-    else:
-        ctx.save_for_backward(gi, gw, gb)
+    ctx.scalars = tuple(scalars)
 
 
-def _scaled(saved: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """saved * scale in ``dtype``, rounded once. In eager mode the saved fp32 sums are scaled in place (no
-    second (V, D) buffer: the peak stays one weight gradient); a second backward through the same graph
-    then fails the saved-tensor version check, which _backward_fwd turns into a clear error. While traced
-    (torch.compile, AOTAutograd: fake or functional tensors) the product is out of place: the saved
-    buffers belong to the compiled graph."""
-    if type(saved) is not torch.Tensor or torch.compiler.is_compiling():
-        return (saved * scale).to(dtype)
-    return saved.mul_(scale).to(dtype)
-
-
-def _backward_fwd(ctx, grad_loss, _gi, _gw, _gb, _lse):
-    result = [None] * N_FWD_INPUTS
+def _triton_backward(ctx, grad_loss, _grad_lse, _grad_mass):
     if grad_loss is None:
-        return tuple(result)
-    need_gi, need_gw, need_gb = ctx.needs
-    if ctx.reduction == "none":
-        input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
-        gi, gw, gb = torch.ops.fusedloss.linear_cross_entropy_bwd(
-            grad_loss, input, linear_weight, target, linear_bias, weight, *ctx.scalars, need_gi, need_gw, need_gb,
-            ctx.backend)
-    else:
-        if torch.is_grad_enabled():
-            # backward(create_graph=True): the gradients were made in the forward and would enter the new
-            # graph as constants, so a gradient of them (a gradient penalty, a Hessian-vector product)
-            # would silently miss this loss's curvature. Refused here, where the reason is known.
-            raise RuntimeError(
-                f"fusedloss: linear_cross_entropy has no double backward (the gradient of its gradient): with "
-                f"reduction={ctx.reduction!r} its gradients are computed in the forward, so backward with "
-                "create_graph=True is refused")
-        try:
-            gi, gw, gb = ctx.saved_tensors
-        except RuntimeError as exc:
-            raise RuntimeError(
-                "fusedloss.linear_cross_entropy: backward ran twice through one graph (retain_graph=True); the "
-                "gradients computed in the forward are consumed by the first backward. Recompute the loss, or "
-                "pass reduction='none' and reduce it yourself.") from exc
-        scale = grad_loss  # 0-dim, in the accumulation dtype of the saved sums
-        in_dtype, w_dtype, b_dtype = ctx.dtypes
-        gi = _scaled(gi, scale, in_dtype) if need_gi else None
-        gw = _scaled(gw, scale, w_dtype) if need_gw else None
-        gb = _scaled(gb, scale, b_dtype) if need_gb else None
-    result[0] = gi if need_gi else None
-    result[1] = gw if need_gw else None
-    result[3] = gb if need_gb else None
-    return tuple(result)
+        return (None,) * 11
+    input, linear_weight, target, linear_bias, weight, mass = ctx.saved_tensors
+    need_gi, need_gw, need_gb = (ctx.needs_input_grad[i] for i in (0, 1, 3))
+    g = _registry.row_grad(grad_loss, mass, ctx.reduction, input.shape[0], mass)
+    _, gi, gw, gb, _ = chunked(input, linear_weight, target, linear_bias, weight, g, ctx.ignore_index, *ctx.scalars,
+                               need_gi, need_gw, need_gb, "triton")
+    return (gi.to(input.dtype) if need_gi else None, gw.to(linear_weight.dtype) if need_gw else None, None,
+            gb.to(linear_bias.dtype) if need_gb else None, None, None, None, None, None, None, None)
 
 
-linear_cross_entropy_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
-linear_cross_entropy_bwd.register_autograd(no_double_backward("linear_cross_entropy"), setup_context=no_context)
+LINEAR_CROSS_ENTROPY = _registry.KernelOp("linear_cross_entropy", SCHEMA, _fake, triton_module="cross_entropy",
+                                          triton_impl=_triton_impl, setup_context=_triton_setup_context,
+                                          backward=_triton_backward)
 
 
 # ================================================================================================
