@@ -254,3 +254,26 @@ def test_trainer_gradient_accumulation_and_evaluate(tmp_path):
     assert pred.predictions.shape == hf_pred.predictions.shape == (4, 12, V)
     for (name, p), q in zip(model.named_parameters(), hf_model.parameters()):
         assert_close(p, q, torch.float32, "grad", name)  # weights after 2 SGD steps (Adam would amplify rounding)
+
+
+def test_torch_compile_no_graph_break():
+    """The patched training forward traces as one graph (the fused loss is a registered op with a fake)."""
+    model = make_model("llama")
+    fl_hf.apply(model)
+    ids, labels = batch()
+    eager = model(input_ids=ids, labels=labels).loss
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=labels)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(input_ids=ids, labels=labels)
+    assert out.logits is None
+    assert_close(out.loss, eager, torch.float32, "loss")
+    torch._dynamo.reset()
+
+
+def test_core_never_imports_transformers():
+    import subprocess
+    import sys
+    code = "import sys, fusedloss, fusedloss.integrations; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
