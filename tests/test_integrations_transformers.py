@@ -277,3 +277,12 @@ def test_core_never_imports_transformers():
     import sys
     code = "import sys, fusedloss, fusedloss.integrations; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_demo_hf_mode(tmp_path):
+    from test_cli import TINY_DEMO, _log, run_cli
+
+    out = run_cli("demo", "--hf", "llama", "--steps", "4", *TINY_DEMO, "--out", str(tmp_path), timeout=240)
+    assert out.returncode == 0, _log(out)
+    assert "demo: PASS" in out.stdout and "LlamaForCausalLM" in out.stdout
+    assert "fusedloss apply(model)" in out.stdout and "transformers, unpatched" in out.stdout
