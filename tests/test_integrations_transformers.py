@@ -128,10 +128,27 @@ def test_shift_labels_and_logits_to_keep():
         model(input_ids=ids, labels=labels, logits_to_keep=5)
 
 
+def head_oracle_loss(model, kw):
+    """HF's loss in float64 from the hidden states that ``model``'s (unpatched) head receives: the oracle of
+    the head alone, so that the trunk's 16-bit rounding, common to both runs, does not blur the comparison."""
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(**kw)
+    hook.remove()
+    z = seen[0].double() @ model.get_output_embeddings().weight.double().T
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    labels = kw["labels"]
+    return torch.nn.functional.cross_entropy(z[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_bfloat16_16bit_rule(family):
-    """bf16 model: the patched loss and head gradient are no farther from the float64 oracle than a small
-    multiple of HF's own bf16 loss (which rounds the logits to bf16 before its float32 upcast)."""
+    """bf16 model: the patched loss (against the float64 head on the same hidden states) and the gradients
+    (against the float64 model) are no farther from their oracle than a small multiple of HF's own bf16
+    error (HF rounds the logits to bf16 before its float32 upcast)."""
     model = make_model(family, torch.bfloat16)
     ref = copy.deepcopy(model).double()
     hf = copy.deepcopy(model)
@@ -141,8 +158,31 @@ def test_bfloat16_16bit_rule(family):
     hf_out, hf_grads = loss_and_grads(hf, input_ids=ids, labels=labels)
     ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels)
     assert out.loss.dtype == torch.float32
-    err = (out.loss.double() - ref_out.loss).abs().item()
-    hf_err = (hf_out.loss.double() - ref_out.loss).abs().item()
+    oracle = head_oracle_loss(hf, dict(input_ids=ids, labels=labels))
+    err = (out.loss.double() - oracle).abs().item()
+    hf_err = (hf_out.loss.double() - oracle).abs().item()
+    assert err <= 4 * hf_err + 1e-5, (err, hf_err)
+    for k in grads:
+        e = (grads[k].double() - ref_grads[k]).abs().max().item()
+        h = (hf_grads[k].double() - ref_grads[k]).abs().max().item()
+        assert e <= 4 * h + 1e-6 * ref_grads[k].abs().max().item(), (k, e, h)
+
+
+def test_autocast_bfloat16_16bit_rule():
+    """Trainer's bf16=True: an fp32 model under autocast. The head runs in bf16 as autocast runs HF's
+    nn.Linear, and the loss is as close to the float64 oracle as HF's own (a small multiple)."""
+    model = make_model("llama")
+    ref = copy.deepcopy(model).double()
+    hf = copy.deepcopy(model)
+    fl_hf.apply(model)
+    ids, labels = batch(t=33)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+        hf_out, hf_grads = loss_and_grads(hf, input_ids=ids, labels=labels)
+        oracle = head_oracle_loss(hf, dict(input_ids=ids, labels=labels))
+    ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels)
+    err = (out.loss.double() - oracle).abs().item()
+    hf_err = (hf_out.loss.double() - oracle).abs().item()
     assert err <= 4 * hf_err + 1e-5, (err, hf_err)
     for k in grads:
         e = (grads[k].double() - ref_grads[k]).abs().max().item()

@@ -133,9 +133,18 @@ def _head_forward(patch: _Patch, x: torch.Tensor) -> torch.Tensor:
                          f"have {tuple(rows)} positions (after logits_to_keep): they must match, as in HF's loss")
     target = target.to(h.device).reshape(rows)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = fusedloss.linear_cross_entropy(h, head.weight, target, linear_bias=head.bias, reduction=reduction,
-                                          ignore_index=ignore_index, softcap=softcap, shift=shift,
-                                          backend=patch.backend)
+    weight, bias = head.weight, head.bias
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What autocast does to the nn.Linear it replaces: operands in the autocast dtype (Trainer's bf16=True),
+        # then the op runs outside autocast (it accumulates in fp32 and returns an fp32 loss itself).
+        dtype = torch.get_autocast_dtype(device_type)
+        h, weight = h.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    with torch.autocast(device_type, enabled=False):
+        loss = fusedloss.linear_cross_entropy(h, weight, target, linear_bias=bias, reduction=reduction,
+                                              ignore_index=ignore_index, softcap=softcap, shift=shift,
+                                              backend=patch.backend)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
