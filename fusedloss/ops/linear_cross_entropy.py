@@ -59,9 +59,10 @@ def auto_chunk_size(n: int, d: int, v: int, device: torch.device, dtype: torch.d
     CPU: rows, not bytes, set the speed. Every chunk runs three GEMMs with the whole (V, D) head: the
     logits W X_c^T and dX_c = G_c W read W, and dW += G_c^T X_c reads and writes the whole fp32 weight
     gradient, so per chunk 4 V D floats stream through memory against 6 c V D flops: the chunk's rows c are
-    the GEMMs' arithmetic intensity. Below about 256 rows that traffic and MKL's thin-matrix efficiency
-    make the loop slower than the naive head (bench/README.md: 128 rows 1.12x, 64 rows 1.2x the naive
-    time at N=2048, D=512, V=32000); from 256 to 512 rows it is as fast as or faster than the naive head.
+    the GEMMs' arithmetic intensity. Far below 256 rows that traffic and MKL's thin-matrix efficiency
+    make the loop slower than the naive head (issue #19: an HF step at V=128256, D=512 took 16.7 s with
+    32 rows, 10.5 s with 128, 9.5 s with 512, naive 9.9 s); bench/linear_cross_entropy_chunks.md has the
+    measurements of this policy (0.94x to 1.44x the naive head's speed at the shapes measured).
     Memory: the naive head's peak is about (2 N V + V D + N D) floats (logits and their gradient, dW, dX),
     ours (c V + V D + N D), so a fifth of the naive peak allows c <= 0.4 N - 0.8 D: the rows are that,
     within 256..512, and the chunk's logits at most 512 MB (a huge V). Where 0.4 N - 0.8 D < 256 (few
