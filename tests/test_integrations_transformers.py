@@ -277,7 +277,8 @@ def test_trainer_gradient_accumulation_and_evaluate(tmp_path):
             fl_hf.apply(model)
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / str(patch)), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-            max_steps=2, learning_rate=0.5, optim="sgd", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+            max_steps=2, learning_rate=0.5, optim="sgd", logging_steps=1, save_strategy="no", report_to=[],
+            use_cpu=True,
             per_device_eval_batch_size=4, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4])
         trainer.train()
