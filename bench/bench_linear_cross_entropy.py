@@ -15,6 +15,9 @@ grad (an LM head in training). Providers:
 - ``fusedloss-<backend>``: every available kernel backend (not triton on CPU: the interpreter). On CUDA,
   ``fusedloss-cuda`` is our chunked cuBLAS path and ``fusedloss-triton`` our fused kernel (logits only in
   registers, fusedloss/triton/linear_cross_entropy.py), side by side.
+- ``fusedloss-<backend>-rows<c>``: the same with ``chunk_size=c``, one provider per c in the environment
+  variable ``FUSEDLOSS_BENCH_CHUNKS`` (e.g. ``FUSEDLOSS_BENCH_CHUNKS=128,256,512``): the measurements behind
+  the ``chunk_size=None`` policy (bench/linear_cross_entropy_chunks.md).
 The peers are imported lazily; one that is missing (or cannot run on the device) is left out with a printed
 reason.
 
@@ -33,7 +36,9 @@ targets, writes the loss; bwd reads h and W and writes their gradients (N*D*e + 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -139,6 +144,10 @@ def providers(device: str) -> list[Provider]:
         print(f"[bench] {OP}: provider torch-chunked skipped: this torch has no F.linear_cross_entropy options")
     out += _peer_providers(device)
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.linear_cross_entropy, backend=b))
+    for rows in [int(c) for c in os.environ.get("FUSEDLOSS_BENCH_CHUNKS", "").split(",") if c.strip()]:
+        fixed = common.fusedloss_providers(
+            device, lambda fl, b, rows=rows: functools.partial(fl.linear_cross_entropy, backend=b, chunk_size=rows))
+        out += [dataclasses.replace(p, name=f"{p.name}-rows{rows}") for p in fixed]
     return out
 
 

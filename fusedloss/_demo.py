@@ -53,6 +53,11 @@ DEFAULTS = dict(steps=120, seq_len=64, batch_size=8, d_model=128, n_layers=2, n_
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 RUNS = (("torch", "head + F.cross_entropy"), ("fused", "fusedloss.linear_cross_entropy"))
+# --hf FAMILY: a tiny random-init transformers model of that family instead of TinyGPT, trained unpatched
+# (HF's own head and loss) and after fusedloss.integrations.transformers.apply().
+HF_RUNS = (("torch", "transformers, unpatched"), ("fused", "fusedloss apply(model)"))
+HF_FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+               "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +203,19 @@ class TinyGPT(nn.Module):
         return self.ln_f(x)
 
 
+def make_hf_model(family: str, vocab: int, d: int, n_layers: int, n_heads: int, seq_len: int, tie: bool):
+    """A random-init transformers *ForCausalLM of ``family`` at the demo's sizes (transformers' own init)."""
+    import transformers  # noqa: PLC0415 - optional: only the --hf mode needs it
+
+    config_cls, model_cls = HF_FAMILIES[family]
+    config = getattr(transformers, config_cls)(
+        vocab_size=vocab, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=d // n_heads,
+        max_position_embeddings=max(seq_len, 128), tie_word_embeddings=tie, pad_token_id=0, bos_token_id=0,
+        eos_token_id=0)
+    return getattr(transformers, model_cls)(config)
+
+
 def head_loss(kind: str, hidden: Tensor, weight: Tensor, target: Tensor, dtype: torch.dtype) -> Tensor:
     """Mean next-token loss of (N, D) hidden states. The head runs outside autocast in both runs, its
     operands cast to ``dtype`` explicitly, so that the two runs see the same operands."""
@@ -236,6 +254,13 @@ class Run:
 
     def __init__(self, kind: str, model: nn.Module, ids: Tensor, starts: Tensor, args, device: torch.device):
         self.kind, self.model, self.ids, self.starts, self.device = kind, model, ids, starts, device
+        self.hf = bool(getattr(args, "hf", None))
+        if self.hf:
+            model.train()
+            if kind == "fused":
+                from fusedloss.integrations import transformers as fl_hf  # noqa: PLC0415 - needs transformers
+
+                fl_hf.apply(model)
         self.dtype = DTYPES[args.dtype]
         self.T = args.seq_len
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -250,17 +275,24 @@ class Run:
         rows = rows.to(self.device, torch.int64)
         x, y = rows[:, :-1], rows[:, 1:].reshape(-1)
         self.opt.zero_grad(set_to_none=True)
-        with (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
-              else contextlib.nullcontext()):
-            hidden = self.model(x)
-        loss = head_loss(self.kind, hidden.reshape(-1, hidden.shape[-1]).float(), self.model.head.weight, y,
-                         self.dtype)
+        if self.hf:
+            # HF shifts the labels itself: the same T-1 next-token targets per row in both runs.
+            loss = self.model(input_ids=x, labels=x).loss
+        else:
+            loss = self._loss(x, y)
         loss.backward()
         if i == 0:
             self.grads0 = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()
                            if p.grad is not None}
         self.opt.step()
         self.losses.append(loss.detach())
+
+    def _loss(self, x: Tensor, y: Tensor) -> Tensor:
+        with (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+              else contextlib.nullcontext()):
+            hidden = self.model(x)
+        return head_loss(self.kind, hidden.reshape(-1, hidden.shape[-1]).float(), self.model.head.weight, y,
+                         self.dtype)
 
     def step(self, i: int, *, timed: bool, measure_memory: bool) -> None:
         if measure_memory:
@@ -403,7 +435,8 @@ def write_csv(path: Path, a: Tensor, b: Tensor) -> None:
             w.writerow([i, f"{x:.9g}", f"{y:.9g}", f"{abs(x - y):.3g}"])
 
 
-def write_png(path: Path, a: Tensor, b: Tensor, title: str) -> str | None:
+def write_png(path: Path, a: Tensor, b: Tensor, title: str, labels: tuple[str, str] = (RUNS[0][1], RUNS[1][1])
+              ) -> str | None:
     try:
         import matplotlib
 
@@ -413,8 +446,8 @@ def write_png(path: Path, a: Tensor, b: Tensor, title: str) -> str | None:
         return "matplotlib is not installed (pip install matplotlib)"
     fig, (ax, axd) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     steps = range(a.numel())
-    ax.plot(steps, a.tolist(), label="head + F.cross_entropy", linewidth=2.5, alpha=0.6)
-    ax.plot(steps, b.tolist(), label="fusedloss.linear_cross_entropy", linewidth=1.0, linestyle="--")
+    ax.plot(steps, a.tolist(), label=labels[0], linewidth=2.5, alpha=0.6)
+    ax.plot(steps, b.tolist(), label=labels[1], linewidth=1.0, linestyle="--")
     ax.set_ylabel("training loss")
     ax.set_title(title, fontsize=9)
     ax.legend()
@@ -469,6 +502,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the weights and batches (default {d['seed']})")
     p.add_argument("--out", default="fusedloss-demo", help="output folder (default ./fusedloss-demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--hf", default=None, choices=sorted(HF_FAMILIES), metavar="FAMILY",
+                   help="train a tiny random-init HuggingFace transformers model of this family ("
+                        + ", ".join(sorted(HF_FAMILIES)) + ") unpatched and with "
+                        "fusedloss.integrations.transformers.apply(); needs transformers (pip install "
+                        "'fusedloss[hf]'); float32 only")
 
 
 def _validate(args) -> str | None:
@@ -481,6 +519,13 @@ def _validate(args) -> str | None:
         return f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})"
     if not (args.lr > 0 and math.isfinite(args.lr)):
         return f"--lr must be positive, got {args.lr}"
+    if getattr(args, "hf", None):
+        if args.dtype != "float32":
+            return "--hf runs in float32 only"
+        try:
+            import transformers  # noqa: F401, PLC0415
+        except ImportError:
+            return "--hf needs transformers: pip install 'fusedloss[hf]'"
     return None
 
 
@@ -512,11 +557,18 @@ def run(args) -> int:
         print(f"error: the corpus has {ids.numel()} tokens, fewer than --seq-len + 2", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    model0 = TinyGPT(V, args.d_model, args.layers, args.heads, args.seq_len, args.tie)
+    hf = getattr(args, "hf", None)
+    if hf:
+        model0 = make_hf_model(hf, V, args.d_model, args.layers, args.heads, args.seq_len, args.tie)
+    else:
+        model0 = TinyGPT(V, args.d_model, args.layers, args.heads, args.seq_len, args.tie)
+    run_labels = HF_RUNS if hf else RUNS
+    model_name = type(model0).__name__
     n_params = sum(p.numel() for p in model0.parameters())
     starts = make_batches(ids, args.steps, args.batch_size, args.seq_len, args.seed)
     N = args.batch_size * args.seq_len
-    print(f"model: {args.layers} blocks, d_model {args.d_model}, {args.heads} heads, seq_len {args.seq_len}, "
+    print(("model: " + (f"transformers {model_name}, " if hf else ""))
+          + f"{args.layers} blocks, d_model {args.d_model}, {args.heads} heads, seq_len {args.seq_len}, "
           f"head {'tied' if args.tie else 'untied'} ({V} x {args.d_model}), {n_params / 1e6:.2f}M parameters; "
           f"batch {args.batch_size} x {args.seq_len} = {N} tokens a step, {args.steps} steps, AdamW lr {args.lr}, "
           f"{args.dtype}, seed {args.seed}, on {device}"
@@ -532,7 +584,7 @@ def run(args) -> int:
             with torch.autocast(device.type, dtype=dtype):
                 h = m(idx.to(device, torch.int64))
             max_logit = float(F.linear(h.float().to(dtype), m.head.weight.to(dtype)).float().abs().max())
-    runs = [Run(kind, copy.deepcopy(model0).to(device), ids, starts, args, device) for kind, _ in RUNS]
+    runs = [Run(kind, copy.deepcopy(model0).to(device), ids, starts, args, device) for kind, _ in run_labels]
     del model0
     train(runs, args.steps, progress=not args.no_progress)
     results = {r.kind: {"losses": r.curve(), "grads0": r.grads0, "peak": r.peak, "steps_per_s": r.steps_per_s}
@@ -544,7 +596,7 @@ def run(args) -> int:
     print()
     mem_head = f"peak step memory MiB ({memory_label(device)})"
     rows = [["run", "steps/s", "tokens/s", mem_head, "final loss"]]
-    for kind, label in RUNS:
+    for kind, label in run_labels:
         r = results[kind]
         sps = r["steps_per_s"]
         rows.append([label, "-" if sps is None else f"{sps:.2f}", "-" if sps is None else f"{sps * N:,.0f}",
@@ -554,8 +606,8 @@ def run(args) -> int:
           "memory = most bytes held during one training step above what was held before it, so weights and "
           "optimizer state are not counted)")
     if a["peak"] and b["peak"] and a["steps_per_s"] and b["steps_per_s"]:
-        print(f">>> fusedloss.linear_cross_entropy: {b['steps_per_s'] / a['steps_per_s']:.2f}x the speed, "
-              f"{b['peak'] / a['peak']:.2f}x the peak step memory of head + F.cross_entropy")
+        print(f">>> {run_labels[1][1]}: {b['steps_per_s'] / a['steps_per_s']:.2f}x the speed, "
+              f"{b['peak'] / a['peak']:.2f}x the peak step memory of {run_labels[0][1]}")
     print()
     diff = (a["losses"] - b["losses"]).abs()
     print(f"loss curves: max |difference| {float(diff.max()):.2e} over {diff.numel()} steps "
@@ -565,9 +617,10 @@ def run(args) -> int:
     csv_path, png_path = out / "losses.csv", out / "loss_curves.png"
     try:
         write_csv(csv_path, a["losses"], b["losses"])
-        title = (f"TinyGPT on Python stdlib sources: V={V}, d={args.d_model}, {args.layers} blocks, {N} tokens/step, "
+        title = (f"{model_name} on Python stdlib sources: V={V}, d={args.d_model}, {args.layers} blocks, "
+                 f"{N} tokens/step, "
                  f"{args.dtype}, {device.type}")
-        png_error = write_png(png_path, a["losses"], b["losses"], title)
+        png_error = write_png(png_path, a["losses"], b["losses"], title, (run_labels[0][1], run_labels[1][1]))
     except OSError as exc:
         print(f"error: cannot write to {out}: {exc.strerror or exc}", file=sys.stderr)
         return 2

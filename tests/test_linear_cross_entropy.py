@@ -355,11 +355,12 @@ def test_options_object_sets_the_chunk_size(spy):
 
 def test_auto_chunk_size():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # CPU: logits as large as the input's fp32 gradient (the shape: 128 rows, 16 MB), 8..64 MB
-    assert _lce.auto_chunk_size(4096, 1024, 32000, cpu, torch.float32) == 128
-    assert _lce.auto_chunk_size(4096, 1024, 32000, cpu, torch.bfloat16) == 128  # fp32 logits either way
-    assert _lce.auto_chunk_size(1 << 20, 4096, 32000, cpu, torch.float32) * 32000 * 4 <= 64 << 20
-    assert _lce.auto_chunk_size(4096, 64, 8192, cpu, torch.float32) * 8192 * 4 >= 7 << 20
+    # CPU: 256..512 rows, 0.4 N - 0.8 D (a fifth of the naive head's peak) within those bounds
+    assert _lce.auto_chunk_size(4096, 1024, 32000, cpu, torch.float32) == 512
+    assert _lce.auto_chunk_size(4096, 1024, 32000, cpu, torch.bfloat16) == 512  # fp32 logits either way
+    assert _lce.auto_chunk_size(2048, 512, 128256, cpu, torch.float32) == 384
+    assert _lce.auto_chunk_size(512, 4096, 32000, cpu, torch.float32) == 256  # no chunk reaches a fifth: speed
+    assert _lce.auto_chunk_size(1 << 20, 4096, 1 << 20, cpu, torch.float32) * (1 << 20) * 4 <= 512 << 20
     rows_ = _lce.auto_chunk_size(1 << 20, 4096, 32000, cuda, torch.bfloat16)
     assert rows_ % 32 == 0 and 128 << 20 <= rows_ * 32000 * 4 <= 256 << 20  # a few hundred MB (fp32 logits)
     assert _lce.auto_chunk_size(10, 64, 1 << 22, cpu, torch.float32) == 10  # at least MIN_CHUNK_ROWS, at most N

@@ -45,24 +45,29 @@ CHUNKS = "fusedloss::linear_cross_entropy_chunks"
 # backend's thread-count independence.
 CLASS_MAJOR_MIN_LOGITS = 1 << 20
 
-# Bytes of a chunk's logits when chunk_size is None (see auto_chunk_size): CPU between the bounds, as
-# large as the input's fp32 gradient; CUDA the fixed size.
-CHUNK_BYTES = {"cpu": (8 << 20, 64 << 20), "cuda": (256 << 20, 256 << 20)}
+# chunk_size=None (see auto_chunk_size). CUDA: bytes of a chunk's logits. CPU: rows between the bounds,
+# and the chunk's logits at most CPU_MAX_CHUNK_BYTES.
+CHUNK_BYTES = {"cuda": (256 << 20, 256 << 20)}
+CPU_CHUNK_ROWS = (256, 512)
+CPU_MAX_CHUNK_BYTES = 512 << 20
 MIN_CHUNK_ROWS = {"cpu": 32, "cuda": 128}
 
 
 def auto_chunk_size(n: int, d: int, v: int, device: torch.device, dtype: torch.dtype) -> int:
     """Rows per chunk, from N, D, V, the device and the dtype.
 
-    CPU: the chunk's logits are as large as the input's gradient (N x D in the accumulation dtype), kept
-    within 8..64 MB. Each chunk adds G_c^T X_c into the (V, D) fp32 weight gradient, a GEMM whose inner
-    dimension is the chunk's rows, so every chunk reads and writes that whole accumulator: larger chunks
-    are faster (at N=4096, D=1024, V=32000: 256 rows about 12% faster than 128, 64 rows 25% slower, on
-    this 2-core machine, measured with row-major chunks, before the class-major loop), until about 64 MB. But the weight gradient, the input gradient and this
-    buffer make the peak, and torch's chunked path sizes its chunks like the input (its aspect_ratio
-    rule), so with this rule the peak is torch's (V*D + 2*N*D floats: 164 MB at that shape, the issue's
-    budget) whenever the input's gradient takes 8 MB or more, while the chunk grows with N. The buffer is reused across chunks, so
-    its first-touch page faults are paid once.
+    CPU: rows, not bytes, set the speed. Every chunk runs three GEMMs with the whole (V, D) head: the
+    logits W X_c^T and dX_c = G_c W read W, and dW += G_c^T X_c reads and writes the whole fp32 weight
+    gradient, so per chunk 4 V D floats stream through memory against 6 c V D flops: the chunk's rows c are
+    the GEMMs' arithmetic intensity. Far below 256 rows that traffic and MKL's thin-matrix efficiency
+    make the loop slower than the naive head (issue #19: an HF step at V=128256, D=512 took 16.7 s with
+    32 rows, 10.5 s with 128, 9.5 s with 512, naive 9.9 s); bench/linear_cross_entropy_chunks.md has the
+    measurements of this policy (0.94x to 1.44x the naive head's speed at the shapes measured).
+    Memory: the naive head's peak is about (2 N V + V D + N D) floats (logits and their gradient, dW, dX),
+    ours (c V + V D + N D), so a fifth of the naive peak allows c <= 0.4 N - 0.8 D: the rows are that,
+    within 256..512, and the chunk's logits at most 512 MB (a huge V). Where 0.4 N - 0.8 D < 256 (few
+    rows, a wide head) no chunk size reaches a fifth: dW alone, V D floats, is most of the naive peak,
+    so speed decides (256 rows). One buffer is reused across chunks, so its page faults are paid once.
     CUDA, 256 MB: a chunk of >= 128 rows against V columns is thousands of cuBLAS tiles, enough to fill
     the GPU, and its GEMMs take long enough (about a millisecond at V=32000, D=4096) that the per-chunk
     launches of the row kernel and the casts are noise; 256 MB is small next to the GPU's memory and the
@@ -72,10 +77,14 @@ def auto_chunk_size(n: int, d: int, v: int, device: torch.device, dtype: torch.d
     """
     kind = "cuda" if device.type == "cuda" else "cpu"
     elem = torch.empty((), dtype=acc_dtype(dtype)).element_size()
-    low, high = CHUNK_BYTES[kind]
-    target = min(max(n * d * elem, low), high)
-    rows = target // max(1, v * elem)
-    rows = max(MIN_CHUNK_ROWS[kind], rows // 32 * 32)
+    if kind == "cpu":
+        low, high = CPU_CHUNK_ROWS
+        rows = min(max(int(0.4 * n - 0.8 * d) // 32 * 32, low), high)
+        rows = min(rows, CPU_MAX_CHUNK_BYTES // max(1, v * elem) // 32 * 32)
+    else:
+        low, high = CHUNK_BYTES[kind]
+        rows = min(max(n * d * elem, low), high) // max(1, v * elem) // 32 * 32
+    rows = max(MIN_CHUNK_ROWS[kind], rows)
     return max(1, min(rows, n))
 
 

@@ -1,0 +1,143 @@
+"""A HuggingFace causal LM's training step, unpatched vs ``fusedloss.integrations.transformers.apply``.
+
+    python bench/bench_hf.py                           # Llama config, V=128256 and V=262144, D=512, 2 layers
+    python bench/bench_hf.py --vocab 128256 --reps 3   # one vocabulary
+    python bench/bench_hf.py --family qwen3 --device cuda --dtype bfloat16 --hidden 2048 --batch 8 --seq 1024
+
+One random-init model per vocabulary (transformers' own init, seeded), one batch of random tokens as labels.
+A step is ``model(input_ids=..., labels=...).loss.backward()`` with the gradients cleared before it (as
+``zero_grad()`` does), no optimizer. The two runs alternate on the same model instance (``apply`` then
+``revert`` between them), so they see the same weights, batch and machine state. Time: the median of
+``--reps`` steps after one warm-up step each. Peak memory: one more step each, measured as the benchmarks
+measure it (bench/common.py: bytes held above what was held before the step, PyTorch's CPU allocator
+events or the CUDA allocator's peak), which includes the parameter gradients both runs create. The loss
+of the two runs is printed too: they must agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench import common
+
+FAMILIES = {  # family -> (config class, model class, extra config)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {}),
+}
+
+
+def make_model(transformers, family: str, vocab: int, hidden: int, layers: int, dtype, device):
+    config_cls, model_cls, extra = FAMILIES[family]
+    heads = max(1, hidden // 64)
+    config = getattr(transformers, config_cls)(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, head_dim=64, max_position_embeddings=8192,
+        tie_word_embeddings=False, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).to(device=device, dtype=dtype)
+    model.train()
+    return model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="llama", choices=sorted(FAMILIES))
+    parser.add_argument("--vocab", default="128256,262144", help="comma-separated vocabulary sizes")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--backend", default=None, help="fusedloss backend (default: automatic)")
+    args = parser.parse_args(argv)
+
+    import transformers  # noqa: PLC0415 - optional dependency of this script only
+
+    from fusedloss.integrations import transformers as fl_hf  # noqa: PLC0415
+
+    dtype = getattr(torch, args.dtype)
+    print(f"# {args.family}: D={args.hidden}, {args.layers} layers, B={args.batch}, T={args.seq} "
+          f"(B*T={args.batch * args.seq}), {args.dtype}, {args.device}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"# command: python bench/bench_hf.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    header = f"{'V':>7} {'run':>10} {'step s':>8} {'peak MiB':>9} {'loss':>10} {'time vs HF':>11} {'memory vs HF':>13}"
+    print(header)
+    for vocab in [int(v) for v in args.vocab.split(",")]:
+        model = make_model(transformers, args.family, vocab, args.hidden, args.layers, dtype, args.device)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+
+        def clear():
+            for p in model.parameters():
+                p.grad = None
+
+        def run(patched: bool):
+            if patched:
+                fl_hf.apply(model, backend=args.backend)
+            try:
+                clear()
+                out = model(input_ids=ids, labels=ids)
+                out.loss.backward()
+                return out.loss.detach().float().item()
+            finally:
+                if patched:
+                    fl_hf.revert(model)
+
+        names = ("unpatched", "apply")
+        losses = {name: run(name == "apply") for name in names}  # warm-up
+        times = {name: [] for name in names}
+        for _ in range(args.reps):
+            for name in names:
+                patched = name == "apply"
+                clear()
+                if patched:
+                    fl_hf.apply(model, backend=args.backend)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+                if patched:
+                    fl_hf.revert(model)
+        peaks = {}
+        for name in names:
+            clear()
+            if name == "apply":
+                fl_hf.apply(model, backend=args.backend)
+            peaks[name] = common.peak_memory(step, args.device)
+            if name == "apply":
+                fl_hf.revert(model)
+        clear()
+        base_t = statistics.median(times["unpatched"])
+        for name in names:
+            t = statistics.median(times[name])
+            peak = peaks[name]
+            mib = f"{peak / 2**20:9.0f}" if peak is not None else f"{'n/a':>9}"
+            mem_ratio = f"{peak / peaks['unpatched']:12.3f}x" if peak and peaks["unpatched"] else f"{'':>13}"
+            print(f"{vocab:>7} {name:>10} {t:8.2f} {mib} {losses[name]:10.5f} {base_t / t:10.2f}x {mem_ratio}",
+                  flush=True)
+        del model
+    print("# time vs HF: the unpatched step time / this step time (higher is faster); memory vs HF: this peak / "
+          "the unpatched peak")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""fusedloss.integrations.transformers on tiny random-init HF models (CPU): the patched training loss and
+gradients against the unpatched model's in float64 (HF's own loss code is the oracle), eval / generate
+unchanged, Trainer with gradient accumulation, revert, and the errors."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import assert_close  # noqa: E402
+
+from fusedloss.integrations import transformers as fl_hf  # noqa: E402
+
+V = 257  # odd on purpose
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# family -> (model class, config class, config overrides). The overrides make each family's specific
+# logit transform matter at these tiny sizes (a softcap of 30 would never bite on random-init logits).
+FAMILIES = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "mistral": ("MistralForCausalLM", "MistralConfig", {}),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                            output_router_logits=True, router_aux_loss_coef=0.5)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=8)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                                                 moe_intermediate_size=24, decoder_sparse_step=1,
+                                                                 output_router_logits=True,
+                                                                 router_aux_loss_coef=0.5)),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(head_dim=8)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(head_dim=8, final_logit_softcapping=0.05)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(head_dim=8, final_logit_softcapping=0.05)),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", {}),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=32, n_layer=1, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                                    embd_pdrop=0.0, attn_pdrop=0.0)),
+    "cohere": ("CohereForCausalLM", "CohereConfig", dict(logit_scale=4.0)),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", dict(logits_scaling=0.25)),
+}
+
+
+def make_model(family, dtype=torch.float32, **overrides):
+    model_cls, config_cls, extra = FAMILIES[family]
+    kwargs = dict(COMMON) if family != "gpt2" else dict(vocab_size=V, bos_token_id=1, eos_token_id=2)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    config = getattr(transformers, config_cls)(**kwargs)
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"  # grouped_mm has no float64, which the oracle runs in
+    model = getattr(transformers, model_cls)(config).to(dtype)
+    model.train()
+    return model
+
+
+def batch(b=2, t=11, ignore=True):
+    ids = torch.randint(3, V, (b, t))
+    labels = ids.clone()
+    if ignore:
+        labels[0, :4] = -100  # a prompt that is not scored
+        labels[-1, -2:] = -100
+    return ids, labels
+
+
+def watched(model):
+    """The gradients the tests compare: the LM head, the first layer's first weight, the embeddings."""
+    layer = next(p for n, p in model.named_parameters() if ".0." in n and p.dim() == 2)
+    return {"head": model.get_output_embeddings().weight, "layer0": layer,
+            "embed": model.get_input_embeddings().weight}
+
+
+def loss_and_grads(model, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(**kw)
+    out.loss.backward()
+    return out, {k: p.grad.clone() for k, p in watched(model).items()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_hf_float64(family):
+    """Patched float32 vs HF's own loss on the same model in float64: mean, num_items_in_batch and
+    (Llama-like families) shift_labels; every family-specific transform set so that it matters."""
+    model = make_model(family)
+    ref = copy.deepcopy(model).double()
+    fl_hf.apply(model)
+    ids, labels = batch()
+    cases = [dict(), dict(num_items_in_batch=torch.tensor(7))]
+    for extra in cases:
+        out, grads = loss_and_grads(model, input_ids=ids, labels=labels, **extra)
+        ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels, **extra)
+        assert out.logits is None
+        assert out.loss.dtype == torch.float32
+        assert_close(out.loss, ref_out.loss, torch.float32, "loss", f"{family} {extra}")
+        for k in grads:
+            assert_close(grads[k], ref_grads[k], torch.float32, "grad", f"{family} {extra} grad {k}")
+
+
+def test_transform_and_aux_loss_are_in_the_loss():
+    """The oracle above would not notice a transform both sides forgot: HF's loss differs from a plain
+    cross-entropy of the head's logits here (softcap, scale, router aux loss), so the patch must apply it."""
+    for family in ("gemma2", "cohere", "granite", "mixtral"):
+        model = make_model(family)
+        ids, labels = batch()
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            plain = torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden)[:, :-1].flatten(0, 1),
+                                                      labels[:, 1:].flatten())
+        fl_hf.apply(model)
+        loss = model(input_ids=ids, labels=labels).loss
+        assert abs(loss.item() - plain.item()) > 1e-3, family
+
+
+def test_shift_labels_and_logits_to_keep():
+    model = make_model("llama")
+    ref = copy.deepcopy(model).double()
+    fl_hf.apply(model)
+    ids, labels = batch()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    for kw in (dict(shift_labels=shift), dict(shift_labels=shift[:, -5:].contiguous(), logits_to_keep=5)):
+        out, grads = loss_and_grads(model, input_ids=ids, labels=labels, **kw)
+        ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels, **kw)
+        assert_close(out.loss, ref_out.loss, torch.float32, "loss", str(list(kw)))
+        for k in grads:
+            assert_close(grads[k], ref_grads[k], torch.float32, "grad", f"{list(kw)} grad {k}")
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(input_ids=ids, labels=labels, logits_to_keep=5)
+
+
+def head_oracle_loss(model, kw):
+    """HF's loss in float64 from the hidden states that ``model``'s (unpatched) head receives: the oracle of
+    the head alone, so that the trunk's 16-bit rounding, common to both runs, does not blur the comparison."""
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        model(**kw)
+    hook.remove()
+    z = seen[0].double() @ model.get_output_embeddings().weight.double().T
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    labels = kw["labels"]
+    return torch.nn.functional.cross_entropy(z[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_bfloat16_16bit_rule(family):
+    """bf16 model: the patched loss (against the float64 head on the same hidden states) and the gradients
+    (against the float64 model) are no farther from their oracle than a small multiple of HF's own bf16
+    error (HF rounds the logits to bf16 before its float32 upcast)."""
+    model = make_model(family, torch.bfloat16)
+    ref = copy.deepcopy(model).double()
+    hf = copy.deepcopy(model)
+    fl_hf.apply(model)
+    ids, labels = batch(t=33)
+    out, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    hf_out, hf_grads = loss_and_grads(hf, input_ids=ids, labels=labels)
+    ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels)
+    assert out.loss.dtype == torch.float32
+    oracle = head_oracle_loss(hf, dict(input_ids=ids, labels=labels))
+    err = (out.loss.double() - oracle).abs().item()
+    hf_err = (hf_out.loss.double() - oracle).abs().item()
+    assert err <= 4 * hf_err + 1e-5, (err, hf_err)
+    for k in grads:
+        e = (grads[k].double() - ref_grads[k]).abs().max().item()
+        h = (hf_grads[k].double() - ref_grads[k]).abs().max().item()
+        assert e <= 4 * h + 1e-6 * ref_grads[k].abs().max().item(), (k, e, h)
+
+
+def test_autocast_bfloat16_16bit_rule():
+    """Trainer's bf16=True: an fp32 model under autocast. The head runs in bf16 as autocast runs HF's
+    nn.Linear, and the loss is as close to the float64 oracle as HF's own (a small multiple)."""
+    model = make_model("llama")
+    ref = copy.deepcopy(model).double()
+    hf = copy.deepcopy(model)
+    fl_hf.apply(model)
+    ids, labels = batch(t=33)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+        hf_out, hf_grads = loss_and_grads(hf, input_ids=ids, labels=labels)
+        oracle = head_oracle_loss(hf, dict(input_ids=ids, labels=labels))
+    ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels)
+    err = (out.loss.double() - oracle).abs().item()
+    hf_err = (hf_out.loss.double() - oracle).abs().item()
+    assert err <= 4 * hf_err + 1e-5, (err, hf_err)
+    for k in grads:
+        e = (grads[k].double() - ref_grads[k]).abs().max().item()
+        h = (hf_grads[k].double() - ref_grads[k]).abs().max().item()
+        assert e <= 4 * h + 1e-6 * ref_grads[k].abs().max().item(), (k, e, h)
+
+
+def test_eval_no_grad_generate_return_logits_unchanged():
+    model = make_model("gemma2")
+    ids, labels = batch()
+    hf_train = model(input_ids=ids, labels=labels)
+    model.eval()
+    with torch.no_grad():
+        hf_eval = model(input_ids=ids, labels=labels)
+        hf_gen = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
+    fl_hf.apply(model, return_logits=True)
+    assert torch.equal(model(input_ids=ids).logits, hf_eval.logits)  # eval, grad enabled, no labels
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+        assert torch.equal(out.logits, hf_eval.logits) and torch.equal(out.loss, hf_eval.loss)
+        assert torch.equal(model.generate(ids[:, :5], max_new_tokens=4, do_sample=False), hf_gen)
+    model.train()
+    out = model(input_ids=ids, labels=labels)  # return_logits=True: HF's (softcapped) logits as well
+    assert torch.equal(out.logits, hf_train.logits)
+    assert_close(out.loss, hf_train.loss, torch.float32, "loss")
+    tup = model(ids, labels=labels, return_dict=False)
+    assert torch.equal(tup[0], out.loss) and torch.equal(tup[1], out.logits)
+
+
+def test_revert_is_bit_identical():
+    model = make_model("qwen3_moe")
+    ids, labels = batch()
+    before, grads_before = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert fl_hf.apply(model) is model and fl_hf.is_applied(model)
+    loss_and_grads(model, input_ids=ids, labels=labels)
+    fl_hf.revert(model)
+    assert not fl_hf.is_applied(model)
+    assert "forward" not in vars(model) and "forward" not in vars(model.lm_head)
+    after, grads_after = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert torch.equal(before.loss, after.loss) and torch.equal(before.logits, after.logits)
+    for k in grads_before:
+        assert torch.equal(grads_before[k], grads_after[k]), k
+    with fl_hf.applied(model):
+        assert model(input_ids=ids, labels=labels).logits is None
+    assert not fl_hf.is_applied(model)
+    # Only this instance: another model of the same class is untouched.
+    other = make_model("qwen3_moe")
+    fl_hf.apply(model)
+    assert other(input_ids=ids, labels=labels).logits is not None
+
+
+def test_errors():
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
+                                                             num_attention_heads=2, ffn_dim=32,
+                                                             word_embed_proj_dim=16))
+    with pytest.raises(NotImplementedError, match="OPTForCausalLM"):
+        fl_hf.apply(opt)
+    with pytest.raises(TypeError, match="model"):
+        fl_hf.apply("llama")
+    model = make_model("llama")
+    with pytest.raises(TypeError, match="return_logits"):
+        fl_hf.apply(model, return_logits=1)
+    with pytest.raises(RuntimeError, match="not patched"):
+        fl_hf.revert(model)
+    fl_hf.apply(model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        fl_hf.apply(model)
+    fl_hf.revert(model)
+    model.loss_function = lambda *a, **k: 0
+    with pytest.raises(NotImplementedError, match="custom loss"):
+        fl_hf.apply(model)
+    bad_backend = make_model("llama")
+    fl_hf.apply(bad_backend, backend="nope")
+    with pytest.raises(ValueError, match="nope"):
+        bad_backend(input_ids=batch()[0], labels=batch()[1])
+
+
+def test_trainer_gradient_accumulation_and_evaluate(tmp_path):
+    """Trainer.train() with gradient accumulation (so num_items_in_batch is passed) on uneven -100 masks:
+    the same logged losses and final weights as the unpatched model; evaluate() and predict() run."""
+    data = []
+    for i in range(8):
+        ids = torch.randint(3, V, (12,))
+        labels = ids.clone()
+        labels[: 1 + 2 * (i % 4)] = -100  # a different number of scored tokens per example
+        data.append({"input_ids": ids, "labels": labels})
+
+    def train(patch):
+        torch.manual_seed(0)
+        model = make_model("llama")
+        if patch:
+            fl_hf.apply(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patch)), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=2, learning_rate=0.5, optim="sgd", logging_steps=1, save_strategy="no", report_to=[],
+            use_cpu=True,
+            per_device_eval_batch_size=4, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4])
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        metrics = trainer.evaluate()
+        pred = trainer.predict(data[:4])
+        return losses, metrics, pred, model
+
+    hf_losses, hf_metrics, hf_pred, hf_model = train(False)
+    losses, metrics, pred, model = train(True)
+    assert len(losses) == 2
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(hf_losses), rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(metrics["eval_loss"], hf_metrics["eval_loss"], rtol=2e-5, atol=1e-5)
+    assert pred.predictions.shape == hf_pred.predictions.shape == (4, 12, V)
+    for (name, p), q in zip(model.named_parameters(), hf_model.parameters()):
+        assert_close(p, q, torch.float32, "grad", name)  # weights after 2 SGD steps (Adam would amplify rounding)
+
+
+def test_torch_compile_no_graph_break():
+    """The patched training forward traces as one graph (the fused loss is a registered op with a fake)."""
+    model = make_model("llama")
+    fl_hf.apply(model)
+    ids, labels = batch()
+    eager = model(input_ids=ids, labels=labels).loss
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=labels)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(input_ids=ids, labels=labels)
+    assert out.logits is None
+    assert_close(out.loss, eager, torch.float32, "loss")
+    torch._dynamo.reset()
+
+
+def test_core_never_imports_transformers():
+    import subprocess
+    import sys
+    code = "import sys, fusedloss, fusedloss.integrations; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_demo_hf_mode(tmp_path):
+    from test_cli import TINY_DEMO, _log, run_cli
+
+    out = run_cli("demo", "--hf", "llama", "--steps", "4", *TINY_DEMO, "--out", str(tmp_path), timeout=240)
+    assert out.returncode == 0, _log(out)
+    assert "demo: PASS" in out.stdout and "LlamaForCausalLM" in out.stdout
+    assert "fusedloss apply(model)" in out.stdout and "transformers, unpatched" in out.stdout
