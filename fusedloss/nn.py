@@ -10,7 +10,8 @@ from torch.nn import _reduction
 
 from fusedloss import functional as F
 
-__all__ = ["CrossEntropyLoss", "FocalLoss", "GapLoss", "InfoNCELoss", "LinearCrossEntropyLoss", "MultiMarginLoss"]
+__all__ = ["CrossEntropyLoss", "FocalLoss", "GapLoss", "InfoNCELoss", "LinearCrossEntropyLoss", "MultiMarginLoss",
+           "KLDivLogitsLoss", "JSDLogitsLoss"]
 
 
 class CrossEntropyLoss(nn.Module):
@@ -293,3 +294,45 @@ class InfoNCELoss(nn.Module):
         if self.backend is not None:
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+class KLDivLogitsLoss(nn.Module):
+    """Distillation loss KL(p_teacher || p_student) from logits (see ``fusedloss.kl_div_logits``);
+    ``forward(student, teacher, target=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "batchmean",
+                 backend: str | None = None) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
+        return F.kl_div_logits(student, teacher, target, temperature=self.temperature, ignore_index=self.ignore_index,
+                               reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+class JSDLogitsLoss(nn.Module):
+    """Generalized Jensen-Shannon divergence from logits (see ``fusedloss.jsd_logits``);
+    ``forward(student, teacher, target=None)``."""
+
+    def __init__(self, beta: float = 0.5, *, temperature: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "batchmean", backend: str | None = None) -> None:
+        super().__init__()
+        self.beta = beta
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
+        return F.jsd_logits(student, teacher, target, beta=self.beta, temperature=self.temperature,
+                            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}")

@@ -297,3 +297,18 @@ def test_bad_input(fn):
     for args, kw, exc, word in cases:
         with pytest.raises(exc, match=word):
             f(*args, **kw)
+
+
+def test_modules_and_build_loss():
+    s, t, target = make_inputs(6, 20, torch.float32)
+    kl = fusedloss.nn.KLDivLogitsLoss(temperature=2.0, backend="cpu")
+    jsd = fusedloss.nn.JSDLogitsLoss(0.3, reduction="sum", backend="cpu")
+    torch.testing.assert_close(kl(s, t, target), fusedloss.kl_div_logits(s, t, target, temperature=2.0))
+    torch.testing.assert_close(jsd(s, t), fusedloss.jsd_logits(s, t, beta=0.3, reduction="sum"))
+    loss = fusedloss.build_loss({"losses": [
+        {"name": "kl_div_logits", "weight": 0.5, "params": {"temperature": 2.0},
+         "inputs": {"student": "logits", "teacher": "teacher_logits"}},
+        {"name": "jsd_logits", "params": {"beta": 0.2}, "inputs": ["logits", "teacher_logits"]}]})
+    out = loss({"logits": s, "teacher_logits": t})
+    expected = 0.5 * fusedloss.kl_div_logits(s, t, temperature=2.0) + fusedloss.jsd_logits(s, t, beta=0.2)
+    torch.testing.assert_close(out, expected)
