@@ -76,21 +76,38 @@ class _Sweep:
             gs, gt = self.bwd(g_rows[sl], s, t, target, stats, *self.scalars, teacher_grad)
             del s, t
             if g_xs is not None:
-                g_xs[sl] = gs @ ws.to(gs.dtype)
+                _mm_into(g_xs[sl], gs, ws)
             if g_ws is not None:
-                g_ws += (gs.T @ xs[sl].to(gs.dtype)).to(acc)
+                _add_mm(g_ws, gs.T, xs[sl])
             if g_bs is not None:
                 g_bs += gs.sum(0, dtype=acc)
             if teacher_grad:
                 gt = gt.to(xt.dtype)
                 if g_xt is not None:
-                    g_xt[sl] = gt @ wt.to(gt.dtype)
+                    _mm_into(g_xt[sl], gt, wt)
                 if g_wt is not None:
-                    g_wt += (gt.T @ xt[sl].to(gt.dtype)).to(acc)
+                    _add_mm(g_wt, gt.T, xt[sl])
                 if g_bt is not None:
                     g_bt += gt.sum(0, dtype=acc)
         out = (g_xs, _cast(g_ws, ws), _cast(g_bs, bs), g_xt, _cast(g_wt, wt), _cast(g_bt, bt))
         return rows, out
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out = a @ b, written in place (no temporary) when the dtypes agree."""
+    if out.dtype == a.dtype == b.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b.to(a.dtype))
+
+
+def _add_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b: in place by the BLAS (beta = 1) in float32; 16-bit products are formed in their
+    dtype (fp32 accumulation inside the GEMM) and added to the float32 sum."""
+    if acc.dtype == a.dtype == b.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += (a @ b.to(a.dtype)).to(acc.dtype)
 
 
 def _cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
