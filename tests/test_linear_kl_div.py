@@ -78,6 +78,8 @@ def check(backend, fn, kw, tensors, target, reduction, dtype, *, teacher_grad, c
 def test_matches_formula(backend, device, reduction, name, fn, kw):
     if backend != "reference":
         require_backend(backend, device)
+    if backend == "triton" and device == "cpu" and reduction in ("sum", "mean"):
+        pytest.skip("interpreted Triton: batchmean and none only (time); the cpu backend runs every reduction")
     N = rows(backend, device, 11)
     tensors, target = make(N, 24, 16, 37, torch.float32)
     check(backend, fn, kw, tensors, target, reduction, torch.float32, teacher_grad=reduction != "sum",
