@@ -128,4 +128,19 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "info_nce_lse_bwd(Tensor grad_rows, Tensor? grad_cols, Tensor query, Tensor key, Tensor scale, "
       "Tensor lse_rows, Tensor? lse_cols) -> (Tensor, Tensor, Tensor)");
+
+  // Distillation (fusedloss/kl_div_math.h). student and teacher (N, C), one floating dtype, unit
+  // class stride; target (N,) int64 or None (rows whose target is ignore_index are skipped). jsd false:
+  // KL(p_teacher || q_student) times temperature^2 (kl_div_logits, beta unused); jsd true: the
+  // generalized JSD of beta (0 and 1 the two KLs), no temperature^2. Returns, in the accumulation
+  // dtype, the per-row loss (N,) and stats (N, 6) for the backward (kl_div_math.h (5)); 0 for
+  // ignored rows.
+  m.def(
+      "kl_div_fwd(Tensor student, Tensor teacher, Tensor? target, int ignore_index, float temperature, "
+      "float beta, bool jsd) -> (Tensor, Tensor)");
+  // grad_loss (N,) in the accumulation dtype, any stride. Returns the student's (N, C) gradient and,
+  // when teacher_grad, the teacher's (else a (0,) tensor), contiguous, in the inputs' dtype.
+  m.def(
+      "kl_div_bwd(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, int ignore_index, "
+      "float temperature, float beta, bool jsd, bool teacher_grad) -> (Tensor, Tensor)");
 }

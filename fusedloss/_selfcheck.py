@@ -366,6 +366,51 @@ LCE_SHAPES = [(37, 16, 101), (64, 64, 1023), (9, 32, 5000)]
 LCE_SHAPES_INTERPRETED = [(3, 16, 101), (2, 8, 300)]
 
 
+# ----------------------------------------------------------------------------------------------
+# kl_div_logits, jsd_logits: student and teacher (N, C); linear twins: (N, D) inputs, (V, D) heads
+# ----------------------------------------------------------------------------------------------
+def _make_distill(shape, opts, reduction, dtype, device, gen) -> Problem:
+    C = shape[-1]
+    s = _leaf(_randn(shape, gen, 2.0), dtype, device, opts.get("noncontig", False))
+    t = _leaf(_randn(shape, gen, 2.0), dtype, device)
+    target = _targets(shape[:-1], C, gen, -100).to(device)
+    kw = {k: opts[k] for k in ("temperature", "beta") if k in opts}
+
+    def run(fn, leaves, ref):
+        return (fn(leaves["student"], leaves["teacher"], target, reduction=reduction, **kw),)
+
+    return Problem({"student": s, "teacher": t}, run)
+
+
+def _make_linear_distill(shape, opts, reduction, dtype, device, gen) -> Problem:
+    N, D, V = shape
+    leaves = {"student_input": _leaf(_randn((N, D), gen), dtype, device),
+              "student_weight": _leaf(_randn((V, D), gen, D**-0.5), dtype, device),
+              "teacher_input": _leaf(_randn((N, D), gen), dtype, device),
+              "teacher_weight": _leaf(_randn((V, D), gen, D**-0.5), dtype, device)}
+    target = _targets((N,), V, gen, -100).to(device)
+    kw = {k: opts[k] for k in ("temperature", "beta", "chunk_size") if k in opts}
+
+    def run(fn, leaves, ref):
+        call_kw = {k: v for k, v in kw.items() if not (ref and k == "chunk_size")}
+        return (fn(leaves["student_input"], leaves["student_weight"], leaves["teacher_input"],
+                   leaves["teacher_weight"], target, reduction=reduction, **call_kw),)
+
+    return Problem(leaves, run)
+
+
+KL_OPTIONS = [("T=1", {}, "batchmean"), ("T=2", {"temperature": 2.0}, "sum"), ("T=0.5", {"temperature": 0.5}, "none"),
+              ("mean non-contiguous", {"noncontig": True}, "mean")]
+JSD_OPTIONS = [("beta=0.5", {}, "batchmean"), ("beta=0.1 T=2", {"beta": 0.1, "temperature": 2.0}, "sum"),
+               ("beta=0", {"beta": 0.0}, "none"), ("beta=1", {"beta": 1.0}, "batchmean")]
+LINEAR_KL_OPTIONS = [("T=1", {"chunk_size": 16}, "batchmean"), ("T=2", {"temperature": 2.0}, "none")]
+LINEAR_JSD_OPTIONS = [("beta=0.5", {"chunk_size": 16}, "batchmean"), ("beta=0.3", {"beta": 0.3}, "sum")]
+DISTILL_SHAPES = [(37, 7), (64, 1023), (6, 5000)]
+DISTILL_SHAPES_INTERPRETED = [(3, 7), (2, 1023)]
+LINEAR_DISTILL_SHAPES = [(37, 16, 101), (9, 32, 5000)]
+LINEAR_DISTILL_SHAPES_INTERPRETED = [(3, 16, 101)]
+
+
 OPS = {
     "cross_entropy": OpCheck("cross_entropy", CE_SHAPES, CE_SHAPES_INTERPRETED, CE_OPTIONS, _make_ce),
     "gap_loss": OpCheck("gap_loss", GAP_SHAPES, GAP_SHAPES_INTERPRETED, GAP_OPTIONS, _make_gap),
@@ -374,6 +419,12 @@ OPS = {
                                     _make_lce),
     # present when fusedloss.functional has it (added in parallel); skipped otherwise
     "focal_loss": OpCheck("focal_loss", CE_SHAPES, CE_SHAPES_INTERPRETED, FOCAL_OPTIONS, _make_focal),
+    "kl_div_logits": OpCheck("kl_div_logits", DISTILL_SHAPES, DISTILL_SHAPES_INTERPRETED, KL_OPTIONS, _make_distill),
+    "jsd_logits": OpCheck("jsd_logits", DISTILL_SHAPES, DISTILL_SHAPES_INTERPRETED, JSD_OPTIONS, _make_distill),
+    "linear_kl_div": OpCheck("linear_kl_div", LINEAR_DISTILL_SHAPES, LINEAR_DISTILL_SHAPES_INTERPRETED,
+                             LINEAR_KL_OPTIONS, _make_linear_distill),
+    "linear_jsd": OpCheck("linear_jsd", LINEAR_DISTILL_SHAPES, LINEAR_DISTILL_SHAPES_INTERPRETED,
+                          LINEAR_JSD_OPTIONS, _make_linear_distill),
 }
 
 

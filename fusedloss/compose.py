@@ -116,6 +116,11 @@ _REGISTRY: dict[str, _Entry] = {
     "linear_cross_entropy": _Entry(_lazy("fusedloss.functional", "linear_cross_entropy"),
                                    "fusedloss.linear_cross_entropy", ("weight",)),
     "focal_loss": _Entry(_lazy("fusedloss.functional", "focal_loss"), "fusedloss.focal_loss", ("weight", "alpha")),
+    # distillation (inputs: {student: ..., teacher: ...}; the linear twins name their four inputs)
+    "kl_div_logits": _Entry(_lazy("fusedloss.functional", "kl_div_logits"), "fusedloss.kl_div_logits"),
+    "jsd_logits": _Entry(_lazy("fusedloss.functional", "jsd_logits"), "fusedloss.jsd_logits"),
+    "linear_kl_div": _Entry(_lazy("fusedloss.functional", "linear_kl_div"), "fusedloss.linear_kl_div"),
+    "linear_jsd": _Entry(_lazy("fusedloss.functional", "linear_jsd"), "fusedloss.linear_jsd"),
     # PyTorch's, unchanged.
     "nll": _Entry(_fixed(TF.nll_loss), f"{_TORCH}.nll_loss", ("weight",)),
     "bce": _Entry(_fixed(TF.binary_cross_entropy), f"{_TORCH}.binary_cross_entropy", ("weight",)),

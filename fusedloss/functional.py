@@ -13,11 +13,14 @@ from fusedloss.ops import cross_entropy as _ce
 from fusedloss.ops import focal_loss as _fl
 from fusedloss.ops import gap_loss as _gap
 from fusedloss.ops import info_nce as _nce
+from fusedloss.ops import kl_div as _kl
 from fusedloss.ops import linear_cross_entropy as _lce
+from fusedloss.ops import linear_kl_div as _lkl
 from fusedloss.ops._common import acc_dtype
 from fusedloss.ops._registry import REDUCTION
 
-__all__ = ["cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy"]
+__all__ = ["cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy", "kl_div_logits", "jsd_logits",
+           "linear_kl_div", "linear_jsd"]
 
 
 def _reduce_rows_triton(loss: Tensor, reduction: str, out_shape: torch.Size, target: Tensor, weight: Tensor | None,
@@ -561,3 +564,178 @@ def _reduce_info_nce(loss: Tensor, reduction: str, n: int) -> Tensor:
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / n
+
+
+# --- distillation (issue #16, item 4) ------------------------------------------------------------
+
+DISTILL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _distill_args(student, teacher, target, temperature, ignore_index, reduction, beta):
+    """Checks kl_div_logits / jsd_logits arguments; returns (C, rows of student, rows of teacher,
+    flat target or None, temperature, ignore_index, beta)."""
+    _checks.floating("student", student)
+    _checks.floating("teacher", teacher)
+    if reduction not in DISTILL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {DISTILL_REDUCTIONS}, got {reduction!r}")
+    temperature = _checks.positive("temperature", temperature)
+    beta = _checks.in_closed_unit("beta", beta)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    if student.dim() == 0:
+        raise ValueError("student must have a class dimension (its last), got a 0-dim tensor")
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher must have student's shape {tuple(student.shape)}, got {tuple(teacher.shape)}")
+    _checks.same_device("teacher", teacher, "student", student)
+    C = student.shape[-1]
+    if C == 0:
+        raise ValueError(f"student has no classes: shape {tuple(student.shape)}")
+    if target is not None:
+        _checks.tensor("target", target)
+        if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"target must hold integer class indices (int64), got dtype {target.dtype}")
+        if target.shape != student.shape[:-1]:
+            raise ValueError(f"target must have shape {tuple(student.shape[:-1])} for student of shape "
+                             f"{tuple(student.shape)}, got {tuple(target.shape)}")
+        _checks.same_device("target", target, "student", student)
+    return C, temperature, ignore_index, beta
+
+
+def _distill(student, teacher, target, temperature, ignore_index, reduction, beta, jsd, backend):
+    C, temperature, ignore_index, beta = _distill_args(student, teacher, target, temperature, ignore_index,
+                                                       reduction, beta)
+    name = _backend.resolve(backend, student.device)
+    if name == "reference":
+        fn = reference.jsd_logits if jsd else reference.kl_div_logits
+        kwargs = {"beta": beta} if jsd else {}
+        return fn(student, teacher, target, temperature=temperature, ignore_index=ignore_index,
+                  reduction=reduction, **kwargs)
+    # The kernels take one dtype: a teacher of another dtype is cast to the student's (with autograd).
+    if teacher.dtype != student.dtype:
+        teacher = teacher.to(student.dtype)
+    s = _class_rows(student.reshape(-1, C) if student.dim() != 2 else student, C)
+    t = _class_rows(teacher.reshape(-1, C) if teacher.dim() != 2 else teacher, C)
+    flat = None if target is None else _flat_target(target)
+    out = _kl.distill(name, s, t, flat, ignore_index, reduction, temperature, beta, jsd)
+    return out.view(student.shape[:-1]) if reduction == "none" else out
+
+
+def kl_div_logits(student: Tensor, teacher: Tensor, target: Tensor | None = None, *, temperature: float = 1.0,
+                  ignore_index: int = -100, reduction: str = "batchmean", backend: str | None = None) -> Tensor:
+    """Distillation loss KL(p_teacher || p_student) from two logits tensors, fused.
+
+    ``p = softmax(teacher / T)``, ``q = softmax(student / T)`` over the last dimension; per row
+    ``T**2 * sum_j p_j (log p_j - log q_j)`` (the ``T**2`` of Hinton et al. 2015 keeps the soft
+    targets' gradients on the scale of a hard-label loss as T grows). Equal to
+    ``F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction=...) * T**2``
+    (a teacher probability of 0, from a -inf logit, contributes 0 instead of torch's NaN).
+
+    - student and teacher ``(..., C)``, the same shape and device; a teacher of another dtype is cast
+      to the student's. ``target`` (optional, integer, the leading shape): rows whose target is
+      ``ignore_index`` are skipped (loss 0, no gradient, not counted).
+    - ``reduction``: ``"batchmean"`` (sum over the kept rows / their number), ``"sum"``, ``"mean"``
+      (divides by kept rows times C, as torch's kl_div ``"mean"`` counts elements), ``"none"`` (per
+      row, the leading shape). No kept row: NaN for the means.
+    - The loss is float32 for 16-bit inputs. Gradients flow to the student; the teacher gets one only
+      if it requires grad. One pass over both rows forward, one backward
+      (csrc/include/fusedloss/kl_div_math.h).
+    """
+    return _distill(student, teacher, target, temperature, ignore_index, reduction, 0.0, False, backend)
+
+
+def jsd_logits(student: Tensor, teacher: Tensor, target: Tensor | None = None, *, beta: float = 0.5,
+               temperature: float = 1.0, ignore_index: int = -100, reduction: str = "batchmean",
+               backend: str | None = None) -> Tensor:
+    """Generalized Jensen-Shannon divergence of softmax(teacher / T) and softmax(student / T), fused.
+
+    Per row ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, ``m = beta p_t + (1 - beta) p_s``; as
+    Liger's JSD, ``beta=0`` is KL(p_t || p_s) and ``beta=1`` KL(p_s || p_t). No ``T**2`` factor.
+    Shapes, ``target``, reductions and gradients as :func:`kl_div_logits`.
+    """
+    return _distill(student, teacher, target, temperature, ignore_index, reduction, beta, True, backend)
+
+
+def _linear_distill(student_input, student_weight, teacher_input, teacher_weight, target, student_bias, teacher_bias,
+                    temperature, ignore_index, reduction, chunk_size, beta, jsd, backend):
+    for name, value in (("student_input", student_input), ("student_weight", student_weight),
+                        ("teacher_input", teacher_input), ("teacher_weight", teacher_weight)):
+        _checks.floating(name, value)
+        _checks.same_device(name, value, "student_input", student_input)
+    if reduction not in DISTILL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {DISTILL_REDUCTIONS}, got {reduction!r}")
+    temperature = _checks.positive("temperature", temperature)
+    beta = _checks.in_closed_unit("beta", beta)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    if chunk_size is not None:
+        chunk_size = _checks.integer("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student_input.dim() == 0 or teacher_input.dim() == 0:
+        raise ValueError("student_input and teacher_input must be (..., D) hidden states, got a 0-dim tensor")
+    lead = student_input.shape[:-1]
+    if teacher_input.shape[:-1] != lead:
+        raise ValueError(f"teacher_input must have student_input's leading shape {tuple(lead)}, got "
+                         f"{tuple(teacher_input.shape)}")
+    for name, w, x in (("student_weight", student_weight, student_input), ("teacher_weight", teacher_weight,
+                                                                            teacher_input)):
+        if w.dim() != 2 or w.shape[1] != x.shape[-1]:
+            raise ValueError(f"{name} must be (V, D) with D = {x.shape[-1]}, got {tuple(w.shape)}")
+    V = student_weight.shape[0]
+    if V == 0:
+        raise ValueError("student_weight has no classes (V = 0)")
+    if teacher_weight.shape[0] != V:
+        raise ValueError(f"teacher_weight must have student_weight's {V} classes, got {teacher_weight.shape[0]}")
+    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if b is not None:
+            _checks.floating(name, b)
+            _checks.same_device(name, b, "student_input", student_input)
+            if b.shape != (V,):
+                raise ValueError(f"{name} must have shape (V,) = ({V},), got {tuple(b.shape)}")
+    if target is not None:
+        _checks.tensor("target", target)
+        if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"target must hold integer class indices (int64), got dtype {target.dtype}")
+        if target.shape != lead:
+            raise ValueError(f"target must have shape {tuple(lead)}, got {tuple(target.shape)}")
+        _checks.same_device("target", target, "student_input", student_input)
+    name = _backend.resolve(backend, student_input.device)
+    if name == "reference":
+        out = reference.linear_kl_div(student_input, student_weight, teacher_input, teacher_weight, target,
+                                      student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
+                                      ignore_index=ignore_index, reduction=reduction, beta=beta, jsd=jsd)
+        return out
+    xs = student_input.reshape(-1, student_input.shape[-1])
+    xt = teacher_input.reshape(-1, teacher_input.shape[-1])
+    # the matmuls and the row kernel take one dtype per head
+    if student_weight.dtype != xs.dtype:
+        student_weight = student_weight.to(xs.dtype)
+    if teacher_weight.dtype != xt.dtype:
+        teacher_weight = teacher_weight.to(xt.dtype)
+    flat = None if target is None else _flat_target(target)
+    out = _lkl.linear_distill(name, xs, student_weight, student_bias, xt, teacher_weight, teacher_bias, flat,
+                              ignore_index, reduction, temperature, beta, jsd, chunk_size)
+    return out.view(lead) if reduction == "none" else out
+
+
+def linear_kl_div(student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
+                  target: Tensor | None = None, *, student_bias: Tensor | None = None,
+                  teacher_bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                  reduction: str = "batchmean", chunk_size: int | None = None, backend: str | None = None) -> Tensor:
+    """:func:`kl_div_logits` of ``student_input @ student_weight.T + student_bias`` against
+    ``teacher_input @ teacher_weight.T + teacher_bias``, without either ``(N, V)`` logits.
+
+    Hidden states ``(N, D_s)`` / ``(N, D_t)`` (or ``(..., D)`` with one leading shape), weights
+    ``(V, D_s)`` / ``(V, D_t)``. Rows are processed ``chunk_size`` at a time (default: about 8M logits
+    per chunk); each chunk's logits, the fused row kernel and the gradients' matmuls, then the next.
+    Gradients to the student's input, weight and bias, and to the teacher's where they require one.
+    """
+    return _linear_distill(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
+                           teacher_bias, temperature, ignore_index, reduction, chunk_size, 0.0, False, backend)
+
+
+def linear_jsd(student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
+               target: Tensor | None = None, *, student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
+               beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "batchmean",
+               chunk_size: int | None = None, backend: str | None = None) -> Tensor:
+    """:func:`jsd_logits` of the two heads' logits, chunked as :func:`linear_kl_div`."""
+    return _linear_distill(student_input, student_weight, teacher_input, teacher_weight, target, student_bias,
+                           teacher_bias, temperature, ignore_index, reduction, chunk_size, beta, True, backend)

@@ -10,7 +10,8 @@ from torch.nn import _reduction
 
 from fusedloss import functional as F
 
-__all__ = ["CrossEntropyLoss", "FocalLoss", "GapLoss", "InfoNCELoss", "LinearCrossEntropyLoss", "MultiMarginLoss"]
+__all__ = ["CrossEntropyLoss", "FocalLoss", "GapLoss", "InfoNCELoss", "LinearCrossEntropyLoss", "MultiMarginLoss",
+           "KLDivLogitsLoss", "JSDLogitsLoss"]
 
 
 class _Loss(nn.Module):
@@ -277,3 +278,35 @@ class InfoNCELoss(_Loss):
     def extra_repr(self) -> str:
         temp = "learnable" if self.learnable_temperature else f"{self.temperature}"
         return ", ".join([f"temperature={temp}"] + self._repr_parts())
+
+
+class KLDivLogitsLoss(_Loss):
+    """Distillation loss KL(p_teacher || p_student) from logits (see ``fusedloss.kl_div_logits``);
+    ``forward(student, teacher, target=None)``."""
+
+    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "batchmean",
+                 backend: str | None = None) -> None:
+        super().__init__()
+        self._set_options(locals())
+
+    OPTIONS = {"temperature": 1.0, "ignore_index": -100, "reduction": "batchmean", "backend": None}
+    SHOWN = ("temperature", "reduction", "ignore_index")
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
+        return F.kl_div_logits(student, teacher, target, **self._options())
+
+
+class JSDLogitsLoss(_Loss):
+    """Generalized Jensen-Shannon divergence from logits (see ``fusedloss.jsd_logits``);
+    ``forward(student, teacher, target=None)``."""
+
+    def __init__(self, beta: float = 0.5, *, temperature: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "batchmean", backend: str | None = None) -> None:
+        super().__init__()
+        self._set_options(locals())
+
+    OPTIONS = {"beta": 0.5, "temperature": 1.0, "ignore_index": -100, "reduction": "batchmean", "backend": None}
+    SHOWN = ("beta", "temperature", "reduction", "ignore_index")
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
+        return F.jsd_logits(student, teacher, target, **self._options())

@@ -311,3 +311,82 @@ def shift_target(target: Tensor, ignore_index: int) -> Tensor:
     if target.dim() == 0:
         return torch.full_like(target, ignore_index)
     return torch.cat([target[..., 1:], torch.full_like(target[..., :1], ignore_index)], dim=-1)
+
+
+def _distill_rows(student: Tensor, teacher: Tensor, temperature: float, beta: float, jsd: bool) -> Tensor:
+    """Per-row divergence of softmax(teacher / T) and softmax(student / T) (see kl_div_logits)."""
+    log_q = torch.log_softmax(student.to(_compute_dtype(student.dtype)) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher.to(_compute_dtype(teacher.dtype)) / temperature, dim=-1)
+    q, p = log_q.exp(), log_p.exp()
+
+    def kl(pa: Tensor, log_pa: Tensor, log_pb: Tensor) -> Tensor:
+        # sum pa (log pa - log pb), a zero-probability term 0 (x log x -> 0), with no NaN in its gradient
+        return (pa * (torch.where(pa > 0, log_pa, torch.zeros_like(log_pa)) - log_pb)).sum(-1)
+
+    if not jsd:
+        return kl(p, log_p, log_q) * temperature**2
+    if beta == 0.0:
+        return kl(p, log_p, log_q)
+    if beta == 1.0:
+        return kl(q, log_q, log_p)
+    log_m = torch.log(beta * p + (1.0 - beta) * q)
+    return beta * kl(p, log_p, log_m) + (1.0 - beta) * kl(q, log_q, log_m)
+
+
+def _distill(student, teacher, target, temperature, ignore_index, reduction, beta, jsd):
+    rows = _distill_rows(student, teacher, temperature, beta, jsd)
+    C = student.shape[-1]
+    if target is not None:
+        kept = target.reshape(rows.shape) != ignore_index
+        rows = torch.where(kept, rows, torch.zeros_like(rows))
+        count = kept.sum()
+    else:
+        count = torch.tensor(rows.numel(), device=rows.device)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean":
+        return total / count
+    return total / (count * C)  # "mean": per element, as torch's kl_div
+
+
+def kl_div_logits(student: Tensor, teacher: Tensor, target: Tensor | None = None, *, temperature: float = 1.0,
+                  ignore_index: int = -100, reduction: str = "batchmean") -> Tensor:
+    """KL(p_teacher || p_student) of softmax(teacher / T) and softmax(student / T) per row (the class
+    dimension last), times T**2: ``F.kl_div(log_softmax(s / T), log_softmax(t / T), log_target=True)
+    * T**2``, with a zero-probability teacher term 0. Rows whose ``target`` is ``ignore_index`` count 0
+    and are not counted; ``batchmean`` divides by the kept rows, ``mean`` by kept rows times C,
+    ``none`` returns the rows."""
+    return _distill(student, teacher, target, temperature, ignore_index, reduction, 0.0, False)
+
+
+def jsd_logits(student: Tensor, teacher: Tensor, target: Tensor | None = None, *, beta: float = 0.5,
+               temperature: float = 1.0, ignore_index: int = -100, reduction: str = "batchmean") -> Tensor:
+    """Generalized Jensen-Shannon divergence ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, m =
+    ``beta p_t + (1 - beta) p_s``; beta 0 is KL(p_t || p_s), beta 1 KL(p_s || p_t) (Liger's JSD). No
+    T**2 factor. Reductions as kl_div_logits."""
+    return _distill(student, teacher, target, temperature, ignore_index, reduction, float(beta), True)
+
+
+def linear_kl_div(student_input, student_weight, teacher_input, teacher_weight, target=None, *, student_bias=None,
+                  teacher_bias=None, temperature=1.0, ignore_index=-100, reduction="batchmean", beta=0.0, jsd=False):
+    """kl_div_logits (jsd_logits when ``jsd``) of the two heads' logits, materialized."""
+    s = student_input.to(_compute_dtype(student_input.dtype)) @ student_weight.to(
+        _compute_dtype(student_weight.dtype)).T
+    t = teacher_input.to(_compute_dtype(teacher_input.dtype)) @ teacher_weight.to(
+        _compute_dtype(teacher_weight.dtype)).T
+    if student_bias is not None:
+        s = s + student_bias.to(s.dtype)
+    if teacher_bias is not None:
+        t = t + teacher_bias.to(t.dtype)
+    return _distill(s, t, target, temperature, ignore_index, reduction, float(beta), jsd)
+
+
+def linear_jsd(student_input, student_weight, teacher_input, teacher_weight, target=None, *, student_bias=None,
+               teacher_bias=None, beta=0.5, temperature=1.0, ignore_index=-100, reduction="batchmean"):
+    """jsd_logits of the two heads' logits, materialized."""
+    return linear_kl_div(student_input, student_weight, teacher_input, teacher_weight, target,
+                         student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,
+                         ignore_index=ignore_index, reduction=reduction, beta=beta, jsd=True)

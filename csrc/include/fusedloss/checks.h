@@ -144,4 +144,37 @@ inline void check_reduce_args(const at::Tensor& loss, const at::Tensor& target, 
   }
 }
 
+// kl_div_fwd / kl_div_bwd (csrc/{cpu,cuda}/kl_div.*).
+// student and teacher (N, C) with unit class stride, one dtype and device; target (N,) int64 or None.
+inline void check_kl_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                   double temperature, double beta) {
+  TORCH_CHECK(student.dim() == 2, "fusedloss: student must be 2-D (N, C), got ", student.dim(), "-D");
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "fusedloss: teacher must have student's shape ", student.sizes(),
+              ", got ", teacher.sizes());
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), "fusedloss: teacher must have student's dtype ",
+              student.scalar_type(), ", got ", teacher.scalar_type());
+  TORCH_CHECK(teacher.device() == student.device(), "fusedloss: teacher is on ", teacher.device(),
+              " but student is on ", student.device());
+  TORCH_CHECK(student.size(1) <= 1 || (student.stride(1) == 1 && teacher.stride(1) == 1),
+              "fusedloss: student and teacher must have unit stride along the class dimension");
+  TORCH_CHECK(temperature > 0, "fusedloss: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(beta >= 0 && beta <= 1, "fusedloss: beta must be in [0, 1], got ", beta);
+  if (target.has_value()) {
+    const auto& t = *target;
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == student.size(0) && t.is_contiguous(),
+                "fusedloss: target must be a contiguous (N,) tensor with N = ", student.size(0), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kLong, "fusedloss: target must be int64, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == student.device(), "fusedloss: target is on ", t.device(), " but student is on ",
+                student.device());
+  }
+}
+
+inline void check_kl_stats(const at::Tensor& stats, const at::Tensor& student) {
+  const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == student.size(0) && stats.size(1) == 6 && stats.is_contiguous(),
+              "fusedloss: stats must be the forward's contiguous (N, 6) output");
+  TORCH_CHECK(stats.scalar_type() == acc, "fusedloss: stats must be ", acc, ", got ", stats.scalar_type());
+  TORCH_CHECK(stats.device() == student.device(), "fusedloss: stats is on the wrong device");
+}
+
 }  // namespace fusedloss
