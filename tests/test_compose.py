@@ -466,6 +466,26 @@ def focal_by_hand(x, t, gamma=2.0):
     return (-(1 - logp.exp()) ** gamma * logp).mean()
 
 
+def kl_by_hand(student, teacher, T=1.0):
+    return F.kl_div(F.log_softmax(student / T, -1), F.log_softmax(teacher / T, -1), log_target=True,
+                    reduction="batchmean") * T**2
+
+
+def jsd_half_by_hand(student, teacher):
+    """beta = 0.5: m = (p_t + p_s) / 2, loss = (KL(p_t || m) + KL(p_s || m)) / 2 per row, batchmean."""
+    log_m = torch.logaddexp(F.log_softmax(teacher, -1), F.log_softmax(student, -1)) - math.log(2.0)
+    kl = lambda logp: F.kl_div(log_m, logp, log_target=True, reduction="batchmean")  # noqa: E731
+    return 0.5 * kl(F.log_softmax(teacher, -1)) + 0.5 * kl(F.log_softmax(student, -1))
+
+
+def two_logits():
+    return {"s": torch.randn(5, 6), "t": torch.randn(5, 6)}
+
+
+def two_heads():
+    return {"hs": torch.randn(5, 3), "Ws": torch.randn(6, 3), "ht": torch.randn(5, 4), "Wt": torch.randn(6, 4)}
+
+
 # name -> (component, outputs, the expected value from the function called directly)
 CASES = {
     "cross_entropy": ({"params": {"label_smoothing": 0.1}}, classes,
@@ -499,6 +519,13 @@ CASES = {
     "hinge": ({"params": {"margin": 0.5}},
               lambda: {"input": torch.randn(8), "target": torch.randint(0, 2, (8,)) * 2.0 - 1},
               lambda o: torch.clamp(0.5 - o["target"] * o["input"], min=0).mean()),
+    "kl_div_logits": ({"params": {"temperature": 2.0}, "inputs": ["s", "t"]}, two_logits,
+                      lambda o: kl_by_hand(o["s"], o["t"], 2.0)),
+    "jsd_logits": ({"inputs": ["s", "t"]}, two_logits, lambda o: jsd_half_by_hand(o["s"], o["t"])),
+    "linear_kl_div": ({"inputs": ["hs", "Ws", "ht", "Wt"]}, two_heads,
+                      lambda o: kl_by_hand(o["hs"] @ o["Ws"].T, o["ht"] @ o["Wt"].T)),
+    "linear_jsd": ({"inputs": ["hs", "Ws", "ht", "Wt"]}, two_heads,
+                   lambda o: jsd_half_by_hand(o["hs"] @ o["Ws"].T, o["ht"] @ o["Wt"].T)),
     "triplet": ({"params": {"margin": 0.3}, "inputs": ["a", "p", "n"]},
                 lambda: {"a": torch.randn(5, 3), "p": torch.randn(5, 3), "n": torch.randn(5, 3)},
                 lambda o: F.triplet_margin_loss(o["a"], o["p"], o["n"], margin=0.3)),
