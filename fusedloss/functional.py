@@ -571,16 +571,33 @@ def _reduce_info_nce(loss: Tensor, reduction: str, n: int) -> Tensor:
 DISTILL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
+def _distill_options(reduction, temperature, ignore_index, beta):
+    """The options every distillation loss checks: returns (temperature, ignore_index, beta)."""
+    if reduction not in DISTILL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {DISTILL_REDUCTIONS}, got {reduction!r}")
+    temperature = _checks.positive("temperature", temperature)
+    beta = _checks.in_closed_unit("beta", beta)
+    return temperature, _checks.integer("ignore_index", ignore_index), beta
+
+
+def _distill_target(target, lead, ref_name, ref, shape_note):
+    """The optional class-index target of the rows: integer, the rows' leading shape, ref's device."""
+    if target is None:
+        return
+    _checks.tensor("target", target)
+    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must hold integer class indices (int64), got dtype {target.dtype}")
+    if target.shape != lead:
+        raise ValueError(f"target must have shape {tuple(lead)}{shape_note}, got {tuple(target.shape)}")
+    _checks.same_device("target", target, ref_name, ref)
+
+
 def _distill_args(student, teacher, target, temperature, ignore_index, reduction, beta):
     """Checks kl_div_logits / jsd_logits arguments; returns (C, rows of student, rows of teacher,
     flat target or None, temperature, ignore_index, beta)."""
     _checks.floating("student", student)
     _checks.floating("teacher", teacher)
-    if reduction not in DISTILL_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {DISTILL_REDUCTIONS}, got {reduction!r}")
-    temperature = _checks.positive("temperature", temperature)
-    beta = _checks.in_closed_unit("beta", beta)
-    ignore_index = _checks.integer("ignore_index", ignore_index)
+    temperature, ignore_index, beta = _distill_options(reduction, temperature, ignore_index, beta)
     if student.dim() == 0:
         raise ValueError("student must have a class dimension (its last), got a 0-dim tensor")
     if teacher.shape != student.shape:
@@ -589,14 +606,8 @@ def _distill_args(student, teacher, target, temperature, ignore_index, reduction
     C = student.shape[-1]
     if C == 0:
         raise ValueError(f"student has no classes: shape {tuple(student.shape)}")
-    if target is not None:
-        _checks.tensor("target", target)
-        if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-            raise TypeError(f"target must hold integer class indices (int64), got dtype {target.dtype}")
-        if target.shape != student.shape[:-1]:
-            raise ValueError(f"target must have shape {tuple(student.shape[:-1])} for student of shape "
-                             f"{tuple(student.shape)}, got {tuple(target.shape)}")
-        _checks.same_device("target", target, "student", student)
+    _distill_target(target, student.shape[:-1], "student", student,
+                    f" for student of shape {tuple(student.shape)}")
     return C, temperature, ignore_index, beta
 
 
@@ -660,11 +671,7 @@ def _linear_distill(student_input, student_weight, teacher_input, teacher_weight
                         ("teacher_input", teacher_input), ("teacher_weight", teacher_weight)):
         _checks.floating(name, value)
         _checks.same_device(name, value, "student_input", student_input)
-    if reduction not in DISTILL_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {DISTILL_REDUCTIONS}, got {reduction!r}")
-    temperature = _checks.positive("temperature", temperature)
-    beta = _checks.in_closed_unit("beta", beta)
-    ignore_index = _checks.integer("ignore_index", ignore_index)
+    temperature, ignore_index, beta = _distill_options(reduction, temperature, ignore_index, beta)
     if chunk_size is not None:
         chunk_size = _checks.integer("chunk_size", chunk_size)
         if chunk_size < 1:
@@ -690,13 +697,7 @@ def _linear_distill(student_input, student_weight, teacher_input, teacher_weight
             _checks.same_device(name, b, "student_input", student_input)
             if b.shape != (V,):
                 raise ValueError(f"{name} must have shape (V,) = ({V},), got {tuple(b.shape)}")
-    if target is not None:
-        _checks.tensor("target", target)
-        if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
-            raise TypeError(f"target must hold integer class indices (int64), got dtype {target.dtype}")
-        if target.shape != lead:
-            raise ValueError(f"target must have shape {tuple(lead)}, got {tuple(target.shape)}")
-        _checks.same_device("target", target, "student_input", student_input)
+    _distill_target(target, lead, "student_input", student_input, "")
     name = _backend.resolve(backend, student_input.device)
     if name == "reference":
         out = reference.linear_kl_div(student_input, student_weight, teacher_input, teacher_weight, target,

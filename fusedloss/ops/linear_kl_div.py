@@ -75,20 +75,9 @@ class _Sweep:
                 continue
             gs, gt = self.bwd(g_rows[sl], s, t, target, stats, *self.scalars, teacher_grad)
             del s, t
-            if g_xs is not None:
-                _mm_into(g_xs[sl], gs, ws)
-            if g_ws is not None:
-                _add_mm(g_ws, gs.T, xs[sl])
-            if g_bs is not None:
-                g_bs += gs.sum(0, dtype=acc)
+            _head_grads(gs, sl, xs, ws, g_xs, g_ws, g_bs, acc)
             if teacher_grad:
-                gt = gt.to(xt.dtype)
-                if g_xt is not None:
-                    _mm_into(g_xt[sl], gt, wt)
-                if g_wt is not None:
-                    _add_mm(g_wt, gt.T, xt[sl])
-                if g_bt is not None:
-                    g_bt += gt.sum(0, dtype=acc)
+                _head_grads(gt.to(xt.dtype), sl, xt, wt, g_xt, g_wt, g_bt, acc)
         out = (g_xs, _cast(g_ws, ws), _cast(g_bs, bs), g_xt, _cast(g_wt, wt), _cast(g_bt, bt))
         return rows, out
 
@@ -108,6 +97,18 @@ def _add_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a, b)
     else:
         acc += (a @ b.to(a.dtype)).to(acc.dtype)
+
+
+def _head_grads(g: Tensor, sl: slice, x: Tensor, w: Tensor, g_x: Tensor | None, g_w: Tensor | None,
+                g_b: Tensor | None, acc: torch.dtype) -> None:
+    """One head's share of a chunk's logits gradient g = dL/dZ_c (Z = X W^T + b): dX_c = g W (written),
+    dW += g^T X_c and db += column sums of g (accumulated); each only where its buffer exists."""
+    if g_x is not None:
+        _mm_into(g_x[sl], g, w)
+    if g_w is not None:
+        _add_mm(g_w, g.T, x[sl])
+    if g_b is not None:
+        g_b += g.sum(0, dtype=acc)
 
 
 def _cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
