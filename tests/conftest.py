@@ -61,6 +61,12 @@ def backend_params(backends=KERNEL_BACKENDS):
     return params
 
 
+def with_reference(devices=None):
+    """backend_params() plus the "reference" backend on each of ``devices`` (default: those present)."""
+    return backend_params() + [pytest.param("reference", d, id=f"reference-{d}")
+                               for d in (DEVICES if devices is None else devices)]
+
+
 def interpreted(backend: str, device: str) -> bool:
     """Triton on CPU tensors: the interpreter runs each program in Python (~30 ms a program, whatever
     its size), so these tests use few rows; the GPU run (bench/gpu_check.sh) covers many rows."""

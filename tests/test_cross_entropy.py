@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (DEVICES, TOL, assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend,
-                      rows)
+                      rows, with_reference)
 
 import fusedloss
 from fusedloss import reference
@@ -642,7 +642,7 @@ def test_fwd_grad_opcheck(backend, device, dtype):
 # torch's class-index shape forms for unbatched input (issue #15): (C,) takes a 0-dim target and also a
 # (1,) one, with a 0-dim result in both cases (torch's backward refuses the (1,) form; ours has one).
 SHAPE_FORMS = [((6,), ()), ((6,), (1,)), ((1, 6), (1,)), ((1,), ()), ((3, 6), (3,))]
-WITH_REFERENCE = backend_params() + [pytest.param("reference", d, id=f"reference-{d}") for d in DEVICES]
+WITH_REFERENCE = with_reference()
 
 
 @pytest.mark.parametrize("backend,device", WITH_REFERENCE)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (DEVICES, TOL, assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend,
-                      rows)
+from conftest import (TOL, assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend,
+                      rows, with_reference)
 
 import fusedloss
 from fusedloss import reference
@@ -468,7 +468,7 @@ def test_tolerances_come_from_the_table():
 # Unbatched input (issue #15): (C,) takes a 0-dim or a (1,) target, with a 0-dim result, as torch's
 # cross_entropy (focal with gamma=0).
 SHAPE_FORMS = [((6,), ()), ((6,), (1,)), ((1, 6), (1,)), ((1,), ())]
-WITH_REFERENCE = backend_params() + [pytest.param("reference", d, id=f"reference-{d}") for d in DEVICES]
+WITH_REFERENCE = with_reference()
 
 
 @pytest.mark.parametrize("backend,device", WITH_REFERENCE)

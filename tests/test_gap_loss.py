@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, assert_close, backend_params, poison_cpu_allocator, require_backend, rows
+from conftest import assert_close, backend_params, poison_cpu_allocator, require_backend, rows, with_reference
 
 import fusedloss
 from fusedloss import reference
@@ -206,7 +206,7 @@ def test_gradcheck_float64(p, mode):
 # (one class), (C,) or (1, C), with a 0-dim or (1,) target; reduction="none" has the target's shape.
 MULTI_MARGIN_FORMS = [((), ()), ((), (1,)), ((6,), ()), ((6,), (1,)), ((1, 6), ()), ((1, 6), (1,)), ((1,), (1,)),
                       ((4, 6), (4,))]
-WITH_REFERENCE = backend_params() + [pytest.param("reference", d, id=f"reference-{d}") for d in DEVICES]
+WITH_REFERENCE = with_reference()
 
 
 @pytest.mark.parametrize("backend,device", WITH_REFERENCE)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close, backend_params, interpreted, require_backend
+from conftest import assert_close, backend_params, interpreted, require_backend, with_reference
 from harden_ops import OPS, bad_case_params, case_of, nan_rows_allowed
 
 import fusedloss
@@ -108,7 +108,7 @@ def test_bad_input(bad_input_results, op_name, backend, device, case_id):
 # --- 2. edge input: torch's answer, NaN where torch gives NaN ------------------------------------
 
 REDUCTIONS = ("none", "mean", "sum")
-ALL_BACKENDS = backend_params() + [pytest.param("reference", d, id=f"reference-{d}") for d in ("cpu", "cuda")]
+ALL_BACKENDS = with_reference(("cpu", "cuda"))
 
 
 def _loss_and_grads(fn, base: dict, view, reduction: str, cast: torch.dtype | None):

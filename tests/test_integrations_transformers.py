@@ -144,6 +144,18 @@ def head_oracle_loss(model, kw):
     return torch.nn.functional.cross_entropy(z[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
 
+def assert_16bit_rule(out, grads, hf_out, hf_grads, oracle, ref_grads):
+    """The 16-bit rule: the patched loss and gradients err against float64 (the head oracle for the
+    loss, the float64 model for the gradients) at most 4x what HF's own 16-bit computation errs."""
+    err = (out.loss.double() - oracle).abs().item()
+    hf_err = (hf_out.loss.double() - oracle).abs().item()
+    assert err <= 4 * hf_err + 1e-5, (err, hf_err)
+    for k in grads:
+        e = (grads[k].double() - ref_grads[k]).abs().max().item()
+        h = (hf_grads[k].double() - ref_grads[k]).abs().max().item()
+        assert e <= 4 * h + 1e-6 * ref_grads[k].abs().max().item(), (k, e, h)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_bfloat16_16bit_rule(family):
     """bf16 model: the patched loss (against the float64 head on the same hidden states) and the gradients
@@ -159,13 +171,7 @@ def test_bfloat16_16bit_rule(family):
     ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels)
     assert out.loss.dtype == torch.float32
     oracle = head_oracle_loss(hf, dict(input_ids=ids, labels=labels))
-    err = (out.loss.double() - oracle).abs().item()
-    hf_err = (hf_out.loss.double() - oracle).abs().item()
-    assert err <= 4 * hf_err + 1e-5, (err, hf_err)
-    for k in grads:
-        e = (grads[k].double() - ref_grads[k]).abs().max().item()
-        h = (hf_grads[k].double() - ref_grads[k]).abs().max().item()
-        assert e <= 4 * h + 1e-6 * ref_grads[k].abs().max().item(), (k, e, h)
+    assert_16bit_rule(out, grads, hf_out, hf_grads, oracle, ref_grads)
 
 
 def test_autocast_bfloat16_16bit_rule():
@@ -181,13 +187,7 @@ def test_autocast_bfloat16_16bit_rule():
         hf_out, hf_grads = loss_and_grads(hf, input_ids=ids, labels=labels)
         oracle = head_oracle_loss(hf, dict(input_ids=ids, labels=labels))
     ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels)
-    err = (out.loss.double() - oracle).abs().item()
-    hf_err = (hf_out.loss.double() - oracle).abs().item()
-    assert err <= 4 * hf_err + 1e-5, (err, hf_err)
-    for k in grads:
-        e = (grads[k].double() - ref_grads[k]).abs().max().item()
-        h = (hf_grads[k].double() - ref_grads[k]).abs().max().item()
-        assert e <= 4 * h + 1e-6 * ref_grads[k].abs().max().item(), (k, e, h)
+    assert_16bit_rule(out, grads, hf_out, hf_grads, oracle, ref_grads)
 
 
 def test_eval_no_grad_generate_return_logits_unchanged():

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend, rows
+from conftest import assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend, rows, with_reference
 
 import fusedloss
 from fusedloss import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-ALL_BACKENDS = backend_params() + [pytest.param("reference", "cpu", id="reference-cpu")]
+ALL_BACKENDS = with_reference(("cpu",))
 
 # (name, functional, kwargs): the losses and options every backend runs
 LOSSES = [

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, backend_params, interpreted, require_backend, rows
+from conftest import assert_close, interpreted, require_backend, rows, with_reference
 from test_linear_cross_entropy import assert_grads_close, check_against_reference, make_inputs, matmul_bounds
 
 import fusedloss
@@ -154,7 +154,7 @@ def test_float64_on_the_triton_backend_takes_the_chunked_path():
 
 # --- shift and return_lse on every backend ----------------------------------------------------------
 
-ALL_BACKENDS = backend_params() + [pytest.param("reference", "cpu", id="reference-cpu")]
+ALL_BACKENDS = with_reference(("cpu",))
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)

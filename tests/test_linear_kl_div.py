@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, backend_params, require_backend, rows
+from conftest import assert_close, require_backend, rows, with_reference
 
 import fusedloss
 from fusedloss._memory import cpu_peak
 
-ALL_BACKENDS = backend_params() + [pytest.param("reference", "cpu", id="reference-cpu")]
+ALL_BACKENDS = with_reference(("cpu",))
 LOSSES = [("kl-T2", "linear_kl_div", {"temperature": 2.0}), ("jsd-b0.3", "linear_jsd", {"beta": 0.3}),
           ("jsd-b1", "linear_jsd", {"beta": 1.0})]
 

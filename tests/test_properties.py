@@ -19,7 +19,7 @@ import test_gap_loss
 import test_info_nce
 import test_linear_cross_entropy
 import torch
-from conftest import FP16_SUBNORMAL_ATOL, TOL, assert_close, backend_params, interpreted, require_backend
+from conftest import FP16_SUBNORMAL_ATOL, TOL, assert_close, interpreted, require_backend, with_reference
 from harden_ops import OPS
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
@@ -39,7 +39,7 @@ settings.register_profile(
 )
 PROFILE = settings.get_profile("fusedloss")
 
-BACKENDS = backend_params() + [pytest.param("reference", d, id=f"reference-{d}") for d in ("cpu", "cuda")]
+BACKENDS = with_reference(("cpu", "cuda"))
 LOW = [torch.float32, torch.bfloat16, torch.float16]
 
 
