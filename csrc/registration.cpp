@@ -115,19 +115,23 @@ TORCH_LIBRARY(fusedloss, m) {
       "gap_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, float margin, int p, "
       "int ignore_index, bool class_normalize, bool max_mode) -> Tensor");
 
-  // InfoNCE's one kernel: log-sum-exp of the scaled similarity S = scale * query @ key.T along its
-  // rows (N,) and, when cols, along its columns (M,), without materializing S. query (N, D) and
-  // key (M, D) contiguous, one floating dtype; scale a 0-dim tensor in the accumulation dtype (1 /
-  // temperature, on the inputs' device: learnable, never read on the host). Returns lse_rows (N,)
-  // and lse_cols (M,) (shape (0,) when not cols) in the accumulation dtype. The positive logits and
-  // the reduction are left to the caller (autograd composes them).
-  m.def("info_nce_lse_fwd(Tensor query, Tensor key, Tensor scale, bool cols) -> (Tensor, Tensor)");
-  // Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j: grad_query (N, D) and
-  // grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in the accumulation dtype. The tiles of
-  // S are recomputed; no atomics: the result is deterministic.
+  // InfoNCE's one kernel (fusedloss/info_nce_math.h): log-sum-exp of the scaled similarity S = scale *
+  // query @ key.T along its rows (N,) and, when cols, along its columns (M,), and the positive logits
+  // pos_i = S_{i, labels_i} (labels (N,) int64 in [0, M); None: labels_i = i, which needs M >= N), without
+  // materializing S. query (N, D) and key (M, D) contiguous, one floating dtype; scale a 0-dim tensor in
+  // the accumulation dtype or float64 (1 / temperature, on the inputs' device: learnable, never read on
+  // the host). Returns lse_rows (N,), lse_cols (M,) ((0,) when not cols) and pos (N,) in the
+  // accumulation dtype; pos is NaN where a label is out of range (checked only on CPU). The loss
+  // lse - pos and the reduction are left to the caller (autograd composes them).
+  m.def("info_nce_lse_fwd(Tensor query, Tensor key, Tensor scale, bool cols, Tensor? labels=None) -> "
+        "(Tensor, Tensor, Tensor)");
+  // Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j + sum_i grad_pos_i pos_i:
+  // grad_query (N, D) and grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in scale's dtype.
+  // pos and labels are the forward's (pos gives (3')'s shifts). The tiles of S are recomputed; no
+  // atomics: the result is deterministic.
   m.def(
-      "info_nce_lse_bwd(Tensor grad_rows, Tensor? grad_cols, Tensor query, Tensor key, Tensor scale, "
-      "Tensor lse_rows, Tensor? lse_cols) -> (Tensor, Tensor, Tensor)");
+      "info_nce_lse_bwd(Tensor grad_rows, Tensor? grad_cols, Tensor? grad_pos, Tensor query, Tensor key, "
+      "Tensor scale, Tensor lse_rows, Tensor? lse_cols, Tensor pos, Tensor? labels=None) -> (Tensor, Tensor, Tensor)");
 
   // Distillation (fusedloss/kl_div_math.h). student and teacher (N, C), one floating dtype, unit
   // class stride; target (N,) int64 or None (rows whose target is ignore_index are skipped). jsd false:

@@ -464,12 +464,14 @@ def info_nce(
     The loss is float32 for fp16/bf16/fp32 inputs (float64 for float64); gradients have the inputs'
     dtype. fp16/bf16 rows are converted to float32 first (normalized there) and the kernels run on
     those float32 rows: rounding unit rows back to bf16 would move each logit by up to
-    ``2**-8 / temperature``, and the two parts of each row's gradient (the kernel's and the positive
+    ``2**-8 / temperature``, and the two parts of each row's gradient (the softmax's and the positive
     logit's) nearly cancel, so they are summed in float32 and rounded once.
 
-    Kernels (cpu, cuda, triton) compute only the log-sum-exps of ``S = Q K^T / temperature`` along
-    rows (and columns), streaming tiles of S (forward and backward); the positive logits, the
-    symmetric average and the reduction are PyTorch ops on ``(N,)`` vectors. Labels are checked
+    Kernels (cpu, cuda, triton) compute the log-sum-exps of ``S = Q K^T / temperature`` along rows
+    (and columns) and the positive logits, streaming tiles of S (forward and backward); the loss
+    ``lse - positive``, the symmetric average and the reduction are PyTorch ops on ``(N,)`` vectors.
+    The temperature's gradient is summed in float64 with the positives inside the kernel, at least as
+    accurate as plain PyTorch's float32 formulation. Labels are checked
     against ``[0, M)`` for CPU tensors (IndexError); elsewhere, without a host sync, a query whose
     label is out of range gets a NaN loss (and NaN gradients), as cross_entropy does on GPU.
     """
@@ -516,9 +518,9 @@ def info_nce(
         return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
 
     # The kernels run on rows in the accumulation dtype (float32 copies of fp16/bf16 rows): the
-    # gradient of a query is the difference of two nearly equal terms, scale * (sum_j P_ij k_j -
-    # k_{labels_i}), one from the kernel and one from the positive logit; each rounded to bf16 on its
-    # own, their sum would lose far more than one bf16 rounding. Cast back once, by autograd.
+    # gradient of a query is scale * (sum_j P_ij k_j - k_{labels_i}), two nearly equal terms that the
+    # kernel sums in float32 before one rounding; each rounded to bf16 on its own, their sum would lose
+    # far more. Cast back once, by autograd.
     acc = acc_dtype(query.dtype)
     q = query.to(acc)
     k = key.to(acc)
@@ -528,26 +530,14 @@ def info_nce(
     q = q.contiguous()
     k = k.contiguous()
     if isinstance(temperature, Tensor):
-        # float64: the kernel's part of d scale and the positive logits' part below nearly cancel (at
-        # a low temperature); summed in float64 and rounded once, the temperature's gradient is as
-        # accurate as plain PyTorch's (see (3') in csrc/include/fusedloss/info_nce_math.h).
+        # float64: the temperature's gradient is summed in double and rounded once (see (3') in
+        # csrc/include/fusedloss/info_nce_math.h), then autograd's division by -t^2 in float64.
         scale = torch.reciprocal(temperature.to(torch.float64))
     else:
         scale = torch.full((), 1.0 / temperature, dtype=acc, device=query.device)
-    lse_rows, lse_cols = _nce.forward_op(name)(q, k, scale, bool(symmetric))
-    # The positive logit of each query, s_i = scale * q_i . k_{labels_i}, composed by autograd.
-    k_pos = k[:N] if labels is None else k.index_select(0, labels)
-    dots = torch.linalg.vecdot(q, k_pos)
-    if scale.dtype != dots.dtype:
-        # d scale's positive part is sum_i g_i (q_i . k_i); the kernel's part holds the same dots
-        # rounded its own way (BLAS tiles). Their float32 rounding errors would not cancel and
-        # dominate the temperature's gradient, so this part uses float64 dots (values only: q's and
-        # k's gradients still flow through the float32 dots), chunked to bound the transient copies.
-        with torch.no_grad():
-            exact = torch.cat([torch.linalg.vecdot(q[i:i + 4096].double(), k_pos[i:i + 4096].double())
-                               for i in range(0, N, 4096)]) if N else dots.double()
-        dots = dots.to(scale.dtype) + (exact - dots.to(scale.dtype)).detach()
-    pos = (dots * scale).to(acc)
+    # pos: each query's positive logit, from the kernel's own tile of S (the gradient of a sharp row
+    # then cancels inside the kernel, element by element, as plain PyTorch's softmax - one_hot does).
+    lse_rows, lse_cols, pos = _nce.forward_op(name)(q, k, scale, bool(symmetric), labels)
     loss = lse_rows - pos
     if symmetric:
         loss = 0.5 * (loss + (lse_cols - pos))

@@ -32,11 +32,13 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 namespace fusedloss {
@@ -154,9 +156,12 @@ void merge_tile_cols(const acc_t* tile, int64_t nq, int64_t nk, acc_t* cmax, acc
   for (int64_t j = 0; j < nk; ++j) run[j] = info_nce::merge_part(run[j], cmax[j], csum[j]);
 }
 
+// The positive label of query row i: labels[i], or i without labels.
+inline int64_t label_of(const int64_t* labels, int64_t i) { return labels ? labels[i] : i; }
+
 template <typename acc_t>
 void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, bool cols,
-                    acc_t* lse_r, acc_t* lse_c) {
+                    const int64_t* labels, acc_t* lse_r, acc_t* lse_c, acc_t* pos) {
   const int64_t bq = query_tile_rows(N);
   const int64_t q_tiles = ceil_div(N, bq), k_tiles = ceil_div(M, kBK);
   const int64_t parts = num_parts(q_tiles);
@@ -173,6 +178,10 @@ void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
           const int64_t j0 = kt * kBK, nk = std::min(kBK, M - j0);
           tile_products(q + i0 * D, k + j0 * D, nq, nk, D, tile.data());
           scale_tile(tile.data(), nq * nk, scale);
+          for (int64_t r = 0; r < nq; ++r) {  // the positive, from the same S as the lse
+            const int64_t l = label_of(labels, i0 + r) - j0;
+            if (l >= 0 && l < nk) pos[i0 + r] = tile[r * nk + l];
+          }
           merge_tile_rows(tile.data(), nq, nk, row_run.data());
           if (cols) merge_tile_cols(tile.data(), nq, nk, cmax.data(), csum.data(), col_run.data() + p * M + j0);
         }
@@ -192,14 +201,27 @@ void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
 
 // ---- backward ---------------------------------------------------------------------------------
 
-// One tile of (1): on entry the unscaled products T = Q_t K_t^T, on exit scale * P (what both
-// gradient products need). Adds the tile's parts of (3') (info_nce_math.h): per row sum_j e_ij T_ij
-// and sum_j e_ij to row_num / row_den (nq rows), and with the columns the same per column over the
-// tile's rows to col_num / col_den (nk columns; cnum / cden are the tile's float32 scratch for them).
+// Per-row inputs of one tile's rows: g, lse_r, the positive's weight u (nullptr: none), the row's
+// label relative to the tile's first column (outside [0, nk): not in this tile) and its shift c.
 template <typename acc_t>
-void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t* g, const acc_t* lse_r,
-                 const acc_t* h, const acc_t* lse_c, double* row_num, double* row_den, acc_t* cnum, acc_t* cden,
-                 double* col_num, double* col_den) {
+struct TileRows {
+  const acc_t* g;
+  const acc_t* lse_r;
+  const acc_t* u;
+  const int64_t* label;  // absolute column indices (nullptr: the row's own index)
+  int64_t i0, j0;        // the tile's first row and column
+  const acc_t* c;        // the shifts c_i of (3'), from the tile's first row
+};
+
+// One tile of (1): on entry the unscaled products T = Q_t K_t^T, on exit scale * P (what both
+// gradient products need). Adds the tile's parts of (3') (info_nce_math.h): per row sum_j e_ij (T_ij -
+// c_i) and sum_j e_ij to row_num / row_den (nq rows), the positive's T - c to row_pos, and with the
+// columns the same per column over the tile's rows, shifted by cc, to col_num / col_den (nk columns;
+// cnum / cden are the tile's float32 scratch for them).
+template <typename acc_t>
+void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const TileRows<acc_t>& rows, const acc_t* h,
+                 const acc_t* lse_c, const acc_t* cc, double* row_num, double* row_den, acc_t* row_pos, acc_t* cnum,
+                 acc_t* cden, double* col_num, double* col_den) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t nv = nk - nk % V;
@@ -211,13 +233,18 @@ void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t* 
   }
   for (int64_t r = 0; r < nq; ++r) {
     acc_t* t = tile + r * nk;
-    const acc_t gr = g[r], lr = lse_r[r];
-    if (gr == acc_t(0) && !has_cols) {  // the row has no gradient at all
+    const acc_t gr = rows.g[r], lr = rows.lse_r[r], cr = rows.c[r];
+    const acc_t ur = rows.u ? rows.u[r] : acc_t(0);
+    const int64_t l = label_of(rows.label, rows.i0 + r) - rows.j0;
+    const bool pos_here = l >= 0 && l < nk;
+    if (gr == acc_t(0) && ur == acc_t(0) && !has_cols) {  // the row has no gradient at all
       std::fill(t, t + nk, acc_t(0));
       continue;
     }
-    // The vector form of grad_s (info_nce_math.h), term by term: g e_r, plus h e_c where h != 0.
-    const Vec vg(gr), vlr(lr);
+    const acc_t t_pos = pos_here ? t[l] : acc_t(0);  // read before the loop overwrites it with P
+    // The vector form of grad_s (info_nce_math.h), term by term: g e_r, plus h e_c where h != 0; the
+    // positive's u is added to its element below.
+    const Vec vg(gr), vlr(lr), vc(cr);
     Vec num(acc_t(0)), den(acc_t(0));
     for (int64_t j = 0; j < nv; j += V) {
       const Vec tv = Vec::loadu(t + j);
@@ -228,10 +255,10 @@ void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t* 
         const Vec hv = Vec::loadu(h + j);
         const Vec ec = Vec::blendv(zero, fl_exp(s - Vec::loadu(lse_c + j)), hv != zero);
         p = p + hv * ec;
-        (Vec::loadu(cnum + j) + ec * tv).store(cnum + j);
+        (Vec::loadu(cnum + j) + ec * (tv - Vec::loadu(cc + j))).store(cnum + j);
         (Vec::loadu(cden + j) + ec).store(cden + j);
       }
-      num = num + er * tv;
+      num = num + er * (tv - vc);
       den = den + er;
       (p * vscale).store(t + j);
     }
@@ -243,12 +270,20 @@ void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t* 
       if (has_cols) {
         const acc_t ec = info_nce::softmax_weight(s, h[j], lse_c[j]);
         p += h[j] * ec;
-        cnum[j] += ec * t[j];
+        cnum[j] += ec * (t[j] - cc[j]);
         cden[j] += ec;
       }
-      rn += er * t[j];
+      rn += er * (t[j] - cr);
       rd += er;
       t[j] = p * scale;
+    }
+    if (pos_here) {
+      // The positive's element again, whole: (g e + h e_c) + u before the one multiplication by
+      // scale, so that a one-hot row cancels before rounding (grad_s with u).
+      const acc_t s = t_pos * scale;
+      t[l] = info_nce::grad_s(s, gr, lr, has_cols, has_cols ? h[l] : acc_t(0), has_cols ? lse_c[l] : acc_t(0), ur) *
+             scale;
+      row_pos[r] = t_pos - cr;
     }
     row_num[r] += static_cast<double>(rn);
     row_den[r] += static_cast<double>(rd);
@@ -263,7 +298,8 @@ void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const acc_t* 
 
 template <typename acc_t>
 double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, const acc_t* g,
-                      const acc_t* h, const acc_t* lse_r, const acc_t* lse_c, acc_t* dq, acc_t* dk) {
+                      const acc_t* h, const acc_t* u, const acc_t* lse_r, const acc_t* lse_c, const acc_t* pos,
+                      const int64_t* labels, acc_t* dq, acc_t* dk) {
   const int64_t bq = query_tile_rows(N);
   const int64_t q_tiles = ceil_div(N, bq), k_tiles = ceil_div(M, kBK);
   const int64_t parts = num_parts(q_tiles);
@@ -272,11 +308,15 @@ double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int6
   const auto dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
   auto extra_t = at::empty({parts > 1 ? (parts - 1) * M * D : 0}, at::TensorOptions().dtype(dt));
   acc_t* extra = static_cast<acc_t*>(extra_t.mutable_data_ptr());
+  // (3')'s shifts: c_i per query row; c'_j = c_j per key column j < N, else 0 (with the columns).
+  std::vector<acc_t> c(N), cc(h ? M : 0, acc_t(0));
+  for (int64_t i = 0; i < N; ++i) c[i] = info_nce::shift_of(pos[i], scale);
+  for (int64_t j = 0; j < std::min<int64_t>(N, cc.size()); ++j) cc[j] = c[j];
   // (3'): the rows' part per part; the columns' sums per part (num then den, M each), merged below.
   std::vector<double> dscale_part(parts, 0.0);
   std::vector<double> col_sums(h ? parts * 2 * M : 0, 0.0);
   at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<acc_t> tile(kBQ * kBK), cnum(h ? kBK : 0), cden(h ? kBK : 0);
+    std::vector<acc_t> tile(kBQ * kBK), cnum(h ? kBK : 0), cden(h ? kBK : 0), row_pos(kBQ);
     std::vector<double> row_num(kBQ), row_den(kBQ);
     for (int64_t p = p_begin; p < p_end; ++p) {
       acc_t* dkp = p == 0 ? dk : extra + (p - 1) * M * D;
@@ -292,20 +332,23 @@ double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int6
         dq_t.zero_();
         std::fill(row_num.begin(), row_num.end(), 0.0);
         std::fill(row_den.begin(), row_den.end(), 0.0);
+        // A label that never comes (out of range) leaves NaN, as the forward's pos.
+        std::fill(row_pos.begin(), row_pos.end(), std::numeric_limits<acc_t>::quiet_NaN());
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
           const int64_t j0 = kt * kBK, nk = std::min(kBK, M - j0);
           tile_products(q + i0 * D, k + j0 * D, nq, nk, D, tile.data());
-          tile_grad_s(tile.data(), nq, nk, scale, g + i0, lse_r + i0, h ? h + j0 : nullptr,
-                      lse_c ? lse_c + j0 : nullptr, row_num.data(), row_den.data(), cnum.data(), cden.data(),
-                      h ? col_num + j0 : nullptr, h ? col_den + j0 : nullptr);
+          const TileRows<acc_t> rows{g + i0, lse_r + i0, u ? u + i0 : nullptr, labels, i0, j0, c.data() + i0};
+          tile_grad_s(tile.data(), nq, nk, scale, rows, h ? h + j0 : nullptr, lse_c ? lse_c + j0 : nullptr,
+                      h ? cc.data() + j0 : nullptr, row_num.data(), row_den.data(), row_pos.data(), cnum.data(),
+                      cden.data(), h ? col_num + j0 : nullptr, h ? col_den + j0 : nullptr);
           if (D == 0) continue;
           auto p_t = view2d(tile.data(), nq, nk);
           dq_t.addmm_(p_t, view2d(k + j0 * D, nk, D));                      // (2): dQ_t += (scale P) K_t
           view2d(dkp + j0 * D, nk, D).addmm_(p_t.t(), q_t);                 // (2): dK_t += (scale P)^T Q_t
         }
         for (int64_t r = 0; r < nq; ++r) {
-          const acc_t gr = g[i0 + r];
-          if (gr != acc_t(0)) ds += static_cast<double>(gr) * info_nce::softmax_mean(row_num[r], row_den[r]);
+          ds += info_nce::dscale_row(g[i0 + r], row_num[r], row_den[r], u ? u[i0 + r] : acc_t(0), row_pos[r],
+                                     c[i0 + r]);
         }
       }
       dscale_part[p] = ds;
@@ -330,7 +373,7 @@ double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int6
         num += col_sums[p * 2 * M + j];
         den += col_sums[p * 2 * M + M + j];
       }
-      ds += static_cast<double>(h[j]) * info_nce::softmax_mean(num, den);
+      ds += info_nce::dscale_col(h[j], num, den, cc[j]);
     }
   }
   return ds;
@@ -341,33 +384,40 @@ at::Tensor as_acc(const at::Tensor& x, at::ScalarType acc) {
   return x.scalar_type() == acc ? x : x.to(acc);
 }
 
-std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
-                                                        const at::Tensor& scale, bool cols) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                                    const at::Tensor& scale, bool cols,
+                                                                    const std::optional<at::Tensor>& labels) {
   const auto acc = check_info_nce_args(query, key, scale);
+  check_info_nce_labels(labels, query, key);
   const int64_t N = query.size(0), M = key.size(0), D = query.size(1);
   auto lse_rows = at::empty({N}, query.options().dtype(acc));
   auto lse_cols = at::empty({cols ? M : 0}, query.options().dtype(acc));
+  auto pos = at::full({N}, std::numeric_limits<double>::quiet_NaN(), query.options().dtype(acc));
   const auto q = as_acc(query, acc), k = as_acc(key, acc);
+  const auto lab = labels ? labels->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_lse_fwd_cpu", [&] {
     lse_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D,
-                             scale.item<scalar_t>(), cols, lse_rows.mutable_data_ptr<scalar_t>(),
-                             cols ? lse_cols.mutable_data_ptr<scalar_t>() : nullptr);
+                             scale.item<scalar_t>(), cols, labels ? lab.const_data_ptr<int64_t>() : nullptr,
+                             lse_rows.mutable_data_ptr<scalar_t>(),
+                             cols ? lse_cols.mutable_data_ptr<scalar_t>() : nullptr, pos.mutable_data_ptr<scalar_t>());
   });
-  return {lse_rows, lse_cols};
+  return {lse_rows, lse_cols, pos};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
-    const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_cols, const at::Tensor& query,
-    const at::Tensor& key, const at::Tensor& scale, const at::Tensor& lse_rows,
-    const std::optional<at::Tensor>& lse_cols) {
-  check_info_nce_bwd_args(grad_rows, grad_cols, query, key, scale, lse_rows, lse_cols);
+    const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_cols, const std::optional<at::Tensor>& grad_pos,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const at::Tensor& lse_rows,
+    const std::optional<at::Tensor>& lse_cols, const at::Tensor& pos, const std::optional<at::Tensor>& labels) {
+  check_info_nce_bwd_args(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows, lse_cols, pos, labels);
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = query.size(0), M = key.size(0), D = query.size(1);
   const bool cols = grad_cols.has_value();
   const auto q = as_acc(query, acc), k = as_acc(key, acc);
-  const auto g = grad_rows.contiguous(), lr = lse_rows.contiguous();
+  const auto g = grad_rows.contiguous(), lr = lse_rows.contiguous(), ps = pos.contiguous();
   const auto h = cols ? grad_cols->contiguous() : at::Tensor();
   const auto lc = cols ? lse_cols->contiguous() : at::Tensor();
+  const auto u = grad_pos ? grad_pos->contiguous() : at::Tensor();
+  const auto lab = labels ? labels->contiguous() : at::Tensor();
   // The gradients are accumulated in the accumulation dtype, in place for float32/float64 inputs.
   auto dq = at::empty({N, D}, query.options().dtype(acc));
   auto dk = at::empty({M, D}, query.options().dtype(acc));
@@ -378,8 +428,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_lse_bwd_cpu", [&] {
     const double ds = lse_bwd_kernel<scalar_t>(
         q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D, scale.item<scalar_t>(),
-        g.const_data_ptr<scalar_t>(), cols ? h.const_data_ptr<scalar_t>() : nullptr, lr.const_data_ptr<scalar_t>(),
-        cols ? lc.const_data_ptr<scalar_t>() : nullptr, dq.mutable_data_ptr<scalar_t>(),
+        g.const_data_ptr<scalar_t>(), cols ? h.const_data_ptr<scalar_t>() : nullptr,
+        grad_pos ? u.const_data_ptr<scalar_t>() : nullptr, lr.const_data_ptr<scalar_t>(),
+        cols ? lc.const_data_ptr<scalar_t>() : nullptr, ps.const_data_ptr<scalar_t>(),
+        labels ? lab.const_data_ptr<int64_t>() : nullptr, dq.mutable_data_ptr<scalar_t>(),
         dk.mutable_data_ptr<scalar_t>());
     dscale.fill_(ds);
   });

@@ -11,9 +11,11 @@
 // Forward: a block computes the dot tile Q_own K_tile^T into shared memory, then each of its
 //   rows takes 4 lanes of 16 columns each; a lane folds its columns' max and sum exp into its
 //   running Lse (merge_part), and at the end the 4 lanes of a row merge in a fixed butterfly and
-//   the first writes finish(). Query blocks write lse_rows, key blocks lse_cols (only with cols).
+//   the first writes finish(). Query blocks write lse_rows and, from the lane whose column is the
+//   row's label, the positive pos (the value that lane merged); key blocks lse_cols (only with cols).
 // Backward: a query block streams the key tiles; per tile it recomputes the dot tile, turns it
-//   into P (grad_s, (1)) in shared memory, adds its rows' sums of (3') to its dscale partial, and
+//   into P (grad_s, (1), the positive's u at its label's column) in shared memory, adds its rows'
+//   sums of (3') to its dscale partial, and
 //   for each 64-column chunk of D adds scale * P K_tile to its rows of dQ. A key block does the
 //   same with P^T and Q: dK. The partial sums of dQ over key tiles live in an fp32 buffer of
 //   (N, D) (the output itself for fp32 / fp64); the last key tile writes the output dtype. Each
@@ -54,6 +56,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -65,6 +68,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -118,7 +122,8 @@ constexpr int align128(int64_t bytes) { return static_cast<int>((bytes + 127) / 
 //   A, B: the dot operands (own rows, other rows) x kDotK columns of D, in op_t.
 //   S:    the 64 x 64 dot tile (unscaled q . k) in acc_t; the SIMT backward overwrites it with P.
 //   P parts, row_exp (WMMA backward): P' = P 2^e as kSplits 16-bit tiles, e per row.
-//   col_g, col_l (backward): the other side's gradient weight and lse for the tile's columns.
+//   col_g, col_l (backward): the other side's gradient weight and lse for the tile's columns;
+//   col_lab, col_u (backward, key blocks): the columns' (queries') labels and positive weights u.
 //   V (backward) = the chunk operand (other rows) x kChunk columns, over A and B.
 //   O (WMMA backward) = the fp32 output chunk from the fragments, over S.
 template <typename scalar_t, typename acc_t, bool kTC>
@@ -143,7 +148,9 @@ struct Layout {
   static constexpr int kRowExp = kP + kSplits * kPartBytes;
   static constexpr int kColG = align128(kRowExp + int64_t(kTile) * sizeof(int));
   static constexpr int kColL = align128(kColG + int64_t(kTile) * sizeof(acc_t));
-  static constexpr int kBwdBytes = align128(kColL + int64_t(kTile) * sizeof(acc_t));
+  static constexpr int kColU = align128(kColL + int64_t(kTile) * sizeof(acc_t));
+  static constexpr int kColLab = align128(kColU + int64_t(kTile) * sizeof(acc_t));
+  static constexpr int kBwdBytes = align128(kColLab + int64_t(kTile) * sizeof(int64_t));
   static constexpr int kV = kA;
   static constexpr int kO = kS;
   static_assert(int64_t(kTile) * kLdV * sizeof(op_t) <= kS - kV, "V fits over A and B");
@@ -359,9 +366,14 @@ struct FwdArgs {
   const acc_t* scale;     // 0-dim, read on the device
   acc_t* lse_rows;        // (n,), by the query blocks
   acc_t* lse_cols;        // (m,), by the key blocks (launched only with cols)
+  const int64_t* labels;  // (n,) contiguous, the positives' keys; nullptr: query i's is key i
+  acc_t* pos;             // (n,), by the query blocks (NaN-filled: a label never met stays NaN)
   int64_t tiles_q;
   bool vec;               // 16-byte operand loads (WMMA path)
 };
+
+// The positive key of query row i.
+__device__ __forceinline__ int64_t label_of(const int64_t* labels, int64_t i) { return labels ? labels[i] : i; }
 
 template <typename scalar_t, typename acc_t, bool kTC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_fwd_kernel(const FwdArgs<scalar_t, acc_t> a) {
@@ -373,6 +385,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_fwd_kernel(
   const int sub = static_cast<int>(threadIdx.x) % kLanesPerRow;
   const acc_t* S_row = smem_at<acc_t>(smem, L::kS) + r * L::kLdS;
 
+  // The row's positive column (query blocks); -1 matches no column.
+  const int64_t label = t.own_is_query && r < t.own_rows ? label_of(a.labels, t.r0 + r) : -1;
   Lse<acc_t> run = empty_lse<acc_t>();
   for (int64_t c0 = 0; c0 < t.n_other; c0 += kTile) {
     const int other_rows = static_cast<int>(std::min<int64_t>(kTile, t.n_other - c0));
@@ -385,6 +399,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_fwd_kernel(
       const int c = sub + kLanesPerRow * k;
       x[k] = c < other_rows ? scale * S_row[c] : -fl_inf<acc_t>();
       tile_max = fl_max(tile_max, x[k]);
+      if (c < other_rows && c0 + c == label) a.pos[t.r0 + r] = x[k];  // one lane of one tile: one writer
     }
     acc_t tile_sum = 0;
 #pragma unroll
@@ -417,6 +432,12 @@ struct BwdArgs {
   const acc_t* lse_c;
   int64_t lse_c_stride;
   bool has_cols;
+  // The positives: u_i (nullptr: no positive term), any stride; labels (nullptr: i); the forward's
+  // pos (contiguous), whose pos / scale are (3')'s shifts.
+  const acc_t* u;
+  int64_t u_stride;
+  const int64_t* labels;
+  const acc_t* pos;
   // dQ (n, d) and dK (m, d) in the input dtype, and their running sums over the streamed tiles
   // in acc_t: the outputs themselves when scalar_t == acc_t, else scratch (nullptr when a single
   // streamed tile makes it unnecessary).
@@ -581,8 +602,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
     row_w = own_w[(t.r0 + r) * own_ws];
     row_l = own_l[(t.r0 + r) * own_ls];
   }
+  // The positive of a query row: its label's column and weight u; (3')'s shift of the own row: c_i
+  // for a query, c'_j = c_j (j < n) for a key (info_nce_math.h).
+  int64_t row_lab = -1;
+  acc_t row_u = 0, row_c = 0;
+  if (row_valid) {
+    const int64_t i = t.r0 + r;
+    if (q) {
+      row_lab = label_of(a.labels, i);
+      if (a.u != nullptr) row_u = a.u[i * a.u_stride];
+    }
+    if (q || i < a.n) row_c = shift_of(a.pos[i], scale);
+  }
+  acc_t row_tpos = fl_nan<acc_t>();  // T[i, l_i] - c_i, once the label's column came
   acc_t* col_w = smem_at<acc_t>(smem, L::kColG);
   acc_t* col_l = smem_at<acc_t>(smem, L::kColL);
+  acc_t* col_u = smem_at<acc_t>(smem, L::kColU);
+  int64_t* col_lab = smem_at<int64_t>(smem, L::kColLab);
   const acc_t* S_row = smem_at<acc_t>(smem, L::kS) + r * L::kLdS;
 
   // (3') for this block's own rows (queries: the row direction; keys: the column direction): this
@@ -603,6 +639,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
       }
       col_w[c] = w;
       col_l[c] = l;
+      // Key blocks: the streamed queries' labels and u (the positive (i, l_i) lies in key row l_i).
+      int64_t lab = -1;
+      acc_t uc = 0;
+      if (!q && c < other_rows) {
+        lab = label_of(a.labels, c0 + c);
+        if (a.u != nullptr) uc = a.u[(c0 + c) * a.u_stride];
+      }
+      col_lab[c] = lab;
+      col_u[c] = uc;
     }
     dot_tile<scalar_t, acc_t, kTC>(smem, t.own, t.own_rows, other, other_rows, d, a.vec);  // ends with a barrier
 
@@ -622,7 +667,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
         const acc_t e_own = own_has ? softmax_weight(s, row_w, row_l) : acc_t(0);
         const acc_t e_oth = oth_has ? softmax_weight(s, col_w[c], col_l[c]) : acc_t(0);
         pk = q ? row_w * e_own + col_w[c] * e_oth : col_w[c] * e_oth + row_w * e_own;
-        tile_num += e_own * dot;
+        // The positive's u last, as grad_s adds it: a one-hot row cancels before any rounding.
+        if (q && c0 + c == row_lab) {
+          pk += row_u;
+          row_tpos = dot - row_c;
+        } else if (!q && col_lab[c] == t.r0 + r) {
+          pk += col_u[c];
+        }
+        tile_num += e_own * (dot - row_c);
         tile_den += e_own;
       }
       p[k] = pk;
@@ -652,14 +704,24 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
   }
   // (3'): the 4 lanes of a row merge their sums in a fixed butterfly (every lane gets the same bits),
   // the first adds w num / den, and the block's rows are summed in a fixed tree.
+  // The lane that met the row's positive holds T - c, the others NaN: every lane gets the number.
 #pragma unroll
   for (int off = 1; off < kLanesPerRow; off *= 2) {
     own_num += shfl_xor(own_num, off);
     own_den += shfl_xor(own_den, off);
+    {
+      const acc_t other = shfl_xor(row_tpos, off);
+      row_tpos = row_tpos == row_tpos ? row_tpos : other;  // at most one lane holds a number
+    }
   }
   double mine = 0.0;
-  if (sub == 0 && row_valid && own_has && row_w != acc_t(0)) {
-    mine = static_cast<double>(row_w) * softmax_mean(own_num, own_den);
+  if (sub == 0 && row_valid) {
+    // dscale_row for a query (u = 0 without positives); a key's column is dscale_col's h (num / den + c').
+    if (q) {
+      mine = dscale_row(row_w, own_num, own_den, row_u, row_tpos, row_c);
+    } else if (own_has) {
+      mine = dscale_col(row_w, own_num, own_den, row_c);
+    }
   }
   const double total = block_allreduce(mine, red, 0.0, [](double x, double y) { return x + y; });
   if (threadIdx.x == 0) a.dscale_partial[blockIdx.x] = total;
@@ -699,6 +761,23 @@ void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
   TORCH_CHECK(scale.scalar_type() == acc || scale.scalar_type() == at::kDouble, "fusedloss: ", op, ": scale must be ",
               acc, " or float64 for ", dt, " inputs, got ", scale.scalar_type());
   TORCH_CHECK(scale.device() == query.device(), "fusedloss: ", op, ": scale is on ", scale.device(),
+              " but query is on ", query.device());
+}
+
+// labels: (n,) int64 on query's device (values not read: no sync); none means query i's key is i.
+void check_labels(const std::optional<at::Tensor>& labels, const at::Tensor& query, const at::Tensor& key,
+                  const char* op) {
+  const int64_t n = query.size(0), m = key.size(0);
+  if (!labels.has_value()) {
+    TORCH_CHECK(m >= n, "fusedloss: ", op, ": without labels (labels_i = i) there must be at least as many keys as "
+                "queries, got N=", n, " and M=", m);
+    return;
+  }
+  TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n, "fusedloss: ", op, ": labels must have shape (", n,
+              ",), got ", labels->sizes());
+  TORCH_CHECK(labels->scalar_type() == at::kLong, "fusedloss: ", op, ": labels must be int64, got ",
+              labels->scalar_type());
+  TORCH_CHECK(labels->device() == query.device(), "fusedloss: ", op, ": labels is on ", labels->device(),
               " but query is on ", query.device());
 }
 
@@ -759,10 +838,12 @@ bool vec_ok(const scalar_t* query, const scalar_t* key, int64_t d) {
   return d % 8 == 0 && cuda_utils::is_aligned16(query) && cuda_utils::is_aligned16(key);
 }
 
-std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
-                                                         const at::Tensor& scale, bool cols) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
+                                                                     const at::Tensor& scale, bool cols,
+                                                                     const std::optional<at::Tensor>& labels) {
   constexpr const char* op = "info_nce_lse_fwd";
   check_inputs(query, key, scale, op);
+  check_labels(labels, query, key, op);
   const c10::cuda::CUDAGuard device_guard(query.device());
   const int64_t n = query.size(0);
   const int64_t m = key.size(0);
@@ -770,9 +851,12 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(const at::Tensor& query
   const auto acc_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse_rows = at::empty({n}, query.options().dtype(acc_dtype));
   at::Tensor lse_cols = at::empty({cols ? m : 0}, query.options().dtype(acc_dtype));
+  // NaN where a label's column never comes (out of range): the kernel writes only what it meets.
+  at::Tensor pos = at::full({n}, std::numeric_limits<double>::quiet_NaN(), query.options().dtype(acc_dtype));
+  const at::Tensor lab = labels.has_value() ? labels->contiguous() : at::Tensor();
   const int64_t tiles_q = ceil_div(n, kTile);
   const int64_t blocks = tiles_q + (cols ? ceil_div(m, kTile) : 0);
-  if (blocks == 0) return {lse_rows, lse_cols};
+  if (blocks == 0) return {lse_rows, lse_cols, pos};
   TORCH_CHECK(blocks <= cuda_utils::kMaxGrid, "fusedloss: ", op, ": N + M too large for one grid");
   check_device_arch(query.scalar_type(), query.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -789,17 +873,19 @@ std::tuple<at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(const at::Tensor& query
     args.scale = scale_acc.const_data_ptr<acc_t>();
     args.lse_rows = lse_rows.mutable_data_ptr<acc_t>();
     args.lse_cols = cols ? lse_cols.mutable_data_ptr<acc_t>() : nullptr;
+    args.labels = lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr;
+    args.pos = pos.mutable_data_ptr<acc_t>();
     args.tiles_q = tiles_q;
     args.vec = vec_ok(args.query, args.key, d);
     launch_fwd(args, blocks, stream);
   });
-  return {lse_rows, lse_cols};
+  return {lse_rows, lse_cols, pos};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
-    const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_cols, const at::Tensor& query,
-    const at::Tensor& key, const at::Tensor& scale, const at::Tensor& lse_rows,
-    const std::optional<at::Tensor>& lse_cols) {
+    const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_cols, const std::optional<at::Tensor>& grad_pos,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const at::Tensor& lse_rows,
+    const std::optional<at::Tensor>& lse_cols, const at::Tensor& pos, const std::optional<at::Tensor>& labels) {
   constexpr const char* op = "info_nce_lse_bwd";
   check_inputs(query, key, scale, op);
   const int64_t n = query.size(0);
@@ -807,6 +893,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
   const int64_t d = query.size(1);
   check_vector(grad_rows, n, query, "grad_rows", op);
   check_vector(lse_rows, n, query, "lse_rows", op);
+  check_vector(pos, n, query, "pos", op);
+  if (grad_pos.has_value()) check_vector(*grad_pos, n, query, "grad_pos", op);
+  check_labels(labels, query, key, op);
+  const at::Tensor lab = labels.has_value() ? labels->contiguous() : at::Tensor();
+  const at::Tensor pos_c = pos.contiguous();
   // The column direction takes part when grad_cols is given (the forward ran with cols=True).
   const bool has_cols = grad_cols.has_value();
   if (has_cols) {
@@ -854,6 +945,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
     args.h_stride = has_cols ? grad_cols->stride(0) : 0;
     args.lse_c = has_cols ? lse_cols->const_data_ptr<acc_t>() : nullptr;
     args.lse_c_stride = has_cols ? lse_cols->stride(0) : 0;
+    args.u = grad_pos.has_value() ? grad_pos->const_data_ptr<acc_t>() : nullptr;
+    args.u_stride = grad_pos.has_value() ? grad_pos->stride(0) : 0;
+    args.labels = lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr;
+    args.pos = pos_c.const_data_ptr<acc_t>();
     args.grad_q = grad_query.mutable_data_ptr<scalar_t>();
     args.grad_k = grad_key.mutable_data_ptr<scalar_t>();
     args.buf_q = kSame ? grad_query.mutable_data_ptr<acc_t>() : (buf_q.defined() ? buf_q.mutable_data_ptr<acc_t>() : nullptr);

@@ -4,10 +4,13 @@ The math follows csrc/include/fusedloss/info_nce_math.h, with its names. S = sca
 is never held: every kernel streams tiles of it, recomputed from Q and K with tl.dot.
   forward   lse_r_i = log sum_j exp(S_ij), lse_c_j = log sum_i exp(S_ij), each a running
             (max, sum exp) over the tiles of one row (column) block, flash-attention's online softmax
-  (1)       P_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j)     (h, lse_c: column direction)
+  positives pos_i = S[i, l_i] (l = labels, or i), from the forward's own tile
+  (1)       P_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j) + u_i [j = l_i]
+            (h, lse_c: column direction; u: the positives' upstream gradient)
   (2)       dQ_i = scale sum_j P_ij K_j,   dK_j = scale sum_i P_ij Q_i
   (3)       dscale = sum_ij P_ij (Q_i . K_j), from the unscaled dot products (scale never divides),
-            summed as (3'): per row (column) normalized by its sum of exp(S - lse), in float64
+            summed as (3'): per row (column) normalized by its sum of exp(S - lse) and shifted by
+            c_i = pos_i / scale, the positive's own term separately, in float64
 
 Rows and columns are the same problem with Q and K swapped (S^T = scale K Q^T), so each kernel is
 written once over an "A" side, whose block of rows a program owns and writes, and a "B" side that it
@@ -189,9 +192,12 @@ def _info_nce_lse_kernel(
     b_stride,
     scale_ptr,
     lse_ptr,
+    labels_ptr,
+    pos_ptr,
     n_a,
     n_b,
     dim,
+    HAS_POS: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -199,6 +205,8 @@ def _info_nce_lse_kernel(
     FP32_PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
+    # HAS_POS (the query side): also pos_a = S[a, labels_a], the very value the lse summed; NaN for a
+    # label outside [0, n_b), whose column never comes.
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     a_rows = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_mask = a_rows < n_a
@@ -213,12 +221,19 @@ def _info_nce_lse_kernel(
     # The running Lse of every row: max m and sum = sum exp(S - m) over the tiles so far.
     m = tl.full([BLOCK_A], float("-inf"), ACC)
     s = tl.zeros([BLOCK_A], ACC)
+    pos = tl.full([BLOCK_A], float("nan"), ACC)
+    labels = tl.zeros([BLOCK_A], tl.int64)
+    if HAS_POS:
+        labels = tl.load(labels_ptr + a_rows, mask=a_mask, other=-1)
     for b0 in range(0, n_b, BLOCK_B):
         b_rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
         b_mask = b_rows < n_b
         dots, _ = _scores_tile(a_tile, a_rows, a_mask, a_stride, a_ptr, b_rows, b_mask, b_stride, b_ptr,
                                dim, ACC, BLOCK_A, BLOCK_B, BLOCK_D, SINGLE_D, FP32_PRECISION, INTERPRETED)
         z = tl.where(b_mask[None, :], dots * scale, float("-inf"))
+        if HAS_POS:
+            hit = b_rows[None, :] == labels[:, None]
+            pos = tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, tl.sum(tl.where(hit, z, 0.0), axis=1), pos)
         # merge(): the tile's values join the running sum against the new max; while a row's max
         # is still -inf the shift is taken against 0, so that no exp(-inf - -inf) = NaN appears.
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -229,6 +244,8 @@ def _info_nce_lse_kernel(
     # finish(): an empty stream (n_b == 0) gives -inf, as torch.logsumexp of an empty row.
     lse = tl.where(m == float("-inf"), m, m + tl.log(tl.where(m == float("-inf"), 1.0, s)))
     tl.store(lse_ptr + a_rows, lse, mask=a_mask)
+    if HAS_POS:
+        tl.store(pos_ptr + a_rows, pos, mask=a_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +268,10 @@ def _info_nce_grad_kernel(
     g_b_stride,
     lse_b_ptr,
     lse_b_stride,
+    labels_ptr,
+    u_ptr,
+    u_stride,
+    shift_ptr,
     grad_ptr,
     acc_ptr,
     dscale_part_ptr,
@@ -259,6 +280,8 @@ def _info_nce_grad_kernel(
     dim,
     HAS_A_TERM: tl.constexpr,
     HAS_B_TERM: tl.constexpr,
+    A_POS: tl.constexpr,
+    B_POS: tl.constexpr,
     HAS_DSCALE: tl.constexpr,
     SCRATCH_IN_GRAD: tl.constexpr,
     BLOCK_A: tl.constexpr,
@@ -271,6 +294,9 @@ def _info_nce_grad_kernel(
     # P_ab = g_a exp(S_ab - lse_a) + g_b exp(S_ab - lse_b): with (A, B) = (Q, K), g_a/lse_a are the
     # row direction's g/lse_r and g_b/lse_b the column direction's h/lse_c; with (A, B) = (K, Q) the
     # other way round. HAS_A_TERM / HAS_B_TERM drop a direction that is absent (no exp evaluated).
+    # The positives' u_i at (i, labels_i): A_POS when A is Q (labels and u index A's rows), B_POS when
+    # B is Q (they index B's rows); neither when no positive's gradient is given.
+    # shift_ptr: (3')'s shifts of A's rows, c_i = pos_i / scale for queries, c'_j for keys.
     ACC: tl.constexpr = lse_a_ptr.dtype.element_ty
     pid = tl.program_id(0)
     a_rows = pid.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -298,6 +324,15 @@ def _info_nce_grad_kernel(
     # tile, float64 across tiles; their ratio cancels the rounding of lse_a.
     num_a = tl.zeros([BLOCK_A], tl.float64)
     den_a = tl.zeros([BLOCK_A], tl.float64)
+    c_a = tl.zeros([BLOCK_A], ACC)
+    if HAS_DSCALE:
+        c_a = tl.load(shift_ptr + a_rows, mask=a_mask, other=0.0)
+    labels_a = tl.full([BLOCK_A], -1, tl.int64)
+    u_a = tl.zeros([BLOCK_A], ACC)
+    t_pos = tl.full([BLOCK_A], float("nan"), ACC)  # T[a, labels_a] - c_a, once its column came
+    if A_POS:
+        labels_a = tl.load(labels_ptr + a_rows, mask=a_mask, other=-1)
+        u_a = tl.load(u_ptr + a_rows * u_stride, mask=a_mask, other=0.0).to(ACC)
 
     for b0 in range(0, n_b, BLOCK_B):
         b_rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -312,12 +347,23 @@ def _info_nce_grad_kernel(
             e_a = tl.where(valid & (g_a[:, None] != 0.0), tl.exp(z - lse_a[:, None]), 0.0)
             p += g_a[:, None] * e_a
             if HAS_DSCALE:
-                num_a += tl.sum(e_a * dots, axis=1).to(tl.float64)
+                num_a += tl.sum(e_a * (dots - c_a[:, None]), axis=1).to(tl.float64)
                 den_a += tl.sum(e_a, axis=1).to(tl.float64)
         if HAS_B_TERM:
             g_b = tl.load(g_b_ptr + b_rows * g_b_stride, mask=b_mask, other=0.0).to(ACC)
             lse_b = tl.load(lse_b_ptr + b_rows * lse_b_stride, mask=b_mask, other=0.0).to(ACC)
             p += tl.where(g_b[None, :] == 0.0, 0.0, g_b[None, :] * tl.exp(z - lse_b[None, :]))
+        # The positive's u last, as grad_s adds it: a one-hot row cancels in g e + u before any rounding.
+        if A_POS:
+            hit = b_rows[None, :] == labels_a[:, None]
+            p += tl.where(hit, u_a[:, None], 0.0)
+            if HAS_DSCALE:
+                t_pos = tl.where(tl.max(hit.to(tl.int32), axis=1) > 0,
+                                 tl.sum(tl.where(hit, dots - c_a[:, None], 0.0), axis=1), t_pos)
+        if B_POS:
+            labels_b = tl.load(labels_ptr + b_rows, mask=b_mask, other=-1)
+            u_b = tl.load(u_ptr + b_rows * u_stride, mask=b_mask, other=0.0).to(ACC)
+            p += tl.where(labels_b[None, :] == a_rows[:, None], u_b[None, :], 0.0)
         p = tl.where(valid, p, 0.0)
 
         # (2): sum_b P_ab B_b.
@@ -356,10 +402,15 @@ def _info_nce_grad_kernel(
             tl.store(grad_ptr + offsets, cast_rtne(part * scale, GRAD_T), mask=mask)
 
     if HAS_DSCALE:
-        # sum_a g_a (num_a / den_a); a row of zeros (g_a = 0, padding, an infinite lse) adds 0.
+        # dscale_row of info_nce_math.h: g (num / den) + u (T_pos - c) + (g + u) c per row of A, in
+        # float64; a row of zeros (g_a = 0, padding, an infinite lse) adds 0.
         ratio = tl.where(den_a == 0.0, 0.0, num_a / tl.where(den_a == 0.0, 1.0, den_a))
-        dscale = tl.sum(tl.where(g_a != 0.0, g_a.to(tl.float64) * ratio, 0.0), axis=0)
-        tl.store(dscale_part_ptr + pid, dscale)
+        g64 = g_a.to(tl.float64)
+        u64 = u_a.to(tl.float64)
+        part = tl.where(g_a != 0.0, g64 * ratio, 0.0)
+        part += tl.where(u_a != 0.0, u64 * t_pos.to(tl.float64), 0.0)
+        part += tl.where(a_mask, (g64 + u64) * c_a.to(tl.float64), 0.0)
+        tl.store(dscale_part_ptr + pid, tl.sum(part, axis=0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,11 +440,13 @@ def _check_inputs(query: Tensor, key: Tensor, scale: Tensor) -> None:
         raise ValueError(f"fusedloss.info_nce (triton): scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
 
 
-def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype) -> Tensor:
+def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """lse over B of every row of A and, with labels, A's positives S[a, labels_a]."""
     n_a, dim = a.shape
     lse = torch.empty((n_a,), dtype=acc, device=a.device)
+    pos = torch.empty((n_a,), dtype=acc, device=a.device) if labels is not None else None
     if n_a == 0:
-        return lse
+        return lse, pos
     block_a, block_b, block_d, single_d, num_warps, num_stages = _config("fwd", a.dtype, dim)
     torch.library.wrap_triton(_info_nce_lse_kernel)[(triton.cdiv(n_a, block_a),)](
         a,
@@ -402,9 +455,12 @@ def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype) -> Tensor:
         b.stride(0),
         scale,
         lse,
+        labels if labels is not None else lse,  # never read without HAS_POS
+        pos if pos is not None else lse,
         n_a,
         b.shape[0],
         dim,
+        HAS_POS=labels is not None,
         BLOCK_A=block_a,
         BLOCK_B=block_b,
         BLOCK_D=block_d,
@@ -414,31 +470,50 @@ def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype) -> Tensor:
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    return lse
+    return lse, pos
 
 
-def info_nce_lse_fwd(query: Tensor, key: Tensor, scale: Tensor, cols: bool) -> tuple[Tensor, Tensor]:
-    """lse_rows (N,) = logsumexp_j scale q_i . k_j and, with cols, lse_cols (M,) = logsumexp_i of the same
-    (else an empty (0,) tensor), in the accumulation dtype. scale is a 0-dim tensor read on the device."""
+def _labels_or_arange(labels: Tensor | None, n: int, m: int, device) -> Tensor:
+    if labels is None:
+        if m < n:
+            raise ValueError(f"fusedloss.info_nce (triton): without labels (labels_i = i) there must be at least as "
+                             f"many keys as queries, got N={n} and M={m}")
+        return torch.arange(n, device=device)
+    if labels.shape != (n,) or labels.dtype != torch.int64:
+        raise ValueError(f"fusedloss.info_nce (triton): labels must be an int64 tensor of shape ({n},), got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    return labels
+
+
+def info_nce_lse_fwd(query: Tensor, key: Tensor, scale: Tensor, cols: bool,
+                     labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """lse_rows (N,) = logsumexp_j scale q_i . k_j, with cols lse_cols (M,) = logsumexp_i of the same (else
+    an empty (0,) tensor), and pos (N,) = scale q_i . k_{labels_i} (labels None: i), all in the accumulation
+    dtype. scale is a 0-dim tensor read on the device; labels are not range-checked (no sync): an
+    out-of-range one gives a NaN pos."""
     _check_inputs(query, key, scale)
     query, key = _rows_contiguous(query), _rows_contiguous(key)
     acc = _acc_dtype(query.dtype)
-    lse_rows = _lse(query, key, scale, acc)
-    lse_cols = _lse(key, query, scale, acc) if cols else torch.empty((0,), dtype=acc, device=query.device)
-    return lse_rows, lse_cols
+    labels = _labels_or_arange(labels, query.shape[0], key.shape[0], query.device)
+    lse_rows, pos = _lse(query, key, scale, acc, labels)
+    lse_cols = _lse(key, query, scale, acc, None)[0] if cols else torch.empty((0,), dtype=acc, device=query.device)
+    return lse_rows, lse_cols, pos
 
 
 def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor | None, g_b: Tensor | None,
-          lse_b: Tensor | None, acc: torch.dtype, with_dscale: bool) -> tuple[Tensor, Tensor | None]:
-    """scale sum_b P_ab B_b for every row of A (A's dtype) and, with_dscale, the per-program partials of (3')
-    for A's own direction."""
+          lse_b: Tensor | None, acc: torch.dtype, shift: Tensor | None, labels: Tensor, u: Tensor | None,
+          a_is_query: bool) -> tuple[Tensor, Tensor | None]:
+    """scale sum_b P_ab B_b for every row of A (A's dtype) and, with a shift (the rows' c of (3')), the
+    per-program partials of (3') for A's own direction. u (the positives' gradient, None: none) and
+    labels index the query side: A's rows when a_is_query, else B's."""
     n_a, dim = a.shape
     grad = torch.empty((n_a, dim), dtype=a.dtype, device=a.device)
     block_a, block_b, block_d, single_d, num_warps, num_stages = _config("bwd", a.dtype, dim)
     n_programs = triton.cdiv(n_a, block_a)
+    with_dscale = shift is not None
     dscale_part = torch.empty((n_programs,), dtype=torch.float64, device=a.device) if with_dscale else None
     if grad.numel() == 0:
-        if dscale_part is not None:
+        if dscale_part is not None:  # no rows, or D == 0: every product is 0 (and so is pos)
             dscale_part.zero_()
         return grad, dscale_part
     # The scratch of the larger-D path (see the kernel); a read-only stand-in, never touched, otherwise.
@@ -448,6 +523,7 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
     has_a, has_b = g_a is not None, g_b is not None
     g_a_arg, lse_a_arg = (g_a, lse_a) if has_a else (lse_b, lse_b)
     g_b_arg, lse_b_arg = (g_b, lse_b) if has_b else (lse_a, lse_a)
+    u_arg = u if u is not None else g_a_arg
     torch.library.wrap_triton(_info_nce_grad_kernel)[(n_programs,)](
         a,
         a.stride(0),
@@ -462,6 +538,10 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
         g_b_arg.stride(0),
         lse_b_arg,
         lse_b_arg.stride(0),
+        labels,
+        u_arg,
+        u_arg.stride(0),
+        shift if shift is not None else lse_a_arg,
         grad,
         scratch,
         dscale_part if with_dscale else lse_a_arg,
@@ -470,6 +550,8 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
         dim,
         HAS_A_TERM=has_a,
         HAS_B_TERM=has_b,
+        A_POS=u is not None and a_is_query,
+        B_POS=u is not None and not a_is_query,
         HAS_DSCALE=with_dscale,
         SCRATCH_IN_GRAD=scratch_in_grad,
         BLOCK_A=block_a,
@@ -487,22 +569,28 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
 def info_nce_lse_bwd(
     grad_rows: Tensor,
     grad_cols: Tensor | None,
+    grad_pos: Tensor | None,
     query: Tensor,
     key: Tensor,
     scale: Tensor,
     lse_rows: Tensor,
     lse_cols: Tensor | None,
+    pos: Tensor,
+    labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j: grad_query (N, D) and
-    grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in scale's dtype. grad_rows and
-    grad_cols may be expanded (stride 0). Deterministic: no atomics."""
+    """Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j + sum_i grad_pos_i pos_i:
+    grad_query (N, D) and grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in scale's dtype. grad_rows,
+    grad_cols and grad_pos may be expanded (stride 0); pos and labels are the forward's. Deterministic: no
+    atomics."""
     _check_inputs(query, key, scale)
     query, key = _rows_contiguous(query), _rows_contiguous(key)
     acc = _acc_dtype(query.dtype)
     n, m = query.shape[0], key.shape[0]
-    if grad_rows.shape != (n,) or lse_rows.shape != (n,):
-        raise ValueError(f"fusedloss.info_nce (triton): grad_rows and lse_rows must have shape ({n},), got "
-                         f"{tuple(grad_rows.shape)} and {tuple(lse_rows.shape)}")
+    if grad_rows.shape != (n,) or lse_rows.shape != (n,) or pos.shape != (n,):
+        raise ValueError(f"fusedloss.info_nce (triton): grad_rows, lse_rows and pos must have shape ({n},), got "
+                         f"{tuple(grad_rows.shape)}, {tuple(lse_rows.shape)} and {tuple(pos.shape)}")
+    if grad_pos is not None and grad_pos.shape != (n,):
+        raise ValueError(f"fusedloss.info_nce (triton): grad_pos must have shape ({n},), got {tuple(grad_pos.shape)}")
     has_cols = grad_cols is not None
     if has_cols:
         if lse_cols is None:
@@ -511,13 +599,22 @@ def info_nce_lse_bwd(
             raise ValueError(f"fusedloss.info_nce (triton): grad_cols and lse_cols must have shape ({m},), got "
                              f"{tuple(grad_cols.shape)} and {tuple(lse_cols.shape)}")
     cols_g, cols_lse = (grad_cols, lse_cols) if has_cols else (None, None)
+    labels = _labels_or_arange(labels, n, m, query.device)
+    # (3')'s shifts (info_nce_math.h shift_of): c_i = pos_i / scale where finite, else 0; the columns'
+    # c'_j = c_j for j < N, else 0.
+    c = pos / scale.to(acc)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    c_cols = torch.zeros((m,), dtype=acc, device=query.device)
+    if has_cols:
+        c_cols[: min(n, m)] = c[: min(n, m)]
 
     # (3') per row in the (Q, K) launch and, with the columns, per column in the (K, Q) launch.
-    grad_query, dscale_rows = _grad(query, key, scale, grad_rows, lse_rows, cols_g, cols_lse, acc, with_dscale=True)
+    grad_query, dscale_rows = _grad(query, key, scale, grad_rows, lse_rows, cols_g, cols_lse, acc, c, labels,
+                                    grad_pos, a_is_query=True)
     grad_key, dscale_cols = _grad(key, query, scale, cols_g, cols_lse, grad_rows, lse_rows, acc,
-                                  with_dscale=has_cols)
+                                  c_cols if has_cols else None, labels, grad_pos, a_is_query=False)
     # The per-program partials, summed by torch in a fixed order: deterministic, no sync. d scale in
-    # scale's dtype (float64 from fusedloss.functional, for the cancellation that follows).
+    # scale's dtype (float64 from fusedloss.functional, rounded once).
     grad_scale = dscale_rows.sum()
     if dscale_cols is not None:
         grad_scale = grad_scale + dscale_cols.sum()

@@ -104,12 +104,41 @@ inline void check_info_nce_vector(const at::Tensor& v, int64_t n, at::ScalarType
               query.device());
 }
 
+// The positives' labels: (N,) int64 on query's device, any stride, each in [0, M) (read here on CPU
+// only: elsewhere an out-of-range label gives a NaN pos and no host sync); None means labels_i = i.
+inline void check_info_nce_labels(const std::optional<at::Tensor>& labels, const at::Tensor& query,
+                                  const at::Tensor& key) {
+  const int64_t n = query.size(0), m = key.size(0);
+  if (!labels.has_value()) {
+    TORCH_CHECK(m >= n, "fusedloss: without labels (labels_i = i) there must be at least as many keys as queries, "
+                "got N=", n, " and M=", m);
+    return;
+  }
+  const auto& l = *labels;
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == n, "fusedloss: labels must have shape (", n, ",), got ", l.sizes());
+  TORCH_CHECK(l.scalar_type() == at::kLong, "fusedloss: labels must be int64, got ", l.scalar_type());
+  TORCH_CHECK(l.device() == query.device(), "fusedloss: labels is on ", l.device(), " but query is on ",
+              query.device());
+  if (l.device().is_cpu()) {
+    const int64_t* p = l.const_data_ptr<int64_t>();
+    const int64_t stride = l.stride(0);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK_INDEX(p[i * stride] >= 0 && p[i * stride] < m, "fusedloss: labels must be in [0, M) = [0, ", m,
+                        "), got ", p[i * stride], " at position ", i);
+    }
+  }
+}
+
 inline void check_info_nce_bwd_args(const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_cols,
-                                    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale,
-                                    const at::Tensor& lse_rows, const std::optional<at::Tensor>& lse_cols) {
+                                    const std::optional<at::Tensor>& grad_pos, const at::Tensor& query,
+                                    const at::Tensor& key, const at::Tensor& scale, const at::Tensor& lse_rows,
+                                    const std::optional<at::Tensor>& lse_cols, const at::Tensor& pos,
+                                    const std::optional<at::Tensor>& labels) {
   const auto acc = check_info_nce_args(query, key, scale);
   check_info_nce_vector(grad_rows, query.size(0), acc, query, "grad_rows");
   check_info_nce_vector(lse_rows, query.size(0), acc, query, "lse_rows");
+  check_info_nce_vector(pos, query.size(0), acc, query, "pos");
+  if (grad_pos.has_value()) check_info_nce_vector(*grad_pos, query.size(0), acc, query, "grad_pos");
   if (grad_cols.has_value()) {
     check_info_nce_vector(*grad_cols, key.size(0), acc, query, "grad_cols");
     TORCH_CHECK(lse_cols.has_value(), "fusedloss: grad_cols needs lse_cols (the forward ran with cols=True)");
@@ -117,6 +146,7 @@ inline void check_info_nce_bwd_args(const at::Tensor& grad_rows, const std::opti
   if (lse_cols.has_value() && grad_cols.has_value()) {
     check_info_nce_vector(*lse_cols, key.size(0), acc, query, "lse_cols");
   }
+  check_info_nce_labels(labels, query, key);
 }
 
 // reduce_rows: loss (N,) contiguous, a floating accumulation dtype; target (N,) int64 contiguous on
