@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     header = f"{'V':>7} {'run':>10} {'step s':>8} {'peak MiB':>9} {'loss':>10} {'time vs HF':>11} {'memory vs HF':>13}"
     print(header)
     rows = []
+    versions, sha = common.versions(), common.git_sha()  # of the code as it was when the run started
     for vocab in [int(v) for v in args.vocab.split(",")]:
         model = make_model(transformers, args.family, vocab, args.hidden, args.layers, dtype, args.device)
         g = torch.Generator().manual_seed(1)
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
                 "loss": f"{losses[name]:.6f}", "time vs HF": f"{base_t / t:.3f}",
                 "memory vs HF": f"{peak / peaks['unpatched']:.4f}" if peak and peaks["unpatched"] else "",
                 "load avg before each step": " ".join(f"{x:.2f}" for x in loads[name]),
-                "versions": common.versions(), "git sha": common.git_sha(),
+                "versions": versions, "git sha": sha,
                 "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
         del model

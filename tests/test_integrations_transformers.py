@@ -327,3 +327,118 @@ def test_demo_hf_mode(tmp_path):
     assert out.returncode == 0, _log(out)
     assert "demo: PASS" in out.stdout and "LlamaForCausalLM" in out.stdout
     assert "fusedloss apply(model)" in out.stdout and "transformers, unpatched" in out.stdout
+
+
+def make_peft(modules_to_save=None, target_modules=("q_proj", "v_proj")):
+    peft = pytest.importorskip("peft")
+    model = make_model("llama")
+    # init_lora_weights=False: B is random rather than zero, so the adapters change the loss and every LoRA
+    # matrix gets a gradient that depends on the head.
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=list(target_modules),
+                             modules_to_save=modules_to_save, init_lora_weights=False)
+    model = peft.get_peft_model(model, config)
+    if modules_to_save:
+        with torch.no_grad():  # the trainable copy differs from the frozen original: which one ran shows in the loss
+            head = model.get_base_model().lm_head
+            head.modules_to_save["default"].weight.add_(torch.randn_like(head.original_module.weight))
+    model.train()
+    return model
+
+
+def peft_loss_and_grads(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("head", ["frozen", "modules_to_save"])
+def test_peft_lora_matches_hf_float64(head):
+    """A LoRA model (get_peft_model) with a frozen head (no weight gradient) or a ModulesToSaveWrapper head
+    (its trainable copy gets the gradient, the frozen original none): loss and every gradient of the patched
+    fp32 model equal the unpatched float64 model's; with the adapters disabled the original head runs."""
+    mts = ["lm_head"] if head == "modules_to_save" else None
+    model = make_peft(mts)
+    ref = copy.deepcopy(model).double()
+    # Both spellings: the PEFT model itself, or the transformers model inside it.
+    target = model if head == "frozen" else model.base_model.model
+    assert fl_hf.apply(target) is target
+    assert fl_hf.is_applied(model) and fl_hf.is_applied(model.get_base_model())
+    ids, labels = batch()
+    out, grads = peft_loss_and_grads(model, ids, labels)
+    ref_out, ref_grads = peft_loss_and_grads(ref, ids, labels)
+    assert out.logits is None
+    assert_close(out.loss, ref_out.loss, torch.float32, "loss", head)
+    assert sorted(grads) == sorted(ref_grads)
+    lora = [n for n in grads if "lora_" in n]
+    head_grads = [n for n in grads if "lm_head" in n]
+    assert len(lora) == 4
+    assert head_grads == (["base_model.model.lm_head.modules_to_save.default.weight"] if mts else [])
+    for n in grads:
+        assert_close(grads[n], ref_grads[n], torch.float32, "grad", f"{head} {n}")
+    if mts:
+        with model.disable_adapter(), ref.disable_adapter():  # nothing is trainable then: no backward
+            out = model(input_ids=ids, labels=labels)
+            ref_out = ref(input_ids=ids, labels=labels)
+        assert out.logits is None
+        assert_close(out.loss, ref_out.loss, torch.float32, "loss", f"{head} adapters disabled")
+    fl_hf.revert(model)
+    assert not fl_hf.is_applied(target)
+    leaves = [model.get_base_model().lm_head] if not mts else [model.get_base_model().lm_head.original_module,
+                                                               model.get_base_model().lm_head.modules_to_save.default]
+    assert all("forward" not in vars(m) for m in [model.get_base_model(), *leaves])
+
+
+def test_peft_lora_on_the_head_is_refused():
+    model = make_peft(target_modules=("q_proj", "lm_head"))
+    with pytest.raises(NotImplementedError, match="LoRA"):
+        fl_hf.apply(model)
+    assert not fl_hf.is_applied(model)
+
+
+@pytest.mark.parametrize("order", ["apply_then_shard", "shard_then_apply"])
+def test_fsdp2_head_runs_inside_its_own_forward(order, tmp_path, monkeypatch):
+    """FSDP2 (fully_shard) on CPU with gloo, one process (world_size=1): outside a forward the head's weight
+    is a sharded DTensor; the fused loss must see the plain, unsharded weight that FSDP's pre-forward hook
+    gathers, i.e. run inside lm_head's own forward. Loss and gradients equal the unpatched float64 model's.
+    (Two ranks also run, but spawning them costs about 40 s here; one rank shows where the head runs.)"""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this PyTorch build has no torch.distributed with gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    seen = []
+    real = fl_hf.fusedloss.linear_cross_entropy
+
+    def spy(h, weight, *args, **kwargs):
+        seen.append(type(weight))
+        return real(h, weight, *args, **kwargs)
+
+    monkeypatch.setattr(fl_hf.fusedloss, "linear_cross_entropy", spy)
+    model = make_model("llama", num_hidden_layers=2, tie_word_embeddings=False)
+    ref = copy.deepcopy(model).double()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        if order == "apply_then_shard":
+            fl_hf.apply(model)
+        for module in (*model.model.layers, model.lm_head, model):
+            fully_shard(module, mesh=mesh)
+        if order == "shard_then_apply":
+            fl_hf.apply(model)
+        assert isinstance(model.lm_head.weight, DTensor)
+        ids, labels = batch()
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels)
+        assert len(seen) == 1 and not issubclass(seen[0], DTensor), seen  # one fused call, on the gathered weight
+        assert out.logits is None
+        assert_close(out.loss, ref_out.loss, torch.float32, "loss", order)
+        for k, p in watched(model).items():
+            assert isinstance(p.grad, DTensor)
+            assert_close(p.grad.full_tensor(), ref_grads[k], torch.float32, "grad", f"{order} grad {k}")
+    finally:
+        dist.destroy_process_group()
