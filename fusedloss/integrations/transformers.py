@@ -14,8 +14,10 @@ before it calls ``self.loss_function(logits, labels, ...)``, so by the time the 
 - ``lm_head.forward``: when armed, it receives the final hidden states exactly as HF hands them to the
   head (already sliced by ``logits_to_keep``) and computes the loss from them and its own weight and bias.
   Running inside the head's own forward matters under FSDP: the module's pre-forward hook has gathered
-  its weight. It returns an empty ``(..., 0)`` placeholder for the logits (or the real logits with
-  ``return_logits=True``), so the family's post-processing (Gemma's softcap, Cohere's scale) stays cheap.
+  its weight (tested with FSDP2's ``fully_shard``, whose ``FSDPLinear`` head qualifies). It returns an
+  empty ``(..., 0)`` placeholder for the logits (or the real logits with ``return_logits=True``), so the
+  family's post-processing (Gemma's softcap, Cohere's scale) stays cheap. For a PEFT ``modules_to_save``
+  head, the linears inside the wrapper are patched instead (see :func:`apply`).
 
 Everything else of the family's forward (its signature, caches, attention kwargs, router logits) is HF's.
 The family's logit transform is applied inside the fused loss: ``final_logit_softcapping`` as
