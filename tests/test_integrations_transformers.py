@@ -396,17 +396,20 @@ def test_peft_lora_on_the_head_is_refused():
     assert not fl_hf.is_applied(model)
 
 
-@pytest.mark.parametrize("order", ["apply_then_shard", "shard_then_apply"])
-def test_fsdp2_head_runs_inside_its_own_forward(order, tmp_path, monkeypatch):
-    """FSDP2 (fully_shard) on CPU with gloo, one process (world_size=1): outside a forward the head's weight
-    is a sharded DTensor; the fused loss must see the plain, unsharded weight that FSDP's pre-forward hook
-    gathers, i.e. run inside lm_head's own forward. Loss and gradients equal the unpatched float64 model's.
-    (Two ranks also run, but spawning them costs about 40 s here; one rank shows where the head runs.)"""
+@pytest.mark.parametrize("mode", ["fsdp2_apply_then_shard", "fsdp2_shard_then_apply", "fsdp1_head_own_unit"])
+def test_fsdp_head_runs_inside_its_own_forward(mode, tmp_path, monkeypatch):
+    """FSDP on CPU with gloo, one process (world_size=1), the head sharded as its own unit. FSDP gathers a
+    unit's weight in its pre-forward hook and again, for backward, in a hook on the unit's outputs' gradient.
+    So the fused loss must run inside lm_head's own forward (FSDP2: it sees the gathered weight, not the
+    sharded DTensor) and the loss's gradient must pass through the head's output (FSDP1 fails in backward
+    otherwise; FSDP2 silently skips the re-gather). Loss and every gradient equal the unpatched float64
+    model's. (Two FSDP2 ranks also agree, but spawning them took 25-40 s here.)"""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this PyTorch build has no torch.distributed with gloo")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from torch.distributed.tensor import DTensor
 
     seen = []
@@ -419,26 +422,45 @@ def test_fsdp2_head_runs_inside_its_own_forward(order, tmp_path, monkeypatch):
     monkeypatch.setattr(fl_hf.fusedloss, "linear_cross_entropy", spy)
     model = make_model("llama", num_hidden_layers=2, tie_word_embeddings=False)
     ref = copy.deepcopy(model).double()
+    head_output_grads = []
+
+    def watch_output(module, inputs, output):  # returns None: a forward hook's return value replaces the output
+        output.register_hook(head_output_grads.append)
+
+    model.lm_head.register_forward_hook(watch_output)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        mesh = init_device_mesh("cpu", (1,))
-        if order == "apply_then_shard":
+        if mode == "fsdp1_head_own_unit":
             fl_hf.apply(model)
-        for module in (*model.model.layers, model.lm_head, model):
-            fully_shard(module, mesh=mesh)
-        if order == "shard_then_apply":
-            fl_hf.apply(model)
-        assert isinstance(model.lm_head.weight, DTensor)
+            layer_cls = type(model.model.layers[0])
+            wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({layer_cls, torch.nn.Linear}),
+                                               device_id=torch.device("cpu"), use_orig_params=True)
+            assert isinstance(model.lm_head, FullyShardedDataParallel)
+        else:
+            mesh = init_device_mesh("cpu", (1,))
+            if mode == "fsdp2_apply_then_shard":
+                fl_hf.apply(model)
+            for module in (*model.model.layers, model.lm_head, model):
+                fully_shard(module, mesh=mesh)
+            if mode == "fsdp2_shard_then_apply":
+                fl_hf.apply(model)
+            assert isinstance(model.lm_head.weight, DTensor)
+            wrapped = model
         ids, labels = batch()
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=labels)
+        out = wrapped(input_ids=ids, labels=labels)
         out.loss.backward()
-        ref_out, ref_grads = loss_and_grads(ref, input_ids=ids, labels=labels)
+        ref_out, _ = loss_and_grads(ref, input_ids=ids, labels=labels)
         assert len(seen) == 1 and not issubclass(seen[0], DTensor), seen  # one fused call, on the gathered weight
+        assert len(head_output_grads) == 1
         assert out.logits is None
-        assert_close(out.loss, ref_out.loss, torch.float32, "loss", order)
-        for k, p in watched(model).items():
-            assert isinstance(p.grad, DTensor)
-            assert_close(p.grad.full_tensor(), ref_grads[k], torch.float32, "grad", f"{order} grad {k}")
+        assert_close(out.loss, ref_out.loss, torch.float32, "loss", mode)
+        ref_params = dict(ref.named_parameters())
+        names = []
+        for name, p in wrapped.named_parameters():
+            name = name.replace("_fsdp_wrapped_module.", "")
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            assert_close(grad, ref_params[name].grad, torch.float32, "grad", f"{mode} grad {name}")
+            names.append(name)
+        assert sorted(names) == sorted(ref_params)
     finally:
         dist.destroy_process_group()

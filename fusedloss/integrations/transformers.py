@@ -14,9 +14,11 @@ before it calls ``self.loss_function(logits, labels, ...)``, so by the time the 
 - ``lm_head.forward``: when armed, it receives the final hidden states exactly as HF hands them to the
   head (already sliced by ``logits_to_keep``) and computes the loss from them and its own weight and bias.
   Running inside the head's own forward matters under FSDP: the module's pre-forward hook has gathered
-  its weight (tested with FSDP2's ``fully_shard``, whose ``FSDPLinear`` head qualifies). It returns an
-  empty ``(..., 0)`` placeholder for the logits (or the real logits with ``return_logits=True``), so the
-  family's post-processing (Gemma's softcap, Cohere's scale) stays cheap. For a PEFT ``modules_to_save``
+  its weight (tested with FSDP2's ``fully_shard``, whose ``FSDPLinear`` head qualifies, and FSDP1). It
+  returns an empty ``(..., 0)`` placeholder for the logits (or the real logits with ``return_logits=True``),
+  so the family's post-processing (Gemma's softcap, Cohere's scale) stays cheap; the placeholder is
+  computed from the loss and added back to it (a zero), so that the loss's gradient passes through the
+  head's output, where FSDP's hook gathers the weight again for the head's backward. For a PEFT ``modules_to_save``
   head, the linears inside the wrapper are patched instead (see :func:`apply`).
 
 Everything else of the family's forward (its signature, caches, attention kwargs, router logits) is HF's.
@@ -153,7 +155,11 @@ def _head_forward(patch: _Patch, head: nn.Linear, original_forward, x: torch.Ten
     patch.loss = loss
     if patch.return_logits:
         return original_forward(x)
-    return x.new_empty((*rows, 0))
+    # The empty placeholder is computed from the loss (not a view: FSDP2 warns about views) and the model's
+    # forward adds its (zero) sum back to the loss, so the loss's backward runs after the gradient of this
+    # module's output. FSDP hooks that output to gather the weight again before the head's backward
+    # (FSDP1 otherwise fails in backward when the head is its own unit; FSDP2 otherwise skips its unshard).
+    return x.new_zeros((*rows, 0)) + loss.to(x.dtype)
 
 
 def _model_forward(patch: _Patch, *args, **kwargs):
@@ -187,6 +193,9 @@ def _model_forward(patch: _Patch, *args, **kwargs):
                            "the fused loss could not be computed (a head module created after apply(), such as "
                            "the modules_to_save copy of a PEFT adapter added later, is not patched: revert and "
                            "apply again)")
+    logits = getattr(out, "logits", None)
+    if not patch.return_logits and torch.is_tensor(logits) and logits.numel() == 0:
+        loss = loss + logits.sum().to(loss.dtype)  # exactly 0: ties the loss to the head's output (see above)
     aux = getattr(out, "aux_loss", None) if patch.family.moe else None
     if aux is not None:
         loss = loss + model.router_aux_loss_coef * aux.to(loss.device)
