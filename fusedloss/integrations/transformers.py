@@ -18,8 +18,8 @@ before it calls ``self.loss_function(logits, labels, ...)``, so by the time the 
   returns an empty ``(..., 0)`` placeholder for the logits (or the real logits with ``return_logits=True``),
   so the family's post-processing (Gemma's softcap, Cohere's scale) stays cheap; the placeholder is
   computed from the loss and added back to it (a zero), so that the loss's gradient passes through the
-  head's output, where FSDP's hook gathers the weight again for the head's backward. For a PEFT ``modules_to_save``
-  head, the linears inside the wrapper are patched instead (see :func:`apply`).
+  head's output, where FSDP's hook gathers the weight again for the head's backward. For a PEFT
+  ``modules_to_save`` head, the linears inside the wrapper are patched instead (see :func:`apply`).
 
 Everything else of the family's forward (its signature, caches, attention kwargs, router logits) is HF's.
 The family's logit transform is applied inside the fused loss: ``final_logit_softcapping`` as
