@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
-# For the HF integration's tests (accelerate: transformers' Trainer): the versions they were run with.
+# For the HF integration's tests (accelerate: transformers' Trainer; peft: the LoRA tests): the versions
+# they were run with.
 TRANSFORMERS_VERSION ?= 5.23.0
 ACCELERATE_VERSION ?= 1.16.0
+PEFT_VERSION ?= 0.21.2
 # Where a CUDA toolkit is installed, the extension is built with its CUDA kernels (compiled and
 # linked even on a machine without a GPU); torch's builder needs CUDA_HOME to find libcudart.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -23,7 +25,8 @@ $(DEPS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" triton ninja pybind11 "setuptools>=77" wheel \
 		pytest hypothesis pyyaml numpy matplotlib tqdm
-	$(PY) -m pip install --quiet "transformers==$(TRANSFORMERS_VERSION)" "accelerate==$(ACCELERATE_VERSION)"
+	$(PY) -m pip install --quiet "transformers==$(TRANSFORMERS_VERSION)" "accelerate==$(ACCELERATE_VERSION)" \
+		"peft==$(PEFT_VERSION)"
 	FUSEDLOSS_NO_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -11,12 +11,18 @@ A step is ``model(input_ids=..., labels=...).loss.backward()`` with the gradient
 ``--reps`` steps after one warm-up step each. Peak memory: one more step each, measured as the benchmarks
 measure it (bench/common.py: bytes held above what was held before the step, PyTorch's CPU allocator
 events or the CUDA allocator's peak), which includes the parameter gradients both runs create. The loss
-of the two runs is printed too: they must agree to float32 rounding.
+of the two runs is printed too: they must agree to float32 rounding. The rows also go to a CSV
+(``--out``, default ``bench/results/hf-<family>-<device>-<date>.csv``; ``--no-csv`` to skip), with every
+timed step and the machine's 1-minute load average before each one (2 threads of ours add about 2; well
+above that, other work shared the CPU and both runs' times are inflated).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
+import os
 import statistics
 import sys
 import time
@@ -61,6 +67,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--backend", default=None, help="fusedloss backend (default: automatic)")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: bench/results/hf-<family>-"
+                        "<device>-<date>.csv)")
+    parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args(argv)
 
     import transformers  # noqa: PLC0415 - optional dependency of this script only
@@ -74,6 +83,8 @@ def main(argv=None) -> int:
     print(f"# command: python bench/bench_hf.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     header = f"{'V':>7} {'run':>10} {'step s':>8} {'peak MiB':>9} {'loss':>10} {'time vs HF':>11} {'memory vs HF':>13}"
     print(header)
+    rows = []
+    versions, sha = common.versions(), common.git_sha()  # of the code as it was when the run started
     for vocab in [int(v) for v in args.vocab.split(",")]:
         model = make_model(transformers, args.family, vocab, args.hidden, args.layers, dtype, args.device)
         g = torch.Generator().manual_seed(1)
@@ -101,6 +112,7 @@ def main(argv=None) -> int:
         names = ("unpatched", "apply")
         losses = {name: run(name == "apply") for name in names}  # warm-up
         times = {name: [] for name in names}
+        loads = {name: [] for name in names}
         for _ in range(args.reps):
             for name in names:
                 patched = name == "apply"
@@ -109,6 +121,7 @@ def main(argv=None) -> int:
                     fl_hf.apply(model, backend=args.backend)
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
+                loads[name].append(os.getloadavg()[0])
                 t0 = time.perf_counter()
                 step()
                 if args.device.startswith("cuda"):
@@ -133,9 +146,30 @@ def main(argv=None) -> int:
             mem_ratio = f"{peak / peaks['unpatched']:12.3f}x" if peak and peaks["unpatched"] else f"{'':>13}"
             print(f"{vocab:>7} {name:>10} {t:8.2f} {mib} {losses[name]:10.5f} {base_t / t:10.2f}x {mem_ratio}",
                   flush=True)
+            rows.append({
+                "family": args.family, "V": vocab, "D": args.hidden, "layers": args.layers, "B": args.batch,
+                "T": args.seq, "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
+                "run": name, "step s (median)": f"{t:.3f}",
+                "step s (all)": " ".join(f"{x:.3f}" for x in times[name]),
+                "peak MiB": f"{peak / 2**20:.1f}" if peak is not None else "",
+                "loss": f"{losses[name]:.6f}", "time vs HF": f"{base_t / t:.3f}",
+                "memory vs HF": f"{peak / peaks['unpatched']:.4f}" if peak and peaks["unpatched"] else "",
+                "load avg before each step": " ".join(f"{x:.2f}" for x in loads[name]),
+                "versions": versions, "git sha": sha,
+                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            })
         del model
     print("# time vs HF: the unpatched step time / this step time (higher is faster); memory vs HF: this peak / "
           "the unpatched peak")
+    if not args.no_csv:
+        path = args.out or (Path(common.DEFAULT_OUT) /
+                            f"hf-{args.family}-{args.device.split(':')[0]}-{datetime.date.today().isoformat()}.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"# wrote {path}")
     return 0
 
 

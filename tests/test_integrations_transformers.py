@@ -327,3 +327,140 @@ def test_demo_hf_mode(tmp_path):
     assert out.returncode == 0, _log(out)
     assert "demo: PASS" in out.stdout and "LlamaForCausalLM" in out.stdout
     assert "fusedloss apply(model)" in out.stdout and "transformers, unpatched" in out.stdout
+
+
+def make_peft(modules_to_save=None, target_modules=("q_proj", "v_proj")):
+    peft = pytest.importorskip("peft")
+    model = make_model("llama")
+    # init_lora_weights=False: B is random rather than zero, so the adapters change the loss and every LoRA
+    # matrix gets a gradient that depends on the head.
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=list(target_modules),
+                             modules_to_save=modules_to_save, init_lora_weights=False)
+    model = peft.get_peft_model(model, config)
+    if modules_to_save:
+        with torch.no_grad():  # the trainable copy differs from the frozen original: which one ran shows in the loss
+            head = model.get_base_model().lm_head
+            head.modules_to_save["default"].weight.add_(torch.randn_like(head.original_module.weight))
+    model.train()
+    return model
+
+
+def peft_loss_and_grads(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("head", ["frozen", "modules_to_save"])
+def test_peft_lora_matches_hf_float64(head):
+    """A LoRA model (get_peft_model) with a frozen head (no weight gradient) or a ModulesToSaveWrapper head
+    (its trainable copy gets the gradient, the frozen original none): loss and every gradient of the patched
+    fp32 model equal the unpatched float64 model's; with the adapters disabled the original head runs."""
+    mts = ["lm_head"] if head == "modules_to_save" else None
+    model = make_peft(mts)
+    ref = copy.deepcopy(model).double()
+    # Both spellings: the PEFT model itself, or the transformers model inside it.
+    target = model if head == "frozen" else model.base_model.model
+    assert fl_hf.apply(target) is target
+    assert fl_hf.is_applied(model) and fl_hf.is_applied(model.get_base_model())
+    ids, labels = batch()
+    out, grads = peft_loss_and_grads(model, ids, labels)
+    ref_out, ref_grads = peft_loss_and_grads(ref, ids, labels)
+    assert out.logits is None
+    assert_close(out.loss, ref_out.loss, torch.float32, "loss", head)
+    assert sorted(grads) == sorted(ref_grads)
+    lora = [n for n in grads if "lora_" in n]
+    head_grads = [n for n in grads if "lm_head" in n]
+    assert len(lora) == 4
+    assert head_grads == (["base_model.model.lm_head.modules_to_save.default.weight"] if mts else [])
+    for n in grads:
+        assert_close(grads[n], ref_grads[n], torch.float32, "grad", f"{head} {n}")
+    if mts:
+        with model.disable_adapter(), ref.disable_adapter():  # nothing is trainable then: no backward
+            out = model(input_ids=ids, labels=labels)
+            ref_out = ref(input_ids=ids, labels=labels)
+        assert out.logits is None
+        assert_close(out.loss, ref_out.loss, torch.float32, "loss", f"{head} adapters disabled")
+    fl_hf.revert(model)
+    assert not fl_hf.is_applied(target)
+    leaves = [model.get_base_model().lm_head] if not mts else [model.get_base_model().lm_head.original_module,
+                                                               model.get_base_model().lm_head.modules_to_save.default]
+    assert all("forward" not in vars(m) for m in [model.get_base_model(), *leaves])
+
+
+def test_peft_lora_on_the_head_is_refused():
+    model = make_peft(target_modules=("q_proj", "lm_head"))
+    with pytest.raises(NotImplementedError, match="LoRA"):
+        fl_hf.apply(model)
+    assert not fl_hf.is_applied(model)
+
+
+@pytest.mark.parametrize("mode", ["fsdp2_apply_then_shard", "fsdp2_shard_then_apply", "fsdp1_head_own_unit"])
+def test_fsdp_head_runs_inside_its_own_forward(mode, tmp_path, monkeypatch):
+    """FSDP on CPU with gloo, one process (world_size=1), the head sharded as its own unit. FSDP gathers a
+    unit's weight in its pre-forward hook and again, for backward, in a hook on the unit's outputs' gradient.
+    So the fused loss must run inside lm_head's own forward (FSDP2: it sees the gathered weight, not the
+    sharded DTensor) and the loss's gradient must pass through the head's output (FSDP1 fails in backward
+    otherwise; FSDP2 silently skips the re-gather). Loss and every gradient equal the unpatched float64
+    model's. (Two FSDP2 ranks also agree, but spawning them took 25-40 s here.)"""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this PyTorch build has no torch.distributed with gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.distributed.tensor import DTensor
+
+    seen = []
+    real = fl_hf.fusedloss.linear_cross_entropy
+
+    def spy(h, weight, *args, **kwargs):
+        seen.append(type(weight))
+        return real(h, weight, *args, **kwargs)
+
+    monkeypatch.setattr(fl_hf.fusedloss, "linear_cross_entropy", spy)
+    model = make_model("llama", num_hidden_layers=2, tie_word_embeddings=False)
+    ref = copy.deepcopy(model).double()
+    head_output_grads = []
+
+    def watch_output(module, inputs, output):  # returns None: a forward hook's return value replaces the output
+        output.register_hook(head_output_grads.append)
+
+    model.lm_head.register_forward_hook(watch_output)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        if mode == "fsdp1_head_own_unit":
+            fl_hf.apply(model)
+            layer_cls = type(model.model.layers[0])
+            wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({layer_cls, torch.nn.Linear}),
+                                               device_id=torch.device("cpu"), use_orig_params=True)
+            assert isinstance(model.lm_head, FullyShardedDataParallel)
+        else:
+            mesh = init_device_mesh("cpu", (1,))
+            if mode == "fsdp2_apply_then_shard":
+                fl_hf.apply(model)
+            for module in (*model.model.layers, model.lm_head, model):
+                fully_shard(module, mesh=mesh)
+            if mode == "fsdp2_shard_then_apply":
+                fl_hf.apply(model)
+            assert isinstance(model.lm_head.weight, DTensor)
+            wrapped = model
+        ids, labels = batch()
+        out = wrapped(input_ids=ids, labels=labels)
+        out.loss.backward()
+        ref_out, _ = loss_and_grads(ref, input_ids=ids, labels=labels)
+        assert len(seen) == 1 and not issubclass(seen[0], DTensor), seen  # one fused call, on the gathered weight
+        assert len(head_output_grads) == 1
+        assert out.logits is None
+        assert_close(out.loss, ref_out.loss, torch.float32, "loss", mode)
+        ref_params = dict(ref.named_parameters())
+        names = []
+        for name, p in wrapped.named_parameters():
+            name = name.replace("_fsdp_wrapped_module.", "")
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            assert_close(grad, ref_params[name].grad, torch.float32, "grad", f"{mode} grad {name}")
+            names.append(name)
+        assert sorted(names) == sorted(ref_params)
+    finally:
+        dist.destroy_process_group()

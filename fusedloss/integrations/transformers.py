@@ -14,8 +14,12 @@ before it calls ``self.loss_function(logits, labels, ...)``, so by the time the 
 - ``lm_head.forward``: when armed, it receives the final hidden states exactly as HF hands them to the
   head (already sliced by ``logits_to_keep``) and computes the loss from them and its own weight and bias.
   Running inside the head's own forward matters under FSDP: the module's pre-forward hook has gathered
-  its weight. It returns an empty ``(..., 0)`` placeholder for the logits (or the real logits with
-  ``return_logits=True``), so the family's post-processing (Gemma's softcap, Cohere's scale) stays cheap.
+  its weight (tested with FSDP2's ``fully_shard``, whose ``FSDPLinear`` head qualifies, and FSDP1). It
+  returns an empty ``(..., 0)`` placeholder for the logits (or the real logits with ``return_logits=True``),
+  so the family's post-processing (Gemma's softcap, Cohere's scale) stays cheap; the placeholder is
+  computed from the loss and added back to it (a zero), so that the loss's gradient passes through the
+  head's output, where FSDP's hook gathers the weight again for the head's backward. For a PEFT
+  ``modules_to_save`` head, the linears inside the wrapper are patched instead (see :func:`apply`).
 
 Everything else of the family's forward (its signature, caches, attention kwargs, router logits) is HF's.
 The family's logit transform is applied inside the fused loss: ``final_logit_softcapping`` as
@@ -88,31 +92,30 @@ _ATTR = "_fusedloss_hf_patch"
 
 
 class _Patch:
-    """What apply() installed on one model, and the one-call state shared by its two forwards."""
+    """What apply() installed on one model, and the one-call state shared by its forwards."""
 
-    def __init__(self, model, head, family, backend, return_logits):
+    def __init__(self, model, heads, family, backend, return_logits):
         self.model = model
-        self.head = head
+        self.heads = heads  # the nn.Linear modules that may compute the logits (one, or a PEFT wrapper's)
         self.family = family
         self.backend = backend
         self.return_logits = return_logits
         self.model_forward_before = model.__dict__.get("forward")
-        self.head_forward_before = head.__dict__.get("forward")
+        self.heads_forward_before = [head.__dict__.get("forward") for head in heads]
         self.original_forward = model.forward  # bound: the class's forward or whatever was there before
-        self.head_original_forward = head.forward
         self.param_names = [n for n, p in inspect.signature(self.original_forward).parameters.items()
                             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.armed = None   # (labels, shift_labels, num_items_in_batch, ignore_index) during a fused call
         self.loss = None
 
 
-def _head_forward(patch: _Patch, x: torch.Tensor) -> torch.Tensor:
+def _head_forward(patch: _Patch, head: nn.Linear, original_forward, x: torch.Tensor) -> torch.Tensor:
     armed = patch.armed
     if armed is None:
-        return patch.head_original_forward(x)
+        return original_forward(x)
     patch.armed = None  # one head call per armed forward
     labels, shift_labels, num_items_in_batch, ignore_index = armed
-    head, family, model = patch.head, patch.family, patch.model
+    family, model = patch.family, patch.model
     h = x
     if family.scale_attr is not None:
         h = h * getattr(model, family.scale_attr)
@@ -151,8 +154,12 @@ def _head_forward(patch: _Patch, x: torch.Tensor) -> torch.Tensor:
         loss = loss / num_items_in_batch
     patch.loss = loss
     if patch.return_logits:
-        return patch.head_original_forward(x)
-    return x.new_empty((*rows, 0))
+        return original_forward(x)
+    # The empty placeholder is computed from the loss (not a view: FSDP2 warns about views) and the model's
+    # forward adds its (zero) sum back to the loss, so the loss's backward runs after the gradient of this
+    # module's output. FSDP hooks that output to gather the weight again before the head's backward
+    # (FSDP1 otherwise fails in backward when the head is its own unit; FSDP2 otherwise skips its unshard).
+    return x.new_zeros((*rows, 0)) + loss.to(x.dtype)
 
 
 def _model_forward(patch: _Patch, *args, **kwargs):
@@ -183,7 +190,12 @@ def _model_forward(patch: _Patch, *args, **kwargs):
         patch.loss = None
     if loss is None:
         raise RuntimeError(f"fusedloss: {type(model).__name__}.forward did not call its LM head; "
-                           "the fused loss could not be computed")
+                           "the fused loss could not be computed (a head module created after apply(), such as "
+                           "the modules_to_save copy of a PEFT adapter added later, is not patched: revert and "
+                           "apply again)")
+    logits = getattr(out, "logits", None)
+    if not patch.return_logits and torch.is_tensor(logits) and logits.numel() == 0:
+        loss = loss + logits.sum().to(loss.dtype)  # exactly 0: ties the loss to the head's output (see above)
     aux = getattr(out, "aux_loss", None) if patch.family.moe else None
     if aux is not None:
         loss = loss + model.router_aux_loss_coef * aux.to(loss.device)
@@ -210,18 +222,67 @@ def _family_of(model) -> _Family:
                               f"supported: {supported}")
 
 
+def _is_peft(module) -> bool:
+    return type(module).__module__.split(".")[0] == "peft"
+
+
+def _unwrap(model):
+    """The transformers model inside a PEFT model (``PeftModel*`` or its tuner, e.g. ``LoraModel``): PEFT's
+    forwards call the inner model's forward, so patching that instance patches the PEFT model's training
+    loss. Anything else is returned as is."""
+    for _ in range(4):  # PeftModel -> LoraModel -> *ForCausalLM at most
+        if not _is_peft(model):
+            break
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "model", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            break
+        model = inner
+    return model
+
+
+def _head_modules(model) -> list[nn.Linear]:
+    """The ``nn.Linear`` modules that compute the logits: the output embedding, or for a PEFT
+    ``ModulesToSaveWrapper`` head (``modules_to_save=["lm_head"]``) its frozen original and its trainable
+    per-adapter copies. The wrapper calls exactly one of them, as its own forward decides (active adapter,
+    adapters disabled), so each is patched and whichever runs computes the loss."""
+    head = model.get_output_embeddings()
+    leaves = [head]
+    if _is_peft(head) and type(head).__name__ == "ModulesToSaveWrapper":
+        leaves = [head.original_module, *head.modules_to_save.values()]
+    # nn.Linear's own forward, F.linear(x, weight, bias), is what the fused loss replaces: a subclass that
+    # keeps it (FSDP2's fully_shard makes one per module, FSDPLinear) qualifies, one that overrides it
+    # (quantized linears) does not.
+    if not all(isinstance(leaf, nn.Linear) and type(leaf).forward is nn.Linear.forward for leaf in leaves):
+        kind = type(head).__name__ if len(leaves) == 1 else f"a {type(head).__name__} of " + ", ".join(
+            sorted({type(leaf).__name__ for leaf in leaves}))
+        raise NotImplementedError(f"fusedloss: the output embedding of {type(model).__name__} is {kind}, not a "
+                                  "plain torch.nn.Linear (a LoRA-adapted or quantized head is not supported; a "
+                                  "PEFT modules_to_save head is)")
+    return leaves
+
+
 def apply(model, *, backend: str | None = None, return_logits: bool = False):
     """Patch this ``*ForCausalLM`` instance: its training loss (labels given, grad enabled, ``model.training``)
     comes from :func:`fusedloss.linear_cross_entropy` on the final hidden states and the LM head's weight
     (tied or not) and bias, with HF's exact loss semantics, and ``logits`` is None unless
     ``return_logits=True``. Eval, ``no_grad`` and ``generate()`` run HF's forward unchanged. Returns
-    ``model``. ``backend`` is passed to ``linear_cross_entropy`` (None: automatic)."""
+    ``model``. ``backend`` is passed to ``linear_cross_entropy`` (None: automatic).
+
+    A PEFT model (``get_peft_model(...)``) may be passed as it is: the transformers model inside it is
+    patched (the same as ``apply(peft_model.get_base_model())``). The head may be frozen (LoRA on the
+    trunk: no weight gradient) or a ``ModulesToSaveWrapper`` (its active trainable copy gets the gradient);
+    a LoRA adapter on the head itself is refused. Patch after the adapters are added: a head copy that a
+    later ``add_adapter`` creates is not patched.
+
+    There is no ``from_pretrained`` helper: ``apply(AutoModelForCausalLM.from_pretrained(...))`` is already
+    one line, and ``apply`` returns the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers *ForCausalLM module, got {type(model).__name__}")
     if not isinstance(return_logits, bool):
         raise TypeError(f"return_logits must be a bool, got {return_logits!r}")
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a backend name or None, got {backend!r}")
+    given, model = model, _unwrap(model)
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError(f"fusedloss: this {type(model).__name__} is already patched; call revert(model) first")
     family = _family_of(model)
@@ -229,45 +290,48 @@ def apply(model, *, backend: str | None = None, return_logits: bool = False):
     if getattr(model, "_loss_function", None) is not None or loss_type not in (None, "ForCausalLM"):
         raise NotImplementedError(f"fusedloss: {type(model).__name__} has a custom loss function "
                                   f"(loss_type {loss_type!r}); only HF's causal-LM cross-entropy is replaced")
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise NotImplementedError(f"fusedloss: the output embedding of {type(model).__name__} is "
-                                  f"{type(head).__name__}, not a plain torch.nn.Linear (a PEFT-wrapped or "
-                                  "quantized head is not supported)")
+    heads = _head_modules(model)
     if family.softcap and not hasattr(model.config, "final_logit_softcapping"):
         raise NotImplementedError(f"fusedloss: {type(model.config).__name__} has no final_logit_softcapping")
-    patch = _Patch(model, head, family, backend, return_logits)
+    patch = _Patch(model, heads, family, backend, return_logits)
     model_fwd = functools.wraps(patch.original_forward)(functools.partial(_model_forward, patch))
-    head_fwd = functools.wraps(patch.head_original_forward)(functools.partial(_head_forward, patch))
-    patch.model_forward, patch.head_forward = model_fwd, head_fwd
+    head_fwds = []
+    for head in heads:
+        original = head.forward
+        head_fwds.append(functools.wraps(original)(functools.partial(_head_forward, patch, head, original)))
+    patch.model_forward, patch.heads_forward = model_fwd, head_fwds
     # Plain instance attributes: nn.Module.__setattr__ keeps non-module, non-tensor values in __dict__,
     # where they shadow the class's forward for this instance only.
     object.__setattr__(model, "forward", model_fwd)
-    object.__setattr__(head, "forward", head_fwd)
+    for head, fwd in zip(heads, head_fwds):
+        object.__setattr__(head, "forward", fwd)
     object.__setattr__(model, _ATTR, patch)
-    return model
+    return given
 
 
 def revert(model):
-    """Undo :func:`apply` on this model: its and its head's forwards are again what they were before."""
+    """Undo :func:`apply` on this model (or the PEFT model around it): its and its head's forwards are again
+    what they were before. Returns ``model``."""
+    given, model = model, _unwrap(model)
     patch = getattr(model, _ATTR, None)
     if patch is None:
         raise RuntimeError(f"fusedloss: this {type(model).__name__} is not patched (apply() was not called "
                            "or it was reverted)")
     if model.__dict__.get("forward") is not patch.model_forward:
         raise RuntimeError("fusedloss: model.forward was replaced after apply(); revert that first")
-    for module, before in ((model, patch.model_forward_before), (patch.head, patch.head_forward_before)):
+    restore = [(model, patch.model_forward_before), *zip(patch.heads, patch.heads_forward_before)]
+    for module, before in restore:
         if before is None:
             del module.__dict__["forward"]
         else:
             object.__setattr__(module, "forward", before)
     del model.__dict__[_ATTR]
-    return model
+    return given
 
 
 def is_applied(model) -> bool:
-    """Whether :func:`apply` patched this model (and it was not reverted)."""
-    return getattr(model, _ATTR, None) is not None
+    """Whether :func:`apply` patched this model (or the one inside this PEFT model) and it was not reverted."""
+    return getattr(_unwrap(model), _ATTR, None) is not None
 
 
 @contextlib.contextmanager
