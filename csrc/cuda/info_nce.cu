@@ -40,8 +40,8 @@
 //     epilogue multiplies by 2^-e (exact).
 //
 // Tiles: 64 x 64 of S per step, 256 threads, D in steps of 32 (SIMT) or 64 (WMMA) for S and of
-// 64 for the output chunks. Shared memory (dynamic), forward / backward: fp32 34 / 34 KiB, fp64
-// 67 / 68 KiB, fp16 35 / 54 KiB, bf16 35 / 63 KiB; __launch_bounds__(256, 2) keeps two blocks
+// 64 for the output chunks. Shared memory (dynamic), forward / backward: fp32 34 / 35 KiB, fp64
+// 67 / 69 KiB, fp16 35 / 55 KiB, bf16 35 / 64 KiB; __launch_bounds__(256, 2) keeps two blocks
 // per SM. The chunk operand V aliases the dot operands and the WMMA staging tile O aliases S,
 // each dead by then (the barriers below say where).
 //
