@@ -120,18 +120,22 @@ TORCH_LIBRARY(fusedloss, m) {
   // pos_i = S_{i, labels_i} (labels (N,) int64 in [0, M); None: labels_i = i, which needs M >= N), without
   // materializing S. query (N, D) and key (M, D) contiguous, one floating dtype; scale a 0-dim tensor in
   // the accumulation dtype or float64 (1 / temperature, on the inputs' device: learnable, never read on
-  // the host). Returns lse_rows (N,), lse_cols (M,) ((0,) when not cols) and pos (N,) in the
-  // accumulation dtype; pos is NaN where a label is out of range (checked only on CPU). The loss
-  // lse - pos and the reduction are left to the caller (autograd composes them).
-  m.def("info_nce_lse_fwd(Tensor query, Tensor key, Tensor scale, bool cols, Tensor? labels=None) -> "
-        "(Tensor, Tensor, Tensor)");
+  // the host). With key_groups (M,) int64, query i's positives are every key j with key_groups_j ==
+  // labels_i (labels are then the queries' group ids, any values) and pos_i is the mean of their S_ij.
+  // Returns lse_rows (N,), lse_cols (M,) ((0,) when not cols) and pos (N,) in the accumulation dtype,
+  // and npos (N,) int64, each query's number of positives; pos is NaN where a query has none (a label
+  // out of range: checked only on CPU, without key_groups). The loss lse - pos and the reduction are
+  // left to the caller (autograd composes them).
+  m.def("info_nce_lse_fwd(Tensor query, Tensor key, Tensor scale, bool cols, Tensor? labels=None, "
+        "Tensor? key_groups=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j + sum_i grad_pos_i pos_i:
   // grad_query (N, D) and grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in scale's dtype.
-  // pos and labels are the forward's (pos gives (3')'s shifts). The tiles of S are recomputed; no
-  // atomics: the result is deterministic.
+  // pos, npos, labels and key_groups are the forward's (pos gives (3')'s shifts). The tiles of S are
+  // recomputed; no atomics: the result is deterministic.
   m.def(
       "info_nce_lse_bwd(Tensor grad_rows, Tensor? grad_cols, Tensor? grad_pos, Tensor query, Tensor key, "
-      "Tensor scale, Tensor lse_rows, Tensor? lse_cols, Tensor pos, Tensor? labels=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor scale, Tensor lse_rows, Tensor? lse_cols, Tensor pos, Tensor npos, Tensor? labels=None, "
+      "Tensor? key_groups=None) -> (Tensor, Tensor, Tensor)");
 
   // Distillation (fusedloss/kl_div_math.h). student and teacher (N, C), one floating dtype, unit
   // class stride; target (N,) int64 or None (rows whose target is ignore_index are skipped). jsd false:

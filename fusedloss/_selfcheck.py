@@ -260,6 +260,9 @@ def _make_nce(shape, opts, reduction, dtype, device, gen) -> Problem:
         temperature = torch.tensor(0.1, dtype=acc, device=device)
         leaves["temperature"] = temperature
     kw = {"normalize": normalize, "symmetric": opts.get("symmetric", False)}
+    if opts.get("groups"):  # several positives per query; some queries without one
+        kw["key_groups"] = torch.randint(0, 4, (M,), generator=gen).to(device)
+        kw["query_groups"] = torch.randint(0, 5, (N,), generator=gen).to(device)
 
     def run(fn, leaves, ref):
         t = leaves.get("temperature", temperature)
@@ -280,6 +283,8 @@ NCE_OPTIONS = [
     ("symmetric", {"symmetric": True}, "mean"),
     ("symmetric", {"symmetric": True}, "none"),
     ("labels", {"labels": True}, "mean"),
+    ("groups", {"groups": True}, "mean"),
+    ("groups learnable temperature", {"groups": True, "learnable": True}, "none"),
     ("learnable temperature", {"learnable": True}, "mean"),
     ("learnable temperature symmetric", {"learnable": True, "symmetric": True}, "sum"),
     ("non-contiguous", {"noncontig": True}, "mean"),

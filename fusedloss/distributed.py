@@ -578,6 +578,8 @@ def info_nce(
     key: Tensor,
     labels: Tensor | None = None,
     *,
+    query_groups: Tensor | None = None,
+    key_groups: Tensor | None = None,
     group=None,
     temperature: float | Tensor = 0.07,
     normalize: bool = True,
@@ -605,6 +607,11 @@ def info_nce(
     world_size times its rows of the single-process ones, and DDP's average over ranks gives exactly the
     single-process parameter gradients.
 
+    Several positives (``query_groups`` ``(N_r,)``, ``key_groups`` ``(M_r,)``, as :func:`fusedloss.info_nce`):
+    the key groups are gathered with the keys, so a query's positives are every key of its group on any
+    rank. ``"mean"`` is then the mean over this rank's queries that have a positive; with ``"sum"`` on every
+    rank, ``sum_r loss_r`` over the global count of such queries is the single-process mean.
+
     A learnable ``temperature`` (0-dim tensor requiring grad, one copy per rank) gets the gradient of this
     rank's loss only: the sum of those over ranks is the single-process gradient (DDP's all-reduce
     averages them, consistent with the above when each rank backpropagates ``loss_r``).
@@ -618,9 +625,12 @@ def info_nce(
     _checks.query_key(query, key)
     _checks.reduction(reduction)
     n, m = query.shape[0], key.shape[0]
+    grouped = query_groups is not None or key_groups is not None
+    if grouped:
+        query_groups, key_groups = _functional._group_ids(query_groups, key_groups, labels, symmetric, query, n, m)
     if symmetric and labels is not None:
         raise ValueError("symmetric=True uses the default labels (query i pairs with key i); got labels")
-    if labels is None and m < n:
+    if labels is None and m < n and not grouped:
         raise ValueError(f"the default labels arange(N) need at least as many keys as queries on each rank, got "
                          f"N={n} queries and M={m} keys; pass labels")
     sizes = _batch_sizes(query, key, batch_sizes, world, group)
@@ -629,6 +639,14 @@ def info_nce(
     if symmetric and any(q != k for q, k in sizes):
         raise ValueError(f"symmetric=True needs as many keys as queries on every rank, got (N_r, M_r) = {sizes}")
     offset = sum(k for _, k in sizes[:rank])
+    acc = acc_dtype(query.dtype)
+    if grouped:
+        # fp16/bf16 rows travel in float32, as below; the group ids travel with their keys.
+        all_k = _GatherRows.apply(key.to(acc), [m_r for _, m_r in sizes], rank, group)
+        all_groups = _GatherRows.apply(key_groups, [m_r for _, m_r in sizes], rank, group)
+        return _functional.info_nce(query.to(acc), all_k, query_groups=query_groups, key_groups=all_groups,
+                                    temperature=temperature, normalize=normalize, reduction=reduction,
+                                    backend=backend)
     if labels is None:
         labels = torch.arange(n, device=query.device)
     else:
@@ -649,7 +667,6 @@ def info_nce(
     # fp16/bf16 rows travel in float32 (fusedloss.info_nce computes in float32 anyway): the gradient that
     # comes back is then summed over ranks in float32 and rounded to the input dtype once, by autograd,
     # instead of once per rank and again in the sum.
-    acc = acc_dtype(query.dtype)
     q, k = query.to(acc), key.to(acc)
     if symmetric:
         # One collective for both: the backward then has one reduce-scatter, whose order across ranks

@@ -439,6 +439,8 @@ def info_nce(
     key: Tensor,
     labels: Tensor | None = None,
     *,
+    query_groups: Tensor | None = None,
+    key_groups: Tensor | None = None,
     temperature: float | Tensor = 0.07,
     normalize: bool = True,
     symmetric: bool = False,
@@ -458,6 +460,12 @@ def info_nce(
       grad (learnable; its value is never read on the host, so its sign is not checked).
     - ``symmetric=True`` (needs ``M == N`` and default labels) averages, per index, with the
       key -> query direction ``-log softmax(sim(Q, k_i) / temperature)[i]`` (CLIP's loss).
+    - Several positives per query: ``query_groups`` ``(N,)`` and ``key_groups`` ``(M,)`` (integer group
+      ids, any values; both or neither; not with ``labels`` or ``symmetric``). Every key of the query's
+      group is a positive and ``loss_i = -mean_{j in P(i)} log softmax(sim(q_i, K) / temperature)[j]``
+      (supervised-contrastive, Khosla et al. 2020's "out" form); a query whose group has no key is
+      left out: 0 with ``"none"``, and ``"mean"`` divides by the number of queries with a positive (NaN
+      when none has one, as torch's mean over nothing).
     - ``reduction``: ``"none"`` returns the ``(N,)`` per-query losses (with ``symmetric``, the average
       of the two directions at each index); ``"mean"`` their sum divided by N; ``"sum"`` their sum.
 
@@ -480,7 +488,9 @@ def info_nce(
     N = query.shape[0]
     M = key.shape[0]
     temperature = _checks.temperature(temperature, query, "query")
-    if labels is None:
+    if query_groups is not None or key_groups is not None:
+        query_groups, key_groups = _group_ids(query_groups, key_groups, labels, symmetric, query, N, M)
+    elif labels is None:
         if M < N:
             raise ValueError(f"the default labels arange(N) need at least as many keys as queries, got N={N} "
                              f"queries and M={M} keys; pass labels")
@@ -513,6 +523,9 @@ def info_nce(
         label_ok = (labels >= 0) & (labels < M)
         labels = labels.clamp(0, M - 1)
     if name == "reference":
+        if query_groups is not None:
+            return reference.info_nce(query, key, query_groups=query_groups, key_groups=key_groups,
+                                      temperature=temperature, normalize=normalize, reduction=reduction)
         loss = reference.info_nce(query, key, labels, temperature=temperature, normalize=normalize,
                                   symmetric=symmetric, reduction="none")
         return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
@@ -537,11 +550,39 @@ def info_nce(
         scale = torch.full((), 1.0 / temperature, dtype=acc, device=query.device)
     # pos: each query's positive logit, from the kernel's own tile of S (the gradient of a sharp row
     # then cancels inside the kernel, element by element, as plain PyTorch's softmax - one_hot does).
-    lse_rows, lse_cols, pos = _nce.forward_op(name)(q, k, scale, bool(symmetric), labels)
+    if query_groups is not None:
+        lse_rows, _, pos, npos = _nce.forward_op(name)(q, k, scale, False, query_groups, key_groups)
+        kept = npos > 0  # a query whose group has no key is left out (its pos is NaN)
+        loss = torch.where(kept, lse_rows - pos, torch.zeros_like(lse_rows))
+        if reduction == "mean":
+            return loss.sum() / kept.sum()
+        return loss.sum() if reduction == "sum" else loss
+    lse_rows, lse_cols, pos, _ = _nce.forward_op(name)(q, k, scale, bool(symmetric), labels)
     loss = lse_rows - pos
     if symmetric:
         loss = 0.5 * (loss + (lse_cols - pos))
     return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
+
+
+def _group_ids(query_groups, key_groups, labels, symmetric, query, n, m):
+    """Checks info_nce's query_groups / key_groups; returns them as int64."""
+    if labels is not None:
+        raise ValueError("query_groups/key_groups and labels are exclusive: pass one way of naming positives")
+    if symmetric:
+        raise ValueError("symmetric=True is not defined with query_groups/key_groups (one positive per query)")
+    out = []
+    for name, ids, size in (("query_groups", query_groups, n), ("key_groups", key_groups, m)):
+        if ids is None:
+            other = "key_groups" if name == "query_groups" else "query_groups"
+            raise ValueError(f"{other} needs {name}: pass both group-id tensors")
+        _checks.tensor(name, ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer group ids (int64), got dtype {ids.dtype}")
+        if ids.shape != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {tuple(ids.shape)}")
+        _checks.same_device(name, ids, "query", query)
+        out.append(ids.to(torch.int64))
+    return out
 
 
 def _nan_where_not(ok: Tensor | None, loss: Tensor) -> Tensor:

@@ -272,8 +272,10 @@ class InfoNCELoss(_Loss):
             return self.temperature
         return torch.exp(-self.logit_scale.clamp(max=self.MAX_LOGIT_SCALE))
 
-    def forward(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> Tensor:
-        return F.info_nce(query, key, labels, temperature=self.current_temperature(), **self._options())
+    def forward(self, query: Tensor, key: Tensor, labels: Tensor | None = None, *, query_groups: Tensor | None = None,
+                key_groups: Tensor | None = None) -> Tensor:
+        return F.info_nce(query, key, labels, query_groups=query_groups, key_groups=key_groups,
+                          temperature=self.current_temperature(), **self._options())
 
     def extra_repr(self) -> str:
         temp = "learnable" if self.learnable_temperature else f"{self.temperature}"

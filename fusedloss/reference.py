@@ -230,6 +230,8 @@ def info_nce(
     key: Tensor,
     labels: Tensor | None = None,
     *,
+    query_groups: Tensor | None = None,
+    key_groups: Tensor | None = None,
     temperature: float | Tensor = 0.07,
     normalize: bool = True,
     symmetric: bool = False,
@@ -241,6 +243,10 @@ def info_nce(
     (``F.normalize``) when ``normalize``; loss_i = cross_entropy(logits_i, labels_i), labels
     ``arange(N)`` by default. ``symmetric`` (M == N, default labels) averages per index with the
     key -> query direction: cross_entropy(logits.T_j, j). ``mean`` divides by N.
+
+    With ``query_groups`` / ``key_groups`` (supervised-contrastive positives): loss_i = -mean over the
+    keys j of query i's group of log_softmax(logits_i)_j; a query whose group has no key is left out
+    (0 with ``none``; ``mean`` divides by the number of queries with a positive).
     """
     dtype = _compute_dtype(query.dtype)
     q = query.to(dtype)
@@ -252,6 +258,15 @@ def info_nce(
         temperature = temperature.to(dtype)
     logits = (q @ k.T) / temperature
     N = q.shape[0]
+    if query_groups is not None:
+        positive = query_groups[:, None] == key_groups[None, :]
+        count = positive.sum(1)
+        log_p = torch.log_softmax(logits, 1)
+        kept = count > 0
+        loss = torch.where(kept, -(log_p * positive).sum(1) / count.clamp_min(1), torch.zeros_like(log_p[:, 0]))
+        if reduction == "mean":
+            return loss.sum() / kept.sum()
+        return loss.sum() if reduction == "sum" else loss
     if labels is None:
         labels = torch.arange(N, device=q.device)
     loss = F.cross_entropy(logits, labels, reduction="none")

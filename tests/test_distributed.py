@@ -257,6 +257,38 @@ def case_info_nce(rank, world, seed):
             dist.all_reduce(gt)  # each rank holds its loss's part
             _check(gt, rt.grad, dtype, "loss", msg + " temperature")
 
+    # Several positives per query: the key groups travel with the keys; "sum" on every rank over the global
+    # count of queries with a positive is the single-process mean.
+    for i, (dtype, n_sizes, m_sizes) in enumerate(((torch.float64, [5] * world, [6] * world),
+                                                    (torch.float32, [4, 7, 5][:world], [3, 6, 8][:world]))):
+        gen = torch.Generator().manual_seed(seed + 400 + i)
+        qs = [torch.randn(n, D, generator=gen, dtype=torch.float64).to(dtype) for n in n_sizes]
+        ks = [torch.randn(m, D, generator=gen, dtype=torch.float64).to(dtype) for m in m_sizes]
+        qgs = [torch.randint(0, 4, (n,), generator=gen) for n in n_sizes]
+        kgs = [torch.randint(0, 4, (m,), generator=gen) for m in m_sizes]
+        qgs[0][0] = 9  # a query without positives anywhere
+        msg = f"info_nce groups run {i} {dtype} rank {rank}/{world}"
+        q, k = qs[rank].detach().requires_grad_(), ks[rank].detach().requires_grad_()
+        temp = torch.tensor(0.1, dtype=q.dtype if dtype == torch.float64 else torch.float32, requires_grad=True)
+        loss = fld.info_nce(q, k, query_groups=qgs[rank], key_groups=kgs[rank], temperature=temp, reduction="sum",
+                            batch_sizes=list(zip(n_sizes, m_sizes)) if i else None)
+        kept = sum(int((g[:, None] == torch.cat(kgs)[None, :]).any(1).sum()) for g in qgs)
+        part = loss / kept
+        part.backward()
+        summed = part.detach().clone()
+        dist.all_reduce(summed)
+        rq, rk = torch.cat(qs).double().requires_grad_(), torch.cat(ks).double().requires_grad_()
+        rt = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        expected = reference.info_nce(rq, rk, query_groups=torch.cat(qgs), key_groups=torch.cat(kgs), temperature=rt)
+        expected.backward()
+        q_lo, k_lo = sum(n_sizes[:rank]), sum(m_sizes[:rank])
+        _check(summed, expected, dtype, "loss", msg)
+        _check(q.grad, rq.grad[q_lo:q_lo + n_sizes[rank]], dtype, "grad", msg + " query")
+        _check(k.grad, rk.grad[k_lo:k_lo + m_sizes[rank]], dtype, "grad", msg + " key")
+        gt = temp.grad.clone()
+        dist.all_reduce(gt)
+        _check(gt, rt.grad, dtype, "loss", msg + " temperature")
+
     # Under DDP each rank backpropagates its loss itself: its gradients are world_size times its rows of
     # the single-process ones (DDP's average over ranks then gives those exactly), for query and key alike.
     gen = torch.Generator().manual_seed(seed + 300)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (FP16_SUBNORMAL_ATOL, TOL, assert_close, backend_params, interpreted, poison_cpu_allocator,
-                      require_backend, rows)
+                      require_backend, rows, with_reference)
 
 import fusedloss
 from fusedloss import reference
@@ -130,10 +130,12 @@ def temperature_atol(q, k, temperature, grad_out, dtype, *, normalize, reduction
 
 
 def check_against_reference(backend, device, dtype, N, M, D, *, normalize, symmetric, reduction, temp_kind,
-                            labels=None):
+                            labels=None, groups=None):
     q, k = make_inputs(N, M, D, dtype, device, normalize)
     t = make_temperature(temp_kind, dtype, device)
     kw = dict(normalize=normalize, symmetric=symmetric, reduction=reduction)
+    if groups is not None:
+        kw.update(query_groups=groups[0], key_groups=groups[1])
     if device == "cpu":
         poison_cpu_allocator((N + M) * D * 8)
     loss, grads, g = run(q, k, labels, t, backend, **kw)
@@ -247,6 +249,142 @@ def test_explicit_labels(backend, device, dtype, temp_kind):
         assert_grad_close(grads[1], ref_grads[1], dtype, parts_k, f"labels grad key {reduction}")
 
 
+# --- several positives per query (query_groups / key_groups, issue #17) --------------------------
+
+
+def supcon_by_hand(q, k, query_groups, key_groups, temperature):
+    """Khosla et al. 2020's supervised-contrastive loss, "out" form, per query, with a loop over the
+    positives, in float64: -mean over the keys of the query's group of log softmax(q_i . K / t); 0 for a
+    query whose group has no key."""
+    qn, kn = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
+    out = []
+    for i in range(q.shape[0]):
+        logits = qn[i] @ kn.T / temperature
+        log_p = logits - torch.logsumexp(logits, 0)
+        positives = [j for j in range(k.shape[0]) if key_groups[j] == query_groups[i]]
+        out.append(-sum(log_p[j] for j in positives) / len(positives) if positives else log_p.new_zeros(()))
+    return torch.stack(out)
+
+
+def test_groups_reference_by_hand():
+    q, k = torch.randn(9, 5), torch.randn(11, 5)
+    qg = torch.tensor([0, 1, 2, 0, 1, 5, 2, 2, -3])  # group 5 has no key: left out
+    kg = torch.tensor([0, 0, 1, 2, 2, 2, 3, 1, -3, 4, 4])
+    want = supcon_by_hand(q, k, qg, kg, 0.3)
+    got = reference.info_nce(q.double(), k.double(), query_groups=qg, key_groups=kg, temperature=0.3,
+                             reduction="none")
+    torch.testing.assert_close(got, want)
+    mean = reference.info_nce(q.double(), k.double(), query_groups=qg, key_groups=kg, temperature=0.3)
+    torch.testing.assert_close(mean, want.sum() / 8)
+
+
+def _groups(N, M, n_groups, device):
+    """Random group ids with several keys per group, one query group without keys, negative ids too."""
+    g = torch.Generator().manual_seed(N * 1000 + M)
+    key_groups = torch.randint(-1, n_groups - 1, (M,), generator=g)
+    query_groups = torch.randint(-1, n_groups - 1, (N,), generator=g)
+    query_groups[0] = n_groups + 7  # no key has it
+    return query_groups.to(device), key_groups.to(device)
+
+
+@pytest.mark.parametrize("backend,device", with_reference())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("temp_kind", TEMPERATURES)
+def test_groups_against_reference(backend, device, dtype, reduction, temp_kind):
+    """Every backend against the float64 reference (checked by hand above), tiles crossed where the
+    backend is fast: several positives per query, queries without one, any group ids."""
+    require_backend(backend, device)
+    if dtype == torch.float64 and backend not in ("cpu", "reference"):
+        pytest.skip("float64 is a CPU-backend dtype")
+    shapes = [(13, 29, 24, 4)] + ([] if interpreted(backend, device) else [(300, 515, 33, 6), (130, 130, 100, 40)])
+    for N, M, D, n_groups in shapes:
+        check_against_reference(backend, device, dtype, N, M, D, normalize=True, symmetric=False,
+                                reduction=reduction, temp_kind=temp_kind, groups=_groups(N, M, n_groups, device))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_groups_of_single_keys_equal_labels(backend, device):
+    """Groups that give each query one key are the labels form, to float32 rounding."""
+    require_backend(backend, device)
+    q, k = make_inputs(20, 31, 16, torch.float32, device, True)
+    labels = torch.randperm(31, device=device)[:20]
+    t = torch.tensor(0.1, device=device)
+    by_labels = run(q, k, labels, t, backend, reduction="none", grad_out=torch.ones(20, device=device))
+    by_groups = run(q, k, None, t, backend, reduction="none", grad_out=torch.ones(20, device=device),
+                    query_groups=labels, key_groups=torch.arange(31, device=device))
+    assert_close(by_groups[0], by_labels[0], torch.float32, "loss")
+    for a, b in zip(by_groups[1], by_labels[1]):
+        assert_close(a, b, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend,device", with_reference())
+def test_groups_without_any_positive(backend, device):
+    """No query has a positive: the mean is NaN (torch's mean over nothing), none is zeros, and the
+    gradients are zero."""
+    require_backend(backend, device)
+    q, k = make_inputs(5, 7, 8, torch.float32, device, True)
+    qg, kg = torch.full((5,), 3, device=device), torch.zeros(7, dtype=torch.long, device=device)
+    q.requires_grad_()
+    assert torch.isnan(fusedloss.info_nce(q, k, query_groups=qg, key_groups=kg, backend=backend))
+    none = fusedloss.info_nce(q, k, query_groups=qg, key_groups=kg, reduction="none", backend=backend)
+    assert torch.equal(none, torch.zeros_like(none))
+    (grad,) = torch.autograd.grad(none.sum(), q)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_groups_bad_input():
+    q, k = torch.randn(4, 8), torch.randn(6, 8)
+    qg, kg = torch.zeros(4, dtype=torch.long), torch.zeros(6, dtype=torch.long)
+    nce = fusedloss.info_nce
+    cases = [
+        (lambda: nce(q, k, query_groups=qg), ValueError, "query_groups needs key_groups|key_groups needs"),
+        (lambda: nce(q, k, key_groups=kg), ValueError, "needs query_groups"),
+        (lambda: nce(q, k, torch.zeros(4, dtype=torch.long), query_groups=qg, key_groups=kg), ValueError,
+         "exclusive"),
+        (lambda: nce(q, k[:4], query_groups=qg, key_groups=kg[:4], symmetric=True), ValueError, "symmetric"),
+        (lambda: nce(q, k, query_groups=qg.float(), key_groups=kg), TypeError, "query_groups must hold integer"),
+        (lambda: nce(q, k, query_groups=qg, key_groups=kg.bool()), TypeError, "key_groups must hold integer"),
+        (lambda: nce(q, k, query_groups=qg[:3], key_groups=kg), ValueError, r"query_groups must have shape \(4,\)"),
+        (lambda: nce(q, k, query_groups=qg, key_groups=kg[None]), ValueError, r"key_groups must have shape \(6,\)"),
+        (lambda: nce(q, k, query_groups=qg, key_groups=kg.to("meta")), RuntimeError, "key_groups is on meta"),
+        (lambda: nce(q, k, query_groups=[0, 0, 0, 0], key_groups=kg), TypeError, "query_groups"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_groups_module_and_build_loss():
+    """InfoNCELoss and a build_loss component take the group ids as inputs, with the functional's result."""
+    q, k = make_inputs(12, 17, 8, torch.float32, "cpu", True)
+    qg, kg = _groups(12, 17, 4, "cpu")
+    want = fusedloss.info_nce(q, k, query_groups=qg, key_groups=kg, temperature=0.1)
+    module = fusedloss.nn.InfoNCELoss(0.1)
+    torch.testing.assert_close(module(q, k, query_groups=qg, key_groups=kg), want)
+    composed = fusedloss.build_loss({"losses": [{"name": "info_nce", "params": {"temperature": 0.1},
+                                                 "inputs": {"query": "q", "key": "k", "query_groups": "qg",
+                                                            "key_groups": "kg"}}]})
+    torch.testing.assert_close(composed({"q": q, "k": k, "qg": qg, "kg": kg}), want)
+
+
+def test_groups_compile_fullgraph():
+    q, k = make_inputs(12, 17, 8, torch.float32, "cpu", True)
+    qg, kg = _groups(12, 17, 4, "cpu")
+    t = torch.tensor(0.1, requires_grad=True)
+    fn = torch.compile(lambda a, b, tt: fusedloss.info_nce(a, b, query_groups=qg, key_groups=kg, temperature=tt,
+                                                           backend="cpu"), fullgraph=True)
+    qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
+    out = fn(qa, ka, t)
+    got = torch.autograd.grad(out, (qa, ka, t))
+    ref = fusedloss.info_nce(q.requires_grad_(), k.requires_grad_(), query_groups=qg, key_groups=kg,
+                             temperature=t, backend="cpu")
+    want = torch.autograd.grad(ref, (q, k, t))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("layout", ["transposed", "row-slice", "expanded-key"])
 def test_noncontiguous_inputs(backend, device, layout):
@@ -314,7 +452,8 @@ def test_lse_ops(backend, device, dtype, cols, NMD):
     qa, ka, sa = q.clone().requires_grad_(), k.clone().requires_grad_(), scale.clone().requires_grad_()
     # Explicit labels (repeats, any key) when there are fewer keys than queries; else the default i.
     labels = torch.randint(0, M, (N,), device=device) if M < N else None
-    lse_rows, lse_cols, pos = fwd(qa, ka, sa, cols, labels)
+    lse_rows, lse_cols, pos, npos = fwd(qa, ka, sa, cols, labels)
+    assert npos.dtype == torch.int64 and torch.equal(npos, torch.ones_like(npos))
     assert lse_rows.dtype == acc and lse_rows.shape == (N,) and pos.dtype == acc and pos.shape == (N,)
     assert lse_cols.dtype == acc and lse_cols.shape == ((M,) if cols else (0,))
     g = torch.randn(N, dtype=acc, device=device)
@@ -345,7 +484,7 @@ def test_lse_ops_empty_sides(backend, device):
     fwd = nce_ops.forward_op(backend)
     scale = torch.tensor(2.0, device=device)
     no_labels = torch.zeros(0, dtype=torch.long, device=device)
-    lr, lc, pos = fwd(torch.randn(0, 4, device=device), torch.randn(5, 4, device=device), scale, True, no_labels)
+    lr, lc, pos, _ = fwd(torch.randn(0, 4, device=device), torch.randn(5, 4, device=device), scale, True, no_labels)
     assert lr.shape == (0,) and lc.shape == (5,) and torch.all(lc == float("-inf")) and pos.shape == (0,)
     with pytest.raises((RuntimeError, ValueError), match="at least as many keys"):
         fwd(torch.randn(3, 4, device=device), torch.randn(0, 4, device=device), scale, True)
@@ -445,18 +584,20 @@ def test_op_checks(args, match):
     q, k, s = torch.randn(4, 6), torch.randn(5, 6), torch.tensor(2.0)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fusedloss.info_nce_lse_fwd(*args(q, k, s))
-    lr, lc, pos = torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, True)
+    lr, lc, pos, npos = torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, True)
     bwd = torch.ops.fusedloss.info_nce_lse_bwd
     with pytest.raises(RuntimeError, match="grad_rows must have shape"):
-        bwd(lr[:3], None, None, q, k, s, lr, None, pos)
+        bwd(lr[:3], None, None, q, k, s, lr, None, pos, npos)
     with pytest.raises(RuntimeError, match="grad_cols needs lse_cols"):
-        bwd(lr, lc, None, q, k, s, lr, None, pos)
+        bwd(lr, lc, None, q, k, s, lr, None, pos, npos)
     with pytest.raises(RuntimeError, match="lse_rows must be Float"):
-        bwd(lr, None, None, q, k, s, lr.double(), None, pos)
+        bwd(lr, None, None, q, k, s, lr.double(), None, pos, npos)
     with pytest.raises(RuntimeError, match="grad_pos must have shape"):
-        bwd(lr, None, lr[:2], q, k, s, lr, None, pos)
+        bwd(lr, None, lr[:2], q, k, s, lr, None, pos, npos)
     with pytest.raises(RuntimeError, match="pos must have shape"):
-        bwd(lr, None, None, q, k, s, lr, None, pos[:2])
+        bwd(lr, None, None, q, k, s, lr, None, pos[:2], npos)
+    with pytest.raises(RuntimeError, match="npos must be an int64"):
+        bwd(lr, None, None, q, k, s, lr, None, pos, npos.float())
 
 
 @pytest.mark.parametrize(
@@ -475,6 +616,11 @@ def test_op_label_checks(labels, error, match):
         torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, False, labels)
     with pytest.raises(RuntimeError, match="at least as many keys as queries"):
         torch.ops.fusedloss.info_nce_lse_fwd(torch.randn(6, 6), k, s, False)
+    with pytest.raises(RuntimeError, match="key_groups needs labels"):
+        torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, False, None, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"key_groups must have shape \(5,\)"):
+        torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, False, torch.zeros(4, dtype=torch.long),
+                                             torch.zeros(4, dtype=torch.long))
 
 
 # --- the module ----------------------------------------------------------------------------------
@@ -535,12 +681,16 @@ def test_opcheck_cpu(dtype):
         q, k, s, cols = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         labels = torch.randint(0, k.shape[0], (q.shape[0],))
         torch.library.opcheck(torch.ops.fusedloss.info_nce_lse_fwd, (*args, labels))
-        lr, lc, pos = torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, cols, labels)
-        g = torch.randn_like(lr)
-        grad_cols = torch.randn_like(lc) if cols else None
-        for grad_pos in (None, torch.randn_like(pos)):
-            torch.library.opcheck(torch.ops.fusedloss.info_nce_lse_bwd,
-                                  (g, grad_cols, grad_pos, q, k, s, lr, lc if cols else None, pos, labels))
+        groups = torch.randint(0, 3, (k.shape[0],))
+        query_groups = groups[labels]  # every query has a positive (opcheck compares without NaN)
+        torch.library.opcheck(torch.ops.fusedloss.info_nce_lse_fwd, (*args, query_groups, groups))
+        for lab, kg in ((labels, None), (query_groups, groups)):
+            lr, lc, pos, npos = torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, cols, lab, kg)
+            g = torch.randn_like(lr)
+            grad_cols = torch.randn_like(lc) if cols else None
+            for grad_pos in (None, torch.randn_like(pos)):
+                torch.library.opcheck(torch.ops.fusedloss.info_nce_lse_bwd,
+                                      (g, grad_cols, grad_pos, q, k, s, lr, lc if cols else None, pos, npos, lab, kg))
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

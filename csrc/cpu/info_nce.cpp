@@ -32,7 +32,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -156,12 +155,28 @@ void merge_tile_cols(const acc_t* tile, int64_t nq, int64_t nk, acc_t* cmax, acc
   for (int64_t j = 0; j < nk; ++j) run[j] = info_nce::merge_part(run[j], cmax[j], csum[j]);
 }
 
-// The positive label of query row i: labels[i], or i without labels.
-inline int64_t label_of(const int64_t* labels, int64_t i) { return labels ? labels[i] : i; }
+// Which keys are query i's positives (info_nce_math.h's P(i)): key labels_i (i without labels), or with
+// key groups every key j with key_groups_j == labels_i.
+struct Positives {
+  const int64_t* labels;
+  const int64_t* key_groups;
+  int64_t label(int64_t i) const { return labels ? labels[i] : i; }
+  // f(j) for every positive column j of label's row in the tile's columns [j0, j0 + nk), j tile-relative.
+  template <typename F>
+  void in_tile(int64_t label, int64_t j0, int64_t nk, F&& f) const {
+    if (key_groups == nullptr) {
+      if (label >= j0 && label < j0 + nk) f(label - j0);
+      return;
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      if (key_groups[j0 + j] == label) f(j);
+    }
+  }
+};
 
 template <typename acc_t>
 void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, bool cols,
-                    const int64_t* labels, acc_t* lse_r, acc_t* lse_c, acc_t* pos) {
+                    const Positives& P, acc_t* lse_r, acc_t* lse_c, acc_t* pos, int64_t* npos) {
   const int64_t bq = query_tile_rows(N);
   const int64_t q_tiles = ceil_div(N, bq), k_tiles = ceil_div(M, kBK);
   const int64_t parts = num_parts(q_tiles);
@@ -169,23 +184,35 @@ void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
   at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
     std::vector<acc_t> tile(kBQ * kBK), cmax(kBK), csum(kBK);
     std::vector<Lse<acc_t>> row_run(kBQ);
+    std::vector<double> pos_sum(kBQ);
+    std::vector<int64_t> pos_count(kBQ);
     for (int64_t p = p_begin; p < p_end; ++p) {
       const auto [t_begin, t_end] = part_tiles(p, parts, q_tiles);
       for (int64_t qt = t_begin; qt < t_end; ++qt) {
         const int64_t i0 = qt * bq, nq = std::min(bq, N - i0);
         std::fill(row_run.begin(), row_run.end(), info_nce::empty_lse<acc_t>());
+        std::fill(pos_sum.begin(), pos_sum.end(), 0.0);
+        std::fill(pos_count.begin(), pos_count.end(), 0);
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
           const int64_t j0 = kt * kBK, nk = std::min(kBK, M - j0);
           tile_products(q + i0 * D, k + j0 * D, nq, nk, D, tile.data());
           scale_tile(tile.data(), nq * nk, scale);
-          for (int64_t r = 0; r < nq; ++r) {  // the positive, from the same S as the lse
-            const int64_t l = label_of(labels, i0 + r) - j0;
-            if (l >= 0 && l < nk) pos[i0 + r] = tile[r * nk + l];
+          for (int64_t r = 0; r < nq; ++r) {  // the positives, from the same S as the lse
+            P.in_tile(P.label(i0 + r), j0, nk, [&](int64_t j) {
+              pos_sum[r] += static_cast<double>(tile[r * nk + j]);
+              ++pos_count[r];
+            });
           }
           merge_tile_rows(tile.data(), nq, nk, row_run.data());
           if (cols) merge_tile_cols(tile.data(), nq, nk, cmax.data(), csum.data(), col_run.data() + p * M + j0);
         }
-        for (int64_t r = 0; r < nq; ++r) lse_r[i0 + r] = info_nce::finish(row_run[r]);
+        for (int64_t r = 0; r < nq; ++r) {
+          lse_r[i0 + r] = info_nce::finish(row_run[r]);
+          // One positive: its S exactly. None (an out-of-range label, an empty group): NaN.
+          pos[i0 + r] = pos_count[r] ? static_cast<acc_t>(pos_sum[r] / static_cast<double>(pos_count[r]))
+                                     : std::numeric_limits<acc_t>::quiet_NaN();
+          npos[i0 + r] = pos_count[r];
+        }
       }
     }
   });
@@ -201,27 +228,28 @@ void lse_fwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_
 
 // ---- backward ---------------------------------------------------------------------------------
 
-// Per-row inputs of one tile's rows: g, lse_r, the positive's weight u (nullptr: none), the row's
-// label relative to the tile's first column (outside [0, nk): not in this tile) and its shift c.
+// Per-row inputs of one tile's rows: g, lse_r, the positives' weight u (nullptr: none) and count, the
+// positives, and the rows' shifts c.
 template <typename acc_t>
 struct TileRows {
   const acc_t* g;
   const acc_t* lse_r;
   const acc_t* u;
-  const int64_t* label;  // absolute column indices (nullptr: the row's own index)
+  const int64_t* npos;
+  const Positives* P;
   int64_t i0, j0;        // the tile's first row and column
   const acc_t* c;        // the shifts c_i of (3'), from the tile's first row
 };
 
 // One tile of (1): on entry the unscaled products T = Q_t K_t^T, on exit scale * P (what both
 // gradient products need). Adds the tile's parts of (3') (info_nce_math.h): per row sum_j e_ij (T_ij -
-// c_i) and sum_j e_ij to row_num / row_den (nq rows), the positive's T - c to row_pos, and with the
+// c_i) and sum_j e_ij to row_num / row_den (nq rows), the positives' T - c to row_pos, and with the
 // columns the same per column over the tile's rows, shifted by cc, to col_num / col_den (nk columns;
 // cnum / cden are the tile's float32 scratch for them).
 template <typename acc_t>
 void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const TileRows<acc_t>& rows, const acc_t* h,
-                 const acc_t* lse_c, const acc_t* cc, double* row_num, double* row_den, acc_t* row_pos, acc_t* cnum,
-                 acc_t* cden, double* col_num, double* col_den) {
+                 const acc_t* lse_c, const acc_t* cc, double* row_num, double* row_den, double* row_pos, acc_t* cnum,
+                 acc_t* cden, double* col_num, double* col_den, int64_t* pos_j, acc_t* pos_t) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t nv = nk - nk % V;
@@ -235,13 +263,16 @@ void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const TileRow
     acc_t* t = tile + r * nk;
     const acc_t gr = rows.g[r], lr = rows.lse_r[r], cr = rows.c[r];
     const acc_t ur = rows.u ? rows.u[r] : acc_t(0);
-    const int64_t l = label_of(rows.label, rows.i0 + r) - rows.j0;
-    const bool pos_here = l >= 0 && l < nk;
     if (gr == acc_t(0) && ur == acc_t(0) && !has_cols) {  // the row has no gradient at all
       std::fill(t, t + nk, acc_t(0));
       continue;
     }
-    const acc_t t_pos = pos_here ? t[l] : acc_t(0);  // read before the loop overwrites it with P
+    // The row's positives in this tile, their T read before the loop overwrites it with P.
+    int64_t n_here = 0;
+    rows.P->in_tile(rows.P->label(rows.i0 + r), rows.j0, nk, [&](int64_t j) {
+      pos_j[n_here] = j;
+      pos_t[n_here++] = t[j];
+    });
     // The vector form of grad_s (info_nce_math.h), term by term: g e_r, plus h e_c where h != 0; the
     // positive's u is added to its element below.
     const Vec vg(gr), vlr(lr), vc(cr);
@@ -277,13 +308,15 @@ void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const TileRow
       rd += er;
       t[j] = p * scale;
     }
-    if (pos_here) {
-      // The positive's element again, whole: (g e + h e_c) + u before the one multiplication by
-      // scale, so that a one-hot row cancels before rounding (grad_s with u).
-      const acc_t s = t_pos * scale;
-      t[l] = info_nce::grad_s(s, gr, lr, has_cols, has_cols ? h[l] : acc_t(0), has_cols ? lse_c[l] : acc_t(0), ur) *
-             scale;
-      row_pos[r] = t_pos - cr;
+    // Each positive's element again, whole: (g e + h e_c) + u / |P| before the one multiplication by
+    // scale, so that a one-hot row cancels before rounding (grad_s with u).
+    const acc_t u_each = n_here ? ur / static_cast<acc_t>(rows.npos[r]) : acc_t(0);
+    for (int64_t k = 0; k < n_here; ++k) {
+      const int64_t j = pos_j[k];
+      const acc_t s = pos_t[k] * scale;
+      t[j] = info_nce::grad_s(s, gr, lr, has_cols, has_cols ? h[j] : acc_t(0), has_cols ? lse_c[j] : acc_t(0),
+                              u_each) * scale;
+      row_pos[r] += static_cast<double>(pos_t[k] - cr);
     }
     row_num[r] += static_cast<double>(rn);
     row_den[r] += static_cast<double>(rd);
@@ -299,7 +332,7 @@ void tile_grad_s(acc_t* tile, int64_t nq, int64_t nk, acc_t scale, const TileRow
 template <typename acc_t>
 double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale, const acc_t* g,
                       const acc_t* h, const acc_t* u, const acc_t* lse_r, const acc_t* lse_c, const acc_t* pos,
-                      const int64_t* labels, acc_t* dq, acc_t* dk) {
+                      const int64_t* npos, const Positives& P, acc_t* dq, acc_t* dk) {
   const int64_t bq = query_tile_rows(N);
   const int64_t q_tiles = ceil_div(N, bq), k_tiles = ceil_div(M, kBK);
   const int64_t parts = num_parts(q_tiles);
@@ -316,8 +349,9 @@ double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int6
   std::vector<double> dscale_part(parts, 0.0);
   std::vector<double> col_sums(h ? parts * 2 * M : 0, 0.0);
   at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<acc_t> tile(kBQ * kBK), cnum(h ? kBK : 0), cden(h ? kBK : 0), row_pos(kBQ);
-    std::vector<double> row_num(kBQ), row_den(kBQ);
+    std::vector<acc_t> tile(kBQ * kBK), cnum(h ? kBK : 0), cden(h ? kBK : 0), pos_t(kBK);
+    std::vector<double> row_num(kBQ), row_den(kBQ), row_pos(kBQ);
+    std::vector<int64_t> pos_j(kBK);
     for (int64_t p = p_begin; p < p_end; ++p) {
       acc_t* dkp = p == 0 ? dk : extra + (p - 1) * M * D;
       std::fill(dkp, dkp + M * D, acc_t(0));
@@ -332,22 +366,24 @@ double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int6
         dq_t.zero_();
         std::fill(row_num.begin(), row_num.end(), 0.0);
         std::fill(row_den.begin(), row_den.end(), 0.0);
-        // A label that never comes (out of range) leaves NaN, as the forward's pos.
-        std::fill(row_pos.begin(), row_pos.end(), std::numeric_limits<acc_t>::quiet_NaN());
+        std::fill(row_pos.begin(), row_pos.end(), 0.0);
         for (int64_t kt = 0; kt < k_tiles; ++kt) {
           const int64_t j0 = kt * kBK, nk = std::min(kBK, M - j0);
           tile_products(q + i0 * D, k + j0 * D, nq, nk, D, tile.data());
-          const TileRows<acc_t> rows{g + i0, lse_r + i0, u ? u + i0 : nullptr, labels, i0, j0, c.data() + i0};
+          const TileRows<acc_t> rows{g + i0, lse_r + i0, u ? u + i0 : nullptr, npos + i0, &P, i0, j0, c.data() + i0};
           tile_grad_s(tile.data(), nq, nk, scale, rows, h ? h + j0 : nullptr, lse_c ? lse_c + j0 : nullptr,
                       h ? cc.data() + j0 : nullptr, row_num.data(), row_den.data(), row_pos.data(), cnum.data(),
-                      cden.data(), h ? col_num + j0 : nullptr, h ? col_den + j0 : nullptr);
+                      cden.data(), h ? col_num + j0 : nullptr, h ? col_den + j0 : nullptr, pos_j.data(), pos_t.data());
           if (D == 0) continue;
           auto p_t = view2d(tile.data(), nq, nk);
           dq_t.addmm_(p_t, view2d(k + j0 * D, nk, D));                      // (2): dQ_t += (scale P) K_t
           view2d(dkp + j0 * D, nk, D).addmm_(p_t.t(), q_t);                 // (2): dK_t += (scale P)^T Q_t
         }
         for (int64_t r = 0; r < nq; ++r) {
-          ds += info_nce::dscale_row(g[i0 + r], row_num[r], row_den[r], u ? u[i0 + r] : acc_t(0), row_pos[r],
+          // mean_P (T - c); NaN for a row without positives (its u is 0 from the caller, or NaN follows)
+          const double t_minus_c = npos[i0 + r] ? row_pos[r] / static_cast<double>(npos[i0 + r])
+                                                : std::numeric_limits<double>::quiet_NaN();
+          ds += info_nce::dscale_row(g[i0 + r], row_num[r], row_den[r], u ? u[i0 + r] : acc_t(0), t_minus_c,
                                      c[i0 + r]);
         }
       }
@@ -384,31 +420,36 @@ at::Tensor as_acc(const at::Tensor& x, at::ScalarType acc) {
   return x.scalar_type() == acc ? x : x.to(acc);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
-                                                                    const at::Tensor& scale, bool cols,
-                                                                    const std::optional<at::Tensor>& labels) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_lse_fwd_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, bool cols,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& key_groups) {
   const auto acc = check_info_nce_args(query, key, scale);
-  check_info_nce_labels(labels, query, key);
+  check_info_nce_labels(labels, query, key, key_groups);
   const int64_t N = query.size(0), M = key.size(0), D = query.size(1);
   auto lse_rows = at::empty({N}, query.options().dtype(acc));
   auto lse_cols = at::empty({cols ? M : 0}, query.options().dtype(acc));
-  auto pos = at::full({N}, std::numeric_limits<double>::quiet_NaN(), query.options().dtype(acc));
+  auto pos = at::empty({N}, query.options().dtype(acc));
+  auto npos = at::empty({N}, query.options().dtype(at::kLong));
   const auto q = as_acc(query, acc), k = as_acc(key, acc);
   const auto lab = labels ? labels->contiguous() : at::Tensor();
+  const auto kg = key_groups ? key_groups->contiguous() : at::Tensor();
+  const Positives P{labels ? lab.const_data_ptr<int64_t>() : nullptr, key_groups ? kg.const_data_ptr<int64_t>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_lse_fwd_cpu", [&] {
     lse_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D,
-                             scale.item<scalar_t>(), cols, labels ? lab.const_data_ptr<int64_t>() : nullptr,
-                             lse_rows.mutable_data_ptr<scalar_t>(),
-                             cols ? lse_cols.mutable_data_ptr<scalar_t>() : nullptr, pos.mutable_data_ptr<scalar_t>());
+                             scale.item<scalar_t>(), cols, P, lse_rows.mutable_data_ptr<scalar_t>(),
+                             cols ? lse_cols.mutable_data_ptr<scalar_t>() : nullptr, pos.mutable_data_ptr<scalar_t>(),
+                             npos.mutable_data_ptr<int64_t>());
   });
-  return {lse_rows, lse_cols, pos};
+  return {lse_rows, lse_cols, pos, npos};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
     const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_cols, const std::optional<at::Tensor>& grad_pos,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const at::Tensor& lse_rows,
-    const std::optional<at::Tensor>& lse_cols, const at::Tensor& pos, const std::optional<at::Tensor>& labels) {
-  check_info_nce_bwd_args(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows, lse_cols, pos, labels);
+    const std::optional<at::Tensor>& lse_cols, const at::Tensor& pos, const at::Tensor& npos,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& key_groups) {
+  check_info_nce_bwd_args(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows, lse_cols, pos, npos, labels,
+                          key_groups);
   const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t N = query.size(0), M = key.size(0), D = query.size(1);
   const bool cols = grad_cols.has_value();
@@ -418,6 +459,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
   const auto lc = cols ? lse_cols->contiguous() : at::Tensor();
   const auto u = grad_pos ? grad_pos->contiguous() : at::Tensor();
   const auto lab = labels ? labels->contiguous() : at::Tensor();
+  const auto kg = key_groups ? key_groups->contiguous() : at::Tensor();
+  const auto np = npos.contiguous();
+  const Positives P{labels ? lab.const_data_ptr<int64_t>() : nullptr, key_groups ? kg.const_data_ptr<int64_t>() : nullptr};
   // The gradients are accumulated in the accumulation dtype, in place for float32/float64 inputs.
   auto dq = at::empty({N, D}, query.options().dtype(acc));
   auto dk = at::empty({M, D}, query.options().dtype(acc));
@@ -430,8 +474,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
         q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D, scale.item<scalar_t>(),
         g.const_data_ptr<scalar_t>(), cols ? h.const_data_ptr<scalar_t>() : nullptr,
         grad_pos ? u.const_data_ptr<scalar_t>() : nullptr, lr.const_data_ptr<scalar_t>(),
-        cols ? lc.const_data_ptr<scalar_t>() : nullptr, ps.const_data_ptr<scalar_t>(),
-        labels ? lab.const_data_ptr<int64_t>() : nullptr, dq.mutable_data_ptr<scalar_t>(),
+        cols ? lc.const_data_ptr<scalar_t>() : nullptr, ps.const_data_ptr<scalar_t>(), np.const_data_ptr<int64_t>(), P,
+        dq.mutable_data_ptr<scalar_t>(),
         dk.mutable_data_ptr<scalar_t>());
     dscale.fill_(ds);
   });

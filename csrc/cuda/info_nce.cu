@@ -11,8 +11,9 @@
 // Forward: a block computes the dot tile Q_own K_tile^T into shared memory, then each of its
 //   rows takes 4 lanes of 16 columns each; a lane folds its columns' max and sum exp into its
 //   running Lse (merge_part), and at the end the 4 lanes of a row merge in a fixed butterfly and
-//   the first writes finish(). Query blocks write lse_rows and, from the lane whose column is the
-//   row's label, the positive pos (the value that lane merged); key blocks lse_cols (only with cols).
+//   the first writes finish(). Query blocks write lse_rows and the positives' mean pos and count
+//   npos (each lane sums the values it merged at the row's positive columns; the 4 lanes merge in
+//   the same butterfly); key blocks lse_cols (only with cols).
 // Backward: a query block streams the key tiles; per tile it recomputes the dot tile, turns it
 //   into P (grad_s, (1), the positive's u at its label's column) in shared memory, adds its rows'
 //   sums of (3') to its dscale partial, and
@@ -56,7 +57,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -68,7 +68,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -123,7 +122,8 @@ constexpr int align128(int64_t bytes) { return static_cast<int>((bytes + 127) / 
 //   S:    the 64 x 64 dot tile (unscaled q . k) in acc_t; the SIMT backward overwrites it with P.
 //   P parts, row_exp (WMMA backward): P' = P 2^e as kSplits 16-bit tiles, e per row.
 //   col_g, col_l (backward): the other side's gradient weight and lse for the tile's columns;
-//   col_lab, col_u (backward, key blocks): the columns' (queries') labels and positive weights u.
+//   col_id, col_u (backward): the columns' ids for the positive test (query blocks: the keys' ids;
+//   key blocks: the streamed queries' labels) and, in key blocks, the queries' u / npos.
 //   V (backward) = the chunk operand (other rows) x kChunk columns, over A and B.
 //   O (WMMA backward) = the fp32 output chunk from the fragments, over S.
 template <typename scalar_t, typename acc_t, bool kTC>
@@ -149,8 +149,8 @@ struct Layout {
   static constexpr int kColG = align128(kRowExp + int64_t(kTile) * sizeof(int));
   static constexpr int kColL = align128(kColG + int64_t(kTile) * sizeof(acc_t));
   static constexpr int kColU = align128(kColL + int64_t(kTile) * sizeof(acc_t));
-  static constexpr int kColLab = align128(kColU + int64_t(kTile) * sizeof(acc_t));
-  static constexpr int kBwdBytes = align128(kColLab + int64_t(kTile) * sizeof(int64_t));
+  static constexpr int kColId = align128(kColU + int64_t(kTile) * sizeof(acc_t));
+  static constexpr int kBwdBytes = align128(kColId + int64_t(kTile) * sizeof(int64_t));
   static constexpr int kV = kA;
   static constexpr int kO = kS;
   static_assert(int64_t(kTile) * kLdV * sizeof(op_t) <= kS - kV, "V fits over A and B");
@@ -366,14 +366,20 @@ struct FwdArgs {
   const acc_t* scale;     // 0-dim, read on the device
   acc_t* lse_rows;        // (n,), by the query blocks
   acc_t* lse_cols;        // (m,), by the key blocks (launched only with cols)
-  const int64_t* labels;  // (n,) contiguous, the positives' keys; nullptr: query i's is key i
-  acc_t* pos;             // (n,), by the query blocks (NaN-filled: a label never met stays NaN)
+  const int64_t* labels;      // (n,) contiguous, the positives' keys; nullptr: query i's is key i
+  const int64_t* key_groups;  // (m,) contiguous or nullptr: with groups, query i's positives are the
+                              // keys j with key_groups[j] == labels[i]
+  acc_t* pos;                 // (n,), the mean S of the row's positives (NaN without any), query blocks
+  int64_t* npos;              // (n,), their count
   int64_t tiles_q;
-  bool vec;               // 16-byte operand loads (WMMA path)
+  bool vec;                   // 16-byte operand loads (WMMA path)
 };
 
-// The positive key of query row i.
+// The positive label of query row i, and the id key j is matched against (info_nce_math.h's P(i)).
 __device__ __forceinline__ int64_t label_of(const int64_t* labels, int64_t i) { return labels ? labels[i] : i; }
+__device__ __forceinline__ int64_t key_id(const int64_t* key_groups, int64_t j) {
+  return key_groups ? key_groups[j] : j;
+}
 
 template <typename scalar_t, typename acc_t, bool kTC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_fwd_kernel(const FwdArgs<scalar_t, acc_t> a) {
@@ -385,8 +391,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_fwd_kernel(
   const int sub = static_cast<int>(threadIdx.x) % kLanesPerRow;
   const acc_t* S_row = smem_at<acc_t>(smem, L::kS) + r * L::kLdS;
 
-  // The row's positive column (query blocks); -1 matches no column.
-  const int64_t label = t.own_is_query && r < t.own_rows ? label_of(a.labels, t.r0 + r) : -1;
+  // The row's positives (query blocks): this lane's sum of their S and their count.
+  const bool has_pos = t.own_is_query && r < t.own_rows;
+  const int64_t label = has_pos ? label_of(a.labels, t.r0 + r) : 0;
+  double pos_sum = 0.0;
+  int64_t pos_count = 0;
   Lse<acc_t> run = empty_lse<acc_t>();
   for (int64_t c0 = 0; c0 < t.n_other; c0 += kTile) {
     const int other_rows = static_cast<int>(std::min<int64_t>(kTile, t.n_other - c0));
@@ -399,7 +408,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_fwd_kernel(
       const int c = sub + kLanesPerRow * k;
       x[k] = c < other_rows ? scale * S_row[c] : -fl_inf<acc_t>();
       tile_max = fl_max(tile_max, x[k]);
-      if (c < other_rows && c0 + c == label) a.pos[t.r0 + r] = x[k];  // one lane of one tile: one writer
+      if (has_pos && c < other_rows && key_id(a.key_groups, c0 + c) == label) {
+        pos_sum += static_cast<double>(x[k]);
+        ++pos_count;
+      }
     }
     acc_t tile_sum = 0;
 #pragma unroll
@@ -410,9 +422,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_fwd_kernel(
     __syncthreads();  // S is rewritten by the next tile
   }
   run = row_lanes_merge(run);
+  // The 4 lanes' positives, in the same fixed butterfly (every lane gets the same bits).
+#pragma unroll
+  for (int off = 1; off < kLanesPerRow; off *= 2) {
+    pos_sum += shfl_xor(pos_sum, off);
+    pos_count += shfl_xor(pos_count, off);
+  }
   if (sub == 0 && r < t.own_rows) {
     acc_t* lse = t.own_is_query ? a.lse_rows : a.lse_cols;
     lse[t.r0 + r] = finish(run);
+    if (has_pos) {
+      a.pos[t.r0 + r] = pos_count ? static_cast<acc_t>(pos_sum / static_cast<double>(pos_count)) : fl_nan<acc_t>();
+      a.npos[t.r0 + r] = pos_count;
+    }
   }
 }
 
@@ -432,12 +454,14 @@ struct BwdArgs {
   const acc_t* lse_c;
   int64_t lse_c_stride;
   bool has_cols;
-  // The positives: u_i (nullptr: no positive term), any stride; labels (nullptr: i); the forward's
-  // pos (contiguous), whose pos / scale are (3')'s shifts.
+  // The positives: u_i (nullptr: no positive term), any stride; labels (nullptr: i) and key_groups
+  // as in FwdArgs; the forward's pos (contiguous), whose pos / scale are (3')'s shifts, and npos.
   const acc_t* u;
   int64_t u_stride;
   const int64_t* labels;
+  const int64_t* key_groups;
   const acc_t* pos;
+  const int64_t* npos;
   // dQ (n, d) and dK (m, d) in the input dtype, and their running sums over the streamed tiles
   // in acc_t: the outputs themselves when scalar_t == acc_t, else scratch (nullptr when a single
   // streamed tile makes it unnecessary).
@@ -602,23 +626,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
     row_w = own_w[(t.r0 + r) * own_ws];
     row_l = own_l[(t.r0 + r) * own_ls];
   }
-  // The positive of a query row: its label's column and weight u; (3')'s shift of the own row: c_i
-  // for a query, c'_j = c_j (j < n) for a key (info_nce_math.h).
-  int64_t row_lab = -1;
+  // The positives (info_nce_math.h): element (row, c) is one when col_id[c] == row_id, with row_id a
+  // query's label (query blocks) or a key's id (key blocks); its weight is u / npos of the query.
+  // (3')'s shift of the own row: c_i for a query, c'_j = c_j (j < n) for a key.
+  int64_t row_id = 0;
   acc_t row_u = 0, row_c = 0;
   if (row_valid) {
     const int64_t i = t.r0 + r;
     if (q) {
-      row_lab = label_of(a.labels, i);
-      if (a.u != nullptr) row_u = a.u[i * a.u_stride];
+      row_id = label_of(a.labels, i);
+      const int64_t np = a.npos[i];
+      if (a.u != nullptr && np > 0) row_u = a.u[i * a.u_stride] / static_cast<acc_t>(np);
+    } else {
+      row_id = key_id(a.key_groups, i);
     }
     if (q || i < a.n) row_c = shift_of(a.pos[i], scale);
   }
-  acc_t row_tpos = fl_nan<acc_t>();  // T[i, l_i] - c_i, once the label's column came
+  double row_tpos = 0.0;  // sum of T[i, j] - c_i over the positives this lane met (query blocks)
   acc_t* col_w = smem_at<acc_t>(smem, L::kColG);
   acc_t* col_l = smem_at<acc_t>(smem, L::kColL);
   acc_t* col_u = smem_at<acc_t>(smem, L::kColU);
-  int64_t* col_lab = smem_at<int64_t>(smem, L::kColLab);
+  int64_t* col_id = smem_at<int64_t>(smem, L::kColId);
   const acc_t* S_row = smem_at<acc_t>(smem, L::kS) + r * L::kLdS;
 
   // (3') for this block's own rows (queries: the row direction; keys: the column direction): this
@@ -639,14 +667,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
       }
       col_w[c] = w;
       col_l[c] = l;
-      // Key blocks: the streamed queries' labels and u (the positive (i, l_i) lies in key row l_i).
-      int64_t lab = -1;
+      // Query blocks: the streamed keys' ids. Key blocks: the streamed queries' labels and u / npos.
+      int64_t id = 0;
       acc_t uc = 0;
-      if (!q && c < other_rows) {
-        lab = label_of(a.labels, c0 + c);
-        if (a.u != nullptr) uc = a.u[(c0 + c) * a.u_stride];
+      if (c < other_rows) {
+        if (q) {
+          id = key_id(a.key_groups, c0 + c);
+        } else {
+          id = label_of(a.labels, c0 + c);
+          const int64_t np = a.npos[c0 + c];
+          if (a.u != nullptr && np > 0) uc = a.u[(c0 + c) * a.u_stride] / static_cast<acc_t>(np);
+        }
       }
-      col_lab[c] = lab;
+      col_id[c] = id;
       col_u[c] = uc;
     }
     dot_tile<scalar_t, acc_t, kTC>(smem, t.own, t.own_rows, other, other_rows, d, a.vec);  // ends with a barrier
@@ -667,12 +700,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
         const acc_t e_own = own_has ? softmax_weight(s, row_w, row_l) : acc_t(0);
         const acc_t e_oth = oth_has ? softmax_weight(s, col_w[c], col_l[c]) : acc_t(0);
         pk = q ? row_w * e_own + col_w[c] * e_oth : col_w[c] * e_oth + row_w * e_own;
-        // The positive's u last, as grad_s adds it: a one-hot row cancels before any rounding.
-        if (q && c0 + c == row_lab) {
-          pk += row_u;
-          row_tpos = dot - row_c;
-        } else if (!q && col_lab[c] == t.r0 + r) {
-          pk += col_u[c];
+        // The positives' u last, as grad_s adds it: a one-hot row cancels before any rounding.
+        if (col_id[c] == row_id) {
+          if (q) {
+            pk += row_u;
+            row_tpos += static_cast<double>(dot - row_c);
+          } else {
+            pk += col_u[c];
+          }
         }
         tile_num += e_own * (dot - row_c);
         tile_den += e_own;
@@ -704,21 +739,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
   }
   // (3'): the 4 lanes of a row merge their sums in a fixed butterfly (every lane gets the same bits),
   // the first adds w num / den, and the block's rows are summed in a fixed tree.
-  // The lane that met the row's positive holds T - c, the others NaN: every lane gets the number.
 #pragma unroll
   for (int off = 1; off < kLanesPerRow; off *= 2) {
     own_num += shfl_xor(own_num, off);
     own_den += shfl_xor(own_den, off);
-    {
-      const acc_t other = shfl_xor(row_tpos, off);
-      row_tpos = row_tpos == row_tpos ? row_tpos : other;  // at most one lane holds a number
-    }
+    row_tpos += shfl_xor(row_tpos, off);
   }
   double mine = 0.0;
   if (sub == 0 && row_valid) {
     // dscale_row for a query (u = 0 without positives); a key's column is dscale_col's h (num / den + c').
     if (q) {
-      mine = dscale_row(row_w, own_num, own_den, row_u, row_tpos, row_c);
+      const int64_t np = a.npos[t.r0 + r];
+      const acc_t u = a.u != nullptr ? a.u[(t.r0 + r) * a.u_stride] : acc_t(0);
+      const double t_mean = np > 0 ? row_tpos / static_cast<double>(np) : fl_nan<double>();
+      mine = dscale_row(row_w, own_num, own_den, u, t_mean, row_c);
     } else if (own_has) {
       mine = dscale_col(row_w, own_num, own_den, row_c);
     }
@@ -766,8 +800,17 @@ void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
 
 // labels: (n,) int64 on query's device (values not read: no sync); none means query i's key is i.
 void check_labels(const std::optional<at::Tensor>& labels, const at::Tensor& query, const at::Tensor& key,
-                  const char* op) {
+                  const std::optional<at::Tensor>& key_groups, const char* op) {
   const int64_t n = query.size(0), m = key.size(0);
+  if (key_groups.has_value()) {
+    TORCH_CHECK(labels.has_value(), "fusedloss: ", op, ": key_groups needs labels (the queries' group ids)");
+    TORCH_CHECK(key_groups->dim() == 1 && key_groups->size(0) == m, "fusedloss: ", op, ": key_groups must have shape (",
+                m, ",), got ", key_groups->sizes());
+    TORCH_CHECK(key_groups->scalar_type() == at::kLong, "fusedloss: ", op, ": key_groups must be int64, got ",
+                key_groups->scalar_type());
+    TORCH_CHECK(key_groups->device() == query.device(), "fusedloss: ", op, ": key_groups is on ", key_groups->device(),
+                " but query is on ", query.device());
+  }
   if (!labels.has_value()) {
     TORCH_CHECK(m >= n, "fusedloss: ", op, ": without labels (labels_i = i) there must be at least as many keys as "
                 "queries, got N=", n, " and M=", m);
@@ -838,12 +881,12 @@ bool vec_ok(const scalar_t* query, const scalar_t* key, int64_t d) {
   return d % 8 == 0 && cuda_utils::is_aligned16(query) && cuda_utils::is_aligned16(key);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(const at::Tensor& query, const at::Tensor& key,
-                                                                     const at::Tensor& scale, bool cols,
-                                                                     const std::optional<at::Tensor>& labels) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, bool cols,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& key_groups) {
   constexpr const char* op = "info_nce_lse_fwd";
   check_inputs(query, key, scale, op);
-  check_labels(labels, query, key, op);
+  check_labels(labels, query, key, key_groups, op);
   const c10::cuda::CUDAGuard device_guard(query.device());
   const int64_t n = query.size(0);
   const int64_t m = key.size(0);
@@ -851,12 +894,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(const at::T
   const auto acc_dtype = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor lse_rows = at::empty({n}, query.options().dtype(acc_dtype));
   at::Tensor lse_cols = at::empty({cols ? m : 0}, query.options().dtype(acc_dtype));
-  // NaN where a label's column never comes (out of range): the kernel writes only what it meets.
-  at::Tensor pos = at::full({n}, std::numeric_limits<double>::quiet_NaN(), query.options().dtype(acc_dtype));
+  at::Tensor pos = at::empty({n}, query.options().dtype(acc_dtype));
+  at::Tensor npos = at::empty({n}, query.options().dtype(at::kLong));
   const at::Tensor lab = labels.has_value() ? labels->contiguous() : at::Tensor();
+  const at::Tensor kg = key_groups.has_value() ? key_groups->contiguous() : at::Tensor();
   const int64_t tiles_q = ceil_div(n, kTile);
   const int64_t blocks = tiles_q + (cols ? ceil_div(m, kTile) : 0);
-  if (blocks == 0) return {lse_rows, lse_cols, pos};
+  if (blocks == 0) return {lse_rows, lse_cols, pos, npos};
   TORCH_CHECK(blocks <= cuda_utils::kMaxGrid, "fusedloss: ", op, ": N + M too large for one grid");
   check_device_arch(query.scalar_type(), query.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -874,18 +918,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_fwd_cuda(const at::T
     args.lse_rows = lse_rows.mutable_data_ptr<acc_t>();
     args.lse_cols = cols ? lse_cols.mutable_data_ptr<acc_t>() : nullptr;
     args.labels = lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr;
+    args.key_groups = kg.defined() ? kg.const_data_ptr<int64_t>() : nullptr;
     args.pos = pos.mutable_data_ptr<acc_t>();
+    args.npos = npos.mutable_data_ptr<int64_t>();
     args.tiles_q = tiles_q;
     args.vec = vec_ok(args.query, args.key, d);
     launch_fwd(args, blocks, stream);
   });
-  return {lse_rows, lse_cols, pos};
+  return {lse_rows, lse_cols, pos, npos};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
     const at::Tensor& grad_rows, const std::optional<at::Tensor>& grad_cols, const std::optional<at::Tensor>& grad_pos,
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const at::Tensor& lse_rows,
-    const std::optional<at::Tensor>& lse_cols, const at::Tensor& pos, const std::optional<at::Tensor>& labels) {
+    const std::optional<at::Tensor>& lse_cols, const at::Tensor& pos, const at::Tensor& npos,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& key_groups) {
   constexpr const char* op = "info_nce_lse_bwd";
   check_inputs(query, key, scale, op);
   const int64_t n = query.size(0);
@@ -895,9 +942,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
   check_vector(lse_rows, n, query, "lse_rows", op);
   check_vector(pos, n, query, "pos", op);
   if (grad_pos.has_value()) check_vector(*grad_pos, n, query, "grad_pos", op);
-  check_labels(labels, query, key, op);
+  TORCH_CHECK(npos.dim() == 1 && npos.size(0) == n && npos.scalar_type() == at::kLong && npos.device() == query.device(),
+              "fusedloss: ", op, ": npos must be an int64 (", n, ",) tensor on query's device");
+  check_labels(labels, query, key, key_groups, op);
   const at::Tensor lab = labels.has_value() ? labels->contiguous() : at::Tensor();
+  const at::Tensor kg = key_groups.has_value() ? key_groups->contiguous() : at::Tensor();
   const at::Tensor pos_c = pos.contiguous();
+  const at::Tensor npos_c = npos.contiguous();
   // The column direction takes part when grad_cols is given (the forward ran with cols=True).
   const bool has_cols = grad_cols.has_value();
   if (has_cols) {
@@ -948,7 +999,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cuda(
     args.u = grad_pos.has_value() ? grad_pos->const_data_ptr<acc_t>() : nullptr;
     args.u_stride = grad_pos.has_value() ? grad_pos->stride(0) : 0;
     args.labels = lab.defined() ? lab.const_data_ptr<int64_t>() : nullptr;
+    args.key_groups = kg.defined() ? kg.const_data_ptr<int64_t>() : nullptr;
     args.pos = pos_c.const_data_ptr<acc_t>();
+    args.npos = npos_c.const_data_ptr<int64_t>();
     args.grad_q = grad_query.mutable_data_ptr<scalar_t>();
     args.grad_k = grad_key.mutable_data_ptr<scalar_t>();
     args.buf_q = kSame ? grad_query.mutable_data_ptr<acc_t>() : (buf_q.defined() ? buf_q.mutable_data_ptr<acc_t>() : nullptr);

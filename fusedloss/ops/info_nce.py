@@ -8,8 +8,9 @@
   inputs and the saved per-row / per-column lse, and returns the gradients of query, key and scale.
 
 The forward returns lse_rows (N,), lse_cols (M,) (``(0,)`` without cols) and the positive logits
-pos (N,) = S[i, labels_i] (labels None: S[i, i]), all in the accumulation dtype (float32; float64 for
-float64 inputs). The positives are the kernel's, so that the backward cancels a one-hot row's
+pos (N,) = S[i, labels_i] (labels None: S[i, i]; with key_groups the mean of S[i, j] over the keys j
+whose group is labels_i), all in the accumulation dtype (float32; float64 for float64 inputs), and
+npos (N,) int64, each query's number of positives (0: pos is NaN). The positives are the kernel's, so that the backward cancels a one-hot row's
 gradient element by element (info_nce_math.h, (3')); the loss ``lse - pos`` and its reduction are
 composed with PyTorch ops by the caller (fusedloss.functional.info_nce).
 """
@@ -28,35 +29,38 @@ FWD_TRITON = "fusedloss::info_nce_lse_fwd_triton"
 BWD_TRITON = "fusedloss::info_nce_lse_bwd_triton"
 
 
-def _fwd_fake(query, key, scale, cols, labels=None):
+def _fwd_fake(query, key, scale, cols, labels=None, key_groups=None):
     acc = acc_dtype(query.dtype)
     n = query.shape[0]
     return (query.new_empty((n,), dtype=acc), query.new_empty((key.shape[0] if cols else 0,), dtype=acc),
-            query.new_empty((n,), dtype=acc))
+            query.new_empty((n,), dtype=acc), query.new_empty((n,), dtype=torch.int64))
 
 
-def _bwd_fake(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows, lse_cols, pos, labels=None):
+def _bwd_fake(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows, lse_cols, pos, npos, labels=None,
+              key_groups=None):
     # d scale has scale's dtype (the accumulation dtype, or float64 when the caller wants it exact)
     return query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty((), dtype=scale.dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, scale, cols, labels = inputs
-    lse_rows, lse_cols, pos = output
-    ctx.save_for_backward(query, key, scale, lse_rows, lse_cols, pos, labels)
+    query, key, scale, cols, labels, key_groups = inputs
+    lse_rows, lse_cols, pos, npos = output
+    ctx.save_for_backward(query, key, scale, lse_rows, lse_cols, pos, npos, labels, key_groups)
     ctx.cols = cols
+    ctx.mark_non_differentiable(npos)
 
 
 def _backward_with(bwd_op):
-    def backward(ctx, grad_rows, grad_cols, grad_pos):
-        query, key, scale, lse_rows, lse_cols, pos, labels = ctx.saved_tensors
+    def backward(ctx, grad_rows, grad_cols, grad_pos, _grad_npos):
+        query, key, scale, lse_rows, lse_cols, pos, npos, labels, key_groups = ctx.saved_tensors
         if grad_rows is None:  # only lse_cols or pos was used
             grad_rows = lse_rows.new_zeros(lse_rows.shape)
         if not ctx.cols:
             grad_cols = None
         grad_query, grad_key, grad_scale = bwd_op(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows,
-                                                  lse_cols if grad_cols is not None else None, pos, labels)
-        return grad_query, grad_key, grad_scale, None, None
+                                                  lse_cols if grad_cols is not None else None, pos, npos, labels,
+                                                  key_groups)
+        return grad_query, grad_key, grad_scale, None, None, None
 
     return backward
 
@@ -73,20 +77,21 @@ if triton_kernels_present("info_nce"):
     from torch.library import triton_op
 
     @triton_op(FWD_TRITON, mutates_args={})
-    def info_nce_lse_fwd_triton(query: Tensor, key: Tensor, scale: Tensor, cols: bool,
-                                labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def info_nce_lse_fwd_triton(query: Tensor, key: Tensor, scale: Tensor, cols: bool, labels: Tensor | None = None,
+                                key_groups: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from fusedloss.triton import info_nce as kernels
 
-        return kernels.info_nce_lse_fwd(query, key, scale, cols, labels)
+        return kernels.info_nce_lse_fwd(query, key, scale, cols, labels, key_groups)
 
     @triton_op(BWD_TRITON, mutates_args={})
     def info_nce_lse_bwd_triton(grad_rows: Tensor, grad_cols: Tensor | None, grad_pos: Tensor | None, query: Tensor,
                                 key: Tensor, scale: Tensor, lse_rows: Tensor, lse_cols: Tensor | None, pos: Tensor,
-                                labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                                npos: Tensor, labels: Tensor | None = None,
+                                key_groups: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         from fusedloss.triton import info_nce as kernels
 
         return kernels.info_nce_lse_bwd(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows, lse_cols, pos,
-                                        labels)
+                                        npos, labels, key_groups)
 
     info_nce_lse_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.info_nce_lse_bwd_triton),
                                               setup_context=_setup_context)

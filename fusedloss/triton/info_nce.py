@@ -4,8 +4,9 @@ The math follows csrc/include/fusedloss/info_nce_math.h, with its names. S = sca
 is never held: every kernel streams tiles of it, recomputed from Q and K with tl.dot.
   forward   lse_r_i = log sum_j exp(S_ij), lse_c_j = log sum_i exp(S_ij), each a running
             (max, sum exp) over the tiles of one row (column) block, flash-attention's online softmax
-  positives pos_i = S[i, l_i] (l = labels, or i), from the forward's own tile
-  (1)       P_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j) + u_i [j = l_i]
+  positives pos_i = mean of S[i, j] over j in P(i), from the forward's own tiles: P(i) = {l_i} (l =
+            labels, or i), or with key groups every j with key_groups_j == l_i
+  (1)       P_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j) + u_i [j in P(i)] / |P(i)|
             (h, lse_c: column direction; u: the positives' upstream gradient)
   (2)       dQ_i = scale sum_j P_ij K_j,   dK_j = scale sum_i P_ij Q_i
   (3)       dscale = sum_ij P_ij (Q_i . K_j), from the unscaled dot products (scale never divides),
@@ -193,11 +194,14 @@ def _info_nce_lse_kernel(
     scale_ptr,
     lse_ptr,
     labels_ptr,
+    key_groups_ptr,
     pos_ptr,
+    npos_ptr,
     n_a,
     n_b,
     dim,
     HAS_POS: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -205,8 +209,9 @@ def _info_nce_lse_kernel(
     FP32_PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    # HAS_POS (the query side): also pos_a = S[a, labels_a], the very value the lse summed; NaN for a
-    # label outside [0, n_b), whose column never comes.
+    # HAS_POS (the query side): also pos_a, the mean of the values the lse summed at a's positive
+    # columns (b == labels_a, or with HAS_GROUPS key_groups_b == labels_a), and their count npos_a;
+    # NaN where there are none (a label outside [0, n_b), an empty group).
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     a_rows = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_mask = a_rows < n_a
@@ -221,7 +226,8 @@ def _info_nce_lse_kernel(
     # The running Lse of every row: max m and sum = sum exp(S - m) over the tiles so far.
     m = tl.full([BLOCK_A], float("-inf"), ACC)
     s = tl.zeros([BLOCK_A], ACC)
-    pos = tl.full([BLOCK_A], float("nan"), ACC)
+    pos_sum = tl.zeros([BLOCK_A], tl.float64)
+    pos_count = tl.zeros([BLOCK_A], tl.int32)
     labels = tl.zeros([BLOCK_A], tl.int64)
     if HAS_POS:
         labels = tl.load(labels_ptr + a_rows, mask=a_mask, other=-1)
@@ -232,8 +238,12 @@ def _info_nce_lse_kernel(
                                dim, ACC, BLOCK_A, BLOCK_B, BLOCK_D, SINGLE_D, FP32_PRECISION, INTERPRETED)
         z = tl.where(b_mask[None, :], dots * scale, float("-inf"))
         if HAS_POS:
-            hit = b_rows[None, :] == labels[:, None]
-            pos = tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, tl.sum(tl.where(hit, z, 0.0), axis=1), pos)
+            b_ids = b_rows
+            if HAS_GROUPS:
+                b_ids = tl.load(key_groups_ptr + b_rows, mask=b_mask, other=0)
+            hit = (b_ids[None, :] == labels[:, None]) & b_mask[None, :]
+            pos_sum += tl.sum(tl.where(hit, z, 0.0).to(tl.float64), axis=1)
+            pos_count += tl.sum(hit.to(tl.int32), axis=1)
         # merge(): the tile's values join the running sum against the new max; while a row's max
         # is still -inf the shift is taken against 0, so that no exp(-inf - -inf) = NaN appears.
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -245,7 +255,9 @@ def _info_nce_lse_kernel(
     lse = tl.where(m == float("-inf"), m, m + tl.log(tl.where(m == float("-inf"), 1.0, s)))
     tl.store(lse_ptr + a_rows, lse, mask=a_mask)
     if HAS_POS:
-        tl.store(pos_ptr + a_rows, pos, mask=a_mask)
+        pos = tl.where(pos_count > 0, pos_sum / tl.maximum(pos_count, 1).to(tl.float64), float("nan"))
+        tl.store(pos_ptr + a_rows, pos.to(ACC), mask=a_mask)
+        tl.store(npos_ptr + a_rows, pos_count.to(tl.int64), mask=a_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +281,8 @@ def _info_nce_grad_kernel(
     lse_b_ptr,
     lse_b_stride,
     labels_ptr,
+    key_groups_ptr,
+    npos_ptr,
     u_ptr,
     u_stride,
     shift_ptr,
@@ -282,6 +296,7 @@ def _info_nce_grad_kernel(
     HAS_B_TERM: tl.constexpr,
     A_POS: tl.constexpr,
     B_POS: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
     HAS_DSCALE: tl.constexpr,
     SCRATCH_IN_GRAD: tl.constexpr,
     BLOCK_A: tl.constexpr,
@@ -294,8 +309,9 @@ def _info_nce_grad_kernel(
     # P_ab = g_a exp(S_ab - lse_a) + g_b exp(S_ab - lse_b): with (A, B) = (Q, K), g_a/lse_a are the
     # row direction's g/lse_r and g_b/lse_b the column direction's h/lse_c; with (A, B) = (K, Q) the
     # other way round. HAS_A_TERM / HAS_B_TERM drop a direction that is absent (no exp evaluated).
-    # The positives' u_i at (i, labels_i): A_POS when A is Q (labels and u index A's rows), B_POS when
-    # B is Q (they index B's rows); neither when no positive's gradient is given.
+    # The positives' u_i / npos_i at (i, j), j in P(i): A_POS when A is Q (labels, u and npos index A's
+    # rows), B_POS when B is Q (they index B's rows); neither when no positive's gradient is given.
+    # A key's id is key_groups_j with HAS_GROUPS, else j.
     # shift_ptr: (3')'s shifts of A's rows, c_i = pos_i / scale for queries, c'_j for keys.
     ACC: tl.constexpr = lse_a_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -329,10 +345,16 @@ def _info_nce_grad_kernel(
         c_a = tl.load(shift_ptr + a_rows, mask=a_mask, other=0.0)
     labels_a = tl.full([BLOCK_A], -1, tl.int64)
     u_a = tl.zeros([BLOCK_A], ACC)
-    t_pos = tl.full([BLOCK_A], float("nan"), ACC)  # T[a, labels_a] - c_a, once its column came
+    npos_a = tl.zeros([BLOCK_A], tl.int64)
+    t_pos = tl.zeros([BLOCK_A], tl.float64)  # sum of T[a, j] - c_a over a's positives j
     if A_POS:
         labels_a = tl.load(labels_ptr + a_rows, mask=a_mask, other=-1)
         u_a = tl.load(u_ptr + a_rows * u_stride, mask=a_mask, other=0.0).to(ACC)
+        npos_a = tl.load(npos_ptr + a_rows, mask=a_mask, other=0)
+    u_each_a = tl.where(npos_a > 0, u_a / tl.maximum(npos_a, 1).to(ACC), 0.0)
+    a_ids = a_rows  # the keys' ids when A is K
+    if B_POS and HAS_GROUPS:
+        a_ids = tl.load(key_groups_ptr + a_rows, mask=a_mask, other=0)
 
     for b0 in range(0, n_b, BLOCK_B):
         b_rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -355,15 +377,20 @@ def _info_nce_grad_kernel(
             p += tl.where(g_b[None, :] == 0.0, 0.0, g_b[None, :] * tl.exp(z - lse_b[None, :]))
         # The positive's u last, as grad_s adds it: a one-hot row cancels in g e + u before any rounding.
         if A_POS:
-            hit = b_rows[None, :] == labels_a[:, None]
-            p += tl.where(hit, u_a[:, None], 0.0)
+            b_ids = b_rows
+            if HAS_GROUPS:
+                b_ids = tl.load(key_groups_ptr + b_rows, mask=b_mask, other=0)
+            hit = (b_ids[None, :] == labels_a[:, None]) & valid
+            p += tl.where(hit, u_each_a[:, None], 0.0)
             if HAS_DSCALE:
-                t_pos = tl.where(tl.max(hit.to(tl.int32), axis=1) > 0,
-                                 tl.sum(tl.where(hit, dots - c_a[:, None], 0.0), axis=1), t_pos)
+                t_pos += tl.sum(tl.where(hit, dots - c_a[:, None], 0.0).to(tl.float64), axis=1)
         if B_POS:
             labels_b = tl.load(labels_ptr + b_rows, mask=b_mask, other=-1)
             u_b = tl.load(u_ptr + b_rows * u_stride, mask=b_mask, other=0.0).to(ACC)
-            p += tl.where(labels_b[None, :] == a_rows[:, None], u_b[None, :], 0.0)
+            npos_b = tl.load(npos_ptr + b_rows, mask=b_mask, other=0)
+            u_each_b = tl.where(npos_b > 0, u_b / tl.maximum(npos_b, 1).to(ACC), 0.0)
+            hit = (labels_b[None, :] == a_ids[:, None]) & valid
+            p += tl.where(hit, u_each_b[None, :], 0.0)
         p = tl.where(valid, p, 0.0)
 
         # (2): sum_b P_ab B_b.
@@ -408,7 +435,8 @@ def _info_nce_grad_kernel(
         g64 = g_a.to(tl.float64)
         u64 = u_a.to(tl.float64)
         part = tl.where(g_a != 0.0, g64 * ratio, 0.0)
-        part += tl.where(u_a != 0.0, u64 * t_pos.to(tl.float64), 0.0)
+        t_mean = tl.where(npos_a > 0, t_pos / tl.maximum(npos_a, 1).to(tl.float64), float("nan"))
+        part += tl.where(u_a != 0.0, u64 * t_mean, 0.0)
         part += tl.where(a_mask, (g64 + u64) * c_a.to(tl.float64), 0.0)
         tl.store(dscale_part_ptr + pid, tl.sum(part, axis=0))
 
@@ -440,13 +468,15 @@ def _check_inputs(query: Tensor, key: Tensor, scale: Tensor) -> None:
         raise ValueError(f"fusedloss.info_nce (triton): scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
 
 
-def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """lse over B of every row of A and, with labels, A's positives S[a, labels_a]."""
+def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype, labels: Tensor | None,
+         key_groups: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """lse over B of every row of A and, with labels, A's positives (their mean S) and their count."""
     n_a, dim = a.shape
     lse = torch.empty((n_a,), dtype=acc, device=a.device)
     pos = torch.empty((n_a,), dtype=acc, device=a.device) if labels is not None else None
+    npos = torch.empty((n_a,), dtype=torch.int64, device=a.device) if labels is not None else None
     if n_a == 0:
-        return lse, pos
+        return lse, pos, npos
     block_a, block_b, block_d, single_d, num_warps, num_stages = _config("fwd", a.dtype, dim)
     torch.library.wrap_triton(_info_nce_lse_kernel)[(triton.cdiv(n_a, block_a),)](
         a,
@@ -456,11 +486,14 @@ def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype, labels: Tensor |
         scale,
         lse,
         labels if labels is not None else lse,  # never read without HAS_POS
+        key_groups if key_groups is not None else lse,  # never read without HAS_GROUPS
         pos if pos is not None else lse,
+        npos if npos is not None else lse,
         n_a,
         b.shape[0],
         dim,
         HAS_POS=labels is not None,
+        HAS_GROUPS=key_groups is not None,
         BLOCK_A=block_a,
         BLOCK_B=block_b,
         BLOCK_D=block_d,
@@ -470,10 +503,16 @@ def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype, labels: Tensor |
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    return lse, pos
+    return lse, pos, npos
 
 
-def _labels_or_arange(labels: Tensor | None, n: int, m: int, device) -> Tensor:
+def _labels_or_arange(labels: Tensor | None, n: int, m: int, device, key_groups: Tensor | None = None) -> Tensor:
+    if key_groups is not None:
+        if labels is None:
+            raise ValueError("fusedloss.info_nce (triton): key_groups needs labels (the queries' group ids)")
+        if key_groups.shape != (m,) or key_groups.dtype != torch.int64:
+            raise ValueError(f"fusedloss.info_nce (triton): key_groups must be an int64 tensor of shape ({m},), got "
+                             f"{key_groups.dtype} {tuple(key_groups.shape)}")
     if labels is None:
         if m < n:
             raise ValueError(f"fusedloss.info_nce (triton): without labels (labels_i = i) there must be at least as "
@@ -485,24 +524,25 @@ def _labels_or_arange(labels: Tensor | None, n: int, m: int, device) -> Tensor:
     return labels
 
 
-def info_nce_lse_fwd(query: Tensor, key: Tensor, scale: Tensor, cols: bool,
-                     labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def info_nce_lse_fwd(query: Tensor, key: Tensor, scale: Tensor, cols: bool, labels: Tensor | None = None,
+                     key_groups: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """lse_rows (N,) = logsumexp_j scale q_i . k_j, with cols lse_cols (M,) = logsumexp_i of the same (else
-    an empty (0,) tensor), and pos (N,) = scale q_i . k_{labels_i} (labels None: i), all in the accumulation
-    dtype. scale is a 0-dim tensor read on the device; labels are not range-checked (no sync): an
-    out-of-range one gives a NaN pos."""
+    an empty (0,) tensor), pos (N,) = scale q_i . k_{labels_i} (labels None: i; with key_groups the mean over
+    the keys whose group is labels_i), all in the accumulation dtype, and npos (N,) int64, the count of
+    positives. scale is a 0-dim tensor read on the device; labels are not range-checked (no sync): a query
+    without positives gets a NaN pos."""
     _check_inputs(query, key, scale)
     query, key = _rows_contiguous(query), _rows_contiguous(key)
     acc = _acc_dtype(query.dtype)
-    labels = _labels_or_arange(labels, query.shape[0], key.shape[0], query.device)
-    lse_rows, pos = _lse(query, key, scale, acc, labels)
+    labels = _labels_or_arange(labels, query.shape[0], key.shape[0], query.device, key_groups)
+    lse_rows, pos, npos = _lse(query, key, scale, acc, labels, key_groups)
     lse_cols = _lse(key, query, scale, acc, None)[0] if cols else torch.empty((0,), dtype=acc, device=query.device)
-    return lse_rows, lse_cols, pos
+    return lse_rows, lse_cols, pos, npos
 
 
 def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor | None, g_b: Tensor | None,
           lse_b: Tensor | None, acc: torch.dtype, shift: Tensor | None, labels: Tensor, u: Tensor | None,
-          a_is_query: bool) -> tuple[Tensor, Tensor | None]:
+          npos: Tensor, key_groups: Tensor | None, a_is_query: bool) -> tuple[Tensor, Tensor | None]:
     """scale sum_b P_ab B_b for every row of A (A's dtype) and, with a shift (the rows' c of (3')), the
     per-program partials of (3') for A's own direction. u (the positives' gradient, None: none) and
     labels index the query side: A's rows when a_is_query, else B's."""
@@ -539,6 +579,8 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
         lse_b_arg,
         lse_b_arg.stride(0),
         labels,
+        key_groups if key_groups is not None else labels,  # never read without HAS_GROUPS
+        npos,
         u_arg,
         u_arg.stride(0),
         shift if shift is not None else lse_a_arg,
@@ -552,6 +594,7 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
         HAS_B_TERM=has_b,
         A_POS=u is not None and a_is_query,
         B_POS=u is not None and not a_is_query,
+        HAS_GROUPS=key_groups is not None,
         HAS_DSCALE=with_dscale,
         SCRATCH_IN_GRAD=scratch_in_grad,
         BLOCK_A=block_a,
@@ -576,12 +619,14 @@ def info_nce_lse_bwd(
     lse_rows: Tensor,
     lse_cols: Tensor | None,
     pos: Tensor,
+    npos: Tensor,
     labels: Tensor | None = None,
+    key_groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j + sum_i grad_pos_i pos_i:
     grad_query (N, D) and grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in scale's dtype. grad_rows,
-    grad_cols and grad_pos may be expanded (stride 0); pos and labels are the forward's. Deterministic: no
-    atomics."""
+    grad_cols and grad_pos may be expanded (stride 0); pos, npos, labels and key_groups are the forward's.
+    Deterministic: no atomics."""
     _check_inputs(query, key, scale)
     query, key = _rows_contiguous(query), _rows_contiguous(key)
     acc = _acc_dtype(query.dtype)
@@ -599,7 +644,7 @@ def info_nce_lse_bwd(
             raise ValueError(f"fusedloss.info_nce (triton): grad_cols and lse_cols must have shape ({m},), got "
                              f"{tuple(grad_cols.shape)} and {tuple(lse_cols.shape)}")
     cols_g, cols_lse = (grad_cols, lse_cols) if has_cols else (None, None)
-    labels = _labels_or_arange(labels, n, m, query.device)
+    labels = _labels_or_arange(labels, n, m, query.device, key_groups)
     # (3')'s shifts (info_nce_math.h shift_of): c_i = pos_i / scale where finite, else 0; the columns'
     # c'_j = c_j for j < N, else 0.
     c = pos / scale.to(acc)
@@ -610,9 +655,9 @@ def info_nce_lse_bwd(
 
     # (3') per row in the (Q, K) launch and, with the columns, per column in the (K, Q) launch.
     grad_query, dscale_rows = _grad(query, key, scale, grad_rows, lse_rows, cols_g, cols_lse, acc, c, labels,
-                                    grad_pos, a_is_query=True)
+                                    grad_pos, npos, key_groups, a_is_query=True)
     grad_key, dscale_cols = _grad(key, query, scale, cols_g, cols_lse, grad_rows, lse_rows, acc,
-                                  c_cols if has_cols else None, labels, grad_pos, a_is_query=False)
+                                  c_cols if has_cols else None, labels, grad_pos, npos, key_groups, a_is_query=False)
     # The per-program partials, summed by torch in a fixed order: deterministic, no sync. d scale in
     # scale's dtype (float64 from fusedloss.functional, rounded once).
     grad_scale = dscale_rows.sum()

@@ -104,11 +104,20 @@ inline void check_info_nce_vector(const at::Tensor& v, int64_t n, at::ScalarType
               query.device());
 }
 
-// The positives' labels: (N,) int64 on query's device, any stride, each in [0, M) (read here on CPU
+// The positives: labels (N,) int64 on query's device, any stride, each in [0, M) (read here on CPU
 // only: elsewhere an out-of-range label gives a NaN pos and no host sync); None means labels_i = i.
+// With key_groups (M,) int64, labels are the queries' group ids (any values) and are required.
 inline void check_info_nce_labels(const std::optional<at::Tensor>& labels, const at::Tensor& query,
-                                  const at::Tensor& key) {
+                                  const at::Tensor& key, const std::optional<at::Tensor>& key_groups) {
   const int64_t n = query.size(0), m = key.size(0);
+  if (key_groups.has_value()) {
+    const auto& kg = *key_groups;
+    TORCH_CHECK(labels.has_value(), "fusedloss: key_groups needs labels (the queries' group ids)");
+    TORCH_CHECK(kg.dim() == 1 && kg.size(0) == m, "fusedloss: key_groups must have shape (", m, ",), got ", kg.sizes());
+    TORCH_CHECK(kg.scalar_type() == at::kLong, "fusedloss: key_groups must be int64, got ", kg.scalar_type());
+    TORCH_CHECK(kg.device() == query.device(), "fusedloss: key_groups is on ", kg.device(), " but query is on ",
+                query.device());
+  }
   if (!labels.has_value()) {
     TORCH_CHECK(m >= n, "fusedloss: without labels (labels_i = i) there must be at least as many keys as queries, "
                 "got N=", n, " and M=", m);
@@ -119,7 +128,7 @@ inline void check_info_nce_labels(const std::optional<at::Tensor>& labels, const
   TORCH_CHECK(l.scalar_type() == at::kLong, "fusedloss: labels must be int64, got ", l.scalar_type());
   TORCH_CHECK(l.device() == query.device(), "fusedloss: labels is on ", l.device(), " but query is on ",
               query.device());
-  if (l.device().is_cpu()) {
+  if (l.device().is_cpu() && !key_groups.has_value()) {
     const int64_t* p = l.const_data_ptr<int64_t>();
     const int64_t stride = l.stride(0);
     for (int64_t i = 0; i < n; ++i) {
@@ -133,7 +142,8 @@ inline void check_info_nce_bwd_args(const at::Tensor& grad_rows, const std::opti
                                     const std::optional<at::Tensor>& grad_pos, const at::Tensor& query,
                                     const at::Tensor& key, const at::Tensor& scale, const at::Tensor& lse_rows,
                                     const std::optional<at::Tensor>& lse_cols, const at::Tensor& pos,
-                                    const std::optional<at::Tensor>& labels) {
+                                    const at::Tensor& npos, const std::optional<at::Tensor>& labels,
+                                    const std::optional<at::Tensor>& key_groups) {
   const auto acc = check_info_nce_args(query, key, scale);
   check_info_nce_vector(grad_rows, query.size(0), acc, query, "grad_rows");
   check_info_nce_vector(lse_rows, query.size(0), acc, query, "lse_rows");
@@ -146,7 +156,10 @@ inline void check_info_nce_bwd_args(const at::Tensor& grad_rows, const std::opti
   if (lse_cols.has_value() && grad_cols.has_value()) {
     check_info_nce_vector(*lse_cols, key.size(0), acc, query, "lse_cols");
   }
-  check_info_nce_labels(labels, query, key);
+  TORCH_CHECK(npos.dim() == 1 && npos.size(0) == query.size(0) && npos.scalar_type() == at::kLong &&
+                  npos.device() == query.device(),
+              "fusedloss: npos must be an int64 (", query.size(0), ",) tensor on query's device");
+  check_info_nce_labels(labels, query, key, key_groups);
 }
 
 // reduce_rows: loss (N,) contiguous, a floating accumulation dtype; target (N,) int64 contiguous on

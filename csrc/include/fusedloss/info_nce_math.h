@@ -5,18 +5,19 @@
 // positive logits:
 //   lse_r_i = log sum_j exp(S_ij)      (rows: query -> key direction)
 //   lse_c_j = log sum_i exp(S_ij)      (columns: key -> query direction, symmetric InfoNCE)
-//   pos_i   = S_{i, l_i}               (l_i = labels_i, or i without labels; the forward's own S)
+//   pos_i   = mean_{j in P(i)} S_ij    (the forward's own S; P(i) = {l_i}, l_i = labels_i or i,
+//                                       or with key groups every j with key_groups_j == labels_i)
 // The loss is lse_r_i - pos_i (and the columns' lse_c_i - pos_i); the reduction is composed by
 // autograd in Python, so the kernel's backward is the gradient of
 //   L = sum_i g_i lse_r_i + sum_j h_j lse_c_j + sum_i u_i pos_i:
-//   dL/dS_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j) + u_i [j = l_i]  =: P_ij          (1)
+//   dL/dS_ij = g_i exp(S_ij - lse_r_i) + h_j exp(S_ij - lse_c_j) + u_i [j in P(i)] / |P(i)| =: P_ij (1)
 //   dL/dQ_i  = scale * sum_j P_ij K_j,    dL/dK_j = scale * sum_i P_ij Q_i                        (2)
 //   dL/dscale = sum_ij P_ij (Q_i . K_j) = sum_ij P_ij S_ij / scale                                  (3)
 // (3) is accumulated from the unscaled dot products T = Q K^T, so scale never divides. Its precision
 // matters more than its size suggests: InfoNCE has u = -(g + h), and at a low temperature P is nearly
 // one-hot on the positive, so the row's terms nearly cancel. The positive is inside the kernel so that
 // they cancel element by element, on the same T_{i,l_i}, before any rounding. (3) is summed as
-//   sum_i [ g_i (sum_j e_ij (T_ij - c_i)) / (sum_j e_ij) + u_i (T_{i,l_i} - c_i) + (g_i + u_i) c_i ]
+//   sum_i [ g_i (sum_j e_ij (T_ij - c_i)) / (sum_j e_ij) + u_i mean_{P(i)} (T_ij - c_i) + (g_i + u_i) c_i ]
 //     + sum_j h_j [ (sum_i f_ij (T_ij - c'_j)) / (sum_i f_ij) + c'_j ]                           (3')
 //   e_ij = exp(S_ij - lse_r_i),  f_ij = exp(S_ij - lse_c_j),
 // equal to (3) for any shifts c, c' because sum_j e_ij / sum_j e_ij = 1. Why this form:
@@ -24,8 +25,8 @@
 //   row by the same factor, ~1e-6 at scale 50);
 // - the shift c_i = pos_i / scale (shift_of), ~T_{i,l_i}, makes the positive's own term of the
 //   weighted mean ~0, so the float32 partial sums carry only what remains of the row, and
-//   T_{i,l_i} - c_i is exact (Sterbenz); c'_j = c_j for j < N (the symmetric loss's positive of
-//   column j), else 0;
+//   T_{i,l_i} - c_i is exact (Sterbenz; with several positives c_i is their mean); c'_j = c_j for
+//   j < N (the symmetric loss's positive of column j), else 0;
 // - (g_i + u_i) c_i is formed in double, exactly 0 for InfoNCE's rows (u = -g).
 // Partial sums are float32 per tile row, merged in double; the scale gradient is returned in the
 // dtype of scale (fusedloss.functional passes float64 for a learnable temperature).
@@ -103,13 +104,13 @@ FL_HOST_DEVICE acc_t shift_of(acc_t pos, acc_t scale) {
   return c - c == acc_t(0) ? c : acc_t(0);  // c - c is NaN for inf and NaN
 }
 
-// A row's part of (3'): g (num / den) + u (T_pos - c) + (g + u) c, in double. t_minus_c is the
-// kernel's T_{i,l_i} - c_i (NaN where the label's column never came: an out-of-range label). Zero
-// weights add exact zeros.
+// A row's part of (3'): g (num / den) + u mean_P (T - c) + (g + u) c, in double. t_minus_c is the
+// kernel's mean of T_ij - c_i over the row's positives (NaN where the row has none: an out-of-range
+// label). Zero weights add exact zeros.
 template <typename acc_t>
-FL_HOST_DEVICE double dscale_row(acc_t g, double num, double den, acc_t u, acc_t t_minus_c, acc_t c) {
+FL_HOST_DEVICE double dscale_row(acc_t g, double num, double den, acc_t u, double t_minus_c, acc_t c) {
   double out = g == acc_t(0) ? 0.0 : static_cast<double>(g) * softmax_mean(num, den);
-  if (u != acc_t(0)) out += static_cast<double>(u) * static_cast<double>(t_minus_c);
+  if (u != acc_t(0)) out += static_cast<double>(u) * t_minus_c;
   return out + (static_cast<double>(g) + static_cast<double>(u)) * static_cast<double>(c);
 }
 
