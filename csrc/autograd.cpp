@@ -335,6 +335,9 @@ Tensor3 linear_cross_entropy_impl(const Tensor& input, const Tensor& linear_weig
   return {out, lse, mass};
 }
 
+// t in dtype; t itself when it has it, without a call of aten::to (a dispatcher op, a microsecond).
+Tensor as_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 // saved * scale in `dtype`. In eager mode the saved fp32 sums are scaled in place (no second (V, D)
 // buffer: the peak stays one weight gradient), so a second backward through the graph fails the saved
 // tensors' version check (reported below). While traced (torch.compile: functional or fake tensors)
@@ -342,12 +345,12 @@ Tensor3 linear_cross_entropy_impl(const Tensor& input, const Tensor& linear_weig
 Tensor scaled(Tensor saved, const Tensor& scale, at::ScalarType dtype) {
   const bool traced = saved.key_set().has_any(
       c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
-  return (traced ? at::mul(saved, scale) : saved.mul_(scale)).to(dtype);
+  return as_dtype(traced ? at::mul(saved, scale) : saved.mul_(scale), dtype);
 }
 // The same with a scale the host read (eager CPU only, so in place).
 Tensor scaled(Tensor saved, float scale, at::ScalarType dtype) {
   saved.mul_(scale);
-  return saved.scalar_type() == dtype ? saved : saved.to(dtype);
+  return as_dtype(saved, dtype);
 }
 
 // The recompute backward (reduction none, or mean/sum when the forward made no gradients): the chunk loop
@@ -367,9 +370,9 @@ struct LceRecompute : public torch::autograd::Function<LceRecompute> {
     auto [rows, lse, gi, gw, gb] =
         lce_chunks_op().call(input, linear_weight, target, a.bias, a.weight, g, a.ignore_index, a.label_smoothing,
                              a.z_loss, a.softcap, a.chunk_size, a.need_gi, a.need_gw, a.need_gb);
-    return {a.need_gi ? gi.to(input.scalar_type()) : Tensor(),
-            a.need_gw ? gw.to(linear_weight.scalar_type()) : Tensor(),
-            a.need_gb && a.bias.has_value() ? gb.to(a.bias->scalar_type()) : Tensor()};
+    return {a.need_gi ? as_dtype(gi, input.scalar_type()) : Tensor(),
+            a.need_gw ? as_dtype(gw, linear_weight.scalar_type()) : Tensor(),
+            a.need_gb && a.bias.has_value() ? as_dtype(gb, a.bias->scalar_type()) : Tensor()};
   }
 
   static variable_list forward(AutogradContext* ctx, const Tensor& g, const Tensor& input,

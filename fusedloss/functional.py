@@ -146,7 +146,7 @@ def cross_entropy(
     w = None if weight is None else _acc_weight(weight, input.dtype)
 
     out, lse, _, _ = _ce.CROSS_ENTROPY.call(name)(rows, flat_target, w, ignore_index, REDUCTION[reduction],
-                                                label_smoothing, z_loss, softcap or 0.0, temperature)
+                                                  label_smoothing, z_loss, softcap or 0.0, temperature)
     if ndim != 2 and reduction == "none":  # 2-D input: the rows are already the target's shape
         out = out.view(expected)
     if return_lse:
@@ -374,9 +374,9 @@ def linear_cross_entropy(
         flat_target = reference.shift_target(target, ignore_index).reshape(-1).to(torch.int64).contiguous()
     if not chunk_size:
         chunk_size = _lce.auto_chunk_size(rows.shape[0], D, V, input.device, dtype)
-    loss, lse, _ = _lce.LINEAR_CROSS_ENTROPY.call(name)(rows, linear_weight, flat_target, linear_bias, w, ignore_index,
-                                                      REDUCTION[reduction], label_smoothing, z_loss, softcap or 0.0,
-                                                      chunk_size)
+    loss, lse, _ = _lce.LINEAR_CROSS_ENTROPY.call(name)(rows, linear_weight, flat_target, linear_bias, w,
+                                                        ignore_index, REDUCTION[reduction], label_smoothing, z_loss,
+                                                        softcap or 0.0, chunk_size)
     if ndim != 2:  # 2-D input: the rows are already the target's shape
         loss = loss.view(expected) if reduction == "none" else loss
         lse = lse.view(expected)
@@ -452,8 +452,8 @@ def gap_loss(
             rows = rows.contiguous()
     flat_target = _flat_target(target)
     w = None if weight is None else _acc_weight(weight, input.dtype)
-    out = _gap.GAP_LOSS.call(name)(rows, flat_target, w, margin, p, ignore_index, bool(class_normalize), mode == "max",
-                                 REDUCTION[reduction])[0]
+    out = _gap.GAP_LOSS.call(name)(rows, flat_target, w, margin, p, ignore_index, bool(class_normalize),
+                                   mode == "max", REDUCTION[reduction])[0]
     # the kernel's rows have the target's shape when it is (N,) (or (1,) for one sample)
     return out.view(target.shape) if reduction == "none" and target_dim != 1 else out
 
