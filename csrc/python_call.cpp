@@ -12,10 +12,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/utils/pybind.h>
 
 #include <Python.h>
 
+#include <algorithm>
 #include <deque>
 #include <optional>
 
@@ -25,6 +25,12 @@ namespace {
 struct Entry {
   c10::OperatorHandle op;
   PyObject* fallback;  // the OpOverload, kept alive for the process
+};
+
+// The GIL released for the op's run, as torch.ops does (a Python dispatch mode takes it back).
+struct ReleaseGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~ReleaseGil() { PyEval_RestoreThread(state); }
 };
 
 // A deque: references to its elements stay valid as ops are added.
@@ -124,7 +130,7 @@ PyObject* call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     stack.push_back(std::move(*value));
   }
   {
-    pybind11::gil_scoped_release no_gil;
+    ReleaseGil no_gil;
     entry.op.callBoxed(stack);
   }
   PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(stack.size()));
