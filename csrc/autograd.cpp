@@ -19,6 +19,7 @@
 // mean  d/dl_i = g / mass (the weights w_{y_i} inside l_i carry the rest of torch's weighted mean).
 #include "fusedloss/reduce_math.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/where.h>
@@ -91,12 +92,65 @@ Tensor2 reduce(const Tensor& loss, const Tensor& target, const OptTensor& mass_w
   return reduce_rows_op().call(loss, target, mass_weight, std::nullopt, ignore_index, reduction == reduce::kMean);
 }
 
-// d loss / d l_i for every row, from the incoming gradient of the reduced loss (see the top).
-Tensor row_grad(const Tensor& grad, const Tensor& mass, int64_t reduction, int64_t n, const at::TensorOptions& options) {
-  if (!grad.defined()) return at::zeros({n}, options);
-  if (reduction == reduce::kNone) return grad;
-  if (reduction == reduce::kSum) return grad.expand({n});
-  return at::div(grad, mass).expand({n});
+// A plain CPU tensor whose data the host may read: not a FakeTensor or functional tensor of a
+// torch.compile trace, nor a functorch wrapper.
+bool host_readable(const Tensor& t) {
+  return t.is_cpu() && t.layout() == at::kStrided &&
+         !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                                   c10::DispatchKey::FuncTorchBatched,
+                                                   c10::DispatchKey::FuncTorchGradWrapper}));
+}
+
+// The per-row scale of the backward written by the host for CPU tensors in eager mode without
+// create_graph: the div, expand and mul below are two or three dispatcher ops with TensorIterator
+// set-ups, several microseconds a call at sizes where the gradient kernel takes a few. The same
+// products in the same dtype, so the same bits.
+bool host_row_grad(const Tensor& grad, const Tensor& mass, int64_t reduction, int64_t n,
+                   const at::TensorOptions& options, const Tensor& coef, Tensor& out) {
+  if (at::GradMode::is_enabled() || !host_readable(grad) || !host_readable(mass)) return false;
+  const auto dtype = grad.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kDouble) || mass.scalar_type() != dtype ||
+      c10::typeMetaToScalarType(options.dtype()) != dtype)
+    return false;
+  if (coef.defined() && (!host_readable(coef) || coef.scalar_type() != dtype || coef.dim() != 1 || coef.size(0) != n))
+    return false;
+  if (reduction == reduce::kNone ? (grad.dim() != 1 || grad.size(0) != n) : grad.numel() != 1) return false;
+  out = at::empty({n}, options);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fusedloss_row_grad", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* c = coef.defined() ? coef.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t cs = coef.defined() ? coef.stride(0) : 0;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    if (reduction == reduce::kNone) {
+      const int64_t gs = grad.stride(0);
+      for (int64_t i = 0; i < n; ++i) o[i] = c ? g[i * gs] * c[i * cs] : g[i * gs];
+      return;
+    }
+    scalar_t v = g[0];
+    if (reduction == reduce::kMean) v = v / mass.const_data_ptr<scalar_t>()[0];
+    for (int64_t i = 0; i < n; ++i) o[i] = c ? v * c[i * cs] : v;
+  });
+  return true;
+}
+
+// d loss / d l_i for every row, from the incoming gradient of the reduced loss (see the top), times
+// coef_i when coef is defined (focal loss).
+Tensor row_grad(const Tensor& grad, const Tensor& mass, int64_t reduction, int64_t n, const at::TensorOptions& options,
+                const Tensor& coef = Tensor()) {
+  Tensor g;
+  if (grad.defined() && (reduction != reduce::kNone || coef.defined()) &&
+      host_row_grad(grad, mass, reduction, n, options, coef, g))
+    return g;
+  if (!grad.defined()) {
+    g = at::zeros({n}, options);
+  } else if (reduction == reduce::kNone) {
+    g = grad;
+  } else if (reduction == reduce::kSum) {
+    g = grad.expand({n});
+  } else {
+    g = at::div(grad, mass).expand({n});
+  }
+  return coef.defined() ? at::mul(g, coef) : g;
 }
 
 OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -193,9 +247,10 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &logits = saved[0], &target = saved[1], &stats = saved[2], &coef = saved[3], &mass = saved[4];
-    const Tensor g = row_grad(grads[0], mass, ctx->saved_data["reduction"].toInt(), logits.size(0), stats.options());
+    const Tensor g =
+        row_grad(grads[0], mass, ctx->saved_data["reduction"].toInt(), logits.size(0), stats.options(), coef);
     MaybeBelowAutograd below;
-    Tensor grad = ce_bwd_op().call(at::mul(g, coef), std::nullopt, logits, target, std::nullopt, stats,
+    Tensor grad = ce_bwd_op().call(g, std::nullopt, logits, target, std::nullopt, stats,
                                    ctx->saved_data["ignore_index"].toInt(), 0.0, 0.0, 0.0, 1.0);
     return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -280,6 +335,9 @@ Tensor3 linear_cross_entropy_impl(const Tensor& input, const Tensor& linear_weig
   return {out, lse, mass};
 }
 
+// t in dtype; t itself when it has it, without a call of aten::to (a dispatcher op, a microsecond).
+Tensor as_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 // saved * scale in `dtype`. In eager mode the saved fp32 sums are scaled in place (no second (V, D)
 // buffer: the peak stays one weight gradient), so a second backward through the graph fails the saved
 // tensors' version check (reported below). While traced (torch.compile: functional or fake tensors)
@@ -287,7 +345,12 @@ Tensor3 linear_cross_entropy_impl(const Tensor& input, const Tensor& linear_weig
 Tensor scaled(Tensor saved, const Tensor& scale, at::ScalarType dtype) {
   const bool traced = saved.key_set().has_any(
       c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
-  return (traced ? at::mul(saved, scale) : saved.mul_(scale)).to(dtype);
+  return as_dtype(traced ? at::mul(saved, scale) : saved.mul_(scale), dtype);
+}
+// The same with a scale the host read (eager CPU only, so in place).
+Tensor scaled(Tensor saved, float scale, at::ScalarType dtype) {
+  saved.mul_(scale);
+  return as_dtype(saved, dtype);
 }
 
 // The recompute backward (reduction none, or mean/sum when the forward made no gradients): the chunk loop
@@ -307,9 +370,9 @@ struct LceRecompute : public torch::autograd::Function<LceRecompute> {
     auto [rows, lse, gi, gw, gb] =
         lce_chunks_op().call(input, linear_weight, target, a.bias, a.weight, g, a.ignore_index, a.label_smoothing,
                              a.z_loss, a.softcap, a.chunk_size, a.need_gi, a.need_gw, a.need_gb);
-    return {a.need_gi ? gi.to(input.scalar_type()) : Tensor(),
-            a.need_gw ? gw.to(linear_weight.scalar_type()) : Tensor(),
-            a.need_gb && a.bias.has_value() ? gb.to(a.bias->scalar_type()) : Tensor()};
+    return {a.need_gi ? as_dtype(gi, input.scalar_type()) : Tensor(),
+            a.need_gw ? as_dtype(gw, linear_weight.scalar_type()) : Tensor(),
+            a.need_gb && a.bias.has_value() ? as_dtype(gb, a.bias->scalar_type()) : Tensor()};
   }
 
   static variable_list forward(AutogradContext* ctx, const Tensor& g, const Tensor& input,
@@ -411,12 +474,26 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
       }
       const Tensor& mass = saved[3];
       // mean: grad / mass, but 0 when every row is ignored (its gradients are 0, not 0 * inf), as torch.
-      const Tensor scale = reduction == reduce::kMean
-                               ? at::where(mass.ne(0), at::div(grads[0], mass), 0)
-                               : grads[0];
-      if (need_gi) gi = scaled(saved[0], scale, dtype("input_dtype"));
-      if (need_gw) gw = scaled(saved[1], scale, dtype("weight_dtype"));
-      if (need_gb) gb = scaled(saved[2], scale, dtype("bias_dtype"));
+      const Tensor& grad = grads[0];
+      if (host_readable(grad) && host_readable(mass) && grad.numel() == 1 && grad.scalar_type() == at::kFloat &&
+          mass.scalar_type() == at::kFloat) {
+        // CPU, eager, fp32 sums (the chunk loop's): the scale by the host, the same float product
+        // as the 0-dim tensor below, without its three TensorIterator ops.
+        float s = *grad.const_data_ptr<float>();
+        if (reduction == reduce::kMean) {
+          const float m = *mass.const_data_ptr<float>();
+          s = m != 0 ? s / m : 0.0f;
+        }
+        if (need_gi) gi = scaled(saved[0], s, dtype("input_dtype"));
+        if (need_gw) gw = scaled(saved[1], s, dtype("weight_dtype"));
+        if (need_gb) gb = scaled(saved[2], s, dtype("bias_dtype"));
+      } else {
+        const Tensor scale =
+            reduction == reduce::kMean ? at::where(mass.ne(0), at::div(grad, mass), 0) : grad;
+        if (need_gi) gi = scaled(saved[0], scale, dtype("input_dtype"));
+        if (need_gw) gw = scaled(saved[1], scale, dtype("weight_dtype"));
+        if (need_gb) gb = scaled(saved[2], scale, dtype("bias_dtype"));
+      }
     }
     if (need_gi) result[0] = gi;
     if (need_gw) result[1] = gw;

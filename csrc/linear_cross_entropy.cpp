@@ -49,6 +49,9 @@ const auto& fwd_grad_cols_op() {
   return op;
 }
 
+// t in dtype; t itself when it has it, without a call of aten::to (a dispatcher op, a microsecond).
+Tensor as_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 // CUDA bf16/fp16 operands with fp32 results straight from cuBLAS (mm's out_dtype). Elsewhere the
 // operands are cast to the accumulation dtype: CPU bf16/fp16 GEMMs are emulated (slower than fp32).
 bool mixed_precision(const Tensor& input) {
@@ -82,7 +85,7 @@ Tensor5 one_chunk(const Tensor& input, const Tensor& w_op, const Tensor& target,
                   double z_loss, double softcap, bool input_grad, bool weight_grad, bool bias_grad, bool mixed,
                   at::ScalarType acc) {
   const auto opts = input.options().dtype(acc);
-  const Tensor x = input.to(w_op.scalar_type());
+  const Tensor x = as_dtype(input, w_op.scalar_type());
   Tensor logits = b_acc.has_value() ? (mixed ? at::addmm(*b_acc, x, w_op.t(), acc) : at::addmm(*b_acc, x, w_op.t()))
                                     : (mixed ? at::mm(x, w_op.t(), acc) : at::mm(x, w_op.t()));
   if (!(input_grad || weight_grad || bias_grad)) {
@@ -122,15 +125,21 @@ Tensor5 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_we
   const auto opts = input.options().dtype(acc);
 
   // A bf16/fp16 head is cast once per call on the cast path; fp32/fp64 heads are used as they are.
-  const Tensor w_op = linear_weight.to(op_dtype);
-  const OptTensor b_acc = linear_bias.has_value() ? OptTensor(linear_bias->to(acc)) : std::nullopt;
+  const Tensor w_op = as_dtype(linear_weight, op_dtype);
+  const OptTensor b_acc = linear_bias.has_value() ? OptTensor(as_dtype(*linear_bias, acc)) : std::nullopt;
+  const bool class_major = grads && input.is_cpu() && chunk * v >= kClassMajorMinLogits;
+  // One chunk: its outputs are the call's, so none of the buffers below (a zero-filled (V, D) one
+  // among them) is made.
+  if (n > 0 && chunk >= n && !class_major)
+    return one_chunk(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+                     input_grad, weight_grad, bias_grad, mixed, acc);
   Tensor loss = at::empty({n}, opts), lse = at::empty({n}, opts);
   Tensor gi = input_grad ? at::empty({n, d}, opts) : at::empty({0}, opts);
   Tensor gw = weight_grad ? at::zeros({v, d}, opts) : at::empty({0}, opts);
   Tensor gb = bias_grad ? at::zeros({v}, opts) : at::empty({0}, opts);
   if (n == 0) return {loss, lse, gi, gw, gb};
 
-  if (grads && input.is_cpu() && chunk * v >= kClassMajorMinLogits) {
+  if (class_major) {
     // Class-major chunks, (V, rows) = W X_c^T (csrc/cpu/linear_cross_entropy.cpp says why), and the
     // gradients from that layout as BLAS operands: dX_c = (G_c^T)^T W, dW += G_c^T X_c.
     Tensor buf = at::empty({chunk * v}, opts);
@@ -154,9 +163,6 @@ Tensor5 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_we
     }
     return {loss, lse, gi, gw, gb};
   }
-
-  if (chunk >= n) return one_chunk(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing,
-                                   z_loss, softcap, input_grad, weight_grad, bias_grad, mixed, acc);
 
   // One logits buffer for every chunk (the last uses its first rows): a fresh one per chunk would pay
   // its first-touch page faults on CPU each time.

@@ -9,10 +9,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
+PyMethodDef* fusedloss_python_methods();  // csrc/python_call.cpp: the direct op call of the functional API
+
 extern "C" {
 // `import fusedloss._C` loads this shared object, which runs the static registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fusedloss_python_methods()};
   return PyModule_Create(&module_def);
 }
 }

@@ -103,49 +103,54 @@ def cross_entropy(
     Class-index targets run the fused kernels of the chosen backend. Probability targets are
     computed with PyTorch ops on every backend (not fused yet).
     """
+    # The checks in the order of their errors; the common case (2-D input, int64 targets, CPU or
+    # CUDA) reads each tensor attribute once: at these sizes each read is a fair share of the call.
     _checks.floating("input", input)
     _checks.tensor("target", target)
     _checks.reduction(reduction)
     label_smoothing, z_loss, softcap, temperature = _checks.ce_options(label_smoothing, z_loss, softcap, temperature)
     ignore_index = _checks.integer("ignore_index", ignore_index)
-    if input.dim() == 0:
+    ndim = input.dim()
+    if ndim == 0:
         raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
-    cdim = 0 if input.dim() == 1 else 1
-    C = input.shape[cdim]
+    cdim = 0 if ndim == 1 else 1
+    shape = input.shape
+    C = shape[cdim]
     if C == 0:
         raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
     _checks.same_device("target", target, "input", input)
     weight = _checks.class_weight(weight, C, input)
-    name = _backend.resolve(backend, input.device)
-    kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-                  softcap=softcap, temperature=temperature, return_lse=return_lse) if name == "reference" or \
-        target.is_floating_point() else None
-
-    if target.is_floating_point():
-        if target.shape != input.shape:
+    name = _backend.resolve_for(backend, input)
+    target_dtype = target.dtype
+    if target_dtype.is_floating_point:
+        kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                      softcap=softcap, temperature=temperature, return_lse=return_lse)
+        if target.shape != shape:
             raise ValueError(f"probability targets must have the input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
         if ignore_index != -100:
             raise ValueError("ignore_index is not supported with probability targets (as in torch)")
         return reference.cross_entropy(input, target, weight, **kwargs)
-    if target.dtype == torch.bool or target.is_complex():
+    if target_dtype is not torch.int64 and (target_dtype == torch.bool or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices or float probabilities, got dtype {target.dtype}")
-    expected = input.shape[:cdim] + input.shape[cdim + 1:]
+    expected = shape[:1] if ndim == 2 else shape[:cdim] + shape[cdim + 1:]
     target = _unbatched_target(target, expected, input)
     if name == "reference":
         # int64 as the kernels take them (torch's gather refuses uint8 and int16 indices)
-        return reference.cross_entropy(input, target.to(torch.int64), weight, **kwargs)
+        return reference.cross_entropy(input, target.to(torch.int64), weight, ignore_index=ignore_index,
+                                       reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                                       softcap=softcap, temperature=temperature, return_lse=return_lse)
 
-    rows = _class_rows(input, C)
+    rows = input if ndim == 2 and input.is_contiguous() else _class_rows(input, C)
     flat_target = _flat_target(target)
-    w = _acc_weight(weight, input.dtype)
+    w = None if weight is None else _acc_weight(weight, input.dtype)
 
-    out, lse, _, _ = _ce.CROSS_ENTROPY.op(name)(rows, flat_target, w, ignore_index, REDUCTION[reduction],
-                                                label_smoothing, z_loss, softcap or 0.0, temperature)
-    if reduction == "none":
+    out, lse, _, _ = _ce.CROSS_ENTROPY.call(name)(rows, flat_target, w, ignore_index, REDUCTION[reduction],
+                                                  label_smoothing, z_loss, softcap or 0.0, temperature)
+    if ndim != 2 and reduction == "none":  # 2-D input: the rows are already the target's shape
         out = out.view(expected)
     if return_lse:
-        return out, lse.view(expected)
+        return out, (lse if ndim == 2 else lse.view(expected))
     return out
 
 
@@ -187,15 +192,18 @@ def focal_loss(
     _checks.tensor("target", target)
     _checks.reduction(reduction)
     ignore_index = _checks.integer("ignore_index", ignore_index)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(f"gamma must be a float >= 0, got {type(gamma).__name__}")
-    gamma = float(gamma)
+    if type(gamma) is not float:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+            raise TypeError(f"gamma must be a float >= 0, got {type(gamma).__name__}")
+        gamma = float(gamma)
     if not (math.isfinite(gamma) and gamma >= 0.0):
         raise ValueError(f"gamma must be a finite float >= 0, got {gamma}")
-    if input.dim() == 0:
+    ndim = input.dim()
+    if ndim == 0:
         raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
-    cdim = 0 if input.dim() == 1 else 1
-    C = input.shape[cdim]
+    cdim = 0 if ndim == 1 else 1
+    shape = input.shape
+    C = shape[cdim]
     if C == 0:
         raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
     _checks.same_device("target", target, "input", input)
@@ -212,32 +220,35 @@ def focal_loss(
         if not (math.isfinite(alpha) and alpha >= 0.0):
             raise ValueError(f"alpha must be a finite float >= 0, got {alpha}")
     weight = _checks.class_weight(weight, C, input)
-    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+    target_dtype = target.dtype
+    if target_dtype is not torch.int64 and (target_dtype.is_floating_point or target_dtype == torch.bool
+                                             or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices (focal_loss takes no probability targets), got dtype "
                         f"{target.dtype}")
-    expected = input.shape[:cdim] + input.shape[cdim + 1:]
+    expected = shape[:1] if ndim == 2 else shape[:cdim] + shape[cdim + 1:]
     target = _unbatched_target(target, expected, input)
-    name = _backend.resolve(backend, input.device)
+    name = _backend.resolve_for(backend, input)
     if name == "reference":
         return reference.focal_loss(input, target, gamma, alpha, weight=weight, ignore_index=ignore_index,
                                     reduction=reduction)
 
-    rows = _class_rows(input, C)
+    rows = input if ndim == 2 and input.is_contiguous() else _class_rows(input, C)
     flat_target = _flat_target(target)
-    acc = acc_dtype(input.dtype)
-    w = weight.detach().to(acc) if weight is not None else None
-    # The kernels take one per-class factor a_y = weight[y] * alpha_y; weight alone is the mean's
-    # denominator.
-    factor = w
-    if isinstance(alpha, Tensor):
-        factor = alpha.detach().to(acc) if factor is None else factor * alpha.detach().to(acc)
-    elif alpha is not None:
-        factor = torch.full((C,), alpha, dtype=acc, device=input.device) if factor is None else factor * alpha
-    if factor is not None:
+    factor = w = None
+    if weight is not None or alpha is not None:
+        acc = acc_dtype(input.dtype)
+        w = weight.detach().to(acc) if weight is not None else None
+        # The kernels take one per-class factor a_y = weight[y] * alpha_y; weight alone is the mean's
+        # denominator.
+        factor = w
+        if isinstance(alpha, Tensor):
+            factor = alpha.detach().to(acc) if factor is None else factor * alpha.detach().to(acc)
+        elif alpha is not None:
+            factor = torch.full((C,), alpha, dtype=acc, device=input.device) if factor is None else factor * alpha
         factor = factor.contiguous()
 
-    out = _fl.FOCAL_LOSS.op(name)(rows, flat_target, factor, w, ignore_index, REDUCTION[reduction], gamma)[0]
-    return out.view(expected) if reduction == "none" else out
+    out = _fl.FOCAL_LOSS.call(name)(rows, flat_target, factor, w, ignore_index, REDUCTION[reduction], gamma)[0]
+    return out.view(expected) if ndim != 2 and reduction == "none" else out
 
 
 def linear_cross_entropy(
@@ -293,9 +304,7 @@ def linear_cross_entropy(
     _checks.floating("linear_weight", linear_weight)
     _checks.tensor("target", target)
     _checks.reduction(reduction)
-    label_smoothing = _checks.in_closed_unit("label_smoothing", label_smoothing)
-    z_loss = _checks.non_negative("z_loss", z_loss)
-    softcap = None if softcap is None else _checks.positive("softcap", softcap)
+    label_smoothing, z_loss, softcap, _ = _checks.ce_options(label_smoothing, z_loss, softcap, 1.0)
     ignore_index = -100 if ignore_index is None else _checks.integer("ignore_index", ignore_index)
     if isinstance(shift, bool) or shift not in (0, 1):
         raise ValueError(f"shift must be 0 or 1 (score position t against target t + shift), got {shift!r}")
@@ -303,7 +312,8 @@ def linear_cross_entropy(
         chunk_size = getattr(options, "batch_chunk_size", None)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if input.dim() == 0:
+    ndim = input.dim()
+    if ndim == 0:
         raise ValueError("input must be (D,), (N, D) or (*, D); got a 0-dim tensor")
     if linear_weight.dim() != 2:
         if linear_weight.dim() > 2:
@@ -311,13 +321,15 @@ def linear_cross_entropy(
                                       f"are not supported, got shape {tuple(linear_weight.shape)}")
         raise ValueError(f"linear_weight must be (V, D), got shape {tuple(linear_weight.shape)}")
     V, D = linear_weight.shape
-    if input.shape[-1] != D:
+    shape = input.shape
+    if shape[-1] != D:
         raise ValueError(f"input has {input.shape[-1]} features (last dim) but linear_weight has {D} "
                          f"(shape {tuple(linear_weight.shape)}): they must match")
     if V == 0:
         raise ValueError(f"linear_weight has no classes: shape {tuple(linear_weight.shape)}")
     _checks.same_device("linear_weight", linear_weight, "input", input)
-    if linear_weight.dtype != input.dtype:
+    dtype = input.dtype
+    if linear_weight.dtype != dtype:
         raise TypeError(f"linear_weight has dtype {linear_weight.dtype} but input has {input.dtype}; "
                         "cast them to one dtype")
     if linear_bias is not None:
@@ -328,27 +340,28 @@ def linear_cross_entropy(
         if linear_bias.dtype != input.dtype:
             raise TypeError(f"linear_bias has dtype {linear_bias.dtype} but input has {input.dtype}; "
                             "cast them to one dtype")
-    expected = input.shape[:-1]
-    if target.is_floating_point():
+    expected = shape[:-1]
+    target_dtype = target.dtype
+    if target_dtype.is_floating_point:
         raise NotImplementedError("linear_cross_entropy takes class-index targets; for probability targets "
                                   "use cross_entropy(input @ linear_weight.T, target)")
-    if target.dtype == torch.bool or target.is_complex():
+    if target_dtype is not torch.int64 and (target_dtype == torch.bool or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices, got dtype {target.dtype}")
     target = _unbatched_target(target, expected, input)
     _checks.same_device("target", target, "input", input)
     weight = _checks.class_weight(weight, V, input)
-    name = _backend.resolve(backend, input.device)
+    name = _backend.resolve_for(backend, input)
     if name == "reference":
         return reference.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                               reduction=reduction, ignore_index=ignore_index,
                                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                                               shift=shift, return_lse=return_lse)
 
-    rows = input.reshape(target.numel(), D)  # not (-1, D): that is ambiguous when D = 0
-    flat_target = target.reshape(-1).to(torch.int64).contiguous()
-    acc = acc_dtype(input.dtype)
-    w = _acc_weight(weight, input.dtype)
-    if name == "triton" and input.dtype in _lce.FUSED_DTYPES:
+    # not reshape(-1, D): that is ambiguous when D = 0
+    rows = input if ndim == 2 else input.reshape(target.numel(), D)
+    flat_target = _flat_target(target)
+    w = None if weight is None else _acc_weight(weight, dtype)
+    if name == "triton" and dtype in _lce.FUSED_DTYPES:
         # the fused kernels: per-row loss and lse, the reduction here on device; the shift by index math
         seq_len = (target.shape[-1] if target.dim() else 1) if shift else 0
         loss, lse, _ = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(
@@ -360,12 +373,14 @@ def linear_cross_entropy(
     if shift:
         flat_target = reference.shift_target(target, ignore_index).reshape(-1).to(torch.int64).contiguous()
     if not chunk_size:
-        chunk_size = _lce.auto_chunk_size(rows.shape[0], D, V, input.device, input.dtype)
-    loss, lse, _ = _lce.LINEAR_CROSS_ENTROPY.op(name)(rows, linear_weight, flat_target, linear_bias, w, ignore_index,
-                                                      REDUCTION[reduction], label_smoothing, z_loss, softcap or 0.0,
-                                                      chunk_size)
-    loss = loss.view(expected) if reduction == "none" else loss
-    return (loss, lse.view(expected)) if return_lse else loss
+        chunk_size = _lce.auto_chunk_size(rows.shape[0], D, V, input.device, dtype)
+    loss, lse, _ = _lce.LINEAR_CROSS_ENTROPY.call(name)(rows, linear_weight, flat_target, linear_bias, w,
+                                                        ignore_index, REDUCTION[reduction], label_smoothing, z_loss,
+                                                        softcap or 0.0, chunk_size)
+    if ndim != 2:  # 2-D input: the rows are already the target's shape
+        loss = loss.view(expected) if reduction == "none" else loss
+        lse = lse.view(expected)
+    return (loss, lse) if return_lse else loss
 
 
 GAP_MODES = ("sum", "max")
@@ -396,42 +411,51 @@ def gap_loss(
     _checks.floating("input", input)
     _checks.tensor("target", target)
     _checks.reduction(reduction)
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or p not in (1, 2):
+    if type(p) is not int and (isinstance(p, bool) or not isinstance(p, (int, float))) or p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     p = int(p)  # torch's multi_margin_loss takes p=1.0 too
     if mode not in GAP_MODES:
         raise ValueError(f"mode must be one of {GAP_MODES}, got {mode!r}")
     margin = _checks.real("margin", margin)
     ignore_index = _checks.integer("ignore_index", ignore_index)
-    if input.dim() > 2:
+    ndim = input.dim()
+    if ndim > 2:
         raise ValueError(f"input must be (C,) or (N, C) (or 0-dim: one class), got shape {tuple(input.shape)}")
-    C = input.shape[-1] if input.dim() else 1
+    shape = input.shape
+    C = shape[-1] if ndim else 1
     if C == 0:
         raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
-    if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+    target_dtype = target.dtype
+    if target_dtype is not torch.int64 and (target_dtype.is_floating_point or target_dtype == torch.bool
+                                             or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices, got dtype {target.dtype}")
     # torch's multi_margin_loss shapes: one sample for 0-dim or (C,) input (and for (1, C)), whose target is
     # 0-dim or (1,); N samples for (N, C), target (N,). reduction="none" returns the target's shape.
-    n = input.shape[0] if input.dim() == 2 else 1
-    if target.dim() > 1 or target.numel() != n:
+    n = shape[0] if ndim == 2 else 1
+    target_dim = target.dim()
+    if target_dim > 1 or target.numel() != n:
         expected = "() or (1,)" if n == 1 else f"({n},)"
         raise ValueError(f"target must have shape {expected} for input of shape {tuple(input.shape)}, "
                          f"got {tuple(target.shape)}")
     _checks.same_device("target", target, "input", input)
     weight = _checks.class_weight(weight, C, input)
-    name = _backend.resolve(backend, input.device)
+    name = _backend.resolve_for(backend, input)
     if name == "reference":
         return reference.gap_loss(input, target.to(torch.int64), margin, p=p, weight=weight, ignore_index=ignore_index,
                                   reduction=reduction, class_normalize=class_normalize, mode=mode)
 
-    rows = input.reshape(1, C) if input.dim() < 2 else input
-    if C > 1 and rows.stride(1) != 1:
-        rows = rows.contiguous()
+    if ndim == 2 and input.is_contiguous():
+        rows = input
+    else:
+        rows = input.reshape(1, C) if ndim < 2 else input
+        if C > 1 and rows.stride(1) != 1:
+            rows = rows.contiguous()
     flat_target = _flat_target(target)
-    w = _acc_weight(weight, input.dtype)
-    out = _gap.GAP_LOSS.op(name)(rows, flat_target, w, margin, p, ignore_index, bool(class_normalize), mode == "max",
-                                 REDUCTION[reduction])[0]
-    return out.view(target.shape) if reduction == "none" else out
+    w = None if weight is None else _acc_weight(weight, input.dtype)
+    out = _gap.GAP_LOSS.call(name)(rows, flat_target, w, margin, p, ignore_index, bool(class_normalize),
+                                   mode == "max", REDUCTION[reduction])[0]
+    # the kernel's rows have the target's shape when it is (N,) (or (1,) for one sample)
+    return out.view(target.shape) if reduction == "none" and target_dim != 1 else out
 
 
 def info_nce(

@@ -196,3 +196,69 @@ def test_compile_fullgraph_public_ops_match_float64(reduction):
     expected.backward()
     assert_close(out, expected, torch.float32, "loss", "compiled")
     assert_close(xc.grad, xr.grad, torch.float32, "grad", "compiled")
+
+
+def _direct(name):
+    direct = _registry_op(name)._cpp_direct
+    if direct is None:
+        pytest.skip("the compiled extension has no direct call (built before csrc/python_call.cpp)")
+    return direct
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_direct_call_is_the_torch_ops_call(name):
+    """fusedloss._C.call (what the functional API calls in eager mode) gives what torch.ops gives: the
+    same outputs, bit for bit, and the same gradient through the C++ autograd."""
+    require_backend("cpu", "cpu")
+    args = _public_args(name, "cpu", torch.float32, "mean")
+    x = args[0]
+    expected = getattr(torch.ops.fusedloss, name).default(*args)
+    (g_expected,) = torch.autograd.grad(expected[0], x)
+    got = _direct(name)(*args)
+    assert isinstance(got, tuple) and len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert got[0].grad_fn is not None
+    (g,) = torch.autograd.grad(got[0], x)
+    assert torch.equal(g, g_expected)
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass with __torch_function__: the direct call must leave it to torch.ops."""
+
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_direct_call_leaves_torch_function_to_torch_ops():
+    """A __torch_function__ subclass, a TorchFunctionMode, a wrong argument kind: the OpOverload takes
+    the call, so they see it (and errors are torch.ops' own)."""
+    require_backend("cpu", "cpu")
+    direct = _direct("cross_entropy")
+    op = torch.ops.fusedloss.cross_entropy.default
+    args = _public_args("cross_entropy", "cpu", torch.float32, "mean")
+    _Tagged.seen.clear()
+    direct(args[0].detach().as_subclass(_Tagged), *args[1:])
+    assert op in _Tagged.seen
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Mode() as mode:
+        direct(*args)
+    assert op in mode.seen
+    with pytest.raises(RuntimeError) as via_ops:
+        op(*args[:3], "x", *args[4:])
+    with pytest.raises(RuntimeError) as via_direct:
+        direct(*args[:3], "x", *args[4:])
+    assert str(via_direct.value) == str(via_ops.value)

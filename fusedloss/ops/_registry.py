@@ -15,6 +15,7 @@ one fake serves both; a test checks that the two schemas are the same.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -58,10 +59,15 @@ class KernelOp:
         self.name = name
         self.schema = schema
         self._cpp = None
+        self._cpp_direct = None
         self._triton = None
         if _backend.extension_loaded():
             torch.library.register_fake(f"fusedloss::{name}")(fake)
             self._cpp = getattr(torch.ops.fusedloss, name).default
+            # csrc/python_call.cpp: the same call without torch.ops' generic boxing (absent from an
+            # extension built before it)
+            if hasattr(_backend._C, "op_id"):
+                self._cpp_direct = partial(_backend._C.call, _backend._C.op_id(f"fusedloss::{name}", self._cpp))
         if triton_module is not None and triton_kernels_present(triton_module):
             from torch.library import triton_op
 
@@ -79,3 +85,14 @@ class KernelOp:
                 raise RuntimeError(f"fusedloss: the Triton {self.name} kernels are not available in this install")
             return self._triton
         raise ValueError(f"no {self.name} kernel op for backend {backend!r}")
+
+    def call(self, backend: str):
+        """What the functional API calls: ``op(backend)``, or in eager mode a cheaper callable that makes
+        the same dispatcher call: for the C++ ops ``fusedloss._C.call`` (csrc/python_call.cpp), for the
+        Triton twins the OpOverload's own C++ callable, which ``OpOverload.__call__`` calls when no
+        Python object dispatcher is set. At tiny sizes torch.ops' Python frame and generic argument
+        boxing cost more than the kernels. torch.compile gets the OpOverload, which its tracer knows."""
+        op = self.op(backend)
+        if getattr(op, "_pyobj_dispatcher", True) is None and not torch.compiler.is_compiling():
+            return self._cpp_direct if op is self._cpp and self._cpp_direct is not None else op._op
+        return op

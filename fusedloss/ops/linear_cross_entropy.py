@@ -76,7 +76,7 @@ def auto_chunk_size(n: int, d: int, v: int, device: torch.device, dtype: torch.d
     Rows are a multiple of 32 (tensor-core and vector friendly), except the last chunk's.
     """
     kind = "cuda" if device.type == "cuda" else "cpu"
-    elem = torch.empty((), dtype=acc_dtype(dtype)).element_size()
+    elem = acc_dtype(dtype).itemsize
     if kind == "cpu":
         low, high = CPU_CHUNK_ROWS
         rows = min(max(int(0.4 * n - 0.8 * d) // 32 * 32, low), high)
