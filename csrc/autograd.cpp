@@ -1,4 +1,5 @@
-// The public-level ops (fusedloss::cross_entropy, focal_loss, gap_loss, linear_cross_entropy): each is one
+// The public-level ops (fusedloss::cross_entropy, focal_loss, gap_loss, linear_cross_entropy), and InfoNCE's
+// kernel op info_nce_lse_fwd (at the end). The first four: each is one
 // row kernel (for linear_cross_entropy the chunk loop), the reduction (reduce_rows) and, in the backward,
 // one gradient kernel. Their autograd lives here, in
 // C++, so that a call from Python reaches the kernels with nothing in Python between the user's
@@ -26,6 +27,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -516,6 +518,59 @@ Tensor3 linear_cross_entropy_autograd(const Tensor& input, const Tensor& linear_
   return {r[0], r[1], r[2]};
 }
 
+// ---------------------------------------------------------------------------------------------------
+// info_nce_lse_fwd(query, key, scale, cols, labels, key_groups) -> (lse_rows, lse_cols, pos, npos): InfoNCE's
+// kernel op carries its own autograd (fusedloss/info_nce_math.h: the backward op is the gradient of
+// g . lse_rows + h . lse_cols + u . pos; npos is an integer count). Its Triton twin keeps torch.library's
+// Python formula (fusedloss/ops/info_nce.py), which this mirrors.
+
+const auto& nce_fwd_op() {
+  static const auto op = kernel_op<Tensor4(const Tensor&, const Tensor&, const Tensor&, bool, const OptTensor&,
+                                           const OptTensor&)>("fusedloss::info_nce_lse_fwd");
+  return op;
+}
+
+const auto& nce_bwd_op() {
+  static const auto op =
+      kernel_op<Tensor3(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
+                        const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
+                        const OptTensor&)>("fusedloss::info_nce_lse_bwd");
+  return op;
+}
+
+struct InfoNCELseFunction : public torch::autograd::Function<InfoNCELseFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& query, const Tensor& key, const Tensor& scale,
+                               bool cols, const OptTensor& labels, const OptTensor& key_groups) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
+    auto [lse_rows, lse_cols, pos, npos] = nce_fwd_op().call(query, key, scale, cols, labels, key_groups);
+    ctx->save_for_backward({query, key, scale, lse_rows, lse_cols, pos, npos, labels.value_or(Tensor()),
+                            key_groups.value_or(Tensor())});
+    ctx->saved_data["cols"] = cols;
+    ctx->mark_non_differentiable({npos});
+    return {lse_rows, lse_cols, pos, npos};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &query = saved[0], &key = saved[1], &scale = saved[2], &lse_rows = saved[3], &lse_cols = saved[4],
+                 &pos = saved[5], &npos = saved[6];
+    const Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(lse_rows);  // only lse_cols or pos was used
+    const OptTensor h = ctx->saved_data["cols"].toBool() ? optional(grads[1]) : std::nullopt;
+    MaybeBelowAutograd below;
+    auto [grad_query, grad_key, grad_scale] =
+        nce_bwd_op().call(g, h, optional(grads[2]), query, key, scale, lse_rows, h ? OptTensor(lse_cols) : std::nullopt,
+                          pos, npos, optional(saved[7]), optional(saved[8]));
+    return {grad_query, grad_key, grad_scale, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor4 info_nce_lse_autograd(const Tensor& query, const Tensor& key, const Tensor& scale, bool cols,
+                              const OptTensor& labels, const OptTensor& key_groups) {
+  auto r = InfoNCELseFunction::apply(query, key, scale, cols, labels, key_groups);
+  return {r[0], r[1], r[2], r[3]};
+}
+
 }  // namespace
 }  // namespace fusedloss
 
@@ -531,4 +586,5 @@ TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
   m.impl("focal_loss", &fusedloss::focal_loss_autograd);
   m.impl("gap_loss", &fusedloss::gap_loss_autograd);
   m.impl("linear_cross_entropy", &fusedloss::linear_cross_entropy_autograd);
+  m.impl("info_nce_lse_fwd", &fusedloss::info_nce_lse_autograd);
 }

@@ -538,7 +538,7 @@ def info_nce(
             raise ValueError("symmetric=True uses the default labels (query i pairs with key i); got labels")
         if M != N:
             raise ValueError(f"symmetric=True needs as many keys as queries, got N={N} and M={M}")
-    name = _backend.resolve(backend, query.device)
+    name = _backend.resolve_for(backend, query)
     # Off the CPU the labels are not read on the host (that would sync): an out-of-range label gathers
     # a clamped index instead of faulting on the device, and its query's loss is NaN, as the
     # cross-entropy kernels do with such a target.
@@ -575,13 +575,13 @@ def info_nce(
     # pos: each query's positive logit, from the kernel's own tile of S (the gradient of a sharp row
     # then cancels inside the kernel, element by element, as plain PyTorch's softmax - one_hot does).
     if query_groups is not None:
-        lse_rows, _, pos, npos = _nce.forward_op(name)(q, k, scale, False, query_groups, key_groups)
+        lse_rows, _, pos, npos = _nce.forward_call(name)(q, k, scale, False, query_groups, key_groups)
         kept = npos > 0  # a query whose group has no key is left out (its pos is NaN)
         loss = torch.where(kept, lse_rows - pos, torch.zeros_like(lse_rows))
         if reduction == "mean":
             return loss.sum() / kept.sum()
         return loss.sum() if reduction == "sum" else loss
-    lse_rows, lse_cols, pos, _ = _nce.forward_op(name)(q, k, scale, bool(symmetric), labels)
+    lse_rows, lse_cols, pos, _ = _nce.forward_call(name)(q, k, scale, bool(symmetric), labels, None)
     loss = lse_rows - pos
     if symmetric:
         loss = 0.5 * (loss + (lse_cols - pos))

@@ -4,8 +4,9 @@
   in csrc/; their fake (meta) kernels are registered here.
 - ``fusedloss::info_nce_lse_fwd_triton`` / ``_bwd_triton``: the Triton kernels as triton_ops, so that
   torch.compile traces into them.
-- autograd for both forward ops: the backward op recomputes the tiles of S = scale * Q K^T from the
-  inputs and the saved per-row / per-column lse, and returns the gradients of query, key and scale.
+- autograd of the forward ops (the C++ one's in csrc/autograd.cpp, the Triton one's here, the same
+  formula): the backward op recomputes the tiles of S = scale * Q K^T from the inputs and the saved
+  per-row / per-column lse, and returns the gradients of query, key and scale.
 
 The forward returns lse_rows (N,), lse_cols (M,) (``(0,)`` without cols) and the positive logits
 pos (N,) = S[i, labels_i] (labels None: S[i, i]; with key_groups the mean of S[i, j] over the keys j
@@ -16,6 +17,8 @@ composed with PyTorch ops by the caller (fusedloss.functional.info_nce).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -66,10 +69,10 @@ def _backward_with(bwd_op):
 
 
 if _backend.extension_loaded():
+    # FWD's autograd is in C++ (csrc/autograd.cpp, the same formula as _backward_with below): no Python
+    # runs between the functional API and the kernels.
     torch.library.register_fake(FWD)(_fwd_fake)
     torch.library.register_fake(BWD)(_bwd_fake)
-    torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.info_nce_lse_bwd),
-                                    setup_context=_setup_context)
     torch.library.register_autograd(BWD, no_double_backward("info_nce"), setup_context=no_context)
 
 TRITON_REGISTERED = False
@@ -99,13 +102,31 @@ if triton_kernels_present("info_nce"):
     TRITON_REGISTERED = True
 
 
+_FWD_DIRECT = None
+if _backend.extension_loaded() and hasattr(_backend._C, "op_id"):
+    # fusedloss._C.call (csrc/python_call.cpp): the same dispatcher call as the OpOverload without
+    # torch.ops' generic argument boxing; it hands anything unusual back to the OpOverload.
+    _FWD_DIRECT = functools.partial(_backend._C.call,
+                                    _backend._C.op_id(FWD, torch.ops.fusedloss.info_nce_lse_fwd.default))
+
+
 def forward_op(backend: str):
-    """The forward op (with autograd) that runs ``backend``'s kernels."""
+    """The forward op (an OpOverload, with autograd) that runs ``backend``'s kernels."""
     if backend in ("cpu", "cuda"):
-        return torch.ops.fusedloss.info_nce_lse_fwd
+        return torch.ops.fusedloss.info_nce_lse_fwd.default
     if backend == "triton":
         if not TRITON_REGISTERED:
             raise RuntimeError("fusedloss: the Triton info_nce kernels are not available in this install "
                                "(fusedloss/triton/info_nce.py is missing)")
-        return torch.ops.fusedloss.info_nce_lse_fwd_triton
+        return torch.ops.fusedloss.info_nce_lse_fwd_triton.default
     raise ValueError(f"no info_nce kernel op for backend {backend!r}")
+
+
+def forward_call(backend: str):
+    """What the functional API calls, with all six arguments (query, key, scale, cols, labels, key_groups):
+    ``forward_op(backend)``, or in eager mode for the C++ op the direct call (the same dispatcher call)."""
+    op = forward_op(backend)
+    if (_FWD_DIRECT is not None and backend != "triton" and getattr(op, "_pyobj_dispatcher", True) is None
+            and not torch.compiler.is_compiling()):
+        return _FWD_DIRECT
+    return op
