@@ -650,7 +650,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) info_nce_lse_bwd_kernel(
   const acc_t* S_row = smem_at<acc_t>(smem, L::kS) + r * L::kLdS;
 
   // (3') for this block's own rows (queries: the row direction; keys: the column direction): this
-  // lane's part of sum_j e_ij dot_ij and of sum_j e_ij, float32 per tile, double across tiles.
+  // lane's part of sum_j e_ij (dot_ij - c) and of sum_j e_ij, float32 per tile, double across tiles.
   double own_num = 0.0, own_den = 0.0;
   const int64_t n_tiles = ceil_div(t.n_other, kTile);
   for (int64_t jt = 0; jt < n_tiles; ++jt) {

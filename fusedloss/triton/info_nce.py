@@ -336,7 +336,7 @@ def _info_nce_grad_kernel(
         scratch_ptr = grad_ptr
     else:
         scratch_ptr = acc_ptr
-    # (3') of info_nce_math.h for the A side's rows: sum_b e_ab dots_ab and sum_b e_ab, float32 per
+    # (3') of info_nce_math.h for the A side's rows: sum_b e_ab (dots_ab - c_a) and sum_b e_ab, float32 per
     # tile, float64 across tiles; their ratio cancels the rounding of lse_a.
     num_a = tl.zeros([BLOCK_A], tl.float64)
     den_a = tl.zeros([BLOCK_A], tl.float64)
