@@ -678,9 +678,5 @@ def info_nce(
     else:
         all_k = _GatherRows.apply(k, [m_r for _, m_r in sizes], rank, group)
         loss = _functional.info_nce(q, all_k, global_labels, **kw)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / n
+    return _functional._reduce_info_nce(loss, reduction, n)
 

@@ -578,9 +578,7 @@ def info_nce(
         lse_rows, _, pos, npos = _nce.forward_call(name)(q, k, scale, False, query_groups, key_groups)
         kept = npos > 0  # a query whose group has no key is left out (its pos is NaN)
         loss = torch.where(kept, lse_rows - pos, torch.zeros_like(lse_rows))
-        if reduction == "mean":
-            return loss.sum() / kept.sum()
-        return loss.sum() if reduction == "sum" else loss
+        return _reduce_info_nce(loss, reduction, kept.sum())
     lse_rows, lse_cols, pos, _ = _nce.forward_call(name)(q, k, scale, bool(symmetric), labels, None)
     loss = lse_rows - pos
     if symmetric:
@@ -613,7 +611,9 @@ def _nan_where_not(ok: Tensor | None, loss: Tensor) -> Tensor:
     return loss if ok is None else torch.where(ok, loss, torch.full_like(loss, float("nan")))
 
 
-def _reduce_info_nce(loss: Tensor, reduction: str, n: int) -> Tensor:
+def _reduce_info_nce(loss: Tensor, reduction: str, n: int | Tensor) -> Tensor:
+    """none / sum / mean of the per-query losses; the mean divides by n (the queries, or a device count
+    of those with a positive)."""
     if reduction == "none":
         return loss
     if reduction == "sum":

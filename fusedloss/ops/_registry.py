@@ -49,6 +49,21 @@ if _backend.extension_loaded():
     torch.library.register_fake("fusedloss::reduce_rows")(_reduce_rows_fake)
 
 
+def direct_call(name: str, overload) -> Callable | None:
+    """``fusedloss._C.call`` bound to the C++ op ``fusedloss::<name>`` (csrc/python_call.cpp): the same
+    dispatcher call as ``overload`` without torch.ops' generic boxing, handing anything unusual back to
+    ``overload``. None when the extension predates it."""
+    if not hasattr(_backend._C, "op_id"):
+        return None
+    return partial(_backend._C.call, _backend._C.op_id(f"fusedloss::{name}", overload))
+
+
+def eager_dispatch(op) -> bool:
+    """True when a call of ``op`` may skip the OpOverload's Python frame: eager mode, no Python object
+    dispatcher set (what ``OpOverload.__call__`` itself checks)."""
+    return getattr(op, "_pyobj_dispatcher", True) is None and not torch.compiler.is_compiling()
+
+
 class KernelOp:
     """One public-level op: ``op(backend)(*args)`` runs the kernels of ``backend`` ("cpu", "cuda",
     "triton") with autograd."""
@@ -66,8 +81,7 @@ class KernelOp:
             self._cpp = getattr(torch.ops.fusedloss, name).default
             # csrc/python_call.cpp: the same call without torch.ops' generic boxing (absent from an
             # extension built before it)
-            if hasattr(_backend._C, "op_id"):
-                self._cpp_direct = partial(_backend._C.call, _backend._C.op_id(f"fusedloss::{name}", self._cpp))
+            self._cpp_direct = direct_call(name, self._cpp)
         if triton_module is not None and triton_kernels_present(triton_module):
             from torch.library import triton_op
 
@@ -93,6 +107,6 @@ class KernelOp:
         Python object dispatcher is set. At tiny sizes torch.ops' Python frame and generic argument
         boxing cost more than the kernels. torch.compile gets the OpOverload, which its tracer knows."""
         op = self.op(backend)
-        if getattr(op, "_pyobj_dispatcher", True) is None and not torch.compiler.is_compiling():
+        if eager_dispatch(op):
             return self._cpp_direct if op is self._cpp and self._cpp_direct is not None else op._op
         return op

@@ -18,13 +18,12 @@ composed with PyTorch ops by the caller (fusedloss.functional.info_nce).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from fusedloss import _backend
 from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
+from fusedloss.ops._registry import direct_call, eager_dispatch
 
 FWD = "fusedloss::info_nce_lse_fwd"
 BWD = "fusedloss::info_nce_lse_bwd"
@@ -102,12 +101,8 @@ if triton_kernels_present("info_nce"):
     TRITON_REGISTERED = True
 
 
-_FWD_DIRECT = None
-if _backend.extension_loaded() and hasattr(_backend._C, "op_id"):
-    # fusedloss._C.call (csrc/python_call.cpp): the same dispatcher call as the OpOverload without
-    # torch.ops' generic argument boxing; it hands anything unusual back to the OpOverload.
-    _FWD_DIRECT = functools.partial(_backend._C.call,
-                                    _backend._C.op_id(FWD, torch.ops.fusedloss.info_nce_lse_fwd.default))
+_FWD_DIRECT = (direct_call("info_nce_lse_fwd", torch.ops.fusedloss.info_nce_lse_fwd.default)
+               if _backend.extension_loaded() else None)
 
 
 def forward_op(backend: str):
@@ -126,7 +121,6 @@ def forward_call(backend: str):
     """What the functional API calls, with all six arguments (query, key, scale, cols, labels, key_groups):
     ``forward_op(backend)``, or in eager mode for the C++ op the direct call (the same dispatcher call)."""
     op = forward_op(backend)
-    if (_FWD_DIRECT is not None and backend != "triton" and getattr(op, "_pyobj_dispatcher", True) is None
-            and not torch.compiler.is_compiling()):
+    if _FWD_DIRECT is not None and backend != "triton" and eager_dispatch(op):
         return _FWD_DIRECT
     return op

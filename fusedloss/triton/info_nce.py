@@ -649,15 +649,16 @@ def info_nce_lse_bwd(
     # c'_j = c_j for j < N, else 0.
     c = pos / scale.to(acc)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
-    c_cols = torch.zeros((m,), dtype=acc, device=query.device)
+    c_cols = None
     if has_cols:
+        c_cols = torch.zeros((m,), dtype=acc, device=query.device)
         c_cols[: min(n, m)] = c[: min(n, m)]
 
     # (3') per row in the (Q, K) launch and, with the columns, per column in the (K, Q) launch.
     grad_query, dscale_rows = _grad(query, key, scale, grad_rows, lse_rows, cols_g, cols_lse, acc, c, labels,
                                     grad_pos, npos, key_groups, a_is_query=True)
     grad_key, dscale_cols = _grad(key, query, scale, cols_g, cols_lse, grad_rows, lse_rows, acc,
-                                  c_cols if has_cols else None, labels, grad_pos, npos, key_groups, a_is_query=False)
+                                  c_cols, labels, grad_pos, npos, key_groups, a_is_query=False)
     # The per-program partials, summed by torch in a fixed order: deterministic, no sync. d scale in
     # scale's dtype (float64 from fusedloss.functional, rounded once).
     grad_scale = dscale_rows.sum()
