@@ -146,15 +146,16 @@ def fwd_grad_op(backend: str):
 
 # --- the public-level op -------------------------------------------------------------------------
 
-SCHEMA = ("(Tensor logits, Tensor target, Tensor? weight, int ignore_index, int reduction, float label_smoothing, "
-          "float z_loss, float softcap, float temperature) -> (Tensor loss, Tensor lse, Tensor stats, Tensor mass)")
+SCHEMA = ("(Tensor logits, Tensor target, Tensor? weight, Tensor? token_weight, int ignore_index, int reduction, "
+          "float label_smoothing, float z_loss, float softcap, float temperature) -> (Tensor loss, Tensor lse, "
+          "Tensor stats, Tensor mass)")
 
 
 def _mass_fake(like: Tensor, reduction: int) -> Tensor:
     return like.new_empty((0,) if reduction == _registry.NONE else ())
 
 
-def _fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature):
+def _fake(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature):
     n = logits.shape[0]
     acc = acc_dtype(logits.dtype)
     loss = logits.new_empty((n,) if reduction == _registry.NONE else (), dtype=acc)
@@ -162,42 +163,44 @@ def _fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_lo
             _mass_fake(loss.new_empty(()), reduction))
 
 
-def reduce_triton(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                  reduction: int) -> tuple[Tensor, Tensor]:
-    """(reduced loss, mass) by the Triton reduction kernel; ``none`` keeps the rows."""
+def reduce_triton(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: int,
+                  token_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(reduced loss, mass) by the Triton reduction kernel; ``none`` keeps the rows (times the token
+    weights when given)."""
     if reduction == _registry.NONE:
-        return loss, loss.new_empty((0,))
+        return (loss if token_weight is None else loss * token_weight), loss.new_empty((0,))
     from fusedloss.triton import reduce as kernels
 
-    return kernels.reduce_rows(loss, target, weight, None, ignore_index, reduction == _registry.MEAN)
+    return kernels.reduce_rows(loss, target, weight, token_weight, ignore_index, reduction == _registry.MEAN)
 
 
-def _triton_impl(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature):
+def _triton_impl(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                 temperature):
     from fusedloss.triton import cross_entropy as kernels
 
     loss, lse, stats = kernels.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
                                                  softcap, temperature)
-    out, mass = reduce_triton(loss, target, weight, ignore_index, reduction)
+    out, mass = reduce_triton(loss, target, weight, ignore_index, reduction, token_weight)
     return out, lse, stats, mass
 
 
 def _triton_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    logits, target, weight, ignore_index, reduction, *scalars = inputs
+    logits, target, weight, token_weight, ignore_index, reduction, *scalars = inputs
     _, _, stats, mass = output
     ctx.mark_non_differentiable(stats, mass)
-    ctx.save_for_backward(logits, target, weight, stats, mass)
+    ctx.save_for_backward(logits, target, weight, stats, mass, token_weight)
     ctx.ignore_index = ignore_index
     ctx.reduction = reduction
     ctx.scalars = tuple(scalars)
 
 
 def _triton_backward(ctx, grad_loss, grad_lse, _grad_stats, _grad_mass):
-    logits, target, weight, stats, mass = ctx.saved_tensors
-    g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats)
+    logits, target, weight, stats, mass, token_weight = ctx.saved_tensors
+    g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats, token_weight)
     grad = torch.ops.fusedloss.cross_entropy_bwd_triton(g, grad_lse, logits, target, weight, stats, ctx.ignore_index,
                                                         *ctx.scalars)
-    return grad, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 CROSS_ENTROPY = _registry.KernelOp("cross_entropy", SCHEMA, _fake, triton_module="cross_entropy",
