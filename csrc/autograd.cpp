@@ -48,6 +48,7 @@ c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
 using Tensor2 = std::tuple<Tensor, Tensor>;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Tensor6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 const auto& reduce_rows_op() {
   static const auto op =
@@ -57,13 +58,14 @@ const auto& reduce_rows_op() {
 }
 const auto& ce_fwd_op() {
   static const auto op = kernel_op<Tensor3(const Tensor&, const Tensor&, const OptTensor&, int64_t, double, double,
-                                           double, double)>("fusedloss::cross_entropy_fwd");
+                                           double, double, bool)>("fusedloss::cross_entropy_fwd");
   return op;
 }
 const auto& ce_bwd_op() {
   static const auto op =
       kernel_op<Tensor(const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                       int64_t, double, double, double, double)>("fusedloss::cross_entropy_bwd");
+                       int64_t, double, double, double, double, const OptTensor&, const OptTensor&)>(
+          "fusedloss::cross_entropy_bwd");
   return op;
 }
 const auto& focal_fwd_op() {
@@ -176,26 +178,36 @@ struct MaybeBelowAutograd {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// cross_entropy(logits, target, weight, ...) -> (loss, lse, stats, mass)
+// cross_entropy(logits, target, weight, ...) -> (loss, lse, stats, mass, logprob, entropy)
 
-Tensor4 cross_entropy_impl(const Tensor& logits, const Tensor& target, const OptTensor& weight,
+// Column `col` of the (N, 4) stats as a tensor of its own (an output may not alias another one).
+Tensor stats_column(const Tensor& stats, int64_t col) {
+  return stats.select(1, col).clone(at::MemoryFormat::Contiguous);
+}
+
+Tensor6 cross_entropy_impl(const Tensor& logits, const Tensor& target, const OptTensor& weight,
                            const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
-                           double label_smoothing, double z_loss, double softcap, double temperature) {
+                           double label_smoothing, double z_loss, double softcap, double temperature, bool extras) {
   auto [loss, lse, stats] =
-      ce_fwd_op().call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature);
+      ce_fwd_op().call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature, extras);
   auto [out, mass] = reduce(loss, target, weight, token_weight, ignore_index, reduction);
-  return {out, lse, stats, mass};
+  if (!extras) {
+    const Tensor none = at::empty({0}, loss.options());
+    return {out, lse, stats, mass, none, none.clone()};
+  }
+  return {out, lse, stats, mass, stats_column(stats, 2), stats_column(stats, 3)};
 }
 
 struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
                                const OptTensor& weight, const OptTensor& token_weight, int64_t ignore_index,
                                int64_t reduction, double label_smoothing, double z_loss, double softcap,
-                               double temperature) {
+                               double temperature, bool extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
-    auto [out, lse, stats, mass] = cross_entropy_impl(logits, target, weight, token_weight, ignore_index, reduction,
-                                                      label_smoothing, z_loss, softcap, temperature);
+    auto [out, lse, stats, mass, logprob, entropy] =
+        cross_entropy_impl(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing, z_loss,
+                           softcap, temperature, extras);
     ctx->save_for_backward(
         {logits, target, weight.value_or(Tensor()), stats, mass, token_weight.value_or(Tensor())});
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -205,7 +217,7 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
     ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["temperature"] = temperature;
     ctx->mark_non_differentiable({stats, mass});
-    return {out, lse, stats, mass};
+    return {out, lse, stats, mass, logprob, entropy};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -217,17 +229,19 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
     Tensor grad = ce_bwd_op().call(g, optional(grads[1]), logits, target, optional(weight), stats,
                                    ctx->saved_data["ignore_index"].toInt(),
                                    ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
-                                   ctx->saved_data["softcap"].toDouble(), ctx->saved_data["temperature"].toDouble());
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+                                   ctx->saved_data["softcap"].toDouble(), ctx->saved_data["temperature"].toDouble(),
+                                   optional(grads[4]), optional(grads[5]));
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-Tensor4 cross_entropy_autograd(const Tensor& logits, const Tensor& target, const OptTensor& weight,
+Tensor6 cross_entropy_autograd(const Tensor& logits, const Tensor& target, const OptTensor& weight,
                                const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
-                               double label_smoothing, double z_loss, double softcap, double temperature) {
+                               double label_smoothing, double z_loss, double softcap, double temperature,
+                               bool extras) {
   auto r = CrossEntropyFunction::apply(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing,
-                                       z_loss, softcap, temperature);
-  return {r[0], r[1], r[2], r[3]};
+                                       z_loss, softcap, temperature, extras);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -264,7 +278,8 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
                               times_token_weight(coef, saved[5]));
     MaybeBelowAutograd below;
     Tensor grad = ce_bwd_op().call(g, std::nullopt, logits, target, std::nullopt, stats,
-                                   ctx->saved_data["ignore_index"].toInt(), 0.0, 0.0, 0.0, 1.0);
+                                   ctx->saved_data["ignore_index"].toInt(), 0.0, 0.0, 0.0, 1.0, std::nullopt,
+                                   std::nullopt);
     return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };

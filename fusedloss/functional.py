@@ -92,6 +92,8 @@ def cross_entropy(
     temperature: float = 1.0,
     token_weight: Tensor | None = None,
     return_lse: bool = False,
+    return_logprob: bool = False,
+    return_entropy: bool = False,
     backend: str | None = None,
 ):
     """Fused softmax cross-entropy; a drop-in for ``torch.nn.functional.cross_entropy``.
@@ -102,6 +104,13 @@ def cross_entropy(
     ``softcap * tanh(x / softcap)`` first, ``temperature`` then divides them, ``return_lse=True`` also
     returns the per-element lse (float32, 0 where ignored). The loss is float32 for fp16/bf16/fp32
     input (float64 for float64); the gradient has the input's dtype.
+
+    ``return_logprob=True`` adds the per-element log-probability of the target (``log_softmax`` of the
+    transformed logits at the target: the loss without weights, smoothing or z-loss, negated) and
+    ``return_entropy=True`` the per-element entropy of that softmax, both float32 (float64 for float64
+    input), 0 where ignored, differentiable (an entropy bonus trains through them), computed in the same
+    pass over each row. The extra outputs come in the order ``(loss, lse, logprob, entropy)``, each only
+    when asked for. Probability targets take ``return_entropy`` but not ``return_logprob``.
 
     ``token_weight`` (the target's shape, floating, finite, no gradient) multiplies each element's loss;
     ``mean`` then divides by the sum of ``token_weight * weight[target]`` over the kept elements (of
@@ -136,10 +145,13 @@ def cross_entropy(
                              f"got {tuple(target.shape)}")
         if ignore_index != -100:
             raise ValueError("ignore_index is not supported with probability targets (as in torch)")
+        if return_logprob:
+            raise ValueError("return_logprob needs class-index targets (a probability target has no target class)")
         u = _checks.token_weight(token_weight, expected, input, acc_dtype(input.dtype))
         return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                                       temperature=temperature, token_weight=u, return_lse=return_lse)
+                                       temperature=temperature, token_weight=u, return_lse=return_lse,
+                                       return_entropy=return_entropy)
     if target_dtype is not torch.int64 and (target_dtype == torch.bool or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices or float probabilities, got dtype {target.dtype}")
     target_shape = target.shape
@@ -152,19 +164,23 @@ def cross_entropy(
                                        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
                                        softcap=softcap, temperature=temperature,
                                        token_weight=None if u is None else u.view(target.shape),
-                                       return_lse=return_lse)
+                                       return_lse=return_lse, return_logprob=return_logprob,
+                                       return_entropy=return_entropy)
 
     rows = input if ndim == 2 and input.is_contiguous() else _class_rows(input, C)
     flat_target = _flat_target(target)
     w = None if weight is None else _acc_weight(weight, input.dtype)
+    extras = return_logprob or return_entropy
 
-    out, lse, _, _ = _ce.CROSS_ENTROPY.call(name)(rows, flat_target, w, u, ignore_index, REDUCTION[reduction],
-                                                  label_smoothing, z_loss, softcap or 0.0, temperature)
+    out, lse, _, _, logprob, entropy = _ce.CROSS_ENTROPY.call(name)(
+        rows, flat_target, w, u, ignore_index, REDUCTION[reduction], label_smoothing, z_loss, softcap or 0.0,
+        temperature, extras)
     if ndim != 2 and reduction == "none":  # 2-D input: the rows are already the target's shape
         out = out.view(expected)
-    if return_lse:
-        return out, (lse if ndim == 2 else lse.view(expected))
-    return out
+    if not (return_lse or extras):
+        return out
+    asked = (lse if return_lse else None, logprob if return_logprob else None, entropy if return_entropy else None)
+    return (out, *(t if ndim == 2 else t.view(expected) for t in asked if t is not None))
 
 
 def focal_loss(

@@ -121,7 +121,7 @@ def _public_args(name, device, dtype, reduction):
     u = torch.rand(x.shape[0], dtype=w.dtype, device=device) + 0.25  # token weights
     r = _registry.REDUCTION[reduction]
     if name == "cross_entropy":
-        return (x, t, w, u, -100, r, 0.1, 1e-3, 0.0, 1.0)
+        return (x, t, w, u, -100, r, 0.1, 1e-3, 0.0, 1.0, True)  # with the extras (logprob, entropy)
     if name == "focal_loss":
         return (x, t, w * 0.7, w, u, -100, r, 2.0)
     return (x, t, w, 0.5, 2, -100, False, False, r)
