@@ -36,10 +36,27 @@ def inputs(n, c, dtype, device, *, ignore_index=-100, weight=True):
     return x, t, w, u
 
 
-def grad_and_loss(fn, x, g=None):
+def check(backend, device, dtype, reduction, fused, formula):
+    """fused(backend, x, t, w, u) against formula(x64, t, w64, u64) on the same (rounded) inputs: the loss
+    and the input's gradient for a random upstream gradient."""
+    if backend != "reference":
+        require_backend(backend, device)
+    x, t, w, u = inputs(rows(backend, device, 23), 37, dtype, device)
+    xa = x.detach().clone().requires_grad_()
+    loss = fused(backend, xa, t, w, u)
+    g = torch.randn_like(loss, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(loss, xa, g.to(loss.dtype))
+    x64 = x.detach().double().requires_grad_()
+    ref = formula(x64, t, w.double(), u.double())
+    (ref_grad,) = torch.autograd.grad(ref, x64, g)
+    assert_close(loss, ref, dtype, "loss", f"{backend} {reduction}")
+    assert_close(grad, ref_grad, dtype, "grad", f"{backend} {reduction}")
+
+
+def grad_and_loss(fn, x):
     x = x.detach().clone().requires_grad_()
     loss = fn(x)
-    g = torch.randn_like(loss, dtype=torch.float64).to(loss.dtype) if g is None else g
+    g = torch.randn_like(loss)
     (grad,) = torch.autograd.grad(loss, x, g)
     return loss, grad, g
 
@@ -48,53 +65,35 @@ def grad_and_loss(fn, x, g=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy(backend, device, dtype, reduction):
-    if backend != "reference":
-        require_backend(backend, device)
-    n, c = rows(backend, device, 23), 37
-    x, t, w, u = inputs(n, c, dtype, device)
-    kw = dict(label_smoothing=0.1, reduction=reduction)
-    loss, grad, g = grad_and_loss(
-        lambda x: fusedloss.cross_entropy(x, t, w, token_weight=u, backend=backend, **kw), x)
+    def fused(backend, x, t, w, u):
+        return fusedloss.cross_entropy(x, t, w, token_weight=u, label_smoothing=0.1, reduction=reduction,
+                                       backend=backend)
 
-    def formula(x64):
-        per = F.cross_entropy(x64, t, w.double(), reduction="none", label_smoothing=0.1)
-        kept = t != -100
-        return weighted(per, kept, w.double()[t.clamp(min=0)], u.double(), reduction)
+    def formula(x64, t, w64, u64):
+        per = F.cross_entropy(x64, t, w64, reduction="none", label_smoothing=0.1)
+        return weighted(per, t != -100, w64[t.clamp(min=0)], u64, reduction)
 
-    x64 = x.detach().double().requires_grad_()
-    ref = formula(x64)
-    (ref_grad,) = torch.autograd.grad(ref, x64, g.double())
-    assert_close(loss, ref, dtype, "loss", f"{backend} {reduction}")
-    assert_close(grad, ref_grad, dtype, "grad", f"{backend} {reduction}")
+    check(backend, device, dtype, reduction, fused, formula)
 
 
 @pytest.mark.parametrize("backend,device", with_reference())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_focal_loss(backend, device, dtype, reduction):
-    if backend != "reference":
-        require_backend(backend, device)
-    n, c = rows(backend, device, 23), 37
-    x, t, w, u = inputs(n, c, dtype, device)
-    alpha = torch.rand(c, device=device)
-    loss, grad, g = grad_and_loss(
-        lambda x: fusedloss.focal_loss(x, t, 1.5, alpha, weight=w, token_weight=u, reduction=reduction,
-                                       backend=backend), x)
+    alpha = torch.rand(37, device=device)
+
+    def fused(backend, x, t, w, u):
+        return fusedloss.focal_loss(x, t, 1.5, alpha, weight=w, token_weight=u, reduction=reduction, backend=backend)
 
     # (1 - p_y)^gamma * -log p_y * alpha_y * w_y from log_softmax, the focal loss's definition
-    def formula(x64):
+    def formula(x64, t, w64, u64):
         kept = t != -100
         y = t.clamp(min=0)
         logp = torch.log_softmax(x64, 1).gather(1, y[:, None])[:, 0]
-        w_y = w.double()[y]
-        per = (-torch.expm1(logp)) ** 1.5 * -logp * alpha.double()[y] * w_y * kept
-        return weighted(per, kept, w_y, u.double(), reduction)
+        per = (-torch.expm1(logp)) ** 1.5 * -logp * alpha.double()[y] * w64[y] * kept
+        return weighted(per, kept, w64[y], u64, reduction)
 
-    x64 = x.detach().double().requires_grad_()
-    ref = formula(x64)
-    (ref_grad,) = torch.autograd.grad(ref, x64, g.double())
-    assert_close(loss, ref, dtype, "loss", f"{backend} {reduction}")
-    assert_close(grad, ref_grad, dtype, "grad", f"{backend} {reduction}")
+    check(backend, device, dtype, reduction, fused, formula)
 
 
 @pytest.mark.parametrize("backend,device", with_reference())
