@@ -100,12 +100,23 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, i
     // smoothing, sum w (z - m) and sum w. An all -inf chunk has s = 0 and keeps sum w * z.
     const bool finite_max = m != -fl_inf<acc_t>();
     const Vec vm(finite_max ? m : acc_t(0));
-    Vec s0(acc_t(0)), s1(acc_t(0)), wd(acc_t(0)), ws(acc_t(0)), ed(acc_t(0));
+    Vec s0(acc_t(0)), s1(acc_t(0)), wd(acc_t(0)), ws(acc_t(0)), ed(acc_t(0)), ed1(acc_t(0));
+    // (7)'s exp(d) * d with d clamped to kLogFloor: a -inf z adds 0, not 0 * -inf
+    const Vec log_floor(static_cast<acc_t>(ce::kLogFloor));
     int64_t i = 0;
     if (finite_max && !smoothing && !entropy) {
       for (; i + 2 * V <= nv; i += 2 * V) {
         s0 = s0 + fl_exp(Vec::loadu(z + i) - vm);
         s1 = s1 + fl_exp(Vec::loadu(z + i + V) - vm);
+      }
+    } else if (finite_max && !smoothing) {
+      for (; i + 2 * V <= nv; i += 2 * V) {
+        const Vec d0 = Vec::loadu(z + i) - vm, d1 = Vec::loadu(z + i + V) - vm;
+        const Vec e0 = fl_exp(d0), e1 = fl_exp(d1);
+        s0 = s0 + e0;
+        s1 = s1 + e1;
+        ed = ed + e0 * fl_max(d0, log_floor);
+        ed1 = ed1 + e1 * fl_max(d1, log_floor);
       }
     }
     for (; i < nv; i += V) {
@@ -113,7 +124,7 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, i
       if (finite_max) {
         const Vec e = fl_exp(d);
         s0 = s0 + e;
-        if (entropy) ed = ed + fl_where_positive(e, e * d);  // (7): a -inf z adds 0
+        if (entropy) ed = ed + e * fl_max(d, log_floor);
       }
       if (smoothing) {
         const Vec wi = wc ? Vec::loadu(wc + i) : Vec(acc_t(1));
@@ -121,13 +132,13 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, i
         ws = ws + wi;
       }
     }
-    acc_t s = reduce_sum(s0 + s1), swd = reduce_sum(wd), sw = reduce_sum(ws), sed = reduce_sum(ed);
+    acc_t s = reduce_sum(s0 + s1), swd = reduce_sum(wd), sw = reduce_sum(ws), sed = reduce_sum(ed + ed1);
     for (i = nv; i < n; ++i) {
       const acc_t d = z[i] - (finite_max ? m : acc_t(0));
       if (finite_max) {
         const acc_t e = fl_exp(d);
         s += e;
-        if (entropy) sed += fl_where_positive(e, e * d);
+        if (entropy) sed += e * fl_max(d, static_cast<acc_t>(ce::kLogFloor));
       }
       if (smoothing) {
         const acc_t wi = wc ? wc[i] : acc_t(1);

@@ -236,10 +236,14 @@ FL_HOST_DEVICE T softmax_prob(const T& z, const GradCoefs<acc_t>& c) {
   return fl_exp((z - T(c.max)) - T(c.log_s));
 }
 
-// (7)'s element term -g_H p_k log p_k, 0 where p_k = 0 (log p_k = -inf there).
+// Where exp(d) > 0, d > -746 (float64's smallest subnormal is exp(-744.4)): max(d, kLogFloor) keeps those
+// d, and makes p * d a plain 0 where p = exp(-inf) = 0 instead of 0 * -inf = NaN (one max, no select).
+constexpr double kLogFloor = -1e4;
+
+// (7)'s element term g_H p_k log p_k (0 where p_k = 0).
 template <typename T>
 FL_HOST_DEVICE T entropy_term(const T& p, const T& log_p, const T& g_H) {
-  return fl_where_positive(p, g_H * p * log_p);
+  return g_H * p * fl_max(log_p, T(kLogFloor));
 }
 
 // (4) + (5) for elements that are not the target; w is w_k (1 without weights).
