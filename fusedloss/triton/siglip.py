@@ -234,6 +234,7 @@ def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, labels: 
     are not range-checked (no sync): a query whose label is outside [0, M) has no positive."""
     _check_inputs(query, key, scale, bias, labels)
     query, key = _rows_contiguous(query), _rows_contiguous(key)
+    labels = labels.contiguous() if labels is not None else None
     n, dim = query.shape
     out = torch.empty((n,), dtype=query.dtype, device=query.device)
     if n == 0:
@@ -291,6 +292,7 @@ def siglip_bwd(grad_rows: Tensor, query: Tensor, key: Tensor, scale: Tensor, bia
     expanded (stride 0). Deterministic: no atomics."""
     _check_inputs(query, key, scale, bias, labels)
     query, key = _rows_contiguous(query), _rows_contiguous(key)
+    labels = labels.contiguous() if labels is not None else None
     n = query.shape[0]
     if grad_rows.shape != (n,):
         raise ValueError(f"fusedloss.siglip_loss (triton): grad_rows must have shape ({n},), got "
