@@ -66,7 +66,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "results"
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-OPS = ("cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy", "kl_div", "linear_kl_div")
+OPS = ("cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy", "kl_div", "linear_kl_div",
+       "siglip")
 
 COLUMNS = [
     "op", "provider", "mode", "shape", "dtype", "device",
