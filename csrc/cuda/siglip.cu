@@ -220,22 +220,23 @@ __global__ void __launch_bounds__(kThreads) siglip_grad_kernel(const acc_t* a, i
     }
     __syncthreads();  // the readers of sw are done before the next tile rewrites it
   }
-  if (kKeySide) return;
-  // (3) per row: the 16 partials of a row in tx order, times g_i in float64 (g_i = 0 adds an exact 0).
-  for (int which = 0; which < 2; ++which) {
+  if constexpr (!kKeySide) {
+    // (3) per row: the 16 partials of a row in tx order, times g_i in float64 (g_i = 0 adds an exact 0).
+    for (int which = 0; which < 2; ++which) {
 #pragma unroll
-    for (int u = 0; u < kMicro; ++u) red[ty + kGrid16 * u][tx] = which == 0 ? gt[u] : gs[u];
-    __syncthreads();
-    if (threadIdx.x < kTile) {
-      const int64_t i = a0 + threadIdx.x;
-      if (i < na) {
-        double s = 0.0;
-        for (int t = 0; t < kGrid16; ++t) s += red[threadIdx.x][t];
-        const double gi = static_cast<double>(g[i * g_stride]);
-        part[which * na + i] = gi == 0.0 ? 0.0 : gi * s;
+      for (int u = 0; u < kMicro; ++u) red[ty + kGrid16 * u][tx] = which == 0 ? gt[u] : gs[u];
+      __syncthreads();
+      if (threadIdx.x < kTile) {
+        const int64_t i = a0 + threadIdx.x;
+        if (i < na) {
+          double s = 0.0;
+          for (int t = 0; t < kGrid16; ++t) s += red[threadIdx.x][t];
+          const double gi = static_cast<double>(g[i * g_stride]);
+          part[which * na + i] = gi == 0.0 ? 0.0 : gi * s;
+        }
       }
+      __syncthreads();
     }
-    __syncthreads();
   }
 }
 
