@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FP16_SUBNORMAL_ATOL, TOL, assert_close, backend_params, interpreted, require_backend, with_reference
+from conftest import (FP16_SUBNORMAL_ATOL, TOL, assert_close, backend_params, interpreted, require_backend,
+                      with_reference)
 
 import fusedloss
 from fusedloss import reference
