@@ -17,7 +17,8 @@
 // same outputs, so both share one fake. "mass" is 0-dim for mean and sum, (0,) for none.
 //
 // The gradient of the reduced loss, g the incoming gradient: none  d/dl_i = g_i;  sum  d/dl_i = g;
-// mean  d/dl_i = g / mass (the weights w_{y_i} inside l_i carry the rest of torch's weighted mean).
+// mean  d/dl_i = g / mass (the weights w_{y_i} inside l_i carry the rest of torch's weighted mean);
+// each times u_i with token weights u (the reduced loss is sum_i u_i l_i, or the rows u_i l_i).
 #include "fusedloss/reduce_math.h"
 
 #include <ATen/Dispatch.h>
@@ -47,6 +48,7 @@ c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
 using Tensor2 = std::tuple<Tensor, Tensor>;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Tensor6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 const auto& reduce_rows_op() {
   static const auto op =
@@ -56,13 +58,14 @@ const auto& reduce_rows_op() {
 }
 const auto& ce_fwd_op() {
   static const auto op = kernel_op<Tensor3(const Tensor&, const Tensor&, const OptTensor&, int64_t, double, double,
-                                           double, double)>("fusedloss::cross_entropy_fwd");
+                                           double, double, bool)>("fusedloss::cross_entropy_fwd");
   return op;
 }
 const auto& ce_bwd_op() {
   static const auto op =
       kernel_op<Tensor(const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-                       int64_t, double, double, double, double)>("fusedloss::cross_entropy_bwd");
+                       int64_t, double, double, double, double, const OptTensor&, const OptTensor&)>(
+          "fusedloss::cross_entropy_bwd");
   return op;
 }
 const auto& focal_fwd_op() {
@@ -86,12 +89,19 @@ void check_reduction(int64_t reduction) {
               "fusedloss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
-// (reduced loss, mass) of per-row losses.
-Tensor2 reduce(const Tensor& loss, const Tensor& target, const OptTensor& mass_weight, int64_t ignore_index,
-               int64_t reduction) {
+// (reduced loss, mass) of per-row losses, each weighted by its token weight when there are some.
+Tensor2 reduce(const Tensor& loss, const Tensor& target, const OptTensor& mass_weight, const OptTensor& token_weight,
+               int64_t ignore_index, int64_t reduction) {
   check_reduction(reduction);
-  if (reduction == reduce::kNone) return {loss, at::empty({0}, loss.options())};
-  return reduce_rows_op().call(loss, target, mass_weight, std::nullopt, ignore_index, reduction == reduce::kMean);
+  if (reduction == reduce::kNone)
+    return {token_weight.has_value() ? at::mul(loss, *token_weight) : loss, at::empty({0}, loss.options())};
+  return reduce_rows_op().call(loss, target, mass_weight, token_weight, ignore_index, reduction == reduce::kMean);
+}
+
+// The per-row factor of the backward: coef (focal loss's) times the token weights, either when absent.
+Tensor times_token_weight(const Tensor& coef, const Tensor& token_weight) {
+  if (!token_weight.defined()) return coef;
+  return coef.defined() ? at::mul(coef, token_weight) : token_weight;
 }
 
 // A plain CPU tensor whose data the host may read: not a FakeTensor or functional tensor of a
@@ -168,26 +178,38 @@ struct MaybeBelowAutograd {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// cross_entropy(logits, target, weight, ...) -> (loss, lse, stats, mass)
+// cross_entropy(logits, target, weight, ...) -> (loss, lse, stats, mass, logprob, entropy)
 
-Tensor4 cross_entropy_impl(const Tensor& logits, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
-                           int64_t reduction, double label_smoothing, double z_loss, double softcap,
-                           double temperature) {
+// Column `col` of the (N, 4) stats as a tensor of its own (an output may not alias another one).
+Tensor stats_column(const Tensor& stats, int64_t col) {
+  return stats.select(1, col).clone(at::MemoryFormat::Contiguous);
+}
+
+Tensor6 cross_entropy_impl(const Tensor& logits, const Tensor& target, const OptTensor& weight,
+                           const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
+                           double label_smoothing, double z_loss, double softcap, double temperature, bool extras) {
   auto [loss, lse, stats] =
-      ce_fwd_op().call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature);
-  auto [out, mass] = reduce(loss, target, weight, ignore_index, reduction);
-  return {out, lse, stats, mass};
+      ce_fwd_op().call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature, extras);
+  auto [out, mass] = reduce(loss, target, weight, token_weight, ignore_index, reduction);
+  if (!extras) {
+    const Tensor none = at::empty({0}, loss.options());
+    return {out, lse, stats, mass, none, none.clone()};
+  }
+  return {out, lse, stats, mass, stats_column(stats, 2), stats_column(stats, 3)};
 }
 
 struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
-                               const OptTensor& weight, int64_t ignore_index, int64_t reduction,
-                               double label_smoothing, double z_loss, double softcap, double temperature) {
+                               const OptTensor& weight, const OptTensor& token_weight, int64_t ignore_index,
+                               int64_t reduction, double label_smoothing, double z_loss, double softcap,
+                               double temperature, bool extras) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
-    auto [out, lse, stats, mass] = cross_entropy_impl(logits, target, weight, ignore_index, reduction,
-                                                      label_smoothing, z_loss, softcap, temperature);
-    ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stats, mass});
+    auto [out, lse, stats, mass, logprob, entropy] =
+        cross_entropy_impl(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing, z_loss,
+                           softcap, temperature, extras);
+    ctx->save_for_backward(
+        {logits, target, weight.value_or(Tensor()), stats, mass, token_weight.value_or(Tensor())});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["label_smoothing"] = label_smoothing;
@@ -195,29 +217,31 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
     ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["temperature"] = temperature;
     ctx->mark_non_differentiable({stats, mass});
-    return {out, lse, stats, mass};
+    return {out, lse, stats, mass, logprob, entropy};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &logits = saved[0], &target = saved[1], &weight = saved[2], &stats = saved[3], &mass = saved[4];
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const Tensor g = row_grad(grads[0], mass, reduction, logits.size(0), stats.options());
+    const Tensor g = row_grad(grads[0], mass, reduction, logits.size(0), stats.options(), saved[5]);
     MaybeBelowAutograd below;
     Tensor grad = ce_bwd_op().call(g, optional(grads[1]), logits, target, optional(weight), stats,
                                    ctx->saved_data["ignore_index"].toInt(),
                                    ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
-                                   ctx->saved_data["softcap"].toDouble(), ctx->saved_data["temperature"].toDouble());
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+                                   ctx->saved_data["softcap"].toDouble(), ctx->saved_data["temperature"].toDouble(),
+                                   optional(grads[4]), optional(grads[5]));
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-Tensor4 cross_entropy_autograd(const Tensor& logits, const Tensor& target, const OptTensor& weight,
-                               int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
-                               double softcap, double temperature) {
-  auto r = CrossEntropyFunction::apply(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                                       softcap, temperature);
-  return {r[0], r[1], r[2], r[3]};
+Tensor6 cross_entropy_autograd(const Tensor& logits, const Tensor& target, const OptTensor& weight,
+                               const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
+                               double label_smoothing, double z_loss, double softcap, double temperature,
+                               bool extras) {
+  auto r = CrossEntropyFunction::apply(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing,
+                                       z_loss, softcap, temperature, extras);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -226,20 +250,21 @@ Tensor4 cross_entropy_autograd(const Tensor& logits, const Tensor& target, const
 // cross-entropy gradient with grad_loss * coef and no weights (cross_entropy_math.h (6)).
 
 Tensor4 focal_loss_impl(const Tensor& logits, const Tensor& target, const OptTensor& factor, const OptTensor& weight,
-                        int64_t ignore_index, int64_t reduction, double gamma) {
+                        const OptTensor& token_weight, int64_t ignore_index, int64_t reduction, double gamma) {
   auto [loss, stats, coef] = focal_fwd_op().call(logits, target, factor, ignore_index, gamma);
-  auto [out, mass] = reduce(loss, target, weight, ignore_index, reduction);
+  auto [out, mass] = reduce(loss, target, weight, token_weight, ignore_index, reduction);
   return {out, stats, coef, mass};
 }
 
 struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
-                               const OptTensor& factor, const OptTensor& weight, int64_t ignore_index,
-                               int64_t reduction, double gamma) {
+                               const OptTensor& factor, const OptTensor& weight, const OptTensor& token_weight,
+                               int64_t ignore_index, int64_t reduction, double gamma) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
-    auto [out, stats, coef, mass] = focal_loss_impl(logits, target, factor, weight, ignore_index, reduction, gamma);
-    ctx->save_for_backward({logits, target, stats, coef, mass});
+    auto [out, stats, coef, mass] =
+        focal_loss_impl(logits, target, factor, weight, token_weight, ignore_index, reduction, gamma);
+    ctx->save_for_backward({logits, target, stats, coef, mass, token_weight.value_or(Tensor())});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
     ctx->mark_non_differentiable({stats, coef, mass});
@@ -249,18 +274,20 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &logits = saved[0], &target = saved[1], &stats = saved[2], &coef = saved[3], &mass = saved[4];
-    const Tensor g =
-        row_grad(grads[0], mass, ctx->saved_data["reduction"].toInt(), logits.size(0), stats.options(), coef);
+    const Tensor g = row_grad(grads[0], mass, ctx->saved_data["reduction"].toInt(), logits.size(0), stats.options(),
+                              times_token_weight(coef, saved[5]));
     MaybeBelowAutograd below;
     Tensor grad = ce_bwd_op().call(g, std::nullopt, logits, target, std::nullopt, stats,
-                                   ctx->saved_data["ignore_index"].toInt(), 0.0, 0.0, 0.0, 1.0);
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+                                   ctx->saved_data["ignore_index"].toInt(), 0.0, 0.0, 0.0, 1.0, std::nullopt,
+                                   std::nullopt);
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor4 focal_loss_autograd(const Tensor& logits, const Tensor& target, const OptTensor& factor,
-                            const OptTensor& weight, int64_t ignore_index, int64_t reduction, double gamma) {
-  auto r = FocalLossFunction::apply(logits, target, factor, weight, ignore_index, reduction, gamma);
+                            const OptTensor& weight, const OptTensor& token_weight, int64_t ignore_index,
+                            int64_t reduction, double gamma) {
+  auto r = FocalLossFunction::apply(logits, target, factor, weight, token_weight, ignore_index, reduction, gamma);
   return {r[0], r[1], r[2], r[3]};
 }
 
@@ -270,7 +297,7 @@ Tensor4 focal_loss_autograd(const Tensor& logits, const Tensor& target, const Op
 Tensor2 gap_loss_impl(const Tensor& input, const Tensor& target, const OptTensor& weight, double margin, int64_t p,
                       int64_t ignore_index, bool class_normalize, bool max_mode, int64_t reduction) {
   Tensor loss = gap_fwd_op().call(input, target, weight, margin, p, ignore_index, class_normalize, max_mode);
-  return reduce(loss, target, std::nullopt, ignore_index, reduction);
+  return reduce(loss, target, std::nullopt, std::nullopt, ignore_index, reduction);
 }
 
 struct GapLossFunction : public torch::autograd::Function<GapLossFunction> {
@@ -327,13 +354,13 @@ const auto& lce_chunks_op() {
 }
 
 Tensor3 linear_cross_entropy_impl(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
-                                  const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index,
-                                  int64_t reduction, double label_smoothing, double z_loss, double softcap,
-                                  int64_t chunk_size) {
+                                  const OptTensor& linear_bias, const OptTensor& weight, const OptTensor& token_weight,
+                                  int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
+                                  double softcap, int64_t chunk_size) {
   auto [rows, lse, gi, gw, gb] = lce_chunks_op().call(input, linear_weight, target, linear_bias, weight, std::nullopt,
                                                       ignore_index, label_smoothing, z_loss, softcap, chunk_size,
                                                       false, false, false);
-  auto [out, mass] = reduce(rows, target, weight, ignore_index, reduction);
+  auto [out, mass] = reduce(rows, target, weight, token_weight, ignore_index, reduction);
   return {out, lse, mass};
 }
 
@@ -395,22 +422,26 @@ struct LceRecompute : public torch::autograd::Function<LceRecompute> {
 struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& linear_weight,
                                const Tensor& target, const OptTensor& linear_bias, const OptTensor& weight,
-                               int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
-                               double softcap, int64_t chunk_size, bool need_gi, bool need_gw, bool need_gb) {
+                               const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
+                               double label_smoothing, double z_loss, double softcap, int64_t chunk_size,
+                               bool need_gi, bool need_gw, bool need_gb) {
     at::AutoDispatchBelowADInplaceOrView guard;
     check_reduction(reduction);
     ctx->set_materialize_grads(false);
     const bool in_forward = reduction != reduce::kNone && (need_gi || need_gw || need_gb);
+    // The gradients made in the forward are those of sum_i u_i l_i: the token weights are the row scales.
     auto [rows, lse, gi, gw, gb] =
-        lce_chunks_op().call(input, linear_weight, target, linear_bias, weight, std::nullopt, ignore_index,
-                             label_smoothing, z_loss, softcap, chunk_size, in_forward && need_gi,
-                             in_forward && need_gw, in_forward && need_gb);
-    auto [out, mass] = reduce(rows, target, weight, ignore_index, reduction);
+        lce_chunks_op().call(input, linear_weight, target, linear_bias, weight,
+                             in_forward ? token_weight : std::nullopt, ignore_index, label_smoothing, z_loss,
+                             softcap, chunk_size, in_forward && need_gi, in_forward && need_gw,
+                             in_forward && need_gb);
+    auto [out, mass] = reduce(rows, target, weight, token_weight, ignore_index, reduction);
     const Tensor bias = linear_bias.value_or(Tensor());
     if (in_forward) {
       ctx->save_for_backward({gi, gw, gb, mass});
     } else {
-      ctx->save_for_backward({input, linear_weight, target, bias, weight.value_or(Tensor()), mass});
+      ctx->save_for_backward(
+          {input, linear_weight, target, bias, weight.value_or(Tensor()), mass, token_weight.value_or(Tensor())});
       ctx->saved_data["ignore_index"] = ignore_index;
       ctx->saved_data["label_smoothing"] = label_smoothing;
       ctx->saved_data["z_loss"] = z_loss;
@@ -430,7 +461,7 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(14);
+    variable_list result(15);
     if (!grads[0].defined()) return result;
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const bool need_gi = ctx->saved_data["need_gi"].toBool(), need_gw = ctx->saved_data["need_gw"].toBool(),
@@ -440,7 +471,7 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     if (!ctx->saved_data["in_forward"].toBool()) {
       const auto saved = ctx->get_saved_variables();
       const Tensor &input = saved[0], &target = saved[2], &bias = saved[3], &mass = saved[5];
-      const Tensor g = row_grad(grads[0], mass, reduction, input.size(0), mass.options());
+      const Tensor g = row_grad(grads[0], mass, reduction, input.size(0), mass.options(), saved[6]);
       LceRecompute::Args args{optional(bias),
                               optional(saved[4]),
                               ctx->saved_data["ignore_index"].toInt(),
@@ -505,15 +536,15 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
 };
 
 Tensor3 linear_cross_entropy_autograd(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
-                                      const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index,
-                                      int64_t reduction, double label_smoothing, double z_loss, double softcap,
-                                      int64_t chunk_size) {
+                                      const OptTensor& linear_bias, const OptTensor& weight,
+                                      const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
+                                      double label_smoothing, double z_loss, double softcap, int64_t chunk_size) {
   const bool grad = at::GradMode::is_enabled();
   const bool need_gi = grad && input.requires_grad();
   const bool need_gw = grad && linear_weight.requires_grad();
   const bool need_gb = grad && linear_bias.has_value() && linear_bias->requires_grad();
-  auto r = LinearCrossEntropyFunction::apply(input, linear_weight, target, linear_bias, weight, ignore_index,
-                                             reduction, label_smoothing, z_loss, softcap, chunk_size, need_gi,
+  auto r = LinearCrossEntropyFunction::apply(input, linear_weight, target, linear_bias, weight, token_weight,
+                                             ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, need_gi,
                                              need_gw, need_gb);
   return {r[0], r[1], r[2]};
 }

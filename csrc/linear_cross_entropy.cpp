@@ -35,7 +35,7 @@ c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
 
 const auto& ce_fwd_op() {
   static const auto op = kernel_op<Tensor3(const Tensor&, const Tensor&, const OptTensor&, int64_t, double, double,
-                                           double, double)>("fusedloss::cross_entropy_fwd");
+                                           double, double, bool)>("fusedloss::cross_entropy_fwd");
   return op;
 }
 using FwdGradSig = Tensor2(Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, double, double, double,
@@ -90,7 +90,7 @@ Tensor5 one_chunk(const Tensor& input, const Tensor& w_op, const Tensor& target,
                                     : (mixed ? at::mm(x, w_op.t(), acc) : at::mm(x, w_op.t()));
   if (!(input_grad || weight_grad || bias_grad)) {
     auto [loss, lse, stats] =
-        ce_fwd_op().call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0);
+        ce_fwd_op().call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0, false);
     const Tensor none = at::empty({0}, opts);
     return {loss, lse, none, none, none};
   }
@@ -176,7 +176,8 @@ Tensor5 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_we
     Tensor logits = logits_buf.narrow(0, 0, rows);
     mm_into(logits, b_acc, x, w_t, mixed, acc);
     if (!grads) {
-      auto [l, s, stats] = ce_fwd_op().call(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0);
+      auto [l, s, stats] =
+          ce_fwd_op().call(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0, false);
       loss.narrow(0, start, rows).copy_(l);
       lse.narrow(0, start, rows).copy_(s);
       continue;

@@ -23,14 +23,17 @@ TORCH_LIBRARY(fusedloss, m) {
   // ---- public-level ops. reduction is at::Reduction's value: 0 none, 1 mean, 2 sum. The loss is 0-dim
   // for mean/sum, per row (N,) for none, in the accumulation dtype; mass, the mean's denominator (see
   // reduce_rows), is 0-dim for mean/sum and (0,) for none. Other outputs as the kernel ops' below.
+  // token_weight: (N,) contiguous in the accumulation dtype, multiplies each row's loss (none: the
+  // rows; mean/sum: the sums of reduce_rows, whose mass then weighs each kept row by it too).
+  // extras: logprob and entropy per row (N,), differentiable (else both (0,)).
   m.def(
-      "cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, int reduction, "
-      "float label_smoothing, float z_loss, float softcap, float temperature) -> (Tensor loss, Tensor lse, "
-      "Tensor stats, Tensor mass)");
+      "cross_entropy(Tensor logits, Tensor target, Tensor? weight, Tensor? token_weight, int ignore_index, "
+      "int reduction, float label_smoothing, float z_loss, float softcap, float temperature, bool extras=False) "
+      "-> (Tensor loss, Tensor lse, Tensor stats, Tensor mass, Tensor logprob, Tensor entropy)");
   // factor: the row loss's per-class factor a_y (weight * alpha); weight: the class weights of the mean.
   m.def(
-      "focal_loss(Tensor logits, Tensor target, Tensor? factor, Tensor? weight, int ignore_index, int reduction, "
-      "float gamma) -> (Tensor loss, Tensor stats, Tensor coef, Tensor mass)");
+      "focal_loss(Tensor logits, Tensor target, Tensor? factor, Tensor? weight, Tensor? token_weight, "
+      "int ignore_index, int reduction, float gamma) -> (Tensor loss, Tensor stats, Tensor coef, Tensor mass)");
   m.def(
       "gap_loss(Tensor input, Tensor target, Tensor? weight, float margin, int p, int ignore_index, "
       "bool class_normalize, bool max_mode, int reduction) -> (Tensor loss, Tensor mass)");
@@ -39,8 +42,8 @@ TORCH_LIBRARY(fusedloss, m) {
   // gradients wanted, the autograd kernel computes them in the forward (csrc/autograd.cpp).
   m.def(
       "linear_cross_entropy(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, "
-      "Tensor? weight, int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "
-      "int chunk_size) -> (Tensor loss, Tensor lse, Tensor mass)");
+      "Tensor? weight, Tensor? token_weight, int ignore_index, int reduction, float label_smoothing, "
+      "float z_loss, float softcap, int chunk_size) -> (Tensor loss, Tensor lse, Tensor mass)");
   // sum_i kept_i u_i loss_i and mass = sum_i kept_i u_i w[target_i] (kept_i: target_i != ignore_index;
   // u the token weights, w the class weights, 1 when absent), the first divided by mass when mean, as
   // 0-dim tensors of the loss's dtype; deterministic (fusedloss/reduce_math.h).
@@ -53,17 +56,20 @@ TORCH_LIBRARY(fusedloss, m) {
   // (float32, float64 for float64 logits). Returns, in the accumulation dtype: the per-row loss
   // (N,), the per-row lse (N,), and stats (N, 2) = (max, log_s) of the transformed row, which the
   // backward needs (lse = max + log_s loses log_s when |max| is huge). Ignored rows give zeros.
+  // extras: stats is (N, 4) = (max, log_s, logprob, entropy) (cross_entropy_math.h (7)).
   // The reduction happens in Python, on device.
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float z_loss, float softcap, float temperature) -> (Tensor, Tensor, Tensor)");
+      "float label_smoothing, float z_loss, float softcap, float temperature, bool extras=False) "
+      "-> (Tensor, Tensor, Tensor)");
   // grad_loss and grad_lse are (N,) in the accumulation dtype, any stride (an expanded scalar is
-  // fine); stats is the forward's third output. Returns the (N, C) gradient of the logits,
-  // contiguous, in the logits' dtype.
+  // fine); stats is the forward's third output. grad_logprob / grad_entropy: the gradients of the
+  // extras, (N,) like grad_loss; grad_entropy needs the (N, 4) stats. Returns the (N, C) gradient of
+  // the logits, contiguous, in the logits' dtype.
   m.def(
       "cross_entropy_bwd(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, "
       "Tensor? weight, Tensor stats, int ignore_index, float label_smoothing, float z_loss, "
-      "float softcap, float temperature) -> Tensor");
+      "float softcap, float temperature, Tensor? grad_logprob=None, Tensor? grad_entropy=None) -> Tensor");
 
   // The row kernel of chunked linear cross-entropy: forward and gradient in one pass over a chunk
   // of logits. logits (N, C) contiguous, overwritten in place with d loss_i / d logits_i times

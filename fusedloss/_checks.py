@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -92,6 +93,22 @@ def class_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> Tens
         raise ValueError(f"weight must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}")
     same_device("weight", weight, "input", input)
     return weight
+
+
+def token_weight(value: Tensor | None, target_shape: torch.Size, input: Tensor, acc: torch.dtype) -> Tensor | None:
+    """Per-element loss weights of the target's shape (a ``(1,)`` target's ``(1,)`` too), as the
+    kernels take them: a contiguous vector of ``acc``. They are constants: one that requires grad is
+    refused rather than silently given no gradient."""
+    if value is None:
+        return None
+    tensor("token_weight", value)
+    floating("token_weight", value)
+    if value.shape != target_shape and not (value.numel() == 1 and math.prod(target_shape) == 1):
+        raise ValueError(f"token_weight must have the target's shape {tuple(target_shape)}, got {tuple(value.shape)}")
+    same_device("token_weight", value, "input", input)
+    if value.requires_grad and torch.is_grad_enabled():
+        raise ValueError("token_weight requires grad, but the losses give it no gradient; pass token_weight.detach()")
+    return value.reshape(-1).to(acc).contiguous()
 
 
 def temperature(value, ref: Tensor, ref_name: str):

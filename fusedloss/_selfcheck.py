@@ -97,6 +97,10 @@ def _class_weight(C: int, gen, device) -> Tensor:
     return (torch.rand(C, generator=gen) * 1.5 + 0.25).to(device)
 
 
+def _token_weight(shape, gen, device) -> Tensor:
+    return (torch.rand(shape, generator=gen) * 2).to(device)
+
+
 def _w(weight: Tensor | None, ref: bool) -> Tensor | None:
     return None if weight is None else (weight.double() if ref else weight)
 
@@ -113,6 +117,8 @@ def _make_ce(shape, opts, reduction, dtype, device, gen) -> Problem:
     kw = {k: opts[k] for k in ("label_smoothing", "z_loss", "softcap", "temperature", "return_lse") if k in opts}
     if opts.get("ignore") is not None:
         kw["ignore_index"] = opts["ignore"]
+    if opts.get("token_weight"):
+        kw["token_weight"] = _token_weight(target_shape, gen, device)
 
     def run(fn, leaves, ref):
         out = fn(leaves["input"], target, _w(weight, ref), reduction=reduction, **kw)
@@ -136,6 +142,8 @@ CE_OPTIONS = [
     ("softcap=4", {"softcap": 4.0}, "mean"),
     ("temperature=0.7", {"temperature": 0.7}, "sum"),
     ("non-contiguous", {"noncontig": True}, "mean"),
+    ("token_weight weight", {"token_weight": True, "weight": True, "ignore": -100}, "mean"),
+    ("token_weight", {"token_weight": True}, "none"),
     ("all + lse", CE_OPTIONS_ALL, "mean"),
     ("all + lse", CE_OPTIONS_ALL, "none"),
 ]
@@ -153,6 +161,8 @@ def _make_focal(shape, opts, reduction, dtype, device, gen) -> Problem:
     kw = {"gamma": opts.get("gamma", 2.0)}
     if opts.get("ignore") is not None:
         kw["ignore_index"] = opts["ignore"]
+    if opts.get("token_weight"):
+        kw["token_weight"] = _token_weight(target_shape, gen, device)
 
     def run(fn, leaves, ref):
         a = alpha.double() if ref and isinstance(alpha, Tensor) else alpha
@@ -170,6 +180,7 @@ FOCAL_OPTIONS = [
     ("gamma=3 alpha[C] weight", {"gamma": 3.0, "alpha": "tensor", "weight": True}, "mean"),
     ("ignore_index=-100 weight", {"ignore": -100, "weight": True}, "none"),
     ("non-contiguous", {"noncontig": True}, "mean"),
+    ("token_weight weight", {"token_weight": True, "weight": True, "ignore": -100}, "mean"),
 ]
 CE_SHAPES = [(37, 7), (3, 7, 5), (64, 1023), (6, 50257)]
 CE_SHAPES_INTERPRETED = [(3, 7), (2, 7, 2), (2, 1023)]
@@ -406,6 +417,8 @@ def _make_lce(shape, opts, reduction, dtype, device, gen) -> Problem:
     kw = {k: opts[k] for k in ("label_smoothing", "z_loss", "softcap") if k in opts}
     if opts.get("ignore") is not None:
         kw["ignore_index"] = opts["ignore"]
+    if opts.get("token_weight"):
+        kw["token_weight"] = _token_weight((N,), gen, device)
     chunk = opts.get("chunk_size")
     leaves = {"input": x, "linear_weight": W}
     if b is not None:
@@ -433,6 +446,7 @@ LCE_OPTIONS = [
     ("z_loss=1e-3 softcap=5", {"z_loss": 1e-3, "softcap": 5.0}, "mean"),
     ("chunk_size=16", {"chunk_size": 16}, "sum"),
     ("non-contiguous weight", {"noncontig": True}, "mean"),
+    ("token_weight weight", {"token_weight": True, "weight": True, "ignore": -100}, "mean"),
     ("everything", LCE_OPTIONS_ALL, "none"),
 ]
 LCE_SHAPES = [(37, 16, 101), (64, 64, 1023), (9, 32, 5000)]

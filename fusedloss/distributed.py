@@ -287,15 +287,20 @@ def _check_target(target: Tensor, expected: torch.Size, input_name: str, input: 
     _checks.same_device("target", target, input_name, input)
 
 
-def _reduce(loss: Tensor, w_y: Tensor, live: Tensor, reduction: str, shape, has_weight: bool) -> Tensor:
+def _reduce(loss: Tensor, w_y: Tensor, live: Tensor, reduction: str, shape, has_weight: bool,
+            token_weight: Tensor | None) -> Tensor:
+    mass = w_y if has_weight else live.to(loss.dtype)
+    if token_weight is not None:
+        loss = loss * token_weight
+        mass = mass * torch.where(live, token_weight, 0.0)
     if reduction == "none":
         return loss.view(shape)
     total = loss.sum()
     if reduction == "sum":
         return total
-    # torch's mean: divided by the weight mass of the non-ignored targets (their count without weights);
-    # 0 / 0 = NaN when every row is ignored, as torch.
-    return total / (w_y.sum() if has_weight else live.sum().to(loss.dtype))
+    # torch's mean: divided by the weight mass of the non-ignored targets (their count without weights),
+    # each weighted by its token weight; 0 / 0 = NaN when every row is ignored, as torch.
+    return total / mass.sum()
 
 
 def vocab_parallel_cross_entropy(
@@ -309,6 +314,7 @@ def vocab_parallel_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Cross-entropy over logits whose class dimension is split across the ranks of ``group``.
@@ -318,6 +324,7 @@ def vocab_parallel_cross_entropy(
     must tile ``[0, V)``; ``vocab_start=None`` derives them from the slice sizes in rank order (one small
     all_gather per call; pass it to save that). ``target`` holds global class indices, the same on every
     rank. ``weight`` is this rank's slice of the class weights, ``(V_r,)``, like the logits.
+    ``token_weight`` (the target's shape, the same on every rank) as in :func:`fusedloss.cross_entropy`.
 
     Every rank returns the same value, equal to :func:`fusedloss.cross_entropy` on the full ``(N, V)``
     logits with the same arguments (label smoothing normalized by the global V; torch's weighted mean).
@@ -348,8 +355,9 @@ def vocab_parallel_cross_entropy(
     acc = acc_dtype(logits_shard.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
     start = _vocab_start(c, vocab_start, rank, world, logits_shard.device, group)
+    u = _checks.token_weight(token_weight, target.shape, logits_shard, acc)
     loss, w_y = _VocabParallelCE.apply(rows, flat_target, w, start, ignore_index, eps, z_loss, name, group)
-    return _reduce(loss, w_y, flat_target != ignore_index, reduction, target.shape, w is not None)
+    return _reduce(loss, w_y, flat_target != ignore_index, reduction, target.shape, w is not None, u)
 
 
 # --- vocab-parallel linear cross-entropy ----------------------------------------------------------------
@@ -456,6 +464,7 @@ def vocab_parallel_linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
     chunk_size: int | None = None,
     reduce_input_grad: bool = True,
     backend: str | None = None,
@@ -465,7 +474,7 @@ def vocab_parallel_linear_cross_entropy(
     A vocab-sharded LM head: ``input`` ``(N, D)`` (or ``(D,)`` with a 0-dim target), the same on every rank;
     ``weight_shard`` ``(V_r, D)`` and ``linear_bias`` ``(V_r,)`` this rank's rows of the head, classes
     ``[vocab_start, vocab_start + V_r)`` (default: from the slice sizes in rank order); ``weight`` the
-    ``(V_r,)`` class weights of the slice. Other arguments and the result as
+    ``(V_r,)`` class weights of the slice. Other arguments (``token_weight`` too) and the result as
     :func:`vocab_parallel_cross_entropy`.
 
     Rows run in chunks of ``chunk_size`` (None: the size linear_cross_entropy would pick for this shard):
@@ -518,9 +527,10 @@ def vocab_parallel_linear_cross_entropy(
     chunk = chunk_size or _lce.auto_chunk_size(n, d, max(c, 1), input.device, input.dtype)
     chunk = max(1, min(chunk, max(n, 1)))
     start = _vocab_start(c, vocab_start, rank, world, input.device, group)
+    u = _checks.token_weight(token_weight, target.shape, input, acc)
     loss, w_y = _VocabParallelLinearCE.apply(rows, weight_shard, linear_bias, flat_target, w, start, ignore_index,
                                              eps, z_loss, chunk, name, group, bool(reduce_input_grad))
-    return _reduce(loss, w_y, flat_target != ignore_index, reduction, target.shape, w is not None)
+    return _reduce(loss, w_y, flat_target != ignore_index, reduction, target.shape, w is not None, u)
 
 
 # --- gathered InfoNCE ------------------------------------------------------------------------------------

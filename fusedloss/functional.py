@@ -25,15 +25,17 @@ __all__ = ["cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_
 
 
 def _reduce_rows_triton(loss: Tensor, reduction: str, out_shape: torch.Size, target: Tensor, weight: Tensor | None,
-                        ignore_index: int) -> Tensor:
+                        ignore_index: int, token_weight: Tensor | None) -> Tensor:
     """The reduction of per-row losses with autograd, for the one op whose kernels return rows (the fused
     Triton linear cross-entropy); the others reduce in their kernels. The mean's denominator comes from
     the reduction kernel (it depends on the target and the weights only: no gradient through it)."""
+    if token_weight is not None:
+        loss = loss * token_weight
     if reduction == "none":
         return loss.view(out_shape)
     if reduction == "sum":
         return loss.sum()
-    _, mass = _ce.reduce_triton(loss.detach(), target, weight, ignore_index, REDUCTION["mean"])
+    _, mass = _ce.reduce_triton(loss.detach(), target, weight, ignore_index, REDUCTION["mean"], token_weight)
     return loss.sum() / mass
 
 
@@ -89,7 +91,10 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     temperature: float = 1.0,
+    token_weight: Tensor | None = None,
     return_lse: bool = False,
+    return_logprob: bool = False,
+    return_entropy: bool = False,
     backend: str | None = None,
 ):
     """Fused softmax cross-entropy; a drop-in for ``torch.nn.functional.cross_entropy``.
@@ -100,6 +105,17 @@ def cross_entropy(
     ``softcap * tanh(x / softcap)`` first, ``temperature`` then divides them, ``return_lse=True`` also
     returns the per-element lse (float32, 0 where ignored). The loss is float32 for fp16/bf16/fp32
     input (float64 for float64); the gradient has the input's dtype.
+
+    ``return_logprob=True`` adds the per-element log-probability of the target (``log_softmax`` of the
+    transformed logits at the target: the loss without weights, smoothing or z-loss, negated) and
+    ``return_entropy=True`` the per-element entropy of that softmax, both float32 (float64 for float64
+    input), 0 where ignored, differentiable (an entropy bonus trains through them), computed in the same
+    pass over each row. The extra outputs come in the order ``(loss, lse, logprob, entropy)``, each only
+    when asked for. Probability targets take ``return_entropy`` but not ``return_logprob``.
+
+    ``token_weight`` (the target's shape, floating, finite, no gradient) multiplies each element's loss;
+    ``mean`` then divides by the sum of ``token_weight * weight[target]`` over the kept elements (of
+    ``token_weight`` for probability targets), which is torch's mean when every token weight is 1.
 
     Class-index targets run the fused kernels of the chosen backend. Probability targets are
     computed with PyTorch ops on every backend (not fused yet).
@@ -123,36 +139,49 @@ def cross_entropy(
     weight = _checks.class_weight(weight, C, input)
     name = _backend.resolve_for(backend, input)
     target_dtype = target.dtype
+    expected = shape[:1] if ndim == 2 else shape[:cdim] + shape[cdim + 1:]
     if target_dtype.is_floating_point:
-        kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-                      softcap=softcap, temperature=temperature, return_lse=return_lse)
         if target.shape != shape:
             raise ValueError(f"probability targets must have the input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
         if ignore_index != -100:
             raise ValueError("ignore_index is not supported with probability targets (as in torch)")
-        return reference.cross_entropy(input, target, weight, **kwargs)
+        if return_logprob:
+            raise ValueError("return_logprob needs class-index targets (a probability target has no target class)")
+        u = _checks.token_weight(token_weight, expected, input, acc_dtype(input.dtype))
+        return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                       temperature=temperature, token_weight=u, return_lse=return_lse,
+                                       return_entropy=return_entropy)
     if target_dtype is not torch.int64 and (target_dtype == torch.bool or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices or float probabilities, got dtype {target.dtype}")
-    expected = shape[:1] if ndim == 2 else shape[:cdim] + shape[cdim + 1:]
+    target_shape = target.shape
     target = _unbatched_target(target, expected, input)
+    u = None if token_weight is None else _checks.token_weight(token_weight, target_shape, input,
+                                                               acc_dtype(input.dtype))
     if name == "reference":
         # int64 as the kernels take them (torch's gather refuses uint8 and int16 indices)
         return reference.cross_entropy(input, target.to(torch.int64), weight, ignore_index=ignore_index,
                                        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-                                       softcap=softcap, temperature=temperature, return_lse=return_lse)
+                                       softcap=softcap, temperature=temperature,
+                                       token_weight=None if u is None else u.view(target.shape),
+                                       return_lse=return_lse, return_logprob=return_logprob,
+                                       return_entropy=return_entropy)
 
     rows = input if ndim == 2 and input.is_contiguous() else _class_rows(input, C)
     flat_target = _flat_target(target)
     w = None if weight is None else _acc_weight(weight, input.dtype)
+    extras = return_logprob or return_entropy
 
-    out, lse, _, _ = _ce.CROSS_ENTROPY.call(name)(rows, flat_target, w, ignore_index, REDUCTION[reduction],
-                                                  label_smoothing, z_loss, softcap or 0.0, temperature)
+    out, lse, _, _, logprob, entropy = _ce.CROSS_ENTROPY.call(name)(
+        rows, flat_target, w, u, ignore_index, REDUCTION[reduction], label_smoothing, z_loss, softcap or 0.0,
+        temperature, extras)
     if ndim != 2 and reduction == "none":  # 2-D input: the rows are already the target's shape
         out = out.view(expected)
-    if return_lse:
-        return out, (lse if ndim == 2 else lse.view(expected))
-    return out
+    if not (return_lse or extras):
+        return out
+    asked = (lse if return_lse else None, logprob if return_logprob else None, entropy if return_entropy else None)
+    return (out, *(t if ndim == 2 else t.view(expected) for t in asked if t is not None))
 
 
 def focal_loss(
@@ -164,6 +193,7 @@ def focal_loss(
     weight: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    token_weight: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Multi-class focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection"), fused in the
@@ -182,6 +212,8 @@ def focal_loss(
       ``sum(weight[y])`` over the non-ignored elements (their count without ``weight``), which is
       ``cross_entropy``'s weighted mean. alpha enters the numerator only, weight both; every element
       ignored gives NaN, as in torch.
+    - ``token_weight``: per-element weights of the target's shape, as in ``cross_entropy`` (they
+      multiply each element's loss and its ``weight[y]`` in the mean's denominator).
 
     input ``(C,)`` with a 0-dim (or ``(1,)``) target, ``(N, C)`` with target ``(N,)``, or
     ``(N, C, d1, ...)`` with target ``(N, d1, ...)``; class-index targets only. The loss is float32
@@ -227,11 +259,14 @@ def focal_loss(
         raise TypeError(f"target must hold int64 class indices (focal_loss takes no probability targets), got dtype "
                         f"{target.dtype}")
     expected = shape[:1] if ndim == 2 else shape[:cdim] + shape[cdim + 1:]
+    target_shape = target.shape
     target = _unbatched_target(target, expected, input)
+    u = None if token_weight is None else _checks.token_weight(token_weight, target_shape, input,
+                                                               acc_dtype(input.dtype))
     name = _backend.resolve_for(backend, input)
     if name == "reference":
         return reference.focal_loss(input, target, gamma, alpha, weight=weight, ignore_index=ignore_index,
-                                    reduction=reduction)
+                                    reduction=reduction, token_weight=None if u is None else u.view(target.shape))
 
     rows = input if ndim == 2 and input.is_contiguous() else _class_rows(input, C)
     flat_target = _flat_target(target)
@@ -248,7 +283,7 @@ def focal_loss(
             factor = torch.full((C,), alpha, dtype=acc, device=input.device) if factor is None else factor * alpha
         factor = factor.contiguous()
 
-    out = _fl.FOCAL_LOSS.call(name)(rows, flat_target, factor, w, ignore_index, REDUCTION[reduction], gamma)[0]
+    out = _fl.FOCAL_LOSS.call(name)(rows, flat_target, factor, w, u, ignore_index, REDUCTION[reduction], gamma)[0]
     return out.view(expected) if ndim != 2 and reduction == "none" else out
 
 
@@ -264,6 +299,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    token_weight: Tensor | None = None,
     shift: int = 0,
     chunk_size: int | None = None,
     options=None,
@@ -296,7 +332,9 @@ def linear_cross_entropy(
     position of each sequence is ignored; nothing of ``input`` is copied (the chunked paths shift the
     int64 targets, the fused kernel indexes them). ``return_lse=True`` returns ``(loss, lse)``, lse per
     element (the target's shape), float32, 0 where ignored; differentiable on the triton backend,
-    returned without gradient by the chunked cpu/cuda/reference-row paths.
+    returned without gradient by the chunked cpu/cuda/reference-row paths. ``token_weight`` (the
+    target's shape) weighs each element's loss as in :func:`cross_entropy`; with ``shift=1`` the weight
+    of target t + 1 goes with it, as the target does.
 
     The ``triton`` backend runs the fused kernels of fusedloss/triton/linear_cross_entropy.py (float32,
     bfloat16, float16; logits only in registers, ``chunk_size`` unused); float64 takes the chunked path.
@@ -348,15 +386,20 @@ def linear_cross_entropy(
                                   "use cross_entropy(input @ linear_weight.T, target)")
     if target_dtype is not torch.int64 and (target_dtype == torch.bool or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices, got dtype {target.dtype}")
+    target_shape = target.shape
     target = _unbatched_target(target, expected, input)
     _checks.same_device("target", target, "input", input)
     weight = _checks.class_weight(weight, V, input)
+    u = None if token_weight is None else _checks.token_weight(token_weight, target_shape, input, acc_dtype(dtype))
     name = _backend.resolve_for(backend, input)
     if name == "reference":
         return reference.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                               reduction=reduction, ignore_index=ignore_index,
                                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                                              shift=shift, return_lse=return_lse)
+                                              shift=shift, return_lse=return_lse,
+                                              token_weight=None if u is None else u.view(target.shape))
+    if u is not None and shift:  # each weight goes with its target: position t takes target t + 1's
+        u = reference.shift_target(u.view(target.shape), 0).reshape(-1)
 
     # not reshape(-1, D): that is ambiguous when D = 0
     rows = input if ndim == 2 else input.reshape(target.numel(), D)
@@ -369,13 +412,13 @@ def linear_cross_entropy(
             rows, linear_weight, flat_target, linear_bias, w, ignore_index, label_smoothing, z_loss, softcap or 0.0,
             1.0, seq_len)
         kept = reference.shift_target(target, ignore_index).reshape(-1) if shift else flat_target
-        out = _reduce_rows_triton(loss, reduction, expected, kept, w, ignore_index)
+        out = _reduce_rows_triton(loss, reduction, expected, kept, w, ignore_index, u)
         return (out, lse.view(expected)) if return_lse else out
     if shift:
         flat_target = reference.shift_target(target, ignore_index).reshape(-1).to(torch.int64).contiguous()
     if not chunk_size:
         chunk_size = _lce.auto_chunk_size(rows.shape[0], D, V, input.device, dtype)
-    loss, lse, _ = _lce.LINEAR_CROSS_ENTROPY.call(name)(rows, linear_weight, flat_target, linear_bias, w,
+    loss, lse, _ = _lce.LINEAR_CROSS_ENTROPY.call(name)(rows, linear_weight, flat_target, linear_bias, w, u,
                                                         ignore_index, REDUCTION[reduction], label_smoothing, z_loss,
                                                         softcap or 0.0, chunk_size)
     if ndim != 2:  # 2-D input: the rows are already the target's shape

@@ -73,8 +73,8 @@ class CrossEntropyLoss(_Loss):
                "temperature": 1.0, "backend": None}
     SHOWN = ("reduction", "ignore_index")
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(input, target, self.weight, **self._options())
+    def forward(self, input: Tensor, target: Tensor, *, token_weight: Tensor | None = None) -> Tensor:
+        return F.cross_entropy(input, target, self.weight, token_weight=token_weight, **self._options())
 
 
 class LinearCrossEntropyLoss(_Loss):
@@ -128,7 +128,8 @@ class LinearCrossEntropyLoss(_Loss):
                "chunk_size": None, "options": None, "backend": None}
     SHOWN = ("reduction", "ignore_index")
 
-    def forward(self, input: Tensor, *args: Tensor, linear_bias: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor, *args: Tensor, linear_bias: Tensor | None = None,
+                token_weight: Tensor | None = None) -> Tensor:
         if self.linear is not None:
             if len(args) != 1 or linear_bias is not None:
                 raise TypeError("this LinearCrossEntropyLoss owns its head (in_features, num_classes): call it as "
@@ -141,7 +142,7 @@ class LinearCrossEntropyLoss(_Loss):
                                 "with in_features and num_classes to own the head)")
             linear_weight, target = args
         return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
-                                      **self._options())
+                                      token_weight=token_weight, **self._options())
 
     def extra_repr(self) -> str:
         parts = []
@@ -205,8 +206,8 @@ class FocalLoss(_Loss):
     OPTIONS = {"gamma": 2.0, "alpha": None, "ignore_index": -100, "reduction": "mean", "backend": None}
     SHOWN = ("gamma", "reduction", "ignore_index")
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.focal_loss(input, target, weight=self.weight, **self._options())
+    def forward(self, input: Tensor, target: Tensor, *, token_weight: Tensor | None = None) -> Tensor:
+        return F.focal_loss(input, target, weight=self.weight, token_weight=token_weight, **self._options())
 
 
 class MultiMarginLoss(GapLoss):

@@ -50,15 +50,22 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     temperature: float = 1.0,
+    token_weight: Tensor | None = None,
     return_lse: bool = False,
+    return_logprob: bool = False,
+    return_entropy: bool = False,
 ):
-    """Softmax cross-entropy with torch's semantics plus z-loss, softcap and temperature.
+    """Softmax cross-entropy with torch's semantics plus z-loss, softcap, temperature and token weights.
 
     Per element with class-index targets (0 where ``target == ignore_index``):
       (1 - eps) * w[y] * (lse - z_y) + eps / C * sum_j w[j] * (lse - z_j) + z_loss * lse**2
     ``mean`` divides the sum by sum of w[y] over non-ignored elements (their count without weights).
     With probability targets t: -sum_j w[j] * t'_j * (z_j - lse) + z_loss * lse**2, with
     t' = (1 - eps) * t + eps / C, and ``mean`` divides by the number of elements.
+    ``token_weight`` u (the target's shape for class indices, the input's without the class dim for
+    probabilities) multiplies each element's loss and its term of the mean's denominator.
+    ``return_lse``, ``return_logprob`` (log softmax(z)[y], class indices only) and ``return_entropy``
+    (-sum_j p_j log p_j) add per-element tensors in that order, 0 where ignored.
     """
     cdim = 0 if input.dim() == 1 else 1
     C = input.shape[cdim]
@@ -72,7 +79,12 @@ def cross_entropy(
     w_shape[cdim] = C
     w = weight.to(x.dtype).view(w_shape) if weight is not None else None
 
+    u = token_weight.to(x.dtype) if token_weight is not None else None
+    entropy = -(logp.exp() * logp).sum(cdim) if return_entropy else None
+
     if target.is_floating_point():  # class probabilities, same shape as input
+        if return_logprob:
+            raise ValueError("return_logprob needs class-index targets")
         t = target.to(x.dtype)
         if label_smoothing > 0:
             t = t * (1 - label_smoothing) + label_smoothing / C
@@ -80,11 +92,14 @@ def cross_entropy(
         loss = -(wt * logp).sum(cdim)
         if z_loss > 0:
             loss = loss + z_loss * lse**2
+        if u is not None:
+            loss = loss * u.view(loss.shape)
         if reduction == "mean":
-            out = loss.sum() / (x.numel() // C) if x.numel() else loss.sum() / 0.0
+            count = u.sum() if u is not None else x.numel() // C
+            out = loss.sum() / count if x.numel() else loss.sum() / 0.0
         else:
             out = loss.sum() if reduction == "sum" else loss
-        return (out, lse) if return_lse else out
+        return _with_extras(out, lse if return_lse else None, None, entropy)
 
     ignored = target == ignore_index
     bad = _out_of_range(target, ignored, C)
@@ -99,13 +114,26 @@ def cross_entropy(
         loss = loss + z_loss * lse**2
     loss = loss.masked_fill(ignored, 0.0).masked_fill(bad, float("nan"))
     lse = lse.masked_fill(ignored, 0.0).masked_fill(bad, float("nan"))
+    if u is not None:
+        u = u.view(loss.shape).masked_fill(ignored, 0.0)
+        loss = loss * u
+        w_y = w_y * u
     if reduction == "mean":
         out = loss.sum() / (w_y * ~ignored).sum()
     elif reduction == "sum":
         out = loss.sum()
     else:
         out = loss
-    return (out, lse) if return_lse else out
+    logprob = (-nll).masked_fill(ignored, 0.0).masked_fill(bad, float("nan")) if return_logprob else None
+    if entropy is not None:
+        entropy = entropy.masked_fill(ignored, 0.0).masked_fill(bad, float("nan"))
+    return _with_extras(out, lse if return_lse else None, logprob, entropy)
+
+
+def _with_extras(out: Tensor, *extras: Tensor | None):
+    """``out`` alone, or ``(out, *extras)`` with the asked-for (not None) extras in order."""
+    kept = tuple(e for e in extras if e is not None)
+    return (out, *kept) if kept else out
 
 
 def focal_loss(
@@ -117,6 +145,7 @@ def focal_loss(
     weight: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    token_weight: Tensor | None = None,
 ):
     """Multi-class focal loss (Lin et al. 2017) from its formula, by autograd through it.
 
@@ -150,6 +179,10 @@ def focal_loss(
     elif alpha is not None:
         loss = loss * float(alpha)
     loss = loss.masked_fill(ignored, 0.0).masked_fill(bad, float("nan"))
+    if token_weight is not None:
+        u = token_weight.to(x.dtype).view(loss.shape).masked_fill(ignored, 0.0)
+        loss = loss * u
+        w_y = w_y * u
     if reduction == "mean":
         return loss.sum() / (w_y * ~ignored).sum()
     if reduction == "sum":
@@ -329,31 +362,37 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     shift: int = 0,
+    token_weight: Tensor | None = None,
     return_lse: bool = False,
+    return_logprob: bool = False,
+    return_entropy: bool = False,
 ):
     """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) with the full (N, V) logits.
 
     input (D,), (N, D) or (*, D) with target input.shape[:-1]; linear_weight (V, D); linear_bias (V,).
     Computed in float32 for bf16/fp16 input (float64 stays float64), as the kernels do. ``shift=1``
-    scores each position against the next target of its sequence (``shift_target``);
-    ``return_lse`` also returns the per-element lse (0 where ignored).
+    scores each position against the next target of its sequence (``shift_target``), and the token
+    weights go with their targets; the extra outputs are ``cross_entropy``'s.
     """
     if shift:
         target = shift_target(target, ignore_index)
+        if token_weight is not None:
+            token_weight = shift_target(token_weight, 0)
     x = input.to(_compute_dtype(input.dtype))
     logits = x @ linear_weight.to(x.dtype).T
     if linear_bias is not None:
         logits = logits + linear_bias.to(x.dtype)
-    if logits.dim() > 2:  # (*, V) rows, class last
-        logits = logits.reshape(-1, logits.shape[-1])
-        out = cross_entropy(logits, target.reshape(-1), weight, ignore_index=ignore_index, reduction=reduction,
-                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_lse=return_lse)
-        if return_lse:
-            out, lse = out
-            return (out.view(target.shape) if reduction == "none" else out), lse.view(target.shape)
-        return out.view(target.shape) if reduction == "none" else out
-    return cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
-                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_lse=return_lse)
+    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+              softcap=softcap, return_lse=return_lse, return_logprob=return_logprob, return_entropy=return_entropy)
+    if logits.dim() == 2 or logits.dim() == 1:
+        return cross_entropy(logits, target, weight, token_weight=token_weight, **kw)
+    # (*, V) rows, class last
+    u = token_weight.reshape(-1) if token_weight is not None else None
+    out = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight, token_weight=u, **kw)
+    out = out if isinstance(out, tuple) else (out,)
+    first = out[0].view(target.shape) if reduction == "none" else out[0]
+    rest = tuple(e.view(target.shape) for e in out[1:])
+    return (first, *rest) if rest else first
 
 
 def shift_target(target: Tensor, ignore_index: int) -> Tensor:

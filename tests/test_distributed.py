@@ -203,6 +203,39 @@ def case_vocab_parallel_linear_ce(rank, world, seed):
         _check(gx, rx.grad, dtype, "grad", msg + " input")
 
 
+def case_token_weight(rank, world, seed):
+    """token_weight of both vocab-parallel losses, against the float64 reference on the full logits."""
+    sizes = SLICES[world]
+    lo, hi = _bounds(sizes)[rank]
+    V, N, D = sum(sizes), 10, 5
+    gen = torch.Generator().manual_seed(seed + 300)
+    x = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    head = torch.randn(V, D, generator=gen, dtype=torch.float64)
+    target = torch.randint(V, (N,), generator=gen)
+    target[::3] = -100
+    u = torch.rand(N, generator=gen, dtype=torch.float64) * 2
+    weight = torch.rand(V, generator=gen, dtype=torch.float64) + 0.5
+    for reduction in REDUCTIONS:
+        kw = dict(label_smoothing=0.1, reduction=reduction, token_weight=u)
+        msg = f"token_weight {reduction} rank {rank}/{world}"
+        rx, rw = x.clone().requires_grad_(), head.clone().requires_grad_()
+        expected = reference.cross_entropy(rx @ rw.T, target, weight, **kw)
+        _upstream(expected, reduction, torch.Generator().manual_seed(seed)).backward()
+
+        shard = (x @ head.T)[:, lo:hi].detach().requires_grad_()
+        loss = fld.vocab_parallel_cross_entropy(shard, target, weight=weight[lo:hi], backend="cpu", **kw)
+        _upstream(loss, reduction, torch.Generator().manual_seed(seed)).backward()
+        _check(loss, expected, torch.float64, "loss", msg)
+
+        xi, w_shard = x.clone().requires_grad_(), head[lo:hi].clone().requires_grad_()
+        loss = fld.vocab_parallel_linear_cross_entropy(xi, w_shard, target, weight=weight[lo:hi], chunk_size=4,
+                                                       backend="cpu", **kw)
+        _upstream(loss, reduction, torch.Generator().manual_seed(seed)).backward()
+        _check(loss, expected, torch.float64, "loss", msg + " linear")
+        _check(w_shard.grad, rw.grad[lo:hi], torch.float64, "grad", msg + " weight_shard")
+        _check(xi.grad, rx.grad, torch.float64, "grad", msg + " input")
+
+
 def case_info_nce(rank, world, seed):
     D = 8
     runs = []
@@ -355,8 +388,8 @@ def case_example_script(rank, world, seed):
     distributed_example.run(torch.device("cpu"))
 
 
-CASES = [case_vocab_parallel_ce, case_vocab_parallel_ce_variants, case_vocab_parallel_linear_ce, case_info_nce,
-         case_siglip, case_example_script]
+CASES = [case_vocab_parallel_ce, case_vocab_parallel_ce_variants, case_vocab_parallel_linear_ce, case_token_weight,
+         case_info_nce, case_siglip, case_example_script]
 
 
 def _worker(rank: int, world: int, init_file: str, seed: int) -> None:

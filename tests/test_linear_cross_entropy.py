@@ -422,9 +422,10 @@ def _op_args(device, reduction, backend):
     """Arguments of the public-level op (fusedloss::linear_cross_entropy, or its Triton twin)."""
     x, W, b, t, w = make_inputs(rows(backend, device, 9), 8, 37, torch.float32, device, bias=True, weight=True)
     r = REDUCTION[reduction]
-    yield (x.requires_grad_(), W.requires_grad_(), t, b.requires_grad_(), w, -100, r, 0.1, 1e-3, 7.0, 4)
-    if reduction == "mean":  # a frozen input and bias, no class weight, one chunk
-        yield (x.detach(), W.detach().requires_grad_(), t, None, None, -100, r, 0.0, 0.0, 0.0, 100)
+    u = torch.rand(x.shape[0], device=device) + 0.25  # token weights
+    yield (x.requires_grad_(), W.requires_grad_(), t, b.requires_grad_(), w, u, -100, r, 0.1, 1e-3, 7.0, 4)
+    if reduction == "mean":  # a frozen input and bias, no class weight, no token weights, one chunk
+        yield (x.detach(), W.detach().requires_grad_(), t, None, None, None, -100, r, 0.0, 0.0, 0.0, 100)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

@@ -118,11 +118,12 @@ def _public_args(name, device, dtype, reduction):
     t = torch.randint(0, 9, (x.shape[0],), device=device)
     t[2] = -100
     w = torch.rand(9, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device) + 0.5
+    u = torch.rand(x.shape[0], dtype=w.dtype, device=device) + 0.25  # token weights
     r = _registry.REDUCTION[reduction]
     if name == "cross_entropy":
-        return (x, t, w, -100, r, 0.1, 1e-3, 0.0, 1.0)
+        return (x, t, w, u, -100, r, 0.1, 1e-3, 0.0, 1.0, True)  # with the extras (logprob, entropy)
     if name == "focal_loss":
-        return (x, t, w * 0.7, w, -100, r, 2.0)
+        return (x, t, w * 0.7, w, u, -100, r, 2.0)
     return (x, t, w, 0.5, 2, -100, False, False, r)
 
 

@@ -73,7 +73,7 @@ acc_t weight_sum_of(const acc_t* w, int64_t C) {
 // Stats of x[lo, hi) of one row, kChunk elements at a time.
 template <typename scalar_t, typename acc_t>
 ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, int64_t hi,
-                                const ce::Options<acc_t>& o) {
+                                const ce::Options<acc_t>& o, bool entropy) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const bool smoothing = o.smoothing > acc_t(0);
@@ -100,9 +100,9 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, i
     // smoothing, sum w (z - m) and sum w. An all -inf chunk has s = 0 and keeps sum w * z.
     const bool finite_max = m != -fl_inf<acc_t>();
     const Vec vm(finite_max ? m : acc_t(0));
-    Vec s0(acc_t(0)), s1(acc_t(0)), wd(acc_t(0)), ws(acc_t(0));
+    Vec s0(acc_t(0)), s1(acc_t(0)), wd(acc_t(0)), ws(acc_t(0)), ed(acc_t(0));
     int64_t i = 0;
-    if (finite_max && !smoothing) {
+    if (finite_max && !smoothing && !entropy) {
       for (; i + 2 * V <= nv; i += 2 * V) {
         s0 = s0 + fl_exp(Vec::loadu(z + i) - vm);
         s1 = s1 + fl_exp(Vec::loadu(z + i + V) - vm);
@@ -110,17 +110,25 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, i
     }
     for (; i < nv; i += V) {
       const Vec d = Vec::loadu(z + i) - vm;
-      if (finite_max) s0 = s0 + fl_exp(d);
+      if (finite_max) {
+        const Vec e = fl_exp(d);
+        s0 = s0 + e;
+        if (entropy) ed = ed + fl_where_positive(e, e * d);  // (7): a -inf z adds 0
+      }
       if (smoothing) {
         const Vec wi = wc ? Vec::loadu(wc + i) : Vec(acc_t(1));
         wd = wd + wi * d;
         ws = ws + wi;
       }
     }
-    acc_t s = reduce_sum(s0 + s1), swd = reduce_sum(wd), sw = reduce_sum(ws);
+    acc_t s = reduce_sum(s0 + s1), swd = reduce_sum(wd), sw = reduce_sum(ws), sed = reduce_sum(ed);
     for (i = nv; i < n; ++i) {
       const acc_t d = z[i] - (finite_max ? m : acc_t(0));
-      if (finite_max) s += fl_exp(d);
+      if (finite_max) {
+        const acc_t e = fl_exp(d);
+        s += e;
+        if (entropy) sed += fl_where_positive(e, e * d);
+      }
       if (smoothing) {
         const acc_t wi = wc ? wc[i] : acc_t(1);
         swd += wi * d;
@@ -130,6 +138,7 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const acc_t* w, int64_t lo, i
     chunk.sumexp = s;
     chunk.sum_wd = swd;
     chunk.sum_w = sw;
+    chunk.sum_ed = sed;
     total = ce::merge_stats(total, chunk);
   }
   return total;
@@ -147,7 +156,8 @@ inline int64_t fwd_piece(int64_t N, int64_t C) {
 // the pieces of a row are merged in piece order.
 template <typename scalar_t, typename acc_t, typename Finish>
 void for_each_row_stats(const scalar_t* x, int64_t row_stride, const int64_t* t, const acc_t* w, int64_t N,
-                        int64_t C, int64_t piece, const ce::Options<acc_t>& o, const Finish& finish) {
+                        int64_t C, int64_t piece, const ce::Options<acc_t>& o, const Finish& finish,
+                        bool entropy = false) {
   const int64_t splits = std::max<int64_t>(1, (C + piece - 1) / piece);
   if (splits == 1) {
     at::parallel_for(0, N, cpu::grain_items(C), [&](int64_t begin, int64_t end) {
@@ -156,7 +166,7 @@ void for_each_row_stats(const scalar_t* x, int64_t row_stride, const int64_t* t,
           finish(row, nullptr);
           continue;
         }
-        const auto stats = piece_stats<scalar_t, acc_t>(x + row * row_stride, w, 0, C, o);
+        const auto stats = piece_stats<scalar_t, acc_t>(x + row * row_stride, w, 0, C, o, entropy);
         finish(row, &stats);
       }
     });
@@ -168,7 +178,7 @@ void for_each_row_stats(const scalar_t* x, int64_t row_stride, const int64_t* t,
       const int64_t row = item / splits, part = item % splits;
       if (ce::is_ignored(t[row], o)) continue;
       const int64_t lo = part * piece, hi = std::min(C, lo + piece);
-      partial[item] = piece_stats<scalar_t, acc_t>(x + row * row_stride, w, lo, hi, o);
+      partial[item] = piece_stats<scalar_t, acc_t>(x + row * row_stride, w, lo, hi, o, entropy);
     }
   });
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
@@ -196,24 +206,28 @@ void ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const s
   acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
   acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
   acc_t* stats_p = stats.mutable_data_ptr<acc_t>();
+  // (N, 4) with the extras (7): (max, log_s, logprob, entropy)
+  const int64_t sw = stats.size(1);
+  const bool extras = sw == 4;
   cpu::check_targets(t, N, C, o.ignore_index);
 
   // Writes the row's outputs from its merged stats (zeros for an ignored row).
   auto finish_row = [&](int64_t row, const ce::RowStats<acc_t>* merged) {
     const int64_t y = t[row];
+    acc_t* st = stats_p + sw * row;
     if (merged == nullptr) {
       loss_p[row] = 0;
       lse_p[row] = 0;
-      stats_p[2 * row] = 0;
-      stats_p[2 * row + 1] = 0;
+      std::fill(st, st + sw, acc_t(0));
       return;
     }
     const acc_t z_y = ce::transform_logit<acc_t>(static_cast<acc_t>(x[row * row_stride + y]), o);
     const acc_t w_y = w ? w[y] : acc_t(1);
-    ce::row_loss(*merged, z_y, w_y, o, loss_p + row, lse_p + row, stats_p + 2 * row + 1);
-    stats_p[2 * row] = merged->max;
+    ce::row_loss(*merged, z_y, w_y, o, loss_p + row, lse_p + row, st + 1);
+    st[0] = merged->max;
+    if (extras) ce::row_extras(*merged, z_y, st[1], st + 2, st + 3);
   };
-  for_each_row_stats<scalar_t, acc_t>(x, row_stride, t, w, N, C, fwd_piece(N, C), o, finish_row);
+  for_each_row_stats<scalar_t, acc_t>(x, row_stride, t, w, N, C, fwd_piece(N, C), o, finish_row, extras);
 }
 
 // The gradient of x[lo, hi) of one live row into g[lo, hi), given the row's coefficients. g may
@@ -265,6 +279,7 @@ void grad_rows(const scalar_t* x, int64_t row_stride, scalar_t* out, int64_t N, 
 template <typename scalar_t>
 void ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
                      const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                     const std::optional<at::Tensor>& grad_logprob, const std::optional<at::Tensor>& grad_entropy,
                      const ce::Options<at::opmath_type<scalar_t>>& o, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = logits.size(0), C = logits.size(1), row_stride = logits.stride(0);
@@ -276,13 +291,20 @@ void ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor
   const acc_t* gl = grad_lse.has_value() ? grad_lse->const_data_ptr<acc_t>() : nullptr;
   const int64_t gl_stride = grad_lse.has_value() ? grad_lse->stride(0) : 0;
   const acc_t* stats_p = stats.const_data_ptr<acc_t>();
+  const int64_t sw = stats.size(1);
+  const acc_t* glp = grad_logprob.has_value() ? grad_logprob->const_data_ptr<acc_t>() : nullptr;
+  const int64_t glp_stride = grad_logprob.has_value() ? grad_logprob->stride(0) : 0;
+  const acc_t* gh = grad_entropy.has_value() ? grad_entropy->const_data_ptr<acc_t>() : nullptr;
+  const int64_t gh_stride = grad_entropy.has_value() ? grad_entropy->stride(0) : 0;
   cpu::check_targets(t, N, C, o.ignore_index);
   const acc_t W = weight_sum_of(w, C);
   grad_rows<scalar_t, acc_t>(x, row_stride, grad.mutable_data_ptr<scalar_t>(), N, C, t, w, o,
                              [&](int64_t row, acc_t w_y) {
-                               return ce::grad_coefs<acc_t>(stats_p[2 * row], stats_p[2 * row + 1], w_y, W,
-                                                            g[row * g_stride], gl ? gl[row * gl_stride] : acc_t(0),
-                                                            o);
+                               const acc_t* st = stats_p + sw * row;
+                               return ce::grad_coefs<acc_t>(st[0], st[1], w_y, W, g[row * g_stride],
+                                                            gl ? gl[row * gl_stride] : acc_t(0), o,
+                                                            glp ? glp[row * glp_stride] : acc_t(0),
+                                                            gh ? gh[row * gh_stride] : acc_t(0), gh ? st[3] : acc_t(0));
                              });
 }
 
@@ -379,12 +401,12 @@ void focal_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                          double label_smoothing, double z_loss, double softcap,
-                                                         double temperature) {
+                                                         double temperature, bool extras) {
   check_ce_args(logits, target, weight);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({logits.size(0)}, logits.options().dtype(acc));
   auto lse = at::empty({logits.size(0)}, logits.options().dtype(acc));
-  auto stats = at::empty({logits.size(0), 2}, logits.options().dtype(acc));
+  auto stats = at::empty({logits.size(0), extras ? 4 : 2}, logits.options().dtype(acc));
   if (logits.size(0) == 0) return {loss, lse, stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -397,18 +419,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::T
 at::Tensor cross_entropy_bwd_cpu(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                                  const at::Tensor& logits, const at::Tensor& target,
                                  const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t ignore_index,
-                                 double label_smoothing, double z_loss, double softcap, double temperature) {
+                                 double label_smoothing, double z_loss, double softcap, double temperature,
+                                 const std::optional<at::Tensor>& grad_logprob,
+                                 const std::optional<at::Tensor>& grad_entropy) {
   check_ce_args(logits, target, weight);
   check_row_grad(grad_loss, logits, "grad_loss");
-  check_row_stats(stats, logits);
+  check_row_stats(stats, logits, grad_entropy.has_value());
   if (grad_lse.has_value()) check_row_grad(*grad_lse, logits, "grad_lse");
+  if (grad_logprob.has_value()) check_row_grad(*grad_logprob, logits, "grad_logprob");
+  if (grad_entropy.has_value()) check_row_grad(*grad_entropy, logits, "grad_entropy");
   auto grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad.numel() == 0) return grad;
   advise_huge_pages(grad.mutable_data_ptr(), grad.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto o = make_options<acc_t>(logits.size(1), ignore_index, label_smoothing, z_loss, softcap, temperature);
-    ce_bwd_cpu_impl<scalar_t>(grad_loss, grad_lse, logits, target, weight, stats, o, grad);
+    ce_bwd_cpu_impl<scalar_t>(grad_loss, grad_lse, logits, target, weight, stats, grad_logprob, grad_entropy, o,
+                              grad);
   });
   return grad;
 }

@@ -120,6 +120,7 @@ struct FwdArgs {
   acc_t* stats;  // (N, 2) contiguous: (max, log_s); nullptr in FwdGradArgs (not stored)
   int64_t n_rows;
   Options<acc_t> o;
+  int stats_width = 2;  // 4: stats also holds the extras (logprob, entropy), cross_entropy_math.h (7)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -133,10 +134,15 @@ struct BwdArgs {
   const int64_t* target;
   const acc_t* weight;
   const acc_t* weight_sum;  // device scalar W; nullptr: W = C (or W unused: no smoothing)
-  const acc_t* stats;       // (N, 2) contiguous: the forward's (max, log_s)
+  const acc_t* stats;       // (N, stats_width) contiguous: the forward's (max, log_s[, logprob, entropy])
   scalar_t* grad;           // (N, C) contiguous
   int64_t n_rows;
   Options<acc_t> o;
+  int stats_width = 2;
+  const acc_t* grad_logprob = nullptr;  // the extras' gradients (7); nullptr: none
+  int64_t grad_logprob_stride = 0;
+  const acc_t* grad_entropy = nullptr;  // needs stats_width 4 (the entropy is read from stats)
+  int64_t grad_entropy_stride = 0;
 };
 
 // Forward + gradient in place: the forward's arguments (stats unused), and the backward's.
@@ -197,7 +203,7 @@ __device__ __forceinline__ void visit_cols(const scalar_t* x, int64_t begin, int
 template <int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void scan_cols(RowStats<acc_t>& st, const scalar_t* x, int64_t begin,
                                           int64_t end, int t, int nt, const acc_t* weight,
-                                          const Options<acc_t>& o) {
+                                          const Options<acc_t>& o, bool entropy = false) {
   // The weights only enter the stats through the smoothing sums (sum_wd, sum_w): skip their
   // reads without smoothing.
   const bool smoothing = o.smoothing > acc_t(0);
@@ -207,7 +213,7 @@ __device__ __forceinline__ void scan_cols(RowStats<acc_t>& st, const scalar_t* x
     for (int e = 0; e < W; ++e) {
       const acc_t z = transform_logit<acc_t>(static_cast<acc_t>(p.v[e]), o);
       const acc_t w = smoothing && weight != nullptr ? weight[col + e] : acc_t(1);
-      update_stats(st, z, w, smoothing);
+      update_stats(st, z, w, smoothing, entropy);
     }
   });
 }
@@ -265,6 +271,7 @@ __device__ __forceinline__ RowStats<acc_t> reduce_lanes(RowStats<acc_t> s, int w
     other.sumexp = __shfl_down_sync(kFullMask, s.sumexp, off);
     other.sum_wd = __shfl_down_sync(kFullMask, s.sum_wd, off);
     other.sum_w = __shfl_down_sync(kFullMask, s.sum_w, off);
+    other.sum_ed = __shfl_down_sync(kFullMask, s.sum_ed, off);
     s = merge_stats(s, other);
   }
   return s;
@@ -305,17 +312,20 @@ __device__ __forceinline__ acc_t finish_live_row(const RowStats<acc_t>& st, int6
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void finish_row(const RowStats<acc_t>& st, int64_t row, int64_t y,
                                            const FwdArgs<scalar_t, acc_t>& a) {
-  acc_t* stats = a.stats + 2 * row;
+  acc_t* stats = a.stats + a.stats_width * row;
   if (!row_is_live(y, a.o)) {
     const acc_t fill = dead_row_value(y, a.o);
     a.loss[row] = fill;
     a.lse[row] = fill;
-    stats[0] = fill;
-    stats[1] = fill;
+    for (int k = 0; k < a.stats_width; ++k) stats[k] = fill;
     return;
   }
   stats[1] = finish_live_row(st, row, y, a);
   stats[0] = st.max;
+  if (a.stats_width == 4) {
+    const acc_t z_y = transform_logit<acc_t>(static_cast<acc_t>(a.logits[row * a.row_stride + y]), a.o);
+    row_extras(st, z_y, stats[1], stats + 2, stats + 3);
+  }
 }
 
 // C <= 1024: `group` lanes per row, kGroupBlock / group rows per block.
@@ -331,7 +341,8 @@ __global__ void __launch_bounds__(kGroupBlock)
   const int64_t y = valid ? a.target[row] : a.o.ignore_index;
   RowStats<acc_t> st = empty_stats<acc_t>();
   if (valid && row_is_live(y, a.o)) {
-    scan_cols<V>(st, a.logits + row * a.row_stride, 0, a.o.num_classes, lane, group, a.weight, a.o);
+    scan_cols<V>(st, a.logits + row * a.row_stride, 0, a.o.num_classes, lane, group, a.weight, a.o,
+                 a.stats_width == 4);
   }
   st = reduce_lanes(st, group);
   if (valid && lane == 0) finish_row(st, row, y, a);
@@ -347,7 +358,7 @@ __global__ void __launch_bounds__(kMaxRowBlock, 1) ce_fwd_row_kernel(const FwdAr
   // Block-uniform branch (one row per block), so the barriers in reduce_block are safe.
   if (row_is_live(y, a.o)) {
     scan_cols<V>(st, a.logits + row * a.row_stride, 0, a.o.num_classes, threadIdx.x, blockDim.x,
-                 a.weight, a.o);
+                 a.weight, a.o, a.stats_width == 4);
     st = reduce_block(st, smem);
   }
   if (threadIdx.x == 0) finish_row(st, row, y, a);
@@ -368,7 +379,8 @@ __global__ void __launch_bounds__(kMaxRowBlock, 1)
   const int64_t begin = split * split_cols;
   const int64_t end = min(begin + split_cols, a.o.num_classes);
   RowStats<acc_t> st = empty_stats<acc_t>();
-  scan_cols<V>(st, a.logits + row * a.row_stride, begin, end, threadIdx.x, blockDim.x, a.weight, a.o);
+  scan_cols<V>(st, a.logits + row * a.row_stride, begin, end, threadIdx.x, blockDim.x, a.weight, a.o,
+               a.stats_width == 4);
   st = reduce_block(st, smem);
   if (threadIdx.x == 0) partial[row * splits + split] = st;
 }
@@ -445,8 +457,11 @@ __global__ void __launch_bounds__(kBwdBlock)
   const acc_t w_sum = a.weight_sum != nullptr ? *a.weight_sum : static_cast<acc_t>(C);
   const acc_t g_loss = a.grad_loss[row * a.grad_loss_stride];
   const acc_t g_lse = a.grad_lse != nullptr ? a.grad_lse[row * a.grad_lse_stride] : acc_t(0);
-  const GradCoefs<acc_t> coefs =
-      grad_coefs(a.stats[2 * row], a.stats[2 * row + 1], w_y, w_sum, g_loss, g_lse, a.o);
+  const acc_t* st = a.stats + a.stats_width * row;
+  const acc_t g_lp = a.grad_logprob != nullptr ? a.grad_logprob[row * a.grad_logprob_stride] : acc_t(0);
+  const acc_t g_h = a.grad_entropy != nullptr ? a.grad_entropy[row * a.grad_entropy_stride] : acc_t(0);
+  const acc_t entropy = a.grad_entropy != nullptr ? st[3] : acc_t(0);
+  const GradCoefs<acc_t> coefs = grad_coefs(st[0], st[1], w_y, w_sum, g_loss, g_lse, a.o, g_lp, g_h, entropy);
 
 #pragma unroll
   for (int k = 0; k < kBwdIlp; ++k) {
@@ -552,7 +567,7 @@ FwdArgs<scalar_t, acc_t> rows_from(FwdArgs<scalar_t, acc_t> a, int64_t r0, int64
   a.target += r0;
   a.loss += r0;
   a.lse += r0;
-  if (a.stats != nullptr) a.stats += 2 * r0;
+  if (a.stats != nullptr) a.stats += a.stats_width * r0;
   a.n_rows = rows;
   return a;
 }
@@ -571,7 +586,9 @@ BwdArgs<scalar_t, acc_t> rows_from(BwdArgs<scalar_t, acc_t> a, int64_t r0, int64
   if (a.grad_lse != nullptr) a.grad_lse += r0 * a.grad_lse_stride;
   a.logits += r0 * a.row_stride;
   a.target += r0;
-  a.stats += 2 * r0;
+  a.stats += a.stats_width * r0;
+  if (a.grad_logprob != nullptr) a.grad_logprob += r0 * a.grad_logprob_stride;
+  if (a.grad_entropy != nullptr) a.grad_entropy += r0 * a.grad_entropy_stride;
   a.grad += r0 * a.o.num_classes;
   a.n_rows = rows;
   return a;
@@ -752,7 +769,7 @@ void launch_fwd_grad(const FwdGradArgs<scalar_t, acc_t>& args, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, double temperature) {
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, double temperature, bool extras) {
   check_ce_args(logits, target, weight);
   TORCH_CHECK(logits.is_cuda(), "fusedloss: cross_entropy_fwd (CUDA) needs CUDA logits");
   const c10::cuda::CUDAGuard device_guard(logits.device());
@@ -762,7 +779,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
   const auto acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({n}, logits.options().dtype(acc_dtype));
   at::Tensor lse = at::empty({n}, logits.options().dtype(acc_dtype));
-  at::Tensor stats = at::empty({n, 2}, logits.options().dtype(acc_dtype));
+  at::Tensor stats = at::empty({n, extras ? 4 : 2}, logits.options().dtype(acc_dtype));
   if (n == 0) return {loss, lse, stats};
 
   int num_sms = 0;  // an attribute query, no sync
@@ -781,6 +798,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     args.stats = stats.mutable_data_ptr<acc_t>();
     args.n_rows = n;
     args.o = make_options<acc_t>(c, ignore_index, label_smoothing, z_loss, softcap, temperature);
+    args.stats_width = extras ? 4 : 2;
     constexpr int kVec = 16 / sizeof(scalar_t);
     if (rows_aligned16(args.logits, args.row_stride, n)) {
       launch_fwd<scalar_t, acc_t, kVec>(args, logits, num_sms, stream);
@@ -795,11 +813,14 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const std::option
                                   const at::Tensor& logits, const at::Tensor& target,
                                   const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                   int64_t ignore_index, double label_smoothing, double z_loss,
-                                  double softcap, double temperature) {
+                                  double softcap, double temperature, const std::optional<at::Tensor>& grad_logprob,
+                                  const std::optional<at::Tensor>& grad_entropy) {
   check_ce_args(logits, target, weight);
   check_row_grad(grad_loss, logits, "grad_loss");
   if (grad_lse.has_value()) check_row_grad(*grad_lse, logits, "grad_lse");
-  check_row_stats(stats, logits);
+  if (grad_logprob.has_value()) check_row_grad(*grad_logprob, logits, "grad_logprob");
+  if (grad_entropy.has_value()) check_row_grad(*grad_entropy, logits, "grad_entropy");
+  check_row_stats(stats, logits, grad_entropy.has_value());
   TORCH_CHECK(logits.is_cuda(), "fusedloss: cross_entropy_bwd (CUDA) needs CUDA logits");
   const c10::cuda::CUDAGuard device_guard(logits.device());
 
@@ -827,6 +848,11 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const std::option
     args.grad = grad.mutable_data_ptr<scalar_t>();
     args.n_rows = n;
     args.o = make_options<acc_t>(c, ignore_index, label_smoothing, z_loss, softcap, temperature);
+    args.stats_width = static_cast<int>(stats.size(1));
+    args.grad_logprob = grad_logprob.has_value() ? grad_logprob->const_data_ptr<acc_t>() : nullptr;
+    args.grad_logprob_stride = grad_logprob.has_value() ? grad_logprob->stride(0) : 0;
+    args.grad_entropy = grad_entropy.has_value() ? grad_entropy->const_data_ptr<acc_t>() : nullptr;
+    args.grad_entropy_stride = grad_entropy.has_value() ? grad_entropy->stride(0) : 0;
     // The vector path needs whole vectors on both sides: aligned logits rows, and C % V == 0 for
     // the gradient rows (row stride C) to stay aligned.
     constexpr int kVec = 16 / sizeof(scalar_t);
@@ -920,7 +946,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_fwd_cuda(const at::Ten
   TORCH_CHECK(logits.is_cuda(), "fusedloss: focal_loss_fwd (CUDA) needs CUDA logits");
   const c10::cuda::CUDAGuard device_guard(logits.device());
 
-  auto fwd = cross_entropy_fwd_cuda(logits, target, std::nullopt, ignore_index, 0.0, 0.0, 0.0, 1.0);
+  auto fwd = cross_entropy_fwd_cuda(logits, target, std::nullopt, ignore_index, 0.0, 0.0, 0.0, 1.0, false);
   at::Tensor loss = std::get<0>(fwd);  // each live row's nll until focal_finish_kernel
   at::Tensor stats = std::get<2>(fwd);
   at::Tensor coef = at::empty({logits.size(0)}, loss.options());

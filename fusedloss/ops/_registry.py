@@ -29,16 +29,19 @@ REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 NONE, MEAN, SUM = 0, 1, 2
 
 
-def row_grad(grad: Tensor | None, mass: Tensor, reduction: int, n: int, like: Tensor) -> Tensor:
+def row_grad(grad: Tensor | None, mass: Tensor, reduction: int, n: int, like: Tensor,
+             token_weight: Tensor | None = None) -> Tensor:
     """d loss / d l_i for every row from the incoming gradient of the reduced loss (csrc/autograd.cpp
-    has the same): none g_i, sum g, mean g / mass."""
+    has the same): none g_i, sum g, mean g / mass; times u_i with token weights u."""
     if grad is None:
         return like.new_zeros(n)
     if reduction == NONE:
-        return grad
-    if reduction == SUM:
-        return grad.expand(n)
-    return (grad / mass).expand(n)
+        g = grad
+    elif reduction == SUM:
+        g = grad.expand(n)
+    else:
+        g = (grad / mass).expand(n)
+    return g if token_weight is None else g * token_weight
 
 
 def _reduce_rows_fake(loss, target, weight, token_weight, ignore_index, mean):

@@ -35,14 +35,15 @@ FWD_GRAD = "fusedloss::cross_entropy_fwd_grad_"
 FWD_GRAD_TRITON = "fusedloss::cross_entropy_fwd_grad_triton_"
 
 
-def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
+def _fwd_fake(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature, extras=False):
     n = logits.shape[0]
     acc = acc_dtype(logits.dtype)
-    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc), logits.new_empty((n, 2), dtype=acc)
+    return (logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc),
+            logits.new_empty((n, 4 if extras else 2), dtype=acc))
 
 
 def _bwd_fake(grad_loss, grad_lse, logits, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap,
-              temperature):
+              temperature, grad_logprob=None, grad_entropy=None):
     return logits.new_empty(logits.shape)
 
 
@@ -53,7 +54,7 @@ def _fwd_grad_fake(logits, target, weight, grad_scale, ignore_index, label_smoot
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature = inputs
+    logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature, *_ = inputs
     _, _, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(logits, target, weight, stats)
@@ -66,7 +67,7 @@ def _backward_with(bwd_op):
         if grad_loss is None:  # only the returned lse was used
             grad_loss = stats.new_zeros(stats.shape[0])
         grad = bwd_op(grad_loss, grad_lse, logits, target, weight, stats, *ctx.scalars)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
     return backward
 
@@ -85,21 +86,22 @@ if triton_kernels_present("cross_entropy"):
 
     @triton_op(FWD_TRITON, mutates_args={})
     def cross_entropy_fwd_triton(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                                 label_smoothing: float, z_loss: float, softcap: float,
-                                 temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+                                 label_smoothing: float, z_loss: float, softcap: float, temperature: float,
+                                 extras: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         from fusedloss.triton import cross_entropy as kernels
 
         return kernels.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-                                         temperature)
+                                         temperature, extras)
 
     @triton_op(BWD_TRITON, mutates_args={})
     def cross_entropy_bwd_triton(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
                                  weight: Tensor | None, stats: Tensor, ignore_index: int, label_smoothing: float,
-                                 z_loss: float, softcap: float, temperature: float) -> Tensor:
+                                 z_loss: float, softcap: float, temperature: float,
+                                 grad_logprob: Tensor | None = None, grad_entropy: Tensor | None = None) -> Tensor:
         from fusedloss.triton import cross_entropy as kernels
 
         return kernels.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, stats, ignore_index,
-                                         label_smoothing, z_loss, softcap, temperature)
+                                         label_smoothing, z_loss, softcap, temperature, grad_logprob, grad_entropy)
 
     cross_entropy_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.cross_entropy_bwd_triton),
                                                setup_context=_setup_context)
@@ -146,58 +148,72 @@ def fwd_grad_op(backend: str):
 
 # --- the public-level op -------------------------------------------------------------------------
 
-SCHEMA = ("(Tensor logits, Tensor target, Tensor? weight, int ignore_index, int reduction, float label_smoothing, "
-          "float z_loss, float softcap, float temperature) -> (Tensor loss, Tensor lse, Tensor stats, Tensor mass)")
+SCHEMA = ("(Tensor logits, Tensor target, Tensor? weight, Tensor? token_weight, int ignore_index, int reduction, "
+          "float label_smoothing, float z_loss, float softcap, float temperature, bool extras=False) -> (Tensor loss, "
+          "Tensor lse, Tensor stats, Tensor mass, Tensor logprob, Tensor entropy)")
 
 
 def _mass_fake(like: Tensor, reduction: int) -> Tensor:
     return like.new_empty((0,) if reduction == _registry.NONE else ())
 
 
-def _fake(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature):
+def _fake(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature,
+          extras=False):
     n = logits.shape[0]
     acc = acc_dtype(logits.dtype)
     loss = logits.new_empty((n,) if reduction == _registry.NONE else (), dtype=acc)
-    return (loss, logits.new_empty((n,), dtype=acc), logits.new_empty((n, 2), dtype=acc),
-            _mass_fake(loss.new_empty(()), reduction))
+    extra = (n,) if extras else (0,)
+    return (loss, logits.new_empty((n,), dtype=acc), logits.new_empty((n, 4 if extras else 2), dtype=acc),
+            _mass_fake(loss.new_empty(()), reduction), loss.new_empty(extra), loss.new_empty(extra))
 
 
-def reduce_triton(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                  reduction: int) -> tuple[Tensor, Tensor]:
-    """(reduced loss, mass) by the Triton reduction kernel; ``none`` keeps the rows."""
+def extras_of(stats: Tensor, extras: bool) -> tuple[Tensor, Tensor]:
+    """(logprob, entropy) as outputs of their own (an output may not alias another): columns 2 and 3
+    of the (N, 4) stats, or two empty (0,) tensors."""
+    if not extras:
+        return stats.new_empty((0,)), stats.new_empty((0,))
+    return stats[:, 2].clone(memory_format=torch.contiguous_format), stats[:, 3].clone(
+        memory_format=torch.contiguous_format)
+
+
+def reduce_triton(loss: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, reduction: int,
+                  token_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(reduced loss, mass) by the Triton reduction kernel; ``none`` keeps the rows (times the token
+    weights when given)."""
     if reduction == _registry.NONE:
-        return loss, loss.new_empty((0,))
+        return (loss if token_weight is None else loss * token_weight), loss.new_empty((0,))
     from fusedloss.triton import reduce as kernels
 
-    return kernels.reduce_rows(loss, target, weight, None, ignore_index, reduction == _registry.MEAN)
+    return kernels.reduce_rows(loss, target, weight, token_weight, ignore_index, reduction == _registry.MEAN)
 
 
-def _triton_impl(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, temperature):
+def _triton_impl(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                 temperature, extras=False):
     from fusedloss.triton import cross_entropy as kernels
 
     loss, lse, stats = kernels.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss,
-                                                 softcap, temperature)
-    out, mass = reduce_triton(loss, target, weight, ignore_index, reduction)
-    return out, lse, stats, mass
+                                                 softcap, temperature, extras)
+    out, mass = reduce_triton(loss, target, weight, ignore_index, reduction, token_weight)
+    return (out, lse, stats, mass, *extras_of(stats, extras))
 
 
 def _triton_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    logits, target, weight, ignore_index, reduction, *scalars = inputs
-    _, _, stats, mass = output
+    logits, target, weight, token_weight, ignore_index, reduction, *scalars = inputs
+    _, _, stats, mass, _, _ = output
     ctx.mark_non_differentiable(stats, mass)
-    ctx.save_for_backward(logits, target, weight, stats, mass)
+    ctx.save_for_backward(logits, target, weight, stats, mass, token_weight)
     ctx.ignore_index = ignore_index
     ctx.reduction = reduction
-    ctx.scalars = tuple(scalars)
+    ctx.scalars = tuple(scalars[:4])  # label_smoothing, z_loss, softcap, temperature (not extras)
 
 
-def _triton_backward(ctx, grad_loss, grad_lse, _grad_stats, _grad_mass):
-    logits, target, weight, stats, mass = ctx.saved_tensors
-    g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats)
+def _triton_backward(ctx, grad_loss, grad_lse, _grad_stats, _grad_mass, grad_logprob, grad_entropy):
+    logits, target, weight, stats, mass, token_weight = ctx.saved_tensors
+    g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats, token_weight)
     grad = torch.ops.fusedloss.cross_entropy_bwd_triton(g, grad_lse, logits, target, weight, stats, ctx.ignore_index,
-                                                        *ctx.scalars)
-    return grad, None, None, None, None, None, None, None, None
+                                                        *ctx.scalars, grad_logprob, grad_entropy)
+    return grad, None, None, None, None, None, None, None, None, None, None
 
 
 CROSS_ENTROPY = _registry.KernelOp("cross_entropy", SCHEMA, _fake, triton_module="cross_entropy",

@@ -89,11 +89,11 @@ def forward_op(backend: str):
 
 # --- the public-level op -------------------------------------------------------------------------
 
-SCHEMA = ("(Tensor logits, Tensor target, Tensor? factor, Tensor? weight, int ignore_index, int reduction, "
-          "float gamma) -> (Tensor loss, Tensor stats, Tensor coef, Tensor mass)")
+SCHEMA = ("(Tensor logits, Tensor target, Tensor? factor, Tensor? weight, Tensor? token_weight, int ignore_index, "
+          "int reduction, float gamma) -> (Tensor loss, Tensor stats, Tensor coef, Tensor mass)")
 
 
-def _fake(logits, target, factor, weight, ignore_index, reduction, gamma):
+def _fake(logits, target, factor, weight, token_weight, ignore_index, reduction, gamma):
     n = logits.shape[0]
     acc = acc_dtype(logits.dtype)
     loss = logits.new_empty((n,) if reduction == _registry.NONE else (), dtype=acc)
@@ -101,31 +101,31 @@ def _fake(logits, target, factor, weight, ignore_index, reduction, gamma):
     return loss, logits.new_empty((n, 2), dtype=acc), logits.new_empty((n,), dtype=acc), mass
 
 
-def _triton_impl(logits, target, factor, weight, ignore_index, reduction, gamma):
+def _triton_impl(logits, target, factor, weight, token_weight, ignore_index, reduction, gamma):
     from fusedloss.ops.cross_entropy import reduce_triton
     from fusedloss.triton import cross_entropy as kernels
 
     loss, stats, coef = kernels.focal_loss_fwd(logits, target, factor, ignore_index, gamma)
-    out, mass = reduce_triton(loss, target, weight, ignore_index, reduction)
+    out, mass = reduce_triton(loss, target, weight, ignore_index, reduction, token_weight)
     return out, stats, coef, mass
 
 
 def _triton_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    logits, target, factor, weight, ignore_index, reduction, gamma = inputs
+    logits, target, factor, weight, token_weight, ignore_index, reduction, gamma = inputs
     _, stats, coef, mass = output
     ctx.mark_non_differentiable(stats, coef, mass)
-    ctx.save_for_backward(logits, target, stats, coef, mass)
+    ctx.save_for_backward(logits, target, stats, coef, mass, token_weight)
     ctx.ignore_index = ignore_index
     ctx.reduction = reduction
 
 
 def _triton_backward(ctx, grad_loss, _grad_stats, _grad_coef, _grad_mass):
-    logits, target, stats, coef, mass = ctx.saved_tensors
-    g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats) * coef
+    logits, target, stats, coef, mass, token_weight = ctx.saved_tensors
+    g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats, token_weight) * coef
     grad = torch.ops.fusedloss.cross_entropy_bwd_triton(g, None, logits, target, None, stats, ctx.ignore_index, 0.0,
                                                         0.0, 0.0, 1.0)
-    return grad, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None
 
 
 # The Triton twin's backward uses cross_entropy_bwd_triton, registered by fusedloss.ops.cross_entropy.

@@ -208,12 +208,12 @@ if _backend.extension_loaded():
 # logits in its backward.
 
 SCHEMA = ("(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, Tensor? weight, "
-          "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, int chunk_size) "
+          "Tensor? token_weight, int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, int chunk_size) "
           "-> (Tensor loss, Tensor lse, Tensor mass)")
 
 
-def _fake(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-          chunk_size):
+def _fake(input, linear_weight, target, linear_bias, weight, token_weight, ignore_index, reduction, label_smoothing,
+          z_loss, softcap, chunk_size):
     n = input.shape[0]
     acc = acc_dtype(input.dtype)
     reduced = reduction != _registry.NONE
@@ -221,20 +221,20 @@ def _fake(input, linear_weight, target, linear_bias, weight, ignore_index, reduc
             input.new_empty(() if reduced else (0,), dtype=acc))
 
 
-def _triton_impl(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
-                 softcap, chunk_size):
+def _triton_impl(input, linear_weight, target, linear_bias, weight, token_weight, ignore_index, reduction,
+                 label_smoothing, z_loss, softcap, chunk_size):
     rows, _, _, _, lse = chunked(input, linear_weight, target, linear_bias, weight, None, ignore_index,
                                  label_smoothing, z_loss, softcap, chunk_size, False, False, False, "triton")
-    out, mass = _ce.reduce_triton(rows, target, weight, ignore_index, reduction)
+    out, mass = _ce.reduce_triton(rows, target, weight, ignore_index, reduction, token_weight)
     return out, lse, mass
 
 
 def _triton_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
-    input, linear_weight, target, linear_bias, weight, ignore_index, reduction, *scalars = inputs
+    input, linear_weight, target, linear_bias, weight, token_weight, ignore_index, reduction, *scalars = inputs
     _, lse, mass = output
     ctx.mark_non_differentiable(lse, mass)
-    ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, mass)
+    ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, mass, token_weight)
     ctx.ignore_index = ignore_index
     ctx.reduction = reduction
     ctx.scalars = tuple(scalars)
@@ -242,14 +242,14 @@ def _triton_setup_context(ctx, inputs, output):
 
 def _triton_backward(ctx, grad_loss, _grad_lse, _grad_mass):
     if grad_loss is None:
-        return (None,) * 11
-    input, linear_weight, target, linear_bias, weight, mass = ctx.saved_tensors
+        return (None,) * 12
+    input, linear_weight, target, linear_bias, weight, mass, token_weight = ctx.saved_tensors
     need_gi, need_gw, need_gb = (ctx.needs_input_grad[i] for i in (0, 1, 3))
-    g = _registry.row_grad(grad_loss, mass, ctx.reduction, input.shape[0], mass)
+    g = _registry.row_grad(grad_loss, mass, ctx.reduction, input.shape[0], mass, token_weight)
     _, gi, gw, gb, _ = chunked(input, linear_weight, target, linear_bias, weight, g, ctx.ignore_index, *ctx.scalars,
                                need_gi, need_gw, need_gb, "triton")
     return (gi.to(input.dtype) if need_gi else None, gw.to(linear_weight.dtype) if need_gw else None, None,
-            gb.to(linear_bias.dtype) if need_gb else None, None, None, None, None, None, None, None)
+            gb.to(linear_bias.dtype) if need_gb else None, None, None, None, None, None, None, None, None)
 
 
 LINEAR_CROSS_ENTROPY = _registry.KernelOp("linear_cross_entropy", SCHEMA, _fake, triton_module="cross_entropy",

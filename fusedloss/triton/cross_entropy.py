@@ -14,8 +14,12 @@ The per-row math follows csrc/include/fusedloss/cross_entropy_math.h step by ste
 
   (6) focal loss: loss = a_y q^gamma nll, coef = a_y q^gamma (1 + gamma p_y nll / q), with
       nll = (m - z_y) + log_s, q = 1 - p_y = -expm1(-nll)            (_focal_row)
+  (7) extras: logprob = (z_y - m) - log_s, entropy H = log_s - sum_ed / s with
+      sum_ed = sum exp(z - m) (z - m) online; their gradients (g_lp, g_H): nll and p_scale take
+      -g_lp, p_scale takes -g_H H, each element -g_H p_k log p_k (0 where p_k = 0)
 
-The forward returns loss (N,), lse (N,) and stats (N, 2) = (m, log_s); the backward reads stats.
+The forward returns loss (N,), lse (N,) and stats (N, 2) = (m, log_s), or (N, 4) with the extras
+(logprob, entropy); the backward reads stats.
 The focal loss forward (fusedloss::focal_loss_fwd_triton) is the forward's program finished with
 (6); it returns loss, stats and coef, and its gradient is the backward's with grad_loss * coef.
 The forward + gradient (fusedloss::cross_entropy_fwd_grad_triton_, the row kernel of chunked linear
@@ -166,14 +170,16 @@ def _options(smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softc
 @triton.jit
 def _row_stats(logits_row, weight_ptr, num_classes, row_end, inv_softcap, softcap_scale, inv_temperature,
                ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               BLOCK_SIZE: tl.constexpr):
+               BLOCK_SIZE: tl.constexpr, HAS_ENTROPY: tl.constexpr):
     # (2): the row's running stats over columns [0, row_end), chunk by chunk: m = max z,
-    # s = sum exp(z - m) and, with label smoothing only, sum_wd = sum w (z - m) and sum_w = sum w.
+    # s = sum exp(z - m) and, with label smoothing only, sum_wd = sum w (z - m) and sum_w = sum w;
+    # with the entropy only, (7)'s sum_ed = sum exp(z - m) (z - m).
     # row_end = 0 (ignored rows, bad targets) reads nothing.
     m = tl.full([], float("-inf"), ACC)
     s = tl.zeros([], ACC)
     sum_wd = tl.zeros([], ACC)
     sum_w = tl.zeros([], ACC)
+    sum_ed = tl.zeros([], ACC)
     offsets = tl.arange(0, BLOCK_SIZE)
     for start in range(0, row_end, BLOCK_SIZE):
         cols = start + offsets
@@ -185,6 +191,15 @@ def _row_stats(logits_row, weight_ptr, num_classes, row_end, inv_softcap, softca
         # While every z so far is -inf, exp() and the differences are taken against 0 instead: no
         # exp(-inf - -inf) = NaN (a -inf z adds nothing to s).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if HAS_ENTROPY:
+            # what was summed so far, relative to the new max: exp(m - M) (sum_ed + (m - M) s); nothing
+            # while every z so far is -inf. A -inf z adds 0 (e = 0), not 0 * -inf.
+            rescale = tl.exp(m - m_safe)
+            shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+            sum_ed = tl.where(m == float("-inf"), 0.0, rescale * (sum_ed + shift * s))
+            d = z_masked - m_safe
+            e = tl.exp(d)
+            sum_ed += tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_masked - m_safe), axis=0)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
@@ -200,7 +215,7 @@ def _row_stats(logits_row, weight_ptr, num_classes, row_end, inv_softcap, softca
             sum_wd += tl.sum(w * tl.where(mask, z - m_safe, 0.0), axis=0)
             sum_w += sum_w_chunk
         m = m_new
-    return m, s, sum_wd, sum_w
+    return m, s, sum_wd, sum_w, sum_ed
 
 
 @triton.jit
@@ -228,6 +243,24 @@ def _grad_coefs(g, g_lse, m, log_s, w_y, weight_sum, eps, z_loss, num_classes, A
     lse_term = tl.where(z_loss > 0.0, g * 2.0 * z_loss * (m + log_s) + g_lse, g_lse)
     p_scale = nll + smooth * weight_sum + lse_term
     return nll, smooth, lse_term, p_scale
+
+
+@triton.jit
+def _extras_coefs(nll, p_scale, g_lp, g_h, entropy):
+    # (7): the logprob's gradient joins the NLL term with weight -1; the entropy's adds -g_H H to p_scale.
+    return nll - g_lp, p_scale - g_lp - g_h * entropy
+
+
+@triton.jit
+def _entropy_term(x, m, log_s, g_h, g_h_entropy, inv_softcap, softcap_scale, inv_softcap_scale, inv_temperature,
+                  HAS_SOFTCAP: tl.constexpr):
+    # (7) + (5): the entropy's element term -(g_H p_k log p_k + g_h_entropy p_k) dz/dx (0 where p_k = 0);
+    # g_h_entropy = g_H H for the target, whose regrouped form has no p_scale, 0 for the others.
+    z = _transform_logit(x, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
+    log_p = (z - m) - log_s
+    p = tl.exp(log_p)
+    term = tl.where(p > 0.0, g_h * p * log_p, 0.0) + g_h_entropy * p
+    return -term * _transform_grad(z, inv_softcap_scale, inv_temperature, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -302,9 +335,11 @@ def _cross_entropy_fwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    EXTRAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    STATS: tl.constexpr = 4 if EXTRAS else 2
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
     eps, z_loss, inv_temperature, inv_softcap, softcap_scale, inv_softcap_scale = _options(
@@ -320,15 +355,20 @@ def _cross_entropy_fwd_kernel(
     else:
         w_y = tl.full([], 1.0, ACC)
 
-    m, s, sum_wd, sum_w = _row_stats(logits_row, weight_ptr, num_classes, tl.where(active, num_classes, 0),
-                                     inv_softcap, softcap_scale, inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING,
-                                     HAS_SOFTCAP, BLOCK_SIZE)
+    m, s, sum_wd, sum_w, sum_ed = _row_stats(logits_row, weight_ptr, num_classes, tl.where(active, num_classes, 0),
+                                             inv_softcap, softcap_scale, inv_temperature, ACC, HAS_WEIGHT,
+                                             HAS_SMOOTHING, HAS_SOFTCAP, BLOCK_SIZE, EXTRAS)
     loss, lse, m, log_s = _row_loss(m, s, sum_wd, sum_w, z_y, w_y, eps, z_loss, num_classes, active, ACC,
                                     HAS_SMOOTHING)
     tl.store(loss_ptr + row, _dead_row_fill(loss, ignored, in_range))
     tl.store(lse_ptr + row, _dead_row_fill(lse, ignored, in_range))
-    tl.store(stats_ptr + 2 * row, _dead_row_fill(m, ignored, in_range))
-    tl.store(stats_ptr + 2 * row + 1, _dead_row_fill(log_s, ignored, in_range))
+    tl.store(stats_ptr + STATS * row, _dead_row_fill(m, ignored, in_range))
+    tl.store(stats_ptr + STATS * row + 1, _dead_row_fill(log_s, ignored, in_range))
+    if EXTRAS:
+        logprob = (z_y - m) - log_s
+        entropy = log_s - sum_ed / tl.where(active, s, 1.0)
+        tl.store(stats_ptr + STATS * row + 2, _dead_row_fill(logprob, ignored, in_range))
+        tl.store(stats_ptr + STATS * row + 3, _dead_row_fill(entropy, ignored, in_range))
 
 
 @triton.jit
@@ -388,8 +428,8 @@ def _focal_loss_fwd_kernel(
     else:
         a_y = one
 
-    m, s, sum_wd, sum_w = _row_stats(logits_row, weight_ptr, num_classes, tl.where(active, num_classes, 0), one, one,
-                                     one, ACC, False, False, False, BLOCK_SIZE)
+    m, s, sum_wd, sum_w, _ = _row_stats(logits_row, weight_ptr, num_classes, tl.where(active, num_classes, 0), one,
+                                        one, one, ACC, False, False, False, BLOCK_SIZE, False)
     nll, lse, m, log_s = _row_loss(m, s, sum_wd, sum_w, z_y, one, zero, zero, num_classes, active, ACC, False)
     loss, coef = _focal_row(nll, a_y, gamma)
     tl.store(loss_ptr + row, _dead_row_fill(loss, ignored, in_range))
@@ -418,6 +458,10 @@ def _cross_entropy_bwd_kernel(
     stats_row_stride,
     stats_col_stride,
     grad_ptr,
+    grad_logprob_ptr,
+    grad_logprob_stride,
+    grad_entropy_ptr,
+    grad_entropy_stride,
     num_classes,
     ignore_index,
     smoothing_hi,
@@ -432,6 +476,8 @@ def _cross_entropy_bwd_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr,
+    HAS_GRAD_LOGPROB: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
@@ -457,6 +503,16 @@ def _cross_entropy_bwd_kernel(
         w_y = tl.full([], 1.0, ACC)
         weight_sum = tl.cast(num_classes, ACC)
     nll, smooth, lse_term, p_scale = _grad_coefs(g, g_lse, m, log_s, w_y, weight_sum, eps, z_loss, num_classes, ACC)
+    g_lp = tl.zeros([], ACC)
+    g_h = tl.zeros([], ACC)
+    entropy = tl.zeros([], ACC)
+    if HAS_GRAD_LOGPROB:
+        g_lp = tl.load(grad_logprob_ptr + row * grad_logprob_stride).to(ACC)
+    if HAS_GRAD_ENTROPY:
+        g_h = tl.load(grad_entropy_ptr + row * grad_entropy_stride).to(ACC)
+        entropy = tl.load(stats_ptr + row * stats_row_stride + 3 * stats_col_stride).to(ACC)
+    if HAS_GRAD_LOGPROB or HAS_GRAD_ENTROPY:
+        nll, p_scale = _extras_coefs(nll, p_scale, g_lp, g_h, entropy)
 
     cols = chunk_start + tl.arange(0, BLOCK_SIZE)
     mask = cols < num_classes
@@ -464,6 +520,9 @@ def _cross_entropy_bwd_kernel(
     grad = _grad_elements(x, weight_ptr, cols, mask & active, m, log_s, p_scale, smooth, inv_softcap,
                           softcap_scale, inv_softcap_scale, inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING,
                           HAS_SOFTCAP)
+    if HAS_GRAD_ENTROPY:
+        grad += _entropy_term(x, m, log_s, g_h, 0.0, inv_softcap, softcap_scale, inv_softcap_scale,
+                              inv_temperature, HAS_SOFTCAP)
 
     # The target element, by the program whose chunk holds it.
     has_target = active & (y_safe >= chunk_start) & (y_safe < chunk_start + BLOCK_SIZE)
@@ -471,6 +530,9 @@ def _cross_entropy_bwd_kernel(
     z_y = _transform_logit(x_y, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
     grad_y = _grad_target(z_y, w_y, m, log_s, nll, smooth, lse_term, weight_sum, inv_softcap_scale,
                           inv_temperature, HAS_SOFTCAP)
+    if HAS_GRAD_ENTROPY:
+        grad_y += _entropy_term(x_y, m, log_s, g_h, g_h * entropy, inv_softcap, softcap_scale, inv_softcap_scale,
+                                inv_temperature, HAS_SOFTCAP)
     grad = tl.where(cols == y, grad_y, grad)
 
     grad = tl.where(active, grad, _dead_row_fill(grad, ignored, in_range))
@@ -529,9 +591,9 @@ def _cross_entropy_fwd_grad_kernel(
     else:
         g = tl.full([], 1.0, ACC)
 
-    m, s, sum_wd, sum_w = _row_stats(logits_row, weight_ptr, num_classes, tl.where(active, num_classes, 0),
-                                     inv_softcap, softcap_scale, inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING,
-                                     HAS_SOFTCAP, BLOCK_SIZE)
+    m, s, sum_wd, sum_w, _ = _row_stats(logits_row, weight_ptr, num_classes, tl.where(active, num_classes, 0),
+                                        inv_softcap, softcap_scale, inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING,
+                                        HAS_SOFTCAP, BLOCK_SIZE, False)
     loss, lse, m, log_s = _row_loss(m, s, sum_wd, sum_w, z_y, w_y, eps, z_loss, num_classes, active, ACC,
                                     HAS_SMOOTHING)
     tl.store(loss_ptr + row, _dead_row_fill(loss, ignored, in_range))
@@ -585,8 +647,10 @@ def cross_entropy_fwd(
     z_loss: float,
     softcap: float,
     temperature: float,
+    extras: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss (N,), lse (N,) and stats (N, 2) = (m, log_s), in the accumulation dtype.
+    """Per-row loss (N,), lse (N,) and stats (N, 2) = (m, log_s), in the accumulation dtype; with
+    ``extras`` stats is (N, 4) = (m, log_s, logprob, entropy).
 
     Ignored rows give zeros; a target outside [0, C) that is not ignore_index gives NaNs.
     """
@@ -594,7 +658,7 @@ def cross_entropy_fwd(
     acc_dtype = _acc_dtype(logits.dtype)
     loss = torch.empty((n_rows,), dtype=acc_dtype, device=logits.device)
     lse = torch.empty((n_rows,), dtype=acc_dtype, device=logits.device)
-    stats = torch.empty((n_rows, 2), dtype=acc_dtype, device=logits.device)
+    stats = torch.empty((n_rows, 4 if extras else 2), dtype=acc_dtype, device=logits.device)
     if n_rows == 0:
         return loss, lse, stats
 
@@ -616,6 +680,7 @@ def cross_entropy_fwd(
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=label_smoothing > 0.0,
         HAS_SOFTCAP=softcap > 0.0,
+        EXTRAS=extras,
         BLOCK_SIZE=block,
         num_warps=num_warps,
     )
@@ -634,8 +699,13 @@ def cross_entropy_bwd(
     z_loss: float,
     softcap: float,
     temperature: float,
+    grad_logprob: Tensor | None = None,
+    grad_entropy: Tensor | None = None,
 ) -> Tensor:
-    """The (N, C) gradient of the logits, contiguous, in the logits' dtype."""
+    """The (N, C) gradient of the logits, contiguous, in the logits' dtype (grad_entropy needs the
+    (N, 4) stats)."""
+    if grad_entropy is not None and stats.shape[1] != 4:
+        raise RuntimeError("fusedloss: the entropy's gradient needs the forward's (N, 4) stats (extras=True)")
     n_rows, num_classes = logits.shape
     grad = torch.empty((n_rows, num_classes), dtype=logits.dtype, device=logits.device)
     if grad.numel() == 0:
@@ -648,6 +718,8 @@ def cross_entropy_bwd(
     weight_sum = weight.sum() if has_weight else target
     weight_arg = weight if has_weight else target
     grad_lse_arg = grad_lse if has_grad_lse else grad_loss
+    grad_logprob_arg = grad_logprob if grad_logprob is not None else grad_loss
+    grad_entropy_arg = grad_entropy if grad_entropy is not None else grad_loss
     block, num_warps = _launch_config(num_classes, _BWD_MAX_BLOCK, _BWD_MAX_WARPS)
     grid = (n_rows, triton.cdiv(num_classes, block))
 
@@ -665,6 +737,10 @@ def cross_entropy_bwd(
         stats.stride(0),
         stats.stride(1),
         grad,
+        grad_logprob_arg,
+        grad_logprob_arg.stride(0),
+        grad_entropy_arg,
+        grad_entropy_arg.stride(0),
         num_classes,
         ignore_index,
         *_scalar_args(label_smoothing, z_loss, softcap, temperature),
@@ -672,6 +748,8 @@ def cross_entropy_bwd(
         HAS_SMOOTHING=label_smoothing > 0.0,
         HAS_SOFTCAP=softcap > 0.0,
         HAS_GRAD_LSE=has_grad_lse,
+        HAS_GRAD_LOGPROB=grad_logprob is not None,
+        HAS_GRAD_ENTROPY=grad_entropy is not None,
         BLOCK_SIZE=block,
         num_warps=num_warps,
     )

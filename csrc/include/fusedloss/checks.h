@@ -61,10 +61,14 @@ inline void check_row_grad(const at::Tensor& g, const at::Tensor& logits, const 
   TORCH_CHECK(g.device() == logits.device(), "fusedloss: ", name, " is on the wrong device");
 }
 
-inline void check_row_stats(const at::Tensor& stats, const at::Tensor& logits) {
+// stats: (N, 2) = (max, log_s), or (N, 4) with the extras (logprob, entropy) after them; the entropy
+// gradient needs the latter.
+inline void check_row_stats(const at::Tensor& stats, const at::Tensor& logits, bool need_entropy = false) {
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == 2 && stats.is_contiguous(),
-              "fusedloss: stats must be the forward's contiguous (N, 2) output");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) &&
+                  (stats.size(1) == 4 || (stats.size(1) == 2 && !need_entropy)) && stats.is_contiguous(),
+              "fusedloss: stats must be the forward's contiguous (N, 2) output, (N, 4) with extras (which the "
+              "entropy's gradient needs)");
   TORCH_CHECK(stats.scalar_type() == acc, "fusedloss: stats must be ", acc, ", got ", stats.scalar_type());
   TORCH_CHECK(stats.device() == logits.device(), "fusedloss: stats is on the wrong device");
 }

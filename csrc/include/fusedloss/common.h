@@ -60,6 +60,9 @@ FL_HOST_DEVICE float fl_positive_part(float x) { return x > 0.f ? x : 0.f; }
 FL_HOST_DEVICE double fl_positive_part(double x) { return x > 0.0 ? x : 0.0; }
 FL_HOST_DEVICE float fl_step(float x) { return x > 0.f ? 1.f : 0.f; }
 FL_HOST_DEVICE double fl_step(double x) { return x > 0.0 ? 1.0 : 0.0; }
+// v where c > 0, else 0 (v is not evaluated into the result elsewhere, so an inf * 0 there is harmless).
+FL_HOST_DEVICE float fl_where_positive(float c, float v) { return c > 0.f ? v : 0.f; }
+FL_HOST_DEVICE double fl_where_positive(double c, double v) { return c > 0.0 ? v : 0.0; }
 template <typename T>
 FL_HOST_DEVICE T fl_nan() {
   return T(NAN);
@@ -94,6 +97,11 @@ template <typename T>
 inline at::vec::Vectorized<T> fl_positive_part(const at::vec::Vectorized<T>& x) {
   const at::vec::Vectorized<T> zero(T(0));
   return at::vec::Vectorized<T>::blendv(zero, x, x > zero);
+}
+template <typename T>
+inline at::vec::Vectorized<T> fl_where_positive(const at::vec::Vectorized<T>& c, const at::vec::Vectorized<T>& v) {
+  const at::vec::Vectorized<T> zero(T(0));
+  return at::vec::Vectorized<T>::blendv(zero, v, c > zero);
 }
 template <typename T>
 inline at::vec::Vectorized<T> fl_step(const at::vec::Vectorized<T>& x) {

@@ -30,6 +30,20 @@
 //       z * T / softcap, so the backward recomputes z and needs no extra saved tensor.
 //   (6) focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection", eq. 5, in its
 //       multi-class softmax form; issue #9): focal_row below.
+//   (7) the row's extras (return_logprob / return_entropy), of the transformed row z:
+//         logprob = log p_y = (z_y - m) - log_s
+//         H = -sum_j p_j log p_j = -sum_j p_j ((z_j - m) - log_s) = log_s - sum_ed / s,
+//         sum_ed = sum_j exp(z_j - m) (z_j - m)
+//       sum_ed is accumulated online next to s, relative to the same running max: at a new max
+//       M >= m, sum_j exp(z_j - M) (z_j - M) = exp(m - M) (sum_ed + (m - M) s). A -inf z_j adds 0
+//       (the limit of p log p), not 0 * -inf. Their gradients, with upstream g_lp and g_H:
+//         d logprob / d z_k = [k == y] - p_k: (4)'s NLL term with w_y (1 - eps) g replaced by
+//           w_y (1 - eps) g - g_lp, so nll and p_scale take -g_lp (and the target's expm1 form
+//           keeps p_y - 1 exact for this term too);
+//         d H / d z_k = -sum_j (d p_j / d z_k) (log p_j + 1),  d p_j / d z_k = p_j ([j == k] - p_k)
+//                     = -p_k (log p_k + 1) + p_k sum_j p_j (log p_j + 1) = -p_k (log p_k + H),
+//           so p_scale takes -g_H H and each element -g_H p_k log p_k (0 where p_k = 0).
+//       Both then go through (5) like the rest of the gradient.
 // Only (m, log_s) per row is saved between forward and backward: the backward is one pass that
 // recomputes z_k and p_k, reading the logits once and writing the gradient once.
 // A row whose target equals ignore_index has loss 0, lse 0 and gradient 0, as in torch.
@@ -75,11 +89,20 @@ struct RowStats {
   acc_t sumexp;  // s = sum exp(z - m)
   acc_t sum_wd;  // sum w (z - m), only with label smoothing
   acc_t sum_w;   // sum w, only with label smoothing
+  acc_t sum_ed;  // sum exp(z - m) (z - m), only for the entropy (7)
 };
 
 template <typename acc_t>
 FL_HOST_DEVICE RowStats<acc_t> empty_stats() {
-  return RowStats<acc_t>{-fl_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
+  return RowStats<acc_t>{-fl_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+}
+
+// (7): sum_ed of a piece with max m and sum s, re-expressed relative to M >= m; 0 for an empty piece.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t shift_ed(acc_t sum_ed, acc_t s, acc_t m, acc_t M) {
+  if (m == -fl_inf<acc_t>() || s == acc_t(0)) return acc_t(0);
+  if (m == M) return sum_ed;
+  return fl_exp(m - M) * (sum_ed + (m - M) * s);
 }
 
 // sum_wd of a piece re-expressed relative to a larger max M: sum w (z - M) = sum_wd + sum_w (m - M).
@@ -106,22 +129,30 @@ FL_HOST_DEVICE RowStats<acc_t> merge_stats(const RowStats<acc_t>& a, const RowSt
     r.sumexp = sa + sb;
     r.sum_wd = shift_wd(a, m) + shift_wd(b, m);
   }
+  // NaN maxima (a NaN logit) poison sum_ed too, through m - M.
+  r.sum_ed =
+      m == -fl_inf<acc_t>() ? acc_t(0) : shift_ed(a.sum_ed, a.sumexp, a.max, m) + shift_ed(b.sum_ed, b.sumexp, b.max, m);
   return r;
 }
 
 // One element into running stats (a GPU thread's inner step): one exp per element. The CPU kernel
 // does the same on whole vectors, with a max pass and then a sum pass over each L1-sized chunk.
 template <typename acc_t>
-FL_HOST_DEVICE void update_stats(RowStats<acc_t>& r, acc_t z, acc_t w, bool smoothing) {
-  if (z > r.max) {  // a new max rescales what was summed so far
+FL_HOST_DEVICE void update_stats(RowStats<acc_t>& r, acc_t z, acc_t w, bool smoothing, bool entropy = false) {
+  if (z > r.max) {  // a new max rescales what was summed so far; the new element adds exp(0) * 0
     if (smoothing) r.sum_wd = shift_wd(r, z);
+    if (entropy) r.sum_ed = shift_ed(r.sum_ed, r.sumexp, r.max, z);
     r.sumexp = (r.max == -fl_inf<acc_t>() ? acc_t(0) : r.sumexp * fl_exp(r.max - z)) + acc_t(1);
     r.max = z;
   } else if (z != z) {  // NaN poisons the row, as in torch
     r.max = z;
     r.sumexp = z;
+    r.sum_ed = z;
   } else if (z != -fl_inf<acc_t>()) {
-    r.sumexp += fl_exp(z - r.max);
+    const acc_t d = z - r.max;
+    const acc_t e = fl_exp(d);
+    r.sumexp += e;
+    if (entropy) r.sum_ed += e * d;
   }
   if (smoothing) {
     // w * (z - m); a -inf logit gives -inf (w > 0) or NaN (w == 0), as torch's -(w * log_softmax).
@@ -159,6 +190,13 @@ FL_HOST_DEVICE void row_loss(const RowStats<acc_t>& r, acc_t z_y, acc_t w_y, con
   *log_s = ls;
 }
 
+// (7): the row's logprob and entropy from its merged stats (sum_ed accumulated) and log_s.
+template <typename acc_t>
+FL_HOST_DEVICE void row_extras(const RowStats<acc_t>& r, acc_t z_y, acc_t log_s, acc_t* logprob, acc_t* entropy) {
+  *logprob = (z_y - r.max) - log_s;
+  *entropy = log_s - r.sum_ed / r.sumexp;
+}
+
 // (4): the per-row constants of the gradient.
 template <typename acc_t>
 struct GradCoefs {
@@ -169,20 +207,26 @@ struct GradCoefs {
   acc_t smooth;
   acc_t lse_term;
   acc_t weight_sum;
+  acc_t entropy;    // g_H of (7); 0 when the entropy gets no gradient (its terms are then skipped)
+  acc_t entropy_h;  // g_H * H, inside p_scale (the target's regrouped form adds it itself)
 };
 
-// max and log_s are the forward's saved stats; weight_sum is W (C without weights).
+// max and log_s are the forward's saved stats; weight_sum is W (C without weights). g_lp and g_H are
+// the gradients of the row's logprob and entropy (7), H its entropy (read only when g_H != 0).
 template <typename acc_t>
 FL_HOST_DEVICE GradCoefs<acc_t> grad_coefs(acc_t max, acc_t log_s, acc_t w_y, acc_t weight_sum, acc_t g,
-                                           acc_t g_lse, const Options<acc_t>& o) {
+                                           acc_t g_lse, const Options<acc_t>& o, acc_t g_lp = acc_t(0),
+                                           acc_t g_H = acc_t(0), acc_t H = acc_t(0)) {
   GradCoefs<acc_t> c;
   c.max = max;
   c.log_s = log_s;
-  c.nll = g * (acc_t(1) - o.smoothing) * w_y;
+  c.nll = g * (acc_t(1) - o.smoothing) * w_y - g_lp;
   c.smooth = g * o.smoothing / acc_t(o.num_classes);
   c.lse_term = o.z_loss > acc_t(0) ? g * acc_t(2) * o.z_loss * (max + log_s) + g_lse : g_lse;
   c.weight_sum = weight_sum;
-  c.p_scale = c.nll + c.smooth * weight_sum + c.lse_term;
+  c.entropy = g_H;
+  c.entropy_h = g_H != acc_t(0) ? g_H * H : acc_t(0);
+  c.p_scale = c.nll + c.smooth * weight_sum + c.lse_term - c.entropy_h;
   return c;
 }
 
@@ -192,9 +236,21 @@ FL_HOST_DEVICE T softmax_prob(const T& z, const GradCoefs<acc_t>& c) {
   return fl_exp((z - T(c.max)) - T(c.log_s));
 }
 
+// (7)'s element term -g_H p_k log p_k, 0 where p_k = 0 (log p_k = -inf there).
+template <typename T>
+FL_HOST_DEVICE T entropy_term(const T& p, const T& log_p, const T& g_H) {
+  return fl_where_positive(p, g_H * p * log_p);
+}
+
 // (4) + (5) for elements that are not the target; w is w_k (1 without weights).
 template <typename acc_t, typename T>
 FL_HOST_DEVICE T grad_element(const T& z, const T& w, const GradCoefs<acc_t>& c, const Options<acc_t>& o) {
+  if (c.entropy != acc_t(0)) {
+    const T log_p = (z - T(c.max)) - T(c.log_s);
+    const T p = fl_exp(log_p);
+    const T value = p * T(c.p_scale) - entropy_term(p, log_p, T(c.entropy)) - T(c.smooth) * w;
+    return value * transform_grad<acc_t>(z, o);
+  }
   return (softmax_prob<acc_t>(z, c) * T(c.p_scale) - T(c.smooth) * w) * transform_grad<acc_t>(z, o);
 }
 
@@ -203,7 +259,8 @@ template <typename acc_t>
 FL_HOST_DEVICE acc_t grad_target(acc_t z_y, acc_t w_y, const GradCoefs<acc_t>& c, const Options<acc_t>& o) {
   const acc_t d = (z_y - c.max) - c.log_s;  // log p_y
   const acc_t p = fl_exp(d);
-  const acc_t value = c.nll * fl_expm1(d) + c.smooth * (p * c.weight_sum - w_y) + c.lse_term * p;
+  acc_t value = c.nll * fl_expm1(d) + c.smooth * (p * c.weight_sum - w_y) + c.lse_term * p;
+  if (c.entropy != acc_t(0)) value -= entropy_term(p, d, c.entropy) + c.entropy_h * p;
   return value * transform_grad<acc_t>(z_y, o);
 }
 
