@@ -305,6 +305,74 @@ NCE_SHAPES_INTERPRETED = [(3, 3, 16), (2, 5, 8)]
 
 
 # ----------------------------------------------------------------------------------------------
+# siglip_loss: query (N, D), key (M, D)
+# ----------------------------------------------------------------------------------------------
+def _siglip_bounds(q, k, t, b, labels, ups, reduction, normalize, dtype, learnable):
+    """Extra atol: for query and key, through F.normalize a row's gradient is the gradient of its unit
+    row minus the radial part, so its error scales with the former (divided by the norm); the
+    temperature's and the bias's gradients sum N * M terms of both signs, each with the loss's accuracy:
+    the loss's rtol times sum |G_ij T_ij| (sum |G_ij| for the bias), G = dL/dz."""
+    q64, k64 = q.detach().double().cpu(), k.detach().double().cpu()
+    qn = (F.normalize(q64, dim=1) if normalize else q64).requires_grad_()
+    kn = (F.normalize(k64, dim=1) if normalize else k64).requires_grad_()
+    dots = qn @ kn.T
+    z = t * dots + b
+    n = dots.shape[0]
+    target = torch.arange(n) if labels is None else labels.cpu()
+    rows = -F.logsigmoid((2 * F.one_hot(target, dots.shape[1]).double() - 1) * z).sum(1)
+    up = ups[0].double().cpu()
+    total = (rows * up).sum() if reduction == "none" else (rows.sum() if reduction == "sum" else rows.mean()) * up
+    gz, gq, gk = torch.autograd.grad(total, (z, qn, kn))
+    atol = CHECK_TOL[dtype]["grad"][1]
+    out = {}
+    if normalize:
+        out["query"] = atol * float((gq / q64.norm(dim=1, keepdim=True).clamp_min(1e-12)).abs().max())
+        out["key"] = atol * float((gk / k64.norm(dim=1, keepdim=True).clamp_min(1e-12)).abs().max())
+    if learnable:
+        rtol, l_atol = CHECK_TOL[dtype]["loss"]
+        out["temperature"] = rtol * float((gz * dots.detach()).abs().sum()) + l_atol
+        out["bias"] = rtol * float(gz.abs().sum()) + l_atol
+    return out
+
+
+def _make_siglip(shape, opts, reduction, dtype, device, gen) -> Problem:
+    N, M, D = shape
+    normalize = opts.get("normalize", True)
+    s = 1.0 if normalize else 1.0 / math.sqrt(D)  # unnormalized: dot products of order 1
+    q = _leaf(_randn((N, D), gen, s), dtype, device, opts.get("noncontig", False))
+    k = _leaf(_randn((M, D), gen, s), dtype, device)
+    labels = torch.randint(0, M, (N,), generator=gen).to(device) if opts.get("labels") else None
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = {"query": q, "key": k}
+    t, b = 10.0, -10.0  # SigLIP's initialization
+    if opts.get("learnable"):
+        leaves["temperature"] = torch.tensor(t, dtype=acc, device=device)
+        leaves["bias"] = torch.tensor(b, dtype=acc, device=device)
+
+    def run(fn, leaves, ref):
+        return (fn(leaves["query"], leaves["key"], temperature=leaves.get("temperature", t),
+                   bias=leaves.get("bias", b), normalize=normalize, labels=labels, reduction=reduction),)
+
+    def bounds(ref_leaves, ups):
+        return _siglip_bounds(q, k, t, b, labels, ups, reduction, normalize, dtype, "temperature" in leaves)
+
+    return Problem(leaves, run, bounds)
+
+
+SIGLIP_OPTIONS = [
+    ("t=10 b=-10", {}, "mean"),
+    ("t=10 b=-10", {}, "sum"),
+    ("t=10 b=-10", {}, "none"),
+    ("unnormalized", {"normalize": False}, "mean"),
+    ("labels", {"labels": True}, "mean"),
+    ("learnable temperature and bias", {"learnable": True}, "mean"),
+    ("learnable labels", {"learnable": True, "labels": True}, "none"),
+    ("non-contiguous", {"noncontig": True}, "mean"),
+]
+SIGLIP_SHAPES = [(37, 37, 16), (24, 40, 33), (64, 64, 64)]
+SIGLIP_SHAPES_INTERPRETED = [(3, 3, 16), (2, 5, 8)]
+
+# ----------------------------------------------------------------------------------------------
 # linear_cross_entropy: input (N, D), linear_weight (V, D)
 # ----------------------------------------------------------------------------------------------
 # Probabilistic bound of a length-K fp32 dot product (Higham & Mary 2019): the error stays below
@@ -434,6 +502,7 @@ OPS = {
     "cross_entropy": OpCheck("cross_entropy", CE_SHAPES, CE_SHAPES_INTERPRETED, CE_OPTIONS, _make_ce),
     "gap_loss": OpCheck("gap_loss", GAP_SHAPES, GAP_SHAPES_INTERPRETED, GAP_OPTIONS, _make_gap),
     "info_nce": OpCheck("info_nce", NCE_SHAPES, NCE_SHAPES_INTERPRETED, NCE_OPTIONS, _make_nce),
+    "siglip_loss": OpCheck("siglip_loss", SIGLIP_SHAPES, SIGLIP_SHAPES_INTERPRETED, SIGLIP_OPTIONS, _make_siglip),
     "linear_cross_entropy": OpCheck("linear_cross_entropy", LCE_SHAPES, LCE_SHAPES_INTERPRETED, LCE_OPTIONS,
                                     _make_lce),
     # present when fusedloss.functional has it (added in parallel); skipped otherwise

@@ -113,6 +113,7 @@ _REGISTRY: dict[str, _Entry] = {
     "cross_entropy": _Entry(_lazy("fusedloss.functional", "cross_entropy"), "fusedloss.cross_entropy", ("weight",)),
     "gap_loss": _Entry(_lazy("fusedloss.functional", "gap_loss"), "fusedloss.gap_loss", ("weight",)),
     "info_nce": _Entry(_lazy("fusedloss.nn", "InfoNCELoss"), "fusedloss.nn.InfoNCELoss"),
+    "siglip_loss": _Entry(_lazy("fusedloss.nn", "SigLIPLoss"), "fusedloss.nn.SigLIPLoss"),
     "linear_cross_entropy": _Entry(_lazy("fusedloss.functional", "linear_cross_entropy"),
                                    "fusedloss.linear_cross_entropy", ("weight",)),
     "focal_loss": _Entry(_lazy("fusedloss.functional", "focal_loss"), "fusedloss.focal_loss", ("weight", "alpha")),

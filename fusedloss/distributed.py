@@ -5,6 +5,7 @@
 - :func:`vocab_parallel_linear_cross_entropy`: the same for ``input @ weight_shard.T + bias_shard``, chunked
   over rows: neither the full nor the local ``(N, V)`` logits ever exist.
 - :func:`info_nce`: keys (and, for the symmetric loss, queries) gathered from every rank with gradient.
+- :func:`siglip_loss`: SigLIP's sigmoid loss against the keys gathered from every rank with gradient.
 
 Importing this module needs no process group; calling a function without one raises. The functions run
 eagerly (their collectives sit inside ``torch.autograd.Function``s, which torch.compile does not trace).
@@ -41,7 +42,7 @@ from fusedloss.ops import cross_entropy as _ce
 from fusedloss.ops import linear_cross_entropy as _lce
 from fusedloss.ops._common import acc_dtype
 
-__all__ = ["info_nce", "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+__all__ = ["info_nce", "siglip_loss", "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
 # Encoding of the local kernel call's targets: every live row gets class 0 of the shard (the forward's
 # stats do not depend on the target), rows ignored globally get _SKIP, which the call treats as ignored.
@@ -690,3 +691,52 @@ def info_nce(
         loss = _functional.info_nce(q, all_k, global_labels, **kw)
     return _functional._reduce_info_nce(loss, reduction, n)
 
+
+def siglip_loss(
+    query: Tensor,
+    key: Tensor,
+    *,
+    group=None,
+    temperature: float | Tensor = 10.0,
+    bias: float | Tensor = -10.0,
+    normalize: bool = True,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    batch_sizes=None,
+    backend: str | None = None,
+) -> Tensor:
+    """SigLIP's sigmoid loss of this rank's queries against the keys of every rank of ``group``.
+
+    As :func:`info_nce`: rank r holds ``query`` ``(N_r, D)`` and ``key`` ``(M_r, D)``; the keys are
+    all-gathered with gradient (in rank order) and each local query is scored against all of them with
+    :func:`fusedloss.siglip_loss`: the other ranks' keys are negatives (open_clip's SigLipLoss over every
+    rank's texts). ``labels`` ``(N_r,)`` index this rank's own keys (default the diagonal, needs
+    ``M_r >= N_r``) and are offset by the number of keys on the lower ranks. ``"mean"`` divides by this
+    rank's N_r (open_clip's normalization).
+
+    Contract (tested): with equal batch sizes and ``reduction="mean"``, ``sum_r loss_r / world_size`` equals
+    :func:`fusedloss.siglip_loss` on the concatenated batch (labels concatenated with their offsets); its
+    gradients, with every rank backpropagating ``loss_r / world_size``, are the single-process ones (the
+    gather's backward is a reduce-scatter SUM). A learnable ``temperature`` / ``bias`` (one copy per rank)
+    gets the gradient of this rank's loss only; their sum over ranks is the single-process gradient.
+    ``batch_sizes`` and the communication (float32 rows for fp16/bf16 inputs) are as for :func:`info_nce`.
+    """
+    rank, world = _group_info("siglip_loss", group)
+    _checks.query_key(query, key)
+    _checks.reduction(reduction)
+    n, m = query.shape[0], key.shape[0]
+    if labels is None and m < n:
+        raise ValueError(f"the default labels (query i's positive is key i) need at least as many keys as queries "
+                         f"on each rank, got N={n} queries and M={m} keys; pass labels")
+    sizes = _batch_sizes(query, key, batch_sizes, world, group)
+    if (n, m) != sizes[rank]:
+        raise ValueError(f"batch_sizes[{rank}] is {sizes[rank]} but this rank has N={n} queries and M={m} keys")
+    offset = sum(k for _, k in sizes[:rank])
+    # The local labels checked against this rank's keys (IndexError on CPU), then moved to the gathered
+    # keys' numbering.
+    labels = _functional._siglip_labels(labels, query, n, m)
+    global_labels = (labels if labels is not None else torch.arange(n, device=query.device)) + offset
+    acc = acc_dtype(query.dtype)
+    all_k = _GatherRows.apply(key.to(acc), [m_r for _, m_r in sizes], rank, group)
+    return _functional.siglip_loss(query.to(acc), all_k, temperature=temperature, bias=bias, normalize=normalize,
+                                   labels=global_labels, reduction=reduction, backend=backend)

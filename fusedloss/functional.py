@@ -16,11 +16,12 @@ from fusedloss.ops import info_nce as _nce
 from fusedloss.ops import kl_div as _kl
 from fusedloss.ops import linear_cross_entropy as _lce
 from fusedloss.ops import linear_kl_div as _lkl
+from fusedloss.ops import siglip as _sig
 from fusedloss.ops._common import acc_dtype
 from fusedloss.ops._registry import REDUCTION
 
 __all__ = ["cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy", "kl_div_logits", "jsd_logits",
-           "linear_kl_div", "linear_jsd"]
+           "linear_kl_div", "linear_jsd", "siglip_loss"]
 
 
 def _reduce_rows_triton(loss: Tensor, reduction: str, out_shape: torch.Size, target: Tensor, weight: Tensor | None,
@@ -662,6 +663,123 @@ def _reduce_info_nce(loss: Tensor, reduction: str, n: int | Tensor) -> Tensor:
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / n
+
+
+# --- SigLIP (issue #17) ----------------------------------------------------------------------------
+
+
+def _siglip_scalar(name: str, value, query: Tensor):
+    """siglip_loss's temperature / bias: a finite real, or a 0-dim floating tensor on query's device (not
+    read on the host)."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}")
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        _checks.same_device(name, value, "query", query)
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _siglip_labels(labels: Tensor | None, query: Tensor, n: int, m: int) -> Tensor | None:
+    """Checks siglip_loss's labels; returns them as int64 (None stays None: the diagonal)."""
+    if labels is None:
+        if m < n:
+            raise ValueError(f"the default labels (query i's positive is key i) need at least as many keys as "
+                             f"queries, got N={n} queries and M={m} keys; pass labels")
+        return None
+    _checks.tensor("labels", labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer key indices (int64), got dtype {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape (N,) = ({n},), got {tuple(labels.shape)}")
+    _checks.same_device("labels", labels, "query", query)
+    labels = labels.to(torch.int64)
+    if n and m == 0:
+        raise IndexError(f"labels must be in [0, M) = [0, 0): there are no keys for the {n} queries")
+    if labels.device.type == "cpu" and n and not torch.compiler.is_compiling():
+        bad = (labels < 0) | (labels >= m)
+        if bool(bad.any()):
+            raise IndexError(f"labels must be in [0, M) = [0, {m}), got {int(labels[bad][0])} "
+                             f"at position {int(bad.nonzero()[0, 0])}")
+    return labels
+
+
+def siglip_loss(
+    query: Tensor,
+    key: Tensor,
+    *,
+    temperature: float | Tensor = 10.0,
+    bias: float | Tensor = -10.0,
+    normalize: bool = True,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> Tensor:
+    """SigLIP's sigmoid pairwise loss (Zhai et al. 2023), as open_clip's ``SigLipLoss``, without the (N, M)
+    logits.
+
+    query ``(N, D)``, key ``(M, D)``, one floating dtype and device. The logits are
+    ``z_ij = temperature * sim(q_i, k_j) + bias``, sim the dot product of L2-normalized rows
+    (``F.normalize``, gradients through it) when ``normalize``, the raw dot product otherwise. The label
+    is +1 for the pair ``(i, labels_i)`` and -1 for every other pair, and per query
+    ``loss_i = -sum_j log sigmoid(label_ij * z_ij)``.
+
+    - ``labels`` ``(N,)`` (integer) gives each query's positive key. ``None`` is the diagonal: key i is
+      query i's positive, which needs ``M >= N`` (open_clip's square batch is ``M == N``; extra keys are
+      extra negatives, as in :func:`info_nce`).
+    - ``temperature`` (a multiplier of the similarity, SigLIP's ``t = exp(t')``) and ``bias``: finite
+      floats, or 0-dim floating tensors on the inputs' device that may require grad (learnable; never
+      read on the host, so their values are not checked).
+    - ``reduction``: ``"none"`` the ``(N,)`` per-query losses; ``"mean"`` their sum divided by N (open_clip
+      divides by the number of queries, not of pairs); ``"sum"`` their sum.
+
+    The loss is float32 for fp16/bf16/fp32 inputs (float64 for float64); gradients have the inputs' dtype.
+    fp16/bf16 rows are converted to float32 first (normalized there), as :func:`info_nce` does, and the
+    kernels run on those rows. Kernels (cpu, cuda, triton) stream tiles of ``Q K^T``; each row's sum is
+    float32 per tile and float64 across tiles; the gradients of temperature and bias are summed per row in
+    float64, then over rows in a fixed order. Labels are checked against ``[0, M)`` for CPU tensors
+    (IndexError); elsewhere, without a host sync, a query whose label is out of range gets a NaN loss
+    (and NaN gradients), as :func:`info_nce` does.
+    """
+    _checks.query_key(query, key)
+    _checks.reduction(reduction)
+    N = query.shape[0]
+    M = key.shape[0]
+    temperature = _siglip_scalar("temperature", temperature, query)
+    bias = _siglip_scalar("bias", bias, query)
+    labels = _siglip_labels(labels, query, N, M)
+    name = _backend.resolve_for(backend, query)
+    label_ok = None
+    if labels is not None and labels.device.type != "cpu":
+        label_ok = (labels >= 0) & (labels < M)
+        labels = labels.clamp(0, M - 1)
+    if name == "reference":
+        loss = reference.siglip_loss(query, key, temperature=temperature, bias=bias, normalize=normalize,
+                                     labels=labels, reduction="none")
+        return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
+    acc = acc_dtype(query.dtype)
+    q = query.to(acc)
+    k = key.to(acc)
+    if normalize:
+        q = F.normalize(q, dim=1)
+        k = F.normalize(k, dim=1)
+    q = q.contiguous()
+    k = k.contiguous()
+    # A learnable temperature or bias goes to the kernels as float64: its gradient is then returned in
+    # float64 (summed there) and rounded once by autograd to the parameter's dtype.
+    scalars = []
+    for value in (temperature, bias):
+        if isinstance(value, Tensor):
+            scalars.append(value.to(torch.float64))
+        else:
+            scalars.append(torch.full((), value, dtype=acc, device=query.device))
+    loss = _sig.forward_op(name)(q, k, scalars[0], scalars[1], labels)
+    return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
 
 
 # --- distillation (issue #16, item 4) ------------------------------------------------------------

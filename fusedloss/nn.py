@@ -11,7 +11,7 @@ from torch.nn import _reduction
 from fusedloss import functional as F
 
 __all__ = ["CrossEntropyLoss", "FocalLoss", "GapLoss", "InfoNCELoss", "LinearCrossEntropyLoss", "MultiMarginLoss",
-           "KLDivLogitsLoss", "JSDLogitsLoss"]
+           "KLDivLogitsLoss", "JSDLogitsLoss", "SigLIPLoss"]
 
 
 class _Loss(nn.Module):
@@ -281,6 +281,60 @@ class InfoNCELoss(_Loss):
     def extra_repr(self) -> str:
         temp = "learnable" if self.learnable_temperature else f"{self.temperature}"
         return ", ".join([f"temperature={temp}"] + self._repr_parts())
+
+
+class SigLIPLoss(_Loss):
+    """SigLIP's sigmoid pairwise loss (see ``fusedloss.siglip_loss``); ``forward(query, key, labels=None)``.
+
+    ``learnable=True`` (the default) keeps temperature and bias as SigLIP does: parameters
+    ``logit_scale = log(temperature)`` (the temperature used is ``exp(logit_scale)``) and ``logit_bias``,
+    initialized from ``temperature`` and ``bias`` (SigLIP's t' = log 10, b = -10). No clamp is applied in
+    the graph. ``learnable=False`` keeps both as floats.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 10.0,
+        bias: float = -10.0,
+        *,
+        normalize: bool = True,
+        reduction: str = "mean",
+        learnable: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise ValueError(f"bias must be a finite float, got {bias!r}")
+        self._set_options(locals())
+        self.learnable = learnable
+        if learnable:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(temperature)))
+            self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
+            self.temperature = self.bias = None
+        else:
+            self.logit_scale = self.logit_bias = None
+            self.temperature, self.bias = float(temperature), float(bias)
+
+    # temperature and bias are passed by forward (floats, or the learnable ones in the graph).
+    OPTIONS = {"normalize": True, "reduction": "mean", "backend": None}
+    SHOWN = ("normalize", "reduction")
+
+    def current_temperature(self) -> float | Tensor:
+        """The temperature (a multiplier) the next forward uses: the float, or exp(logit_scale) in the graph."""
+        return self.temperature if self.logit_scale is None else self.logit_scale.exp()
+
+    def current_bias(self) -> float | Tensor:
+        return self.bias if self.logit_bias is None else self.logit_bias
+
+    def forward(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> Tensor:
+        return F.siglip_loss(query, key, temperature=self.current_temperature(), bias=self.current_bias(),
+                             labels=labels, **self._options())
+
+    def extra_repr(self) -> str:
+        head = ["learnable"] if self.learnable else [f"temperature={self.temperature}", f"bias={self.bias}"]
+        return ", ".join(head + self._repr_parts())
 
 
 class KLDivLogitsLoss(_Loss):

@@ -312,6 +312,43 @@ def info_nce(
     return loss
 
 
+def siglip_loss(
+    query: Tensor,
+    key: Tensor,
+    *,
+    temperature: float | Tensor = 10.0,
+    bias: float | Tensor = -10.0,
+    normalize: bool = True,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+):
+    """SigLIP's sigmoid loss from its definition: the (N, M) logits z = temperature * sim(Q, K) + bias, the
+    label matrix y (+1 at (i, labels_i), default the diagonal, -1 elsewhere), loss_i = -sum_j
+    logsigmoid(y_ij z_ij); ``mean`` divides by N (open_clip's SigLipLoss)."""
+    dtype = _compute_dtype(query.dtype)
+    q = query.to(dtype)
+    k = key.to(dtype)
+    if normalize:
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+    if isinstance(temperature, Tensor):
+        temperature = temperature.to(dtype)
+    if isinstance(bias, Tensor):
+        bias = bias.to(dtype)
+    logits = temperature * (q @ k.T) + bias
+    N = q.shape[0]
+    if labels is None:
+        labels = torch.arange(N, device=q.device)
+    y = -torch.ones_like(logits)
+    y[torch.arange(N, device=q.device), labels] = 1.0
+    loss = -F.logsigmoid(y * logits).sum(1)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,

@@ -495,6 +495,10 @@ CASES = {
     "info_nce": ({"params": {"temperature": 0.5}, "inputs": ["q", "k"]},
                  lambda: {"q": torch.randn(5, 3), "k": torch.randn(7, 3)},
                  lambda o: F.cross_entropy(F.normalize(o["q"]) @ F.normalize(o["k"]).T / 0.5, torch.arange(5))),
+    "siglip_loss": ({"params": {"learnable": False}, "inputs": ["q", "k"]},
+                    lambda: {"q": torch.randn(5, 3), "k": torch.randn(7, 3)},
+                    lambda o: -F.logsigmoid((2 * torch.eye(5, 7) - 1)
+                                            * (10 * F.normalize(o["q"]) @ F.normalize(o["k"]).T - 10)).sum() / 5),
     "linear_cross_entropy": ({"inputs": {"input": "h", "linear_weight": "W", "target": "target"}},
                              lambda: {"h": torch.randn(5, 3), "W": torch.randn(6, 3),
                                       "target": torch.randint(0, 6, (5,))},

@@ -335,6 +335,51 @@ def case_info_nce(rank, world, seed):
     _check(k.grad, world * rk.grad[6 * rank:6 * rank + 6], torch.float64, "grad", "DDP key")
 
 
+def case_siglip(rank, world, seed):
+    """fusedloss.distributed.siglip_loss: the keys gathered with gradient, positives offset by rank."""
+    D = 8
+    uneven = [4, 7, 5][:world]
+    runs = [(torch.float64, "cpu", [5] * world, None, True), (torch.float32, "cpu", [5] * world, None, False),
+            (torch.float64, "reference", [5] * world, None, True),
+            (torch.float64, "cpu", uneven, [m + 3 for m in uneven], True)]  # extra keys, labels, "sum"
+    for i, (dtype, backend, n_sizes, m_sizes, learnable) in enumerate(runs):
+        m_sizes = m_sizes or n_sizes
+        gen = torch.Generator().manual_seed(seed + 500 + i)
+        qs = [torch.randn(n, D, generator=gen, dtype=torch.float64).to(dtype) for n in n_sizes]
+        ks = [torch.randn(m, D, generator=gen, dtype=torch.float64).to(dtype) for m in m_sizes]
+        custom = m_sizes != n_sizes
+        labels = [torch.randint(m, (n,), generator=gen) for n, m in zip(n_sizes, m_sizes)] if custom else None
+        msg = f"siglip run {i} {dtype} {backend} rank {rank}/{world}"
+        reduction = "mean" if len(set(n_sizes)) == 1 else "sum"
+        q, k = qs[rank].detach().requires_grad_(), ks[rank].detach().requires_grad_()
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        t = torch.tensor(10.0, dtype=acc, requires_grad=True) if learnable else 10.0
+        b = torch.tensor(-10.0, dtype=acc, requires_grad=True) if learnable else -10.0
+        loss = fld.siglip_loss(q, k, temperature=t, bias=b, labels=labels[rank] if custom else None,
+                               reduction=reduction, batch_sizes=list(zip(n_sizes, m_sizes)) if i % 2 else None,
+                               backend=backend)
+        part = loss / world if reduction == "mean" else loss / sum(n_sizes)
+        part.backward()
+        summed = part.detach().clone()
+        dist.all_reduce(summed)
+        rq, rk = torch.cat(qs).double().requires_grad_(), torch.cat(ks).double().requires_grad_()
+        rt = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+        rb = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+        offsets = [sum(m_sizes[:r]) for r in range(world)]
+        all_labels = torch.cat([lab + off for lab, off in zip(labels, offsets)]) if custom else None
+        expected = reference.siglip_loss(rq, rk, temperature=rt, bias=rb, labels=all_labels)
+        expected.backward()
+        q_lo, k_lo = sum(n_sizes[:rank]), offsets[rank]
+        _check(summed, expected, dtype, "loss", msg)
+        _check(q.grad, rq.grad[q_lo:q_lo + n_sizes[rank]], dtype, "grad", msg + " query")
+        _check(k.grad, rk.grad[k_lo:k_lo + m_sizes[rank]], dtype, "grad", msg + " key")
+        if learnable:
+            for leaf, ref, what in ((t, rt, "temperature"), (b, rb, "bias")):
+                g = leaf.grad.clone()
+                dist.all_reduce(g)  # each rank holds its loss's part
+                _check(g, ref.grad, dtype, "loss", msg + " " + what)
+
+
 def case_example_script(rank, world, seed):
     """The README's example, run in this process group (test_example_with_torchrun runs it with torchrun)."""
     sys.path.insert(0, str(ROOT / "examples"))
@@ -344,7 +389,7 @@ def case_example_script(rank, world, seed):
 
 
 CASES = [case_vocab_parallel_ce, case_vocab_parallel_ce_variants, case_vocab_parallel_linear_ce, case_token_weight,
-         case_info_nce, case_example_script]
+         case_info_nce, case_siglip, case_example_script]
 
 
 def _worker(rank: int, world: int, init_file: str, seed: int) -> None:

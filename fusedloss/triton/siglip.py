@@ -1,0 +1,302 @@
+"""Triton kernels of SigLIP's sigmoid pairwise loss (fusedloss::siglip_{fwd,bwd}_triton).
+
+The math follows csrc/include/fusedloss/siglip_math.h, with its names and numbers. T = Q K^T (N x M)
+is never held: every kernel streams tiles of it, recomputed from Q and K with the tile products of
+fusedloss/triton/info_nce.py (the same precision choices: float32 products in "ieee", float64 as
+broadcast sums).
+  (0)  loss_i = sum_j softplus(-y_ij z_ij),  z = scale T + bias,  y = +1 at j == l_i, -1 elsewhere
+  (1)  G_ij = g_i dz_ij,  dz_ij = -y_ij sigmoid(-y_ij z_ij)
+  (2)  dQ_i = scale sum_j G_ij K_j,  dK_j = scale sum_i G_ij Q_i
+  (3)  dscale = sum_ij G_ij T_ij,  dbias = sum_ij G_ij
+
+Every pair is independent (no log-sum-exp), so the forward is one pass over the key tiles per block of
+queries, each row's sum float32 per tile and float64 across tiles. The backward runs one kernel over an
+"A" side whose rows a program owns and writes, streaming the "B" side: (A, B) = (Q, K) for dQ and the
+rows' partial sums of (3), (K, Q) for dK (the labels and g then index B). Each output element has
+exactly one writer and every sum runs in a fixed order: no atomics; the per-row partials of (3) are
+summed by torch afterwards, in a fixed order. The inputs are float32 or float64 (the functional API
+converts fp16/bf16 rows to float32 first), so the gradient is its own accumulator.
+
+Only kernels and their launch helpers live here; the ops are registered in fusedloss/ops/siglip.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fusedloss.triton.info_nce import _FP32_INPUT_PRECISION, _config, _dot_pb, _scores_tile
+
+__all__ = ["siglip_fwd", "siglip_bwd"]
+
+
+@triton.jit
+def _log1p(x):
+    # log1p of x in [0, 1] from log alone (not every target, nor the interpreter, has a log1p): with
+    # u = 1 + x rounded, log(u) * x / (u - 1) is accurate to a few ulps (Goldberg 1991), and x itself
+    # where u rounds to 1.
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def _softplus(x):
+    # siglip::softplus: max(x, 0) + log1p(exp(-|x|)), no overflow, small terms kept.
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    # siglip::sigmoid: 1 / (1 + e) for x >= 0, e / (1 + e) otherwise, e = exp(-|x|).
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return tl.where(x >= 0.0, r, e * r)
+
+
+@triton.jit
+def _siglip_fwd_kernel(
+    q_ptr,
+    q_stride,
+    k_ptr,
+    k_stride,
+    scale_ptr,
+    bias_ptr,
+    labels_ptr,
+    out_ptr,
+    n_q,
+    n_k,
+    dim,
+    HAS_LABELS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    a_rows = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = a_rows < n_q
+    a_tile = tl.zeros([BLOCK_A, BLOCK_D], q_ptr.dtype.element_ty)
+    if SINGLE_D:
+        d_offsets = tl.arange(0, BLOCK_D)
+        a_tile = tl.load(q_ptr + a_rows[:, None] * q_stride + d_offsets[None, :],
+                         mask=a_mask[:, None] & (d_offsets < dim)[None, :], other=0.0)
+    scale = tl.load(scale_ptr).to(ACC)
+    bias = tl.load(bias_ptr).to(ACC)
+    if HAS_LABELS:
+        labels = tl.load(labels_ptr + a_rows, mask=a_mask, other=-1)
+    else:
+        labels = a_rows
+    run = tl.zeros([BLOCK_A], tl.float64)
+    for b0 in range(0, n_k, BLOCK_B):
+        b_rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        b_mask = b_rows < n_k
+        dots, _ = _scores_tile(a_tile, a_rows, a_mask, q_stride, q_ptr, b_rows, b_mask, k_stride, k_ptr,
+                               dim, ACC, BLOCK_A, BLOCK_B, BLOCK_D, SINGLE_D, FP32_PRECISION, INTERPRETED)
+        z = scale * dots + bias
+        positive = labels[:, None] == b_rows[None, :]
+        terms = tl.where(b_mask[None, :], _softplus(tl.where(positive, -z, z)), 0.0)  # (0)
+        run += tl.sum(terms, axis=1).to(tl.float64)
+    tl.store(out_ptr + a_rows, run.to(ACC), mask=a_mask)
+
+
+@triton.jit
+def _siglip_grad_kernel(
+    a_ptr,
+    a_stride,
+    b_ptr,
+    b_stride,
+    scale_ptr,
+    bias_ptr,
+    labels_ptr,
+    g_ptr,
+    g_stride,
+    grad_ptr,
+    part_ptr,
+    n_a,
+    n_b,
+    dim,
+    A_IS_QUERY: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D: tl.constexpr,
+    FP32_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    a_rows = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_mask = a_rows < n_a
+    d_offsets = tl.arange(0, BLOCK_D)
+    a_tile = tl.zeros([BLOCK_A, BLOCK_D], a_ptr.dtype.element_ty)
+    if SINGLE_D:
+        a_tile = tl.load(a_ptr + a_rows[:, None] * a_stride + d_offsets[None, :],
+                         mask=a_mask[:, None] & (d_offsets < dim)[None, :], other=0.0)
+    scale = tl.load(scale_ptr).to(ACC)
+    bias = tl.load(bias_ptr).to(ACC)
+    if A_IS_QUERY:
+        g_a = tl.load(g_ptr + a_rows * g_stride, mask=a_mask, other=0.0).to(ACC)
+        if HAS_LABELS:
+            labels_a = tl.load(labels_ptr + a_rows, mask=a_mask, other=-1)
+        else:
+            labels_a = a_rows
+    grad_acc = tl.zeros([BLOCK_A, BLOCK_D], ACC)  # SINGLE_D: sum_b G_ab scale B_b
+    gt = tl.zeros([BLOCK_A], tl.float64)  # (3) per query row, before the factor g_i
+    gs = tl.zeros([BLOCK_A], tl.float64)
+    for b0 in range(0, n_b, BLOCK_B):
+        b_rows = b0 + tl.arange(0, BLOCK_B).to(tl.int64)
+        b_mask = b_rows < n_b
+        dots, b_tile = _scores_tile(a_tile, a_rows, a_mask, a_stride, a_ptr, b_rows, b_mask, b_stride, b_ptr,
+                                    dim, ACC, BLOCK_A, BLOCK_B, BLOCK_D, SINGLE_D, FP32_PRECISION, INTERPRETED)
+        z = scale * dots + bias
+        if A_IS_QUERY:
+            positive = labels_a[:, None] == b_rows[None, :]
+        else:
+            if HAS_LABELS:
+                labels_b = tl.load(labels_ptr + b_rows, mask=b_mask, other=-1)
+            else:
+                labels_b = b_rows
+            positive = labels_b[None, :] == a_rows[:, None]
+        # (1) without g: -y sigmoid(-y z); padding rows and columns give exact zeros.
+        dz = tl.where(positive, -_sigmoid(-z), _sigmoid(z))
+        dz = tl.where(a_mask[:, None] & b_mask[None, :], dz, 0.0)
+        if A_IS_QUERY:
+            gt += tl.sum(dz * dots, axis=1).to(tl.float64)
+            gs += tl.sum(dz, axis=1).to(tl.float64)
+            p = dz * (g_a * scale)[:, None]
+        else:
+            g_b = tl.load(g_ptr + b_rows * g_stride, mask=b_mask, other=0.0).to(ACC)
+            p = dz * (g_b * scale)[None, :]
+        # (2): sum_b (g scale dz)_ab B_b.
+        if SINGLE_D:
+            grad_acc += _dot_pb(p, b_tile, FP32_PRECISION).to(ACC)
+        else:
+            # The program's own rows of the gradient (its accumulator: the inputs are float32/float64),
+            # read-modify-written chunk by chunk; the first B tile reads nothing. The barrier orders the
+            # previous tile's writes before this tile's reads across the program's threads.
+            tl.debug_barrier()
+            for d0 in range(0, dim, BLOCK_D):
+                d = d0 + d_offsets
+                d_mask = d < dim
+                b_chunk = tl.load(b_ptr + b_rows[:, None] * b_stride + d[None, :],
+                                  mask=b_mask[:, None] & d_mask[None, :], other=0.0)
+                acc_ptrs = grad_ptr + a_rows[:, None] * dim + d[None, :]
+                acc_mask = a_mask[:, None] & d_mask[None, :]
+                part = tl.load(acc_ptrs, mask=acc_mask & (b0 > 0), other=0.0)
+                part += _dot_pb(p, b_chunk, FP32_PRECISION).to(ACC)
+                tl.store(acc_ptrs, part, mask=acc_mask)
+    if SINGLE_D:
+        tl.store(grad_ptr + a_rows[:, None] * dim + d_offsets[None, :], grad_acc,
+                 mask=a_mask[:, None] & (d_offsets < dim)[None, :])
+    if A_IS_QUERY:
+        # (3) per row, times g_i in float64 (a row without gradient adds an exact 0)
+        g64 = g_a.to(tl.float64)
+        tl.store(part_ptr + a_rows, tl.where(g_a != 0.0, g64 * gt, 0.0), mask=a_mask)
+        tl.store(part_ptr + n_a + a_rows, tl.where(g_a != 0.0, g64 * gs, 0.0), mask=a_mask)
+
+
+def _check_inputs(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None) -> None:
+    if query.dim() != 2 or key.dim() != 2:
+        raise ValueError(f"fusedloss.siglip_loss (triton): query and key must be 2-D, got {tuple(query.shape)} "
+                         f"and {tuple(key.shape)}")
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"fusedloss.siglip_loss (triton): query and key must have the same last dimension, "
+                         f"got {query.shape[1]} and {key.shape[1]}")
+    if query.dtype not in (torch.float32, torch.float64) or key.dtype != query.dtype:
+        raise ValueError(f"fusedloss.siglip_loss (triton): query and key must be both float32 or both float64, "
+                         f"got {query.dtype} and {key.dtype}")
+    for name, v in (("scale", scale), ("bias", bias)):
+        if v.dim() != 0:
+            raise ValueError(f"fusedloss.siglip_loss (triton): {name} must be a 0-dim tensor, got shape "
+                             f"{tuple(v.shape)}")
+    n, m = query.shape[0], key.shape[0]
+    if labels is None:
+        if m < n:
+            raise ValueError(f"fusedloss.siglip_loss (triton): without labels (labels_i = i) there must be at "
+                             f"least as many keys as queries, got N={n} and M={m}")
+    elif labels.shape != (n,) or labels.dtype != torch.int64:
+        raise ValueError(f"fusedloss.siglip_loss (triton): labels must be an int64 tensor of shape ({n},), got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+
+
+def _rows_contiguous(x: Tensor) -> Tensor:
+    # The kernels step rows by stride(0) and assume unit stride along D.
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None = None) -> Tensor:
+    """loss_i (N,) of (0) in the inputs' dtype. scale and bias are 0-dim tensors read on the device; labels
+    are not range-checked (no sync): a query whose label is outside [0, M) has no positive."""
+    _check_inputs(query, key, scale, bias, labels)
+    query, key = _rows_contiguous(query), _rows_contiguous(key)
+    labels = labels.contiguous() if labels is not None else None
+    n, dim = query.shape
+    out = torch.empty((n,), dtype=query.dtype, device=query.device)
+    if n == 0:
+        return out
+    block_a, block_b, block_d, single_d, num_warps, num_stages = _config("fwd", query.dtype, dim)
+    torch.library.wrap_triton(_siglip_fwd_kernel)[(triton.cdiv(n, block_a),)](
+        query, query.stride(0), key, key.stride(0), scale, bias,
+        labels if labels is not None else out,  # never read without HAS_LABELS
+        out, n, key.shape[0], dim,
+        HAS_LABELS=labels is not None,
+        ACC=tl.float64 if query.dtype == torch.float64 else tl.float32,
+        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, SINGLE_D=single_d,
+        FP32_PRECISION=_FP32_INPUT_PRECISION,
+        INTERPRETED=query.device.type == "cpu",  # Triton runs on CPU tensors only in its interpreter
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def _grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | None, g: Tensor,
+          a_is_query: bool) -> tuple[Tensor, Tensor | None]:
+    """(2) for every row of A and, when A is the query side, the rows' partials of (3): (2 N,) float64,
+    d scale's then d bias's."""
+    n_a, dim = a.shape
+    n_b = b.shape[0]
+    grad = torch.empty((n_a, dim), dtype=a.dtype, device=a.device)
+    part = torch.empty((2 * n_a,), dtype=torch.float64, device=a.device) if a_is_query else None
+    if n_a == 0 or n_b == 0:  # no pairs: every gradient is 0
+        grad.zero_()
+        if part is not None:
+            part.zero_()
+        return grad, part
+    block_a, block_b, block_d, single_d, num_warps, num_stages = _config("bwd", a.dtype, dim)
+    torch.library.wrap_triton(_siglip_grad_kernel)[(triton.cdiv(n_a, block_a),)](
+        a, a.stride(0), b, b.stride(0), scale, bias,
+        labels if labels is not None else g,  # never read without HAS_LABELS
+        g, g.stride(0), grad,
+        part if part is not None else g,  # never written unless A_IS_QUERY
+        n_a, n_b, dim,
+        A_IS_QUERY=a_is_query,
+        HAS_LABELS=labels is not None,
+        ACC=tl.float64 if a.dtype == torch.float64 else tl.float32,
+        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, SINGLE_D=single_d,
+        FP32_PRECISION=_FP32_INPUT_PRECISION,
+        INTERPRETED=a.device.type == "cpu",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return grad, part
+
+
+def siglip_bwd(grad_rows: Tensor, query: Tensor, key: Tensor, scale: Tensor, bias: Tensor,
+               labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_rows_i loss_i: grad_query (N, D), grad_key (M, D) in the inputs' dtype,
+    grad_scale and grad_bias (0-dim, summed in float64) in scale's and bias's dtypes. grad_rows may be
+    expanded (stride 0). Deterministic: no atomics."""
+    _check_inputs(query, key, scale, bias, labels)
+    query, key = _rows_contiguous(query), _rows_contiguous(key)
+    labels = labels.contiguous() if labels is not None else None
+    n = query.shape[0]
+    if grad_rows.shape != (n,):
+        raise ValueError(f"fusedloss.siglip_loss (triton): grad_rows must have shape ({n},), got "
+                         f"{tuple(grad_rows.shape)}")
+    grad_query, part = _grad(query, key, scale, bias, labels, grad_rows, a_is_query=True)
+    grad_key, _ = _grad(key, query, scale, bias, labels, grad_rows, a_is_query=False)
+    return grad_query, grad_key, part[:n].sum().to(scale.dtype), part[n:].sum().to(bias.dtype)
