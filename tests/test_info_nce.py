@@ -468,8 +468,16 @@ def test_lse_ops(backend, device, dtype, cols, NMD):
     if cols:
         assert_close(lse_cols, ref_c, dtype, "loss", "lse_cols")
     assert grads[0].dtype == dtype and grads[1].dtype == dtype and grads[2].dtype == acc
-    assert_close(grads[0], ref_grads[0], dtype, "grad", "grad query")
-    assert_close(grads[1], ref_grads[1], dtype, "grad", "grad key")
+    # The gradient is g P + u at a positive: where the two nearly cancel (g ~ -u and P ~ 1, a confident
+    # row), the float32 rounding of P is relative to the terms, not to their difference, so the
+    # tolerance's scale is the larger of the two terms' gradients (each in float64).
+    lse_part = _op_reference(q, k, scale, g, h, torch.zeros_like(u), labels if labels is not None
+                             else torch.arange(N, device=device))[3]
+    pos_part = _op_reference(q, k, scale, torch.zeros_like(g), None, u, labels if labels is not None
+                             else torch.arange(N, device=device))[3]
+    for i, name in ((0, "grad query"), (1, "grad key")):
+        terms = max(lse_part[i].abs().max().item(), pos_part[i].abs().max().item()) if q.numel() and k.numel() else 1.0
+        assert_close(grads[i], ref_grads[i], dtype, "grad", name, scale=terms)
     # d scale = sum_ij P_ij T_ij: bounded terms, |T| <= max|q| max|k|; see temperature_atol.
     bound = (g.abs().sum() + u.abs().sum() + (h.abs().sum() if cols else 0)).item() * (
         q.double().norm(dim=1).max() * k.double().norm(dim=1).max()).item()
