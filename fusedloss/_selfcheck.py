@@ -196,6 +196,8 @@ def _make_soft_ce(shape, opts, reduction, dtype, device, gen) -> Problem:
     t = _leaf(p, dtype, device, opts.get("noncontig", False))
     weight = _class_weight(C, gen, device) if opts.get("weight") else None
     kw = {k: opts[k] for k in ("label_smoothing", "z_loss", "softcap", "temperature", "return_lse") if k in opts}
+    if opts.get("token_weight"):
+        kw["token_weight"] = _token_weight(shape[:cdim] + shape[cdim + 1:], gen, device)
 
     def run(fn, leaves, ref):
         out = fn(leaves["input"], leaves["target"], _w(weight, ref), reduction=reduction, **kw)
@@ -212,6 +214,7 @@ SOFT_CE_OPTIONS = [
     ("sum 3, z_loss softcap temperature + lse", {"unnormalized": 3.0, "z_loss": 1e-2, "softcap": 10.0,
                                                  "temperature": 1.5, "return_lse": True}, "none"),
     ("non-contiguous", {"noncontig": True}, "mean"),
+    ("token_weight weight", {"token_weight": True, "weight": True}, "mean"),
 ]
 CE_SHAPES_INTERPRETED = [(3, 7), (2, 7, 2), (2, 1023)]
 
