@@ -183,6 +183,39 @@ FOCAL_OPTIONS = [
     ("token_weight weight", {"token_weight": True, "weight": True, "ignore": -100}, "mean"),
 ]
 CE_SHAPES = [(37, 7), (3, 7, 5), (64, 1023), (6, 50257)]
+
+
+def _make_soft_ce(shape, opts, reduction, dtype, device, gen) -> Problem:
+    """cross_entropy with probability targets of the input's shape: softmax rows with about a fifth of
+    the probabilities 0 (rows summing to 3 with ``unnormalized``); the target gets a gradient too."""
+    cdim = 1 if len(shape) > 1 else 0
+    C = shape[cdim]
+    x = _leaf(_randn(shape, gen, 3.0), dtype, device, opts.get("noncontig", False))
+    p = torch.softmax(_randn(shape, gen, 2.0), cdim)
+    p = torch.where(torch.rand(shape, generator=gen) < 0.2, torch.zeros_like(p), p) * opts.get("unnormalized", 1.0)
+    t = _leaf(p, dtype, device, opts.get("noncontig", False))
+    weight = _class_weight(C, gen, device) if opts.get("weight") else None
+    kw = {k: opts[k] for k in ("label_smoothing", "z_loss", "softcap", "temperature", "return_lse") if k in opts}
+    if opts.get("token_weight"):
+        kw["token_weight"] = _token_weight(shape[:cdim] + shape[cdim + 1:], gen, device)
+
+    def run(fn, leaves, ref):
+        out = fn(leaves["input"], leaves["target"], _w(weight, ref), reduction=reduction, **kw)
+        return out if isinstance(out, tuple) else (out,)
+
+    return Problem({"input": x, "target": t}, run)
+
+
+SOFT_CE_OPTIONS = [
+    ("probabilities", {}, "mean"),
+    ("probabilities", {}, "sum"),
+    ("probabilities", {}, "none"),
+    ("weight label_smoothing=0.1", {"weight": True, "label_smoothing": 0.1}, "mean"),
+    ("sum 3, z_loss softcap temperature + lse", {"unnormalized": 3.0, "z_loss": 1e-2, "softcap": 10.0,
+                                                 "temperature": 1.5, "return_lse": True}, "none"),
+    ("non-contiguous", {"noncontig": True}, "mean"),
+    ("token_weight weight", {"token_weight": True, "weight": True}, "mean"),
+]
 CE_SHAPES_INTERPRETED = [(3, 7), (2, 7, 2), (2, 1023)]
 
 
@@ -500,6 +533,7 @@ LINEAR_DISTILL_SHAPES_INTERPRETED = [(3, 16, 101)]
 
 OPS = {
     "cross_entropy": OpCheck("cross_entropy", CE_SHAPES, CE_SHAPES_INTERPRETED, CE_OPTIONS, _make_ce),
+    "cross_entropy_probs": OpCheck("cross_entropy", CE_SHAPES, CE_SHAPES_INTERPRETED, SOFT_CE_OPTIONS, _make_soft_ce),
     "gap_loss": OpCheck("gap_loss", GAP_SHAPES, GAP_SHAPES_INTERPRETED, GAP_OPTIONS, _make_gap),
     "info_nce": OpCheck("info_nce", NCE_SHAPES, NCE_SHAPES_INTERPRETED, NCE_OPTIONS, _make_nce),
     "siglip_loss": OpCheck("siglip_loss", SIGLIP_SHAPES, SIGLIP_SHAPES_INTERPRETED, SIGLIP_OPTIONS, _make_siglip),

@@ -17,6 +17,7 @@ from fusedloss.ops import kl_div as _kl
 from fusedloss.ops import linear_cross_entropy as _lce
 from fusedloss.ops import linear_kl_div as _lkl
 from fusedloss.ops import siglip as _sig
+from fusedloss.ops import soft_cross_entropy as _soft
 from fusedloss.ops._common import acc_dtype
 from fusedloss.ops._registry import REDUCTION
 
@@ -80,6 +81,26 @@ def _acc_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return weight.to(acc_dtype(dtype)).contiguous()
 
 
+def _soft_cross_entropy(name: str, input: Tensor, target: Tensor, weight: Tensor | None, u: Tensor | None,
+                        expected: torch.Size, reduction: str, label_smoothing: float, z_loss: float,
+                        softcap: float | None, temperature: float, return_lse: bool):
+    """cross_entropy with probability targets (target of the input's shape) on a kernel backend: both
+    tensors as (rows, C) with unit class stride, the target in the input's dtype or the accumulation
+    dtype (any other float dtype is cast to the latter, with autograd). ``u``: the checked token weights
+    (flat), ``expected``: the per-element shape (the input's without the class dim)."""
+    C = input.shape[0 if input.dim() == 1 else 1]
+    acc = acc_dtype(input.dtype)
+    if target.dtype != input.dtype and target.dtype != acc:
+        target = target.to(acc)
+    rows, trows = _class_rows(input, C), _class_rows(target, C)
+    loss, lse = _soft.soft_cross_entropy(name, rows, trows, _acc_weight(weight, input.dtype), u, reduction,
+                                         label_smoothing, z_loss, softcap or 0.0, temperature)
+    if input.dim() != 2:  # (C,) and (N, C, d1, ...): per element in the target's shape without the class dim
+        lse = lse.view(expected)
+        loss = loss.view(expected) if reduction == "none" else loss
+    return (loss, lse) if return_lse else loss
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -117,8 +138,12 @@ def cross_entropy(
     ``mean`` then divides by the sum of ``token_weight * weight[target]`` over the kept elements (of
     ``token_weight`` for probability targets), which is torch's mean when every token weight is 1.
 
-    Class-index targets run the fused kernels of the chosen backend. Probability targets are
-    computed with PyTorch ops on every backend (not fused yet).
+    Both kinds of target run the fused kernels of the chosen backend. With probability targets the
+    loss is torch's ``-sum_j weight[j] * t'_j * log p_j`` with ``t' = (1 - label_smoothing) * t +
+    label_smoothing / C`` (targets need not sum to 1), plus ``z_loss * lse**2``; ``mean`` divides by the
+    number of elements (not by a weight sum; by the sum of ``token_weight`` when given), as torch does;
+    ``ignore_index`` is refused; the target gets a gradient when it requires one (in its dtype; a
+    float32 target of 16-bit logits is read in float32).
     """
     # The checks in the order of their errors; the common case (2-D input, int64 targets, CPU or
     # CUDA) reads each tensor attribute once: at these sizes each read is a fair share of the call.
@@ -149,10 +174,14 @@ def cross_entropy(
         if return_logprob:
             raise ValueError("return_logprob needs class-index targets (a probability target has no target class)")
         u = _checks.token_weight(token_weight, expected, input, acc_dtype(input.dtype))
-        return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                                       temperature=temperature, token_weight=u, return_lse=return_lse,
-                                       return_entropy=return_entropy)
+        if name == "reference" or return_entropy:
+            # the entropy of the softmax with probability targets: not in the fused kernels yet
+            return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                           temperature=temperature, token_weight=u, return_lse=return_lse,
+                                           return_entropy=return_entropy)
+        return _soft_cross_entropy(name, input, target, weight, u, expected, reduction, label_smoothing, z_loss,
+                                   softcap, temperature, return_lse)
     if target_dtype is not torch.int64 and (target_dtype == torch.bool or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices or float probabilities, got dtype {target.dtype}")
     target_shape = target.shape

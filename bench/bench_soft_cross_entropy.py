@@ -1,0 +1,81 @@
+"""Benchmark fusedloss.cross_entropy with probability targets against F.cross_entropy with the same targets.
+
+    python bench/bench_soft_cross_entropy.py [--quick] [--device cpu|cuda] [--dtype float32] [--out DIR]
+    fusedloss bench --ops soft_cross_entropy ...        (the same runner)
+
+The loss is the softmax cross-entropy of N rows of C logits against N rows of class probabilities
+(soft labels, e.g. a teacher's distribution or mixup), mean over rows; the logits require grad, the
+targets do not. Providers:
+- ``torch`` (the baseline): ``F.cross_entropy(x, p)`` with float targets of the input's shape.
+- ``torch.compile``: the same call under ``torch.compile``.
+- ``fusedloss-<backend>``: ``fusedloss.cross_entropy(x, p)`` on every available kernel backend (not
+  triton on CPU: the interpreter).
+
+Bytes of an ideal fused kernel, N rows of C classes, e bytes per element: fwd reads the logits and the
+targets (2 N C e) and writes N * 12 (loss, lse, stats); bwd reads both and writes the logits' gradient
+(3 N C e).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from bench import common
+from bench.common import Case, Inputs, OpSpec, Provider
+
+OP = "soft_cross_entropy"
+
+
+def make_inputs(case: Case) -> Inputs:
+    n, c = case.shape["N"], case.shape["C"]
+    x = (2 * torch.randn(n, c, device=case.device)).to(case.dtype).requires_grad_()
+    p = torch.softmax(2 * torch.randn(n, c, device=case.device), -1).to(case.dtype)
+    return Inputs(args=(x, p), grad_tensors=[x])
+
+
+def bytes_moved(case: Case, mode: str) -> int:
+    n, c, e = case.shape["N"], case.shape["C"], case.elem_size
+    fwd = 2 * n * c * e + n * 12
+    bwd = 3 * n * c * e
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def shapes(device: str, quick: bool) -> list[dict]:
+    if quick:
+        return [{"N": 512, "C": 32000}]
+    if device.startswith("cuda"):
+        return [{"N": 16384, "C": c} for c in (32000, 131072)]
+    return [{"N": 4096, "C": 32000}]
+
+
+def _torch(x, p):
+    return F.cross_entropy(x, p)
+
+
+def _make_compiled(case: Case):
+    torch._dynamo.reset()
+    return torch.compile(_torch, dynamic=False)
+
+
+def providers(device: str) -> list[Provider]:
+    out = [
+        Provider("torch", lambda case: _torch, warmup=2),
+        Provider("torch.compile", _make_compiled, warmup=3),
+    ]
+    out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.cross_entropy, backend=b))
+    return out
+
+
+SPEC = OpSpec(name=OP, make_inputs=make_inputs, providers=providers, bytes_moved=bytes_moved, shapes=shapes)
+
+
+if __name__ == "__main__":
+    sys.exit(common.script_main(OP))
