@@ -194,3 +194,26 @@ def test_reference_extras_match_cross_entropy():
     _, lp2, h2 = linear_formulas(x, W, b, t, None, {}, "none")
     torch.testing.assert_close(lp, lp2)
     torch.testing.assert_close(h, h2)
+
+
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces around the op with the extras, forward and backward (the cpu
+    backend stands for the chunked op on any device)."""
+    x, W, b, t, _ = make_inputs(12, 8, 29, torch.float32, "cpu", bias=True)
+
+    def step(x, W):
+        loss, lp, h = fusedloss.linear_cross_entropy(x, W, t, linear_bias=b, return_logprob=True,
+                                                     return_entropy=True, chunk_size=5, backend="cpu")
+        return loss + 0.3 * lp.sum() - 0.1 * h.sum()
+
+    torch._dynamo.reset()
+    xc, Wc = x.clone().requires_grad_(), W.clone().requires_grad_()
+    out = torch.compile(step, fullgraph=True)(xc, Wc)
+    out.backward()
+    x64, W64 = x.double().requires_grad_(), W.double().requires_grad_()
+    loss, lp, h = linear_formulas(x64, W64, b.double(), t, None, {}, "mean")
+    expected = loss + 0.3 * lp.sum() - 0.1 * h.sum()
+    expected.backward()
+    assert_close(out, expected, torch.float32, "loss", "compiled")
+    assert_close(xc.grad, x64.grad, torch.float32, "grad", "compiled input")
+    assert_close(Wc.grad, W64.grad, torch.float32, "grad", "compiled linear_weight")

@@ -710,8 +710,8 @@ def linear_cross_entropy_bwd(
     grad_logprob_arg = grad_logprob if grad_logprob is not None else grad_loss
     grad_entropy_arg = grad_entropy if grad_entropy is not None else grad_loss
     common = dict(**flags, HAS_GRAD_LSE=has_grad_lse, HAS_GRAD_LOGPROB=grad_logprob is not None,
-                  HAS_GRAD_ENTROPY=grad_entropy is not None, STATS=stats.shape[1], FILTER=grad_filter > 0.0, DOT_DTYPE=dot,
-                  GRAD_DOT_DTYPE=grad_dot, G_ROUND_DTYPE=g_round, INPUT_PRECISION=precision,
+                  HAS_GRAD_ENTROPY=grad_entropy is not None, STATS=stats.shape[1], FILTER=grad_filter > 0.0,
+                  DOT_DTYPE=dot, GRAD_DOT_DTYPE=grad_dot, G_ROUND_DTYPE=g_round, INPUT_PRECISION=precision,
                   GRAD_INPUT_PRECISION=grad_precision, **_blocks(_BWD_NAMES), **_launch_options())
     head = (input, input.stride(0), input.stride(1), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
             linear_bias if linear_bias is not None else stand_in, target, weight if weight is not None else stand_in,
