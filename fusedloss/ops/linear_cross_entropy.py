@@ -350,9 +350,11 @@ if triton_kernels_present("linear_cross_entropy"):
 
     def _setup_fwd_triton(ctx, inputs, output):
         (input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, z_loss, softcap,
-         temperature, seq_len, *_) = inputs
+         temperature, seq_len, *extras) = inputs
         _, _, stats, _, _ = output
+        ctx.set_materialize_grads(False)  # an unused output (lse, the extras) costs the backward nothing
         ctx.mark_non_differentiable(stats)
+        ctx.extras = bool(extras and extras[0])
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, stats)
         ctx.scalars = (ignore_index, label_smoothing, z_loss, softcap, temperature, seq_len)
 
@@ -361,6 +363,8 @@ if triton_kernels_present("linear_cross_entropy"):
         need_gi, need_gw, need_gb = (ctx.needs_input_grad[i] for i in (0, 1, 3))
         if grad_loss is None:  # only the returned lse or extras were used
             grad_loss = stats.new_zeros(stats.shape[0])
+        if not ctx.extras:
+            grad_logprob = grad_entropy = None
         gi, gw, gb = torch.ops.fusedloss.linear_cross_entropy_bwd_triton(
             grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, stats, *ctx.scalars, need_gi,
             need_gw, need_gb, 0.0, grad_logprob, grad_entropy)
