@@ -24,6 +24,12 @@ fp16 underflow), and the backward multiplies the fp32 accumulators once by grad_
 or grad_output (sum), 0-dim tensors: no host sync. That is one matmul pass in total
 instead of recomputing the logits in the backward. none: the forward computes the loss only; the backward
 recomputes each chunk's logits and runs 1-4 with s_i = grad_output_i.
+
+With the extras (``extras=True``: per-row logprob and entropy, cross_entropy_math.h (7)) any reduction
+runs as none does: their gradients are only known in the backward, so the forward computes the loss and
+the (N, 4) stats (max, log_s, logprob, entropy) per chunk, and the backward recomputes each chunk's logits
+and takes G_c from the row backward (cross_entropy_bwd with the rows' grad_output, grad_logprob and
+grad_entropy): one GEMM more than mean/sum without them, none's count with them.
 """
 
 from __future__ import annotations
