@@ -1,6 +1,7 @@
 """What return_logprob / return_entropy cost over the plain linear_cross_entropy (issue #16: at most 10%).
 
     python bench/bench_lce_extras.py [--quick] [--device cpu|cuda] [--dtype float32] [--out DIR]
+    python bench/bench_lce_extras.py --device cpu --dtype float32 --modes fwd+bwd   (the issue's CPU case)
 
 The loss is linear_cross_entropy(h, W, target), h (N, D) and W (V, D) both requiring grad (an LM head in
 training), on the default kernel backend of the device. Providers:
