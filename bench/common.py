@@ -67,7 +67,7 @@ DEFAULT_OUT = BENCH_DIR / "results"
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 OPS = ("cross_entropy", "focal_loss", "gap_loss", "info_nce", "linear_cross_entropy", "kl_div", "linear_kl_div",
-       "ce_extras", "siglip", "soft_cross_entropy")
+       "ce_extras", "lce_extras", "siglip", "soft_cross_entropy")
 
 COLUMNS = [
     "op", "provider", "mode", "shape", "dtype", "device",

@@ -338,30 +338,39 @@ Tensor2 gap_loss_autograd(const Tensor& input, const Tensor& target, const OptTe
 }
 
 // ---------------------------------------------------------------------------------------------------
-// linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ...) -> (loss, lse, mass).
+// linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ...) -> (loss, lse, mass, stats,
+// logprob, entropy).
 // mean/sum with gradients wanted: the chunk loop computes them in the forward with unit row scales, as
 // fp32 sums (fusedloss/ops/linear_cross_entropy.py's docstring), and the backward scales them once by
 // grad / mass (mean) or grad (sum). none: the backward reruns the chunk loop with grad_scale = grad.
+// extras (logprob, entropy): their gradients are only known in the backward, so the forward makes none
+// and keeps the (N, 4) stats; the backward reruns the chunk loop with them (cross_entropy_bwd per chunk).
 
 using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 const auto& lce_chunks_op() {
   static const auto op =
-      kernel_op<Tensor5(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                        const OptTensor&, int64_t, double, double, double, int64_t, bool, bool, bool)>(
+      kernel_op<Tensor6(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                        const OptTensor&, int64_t, double, double, double, int64_t, bool, bool, bool,
+                        const OptTensor&, const OptTensor&, const OptTensor&, bool)>(
           "fusedloss::linear_cross_entropy_chunks");
   return op;
 }
 
-Tensor3 linear_cross_entropy_impl(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+Tensor6 linear_cross_entropy_impl(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
                                   const OptTensor& linear_bias, const OptTensor& weight, const OptTensor& token_weight,
                                   int64_t ignore_index, int64_t reduction, double label_smoothing, double z_loss,
-                                  double softcap, int64_t chunk_size) {
-  auto [rows, lse, gi, gw, gb] = lce_chunks_op().call(input, linear_weight, target, linear_bias, weight, std::nullopt,
-                                                      ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-                                                      false, false, false);
+                                  double softcap, int64_t chunk_size, bool extras) {
+  auto [rows, lse, gi, gw, gb, stats] =
+      lce_chunks_op().call(input, linear_weight, target, linear_bias, weight, std::nullopt, ignore_index,
+                           label_smoothing, z_loss, softcap, chunk_size, false, false, false, std::nullopt,
+                           std::nullopt, std::nullopt, extras);
   auto [out, mass] = reduce(rows, target, weight, token_weight, ignore_index, reduction);
-  return {out, lse, mass};
+  if (!extras) {
+    const Tensor none = at::empty({0}, rows.options());
+    return {out, lse, mass, stats, none, none.clone()};
+  }
+  return {out, lse, mass, stats, stats_column(stats, 2), stats_column(stats, 3)};
 }
 
 // t in dtype; t itself when it has it, without a call of aten::to (a dispatcher op, a microsecond).
@@ -387,6 +396,7 @@ Tensor scaled(Tensor saved, float scale, at::ScalarType dtype) {
 struct LceRecompute : public torch::autograd::Function<LceRecompute> {
   struct Args {
     OptTensor bias, weight;
+    OptTensor stats, grad_logprob, grad_entropy;  // the extras' backward (stats defined), else none
     int64_t ignore_index;
     double label_smoothing, z_loss, softcap;
     int64_t chunk_size;
@@ -396,9 +406,10 @@ struct LceRecompute : public torch::autograd::Function<LceRecompute> {
   static variable_list run(const Tensor& g, const Tensor& input, const Tensor& linear_weight, const Tensor& target,
                            const Args& a) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [rows, lse, gi, gw, gb] =
+    auto [rows, lse, gi, gw, gb, stats] =
         lce_chunks_op().call(input, linear_weight, target, a.bias, a.weight, g, a.ignore_index, a.label_smoothing,
-                             a.z_loss, a.softcap, a.chunk_size, a.need_gi, a.need_gw, a.need_gb);
+                             a.z_loss, a.softcap, a.chunk_size, a.need_gi, a.need_gw, a.need_gb, a.stats,
+                             a.grad_logprob, a.grad_entropy, false);
     return {a.need_gi ? as_dtype(gi, input.scalar_type()) : Tensor(),
             a.need_gw ? as_dtype(gw, linear_weight.scalar_type()) : Tensor(),
             a.need_gb && a.bias.has_value() ? as_dtype(gb, a.bias->scalar_type()) : Tensor()};
@@ -424,24 +435,29 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
                                const Tensor& target, const OptTensor& linear_bias, const OptTensor& weight,
                                const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
                                double label_smoothing, double z_loss, double softcap, int64_t chunk_size,
-                               bool need_gi, bool need_gw, bool need_gb) {
+                               bool extras, bool need_gi, bool need_gw, bool need_gb) {
     at::AutoDispatchBelowADInplaceOrView guard;
     check_reduction(reduction);
     ctx->set_materialize_grads(false);
-    const bool in_forward = reduction != reduce::kNone && (need_gi || need_gw || need_gb);
+    const bool in_forward = !extras && reduction != reduce::kNone && (need_gi || need_gw || need_gb);
     // The gradients made in the forward are those of sum_i u_i l_i: the token weights are the row scales.
-    auto [rows, lse, gi, gw, gb] =
+    auto [rows, lse, gi, gw, gb, stats] =
         lce_chunks_op().call(input, linear_weight, target, linear_bias, weight,
                              in_forward ? token_weight : std::nullopt, ignore_index, label_smoothing, z_loss,
                              softcap, chunk_size, in_forward && need_gi, in_forward && need_gw,
-                             in_forward && need_gb);
+                             in_forward && need_gb, std::nullopt, std::nullopt, std::nullopt, extras);
     auto [out, mass] = reduce(rows, target, weight, token_weight, ignore_index, reduction);
     const Tensor bias = linear_bias.value_or(Tensor());
+    Tensor logprob = at::empty({0}, rows.options()), entropy = at::empty({0}, rows.options());
+    if (extras) {
+      logprob = stats_column(stats, 2);
+      entropy = stats_column(stats, 3);
+    }
     if (in_forward) {
       ctx->save_for_backward({gi, gw, gb, mass});
     } else {
-      ctx->save_for_backward(
-          {input, linear_weight, target, bias, weight.value_or(Tensor()), mass, token_weight.value_or(Tensor())});
+      ctx->save_for_backward({input, linear_weight, target, bias, weight.value_or(Tensor()), mass,
+                              token_weight.value_or(Tensor()), extras ? stats : Tensor()});
       ctx->saved_data["ignore_index"] = ignore_index;
       ctx->saved_data["label_smoothing"] = label_smoothing;
       ctx->saved_data["z_loss"] = z_loss;
@@ -456,13 +472,13 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
     ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
     ctx->saved_data["weight_dtype"] = static_cast<int64_t>(linear_weight.scalar_type());
     ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.defined() ? bias.scalar_type() : input.scalar_type());
-    ctx->mark_non_differentiable({lse, mass});
-    return {out, lse, mass};
+    ctx->mark_non_differentiable({lse, mass, stats});
+    return {out, lse, mass, stats, logprob, entropy};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(15);
-    if (!grads[0].defined()) return result;
+    variable_list result(16);
+    if (!grads[0].defined() && !grads[4].defined() && !grads[5].defined()) return result;
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const bool need_gi = ctx->saved_data["need_gi"].toBool(), need_gw = ctx->saved_data["need_gw"].toBool(),
                need_gb = ctx->saved_data["need_gb"].toBool();
@@ -472,8 +488,12 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
       const auto saved = ctx->get_saved_variables();
       const Tensor &input = saved[0], &target = saved[2], &bias = saved[3], &mass = saved[5];
       const Tensor g = row_grad(grads[0], mass, reduction, input.size(0), mass.options(), saved[6]);
+      const bool extras = saved[7].defined();
       LceRecompute::Args args{optional(bias),
                               optional(saved[4]),
+                              optional(saved[7]),
+                              extras ? optional(grads[4]) : std::nullopt,
+                              extras ? optional(grads[5]) : std::nullopt,
                               ctx->saved_data["ignore_index"].toInt(),
                               ctx->saved_data["label_smoothing"].toDouble(),
                               ctx->saved_data["z_loss"].toDouble(),
@@ -535,18 +555,19 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
   }
 };
 
-Tensor3 linear_cross_entropy_autograd(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+Tensor6 linear_cross_entropy_autograd(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
                                       const OptTensor& linear_bias, const OptTensor& weight,
                                       const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
-                                      double label_smoothing, double z_loss, double softcap, int64_t chunk_size) {
+                                      double label_smoothing, double z_loss, double softcap, int64_t chunk_size,
+                                      bool extras) {
   const bool grad = at::GradMode::is_enabled();
   const bool need_gi = grad && input.requires_grad();
   const bool need_gw = grad && linear_weight.requires_grad();
   const bool need_gb = grad && linear_bias.has_value() && linear_bias->requires_grad();
   auto r = LinearCrossEntropyFunction::apply(input, linear_weight, target, linear_bias, weight, token_weight,
-                                             ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, need_gi,
-                                             need_gw, need_gb);
-  return {r[0], r[1], r[2]};
+                                             ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, extras,
+                                             need_gi, need_gw, need_gb);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -23,6 +24,7 @@ using OptTensor = std::optional<at::Tensor>;
 using Tensor2 = std::tuple<Tensor, Tensor>;
 using Tensor3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Tensor6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // CPU chunks of at least this many logits take the class-major loop (the same constant as
 // fusedloss/ops/linear_cross_entropy.py's CLASS_MAJOR_MIN_LOGITS, which says why).
@@ -42,6 +44,13 @@ using FwdGradSig = Tensor2(Tensor&, const Tensor&, const OptTensor&, const OptTe
                            double);
 const auto& fwd_grad_op() {
   static const auto op = kernel_op<FwdGradSig>("fusedloss::cross_entropy_fwd_grad_");
+  return op;
+}
+const auto& ce_bwd_op() {
+  static const auto op =
+      kernel_op<Tensor(const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                       int64_t, double, double, double, double, const OptTensor&, const OptTensor&)>(
+          "fusedloss::cross_entropy_bwd");
   return op;
 }
 const auto& fwd_grad_cols_op() {
@@ -105,12 +114,19 @@ Tensor5 one_chunk(const Tensor& input, const Tensor& w_op, const Tensor& target,
 
 // input (N, D), linear_weight (V, D), target (N,) int64 contiguous, weight (V,) contiguous in the
 // accumulation dtype, grad_scale (N,) (None: 1) scaling the rows' gradients. Returns per-row loss and lse
-// (N,) and the gradients asked for, in the accumulation dtype ((0,) where not asked for).
-Tensor5 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+// (N,), the gradients asked for, in the accumulation dtype ((0,) where not asked for), and the extras'
+// stats ((0,) unless asked for).
+// The extras (logprob, entropy; cross_entropy_math.h (7)) take two calls, as their gradients are only
+// known in the backward: extras=True (no gradients) returns the (N, 4) stats of cross_entropy_fwd's
+// extras; the backward's call passes them back as `stats` with grad_logprob / grad_entropy (N,) (either
+// may be None) and recomputes each chunk's logits for cross_entropy_bwd, whose G_c then takes the GEMMs
+// as below (loss and lse are then (0,): the forward has them).
+Tensor6 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
                                     const OptTensor& linear_bias, const OptTensor& weight,
                                     const OptTensor& grad_scale, int64_t ignore_index, double label_smoothing,
                                     double z_loss, double softcap, int64_t chunk_size, bool input_grad,
-                                    bool weight_grad, bool bias_grad) {
+                                    bool weight_grad, bool bias_grad, const OptTensor& stats,
+                                    const OptTensor& grad_logprob, const OptTensor& grad_entropy, bool extras) {
   TORCH_CHECK(input.dim() == 2 && linear_weight.dim() == 2 && input.size(1) == linear_weight.size(1),
               "fusedloss: linear_cross_entropy_chunks takes input (N, D) and linear_weight (V, D), got ",
               input.sizes(), " and ", linear_weight.sizes());
@@ -127,17 +143,25 @@ Tensor5 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_we
   // A bf16/fp16 head is cast once per call on the cast path; fp32/fp64 heads are used as they are.
   const Tensor w_op = as_dtype(linear_weight, op_dtype);
   const OptTensor b_acc = linear_bias.has_value() ? OptTensor(as_dtype(*linear_bias, acc)) : std::nullopt;
-  const bool class_major = grads && input.is_cpu() && chunk * v >= kClassMajorMinLogits;
+  TORCH_CHECK(!(extras && grads), "fusedloss: linear_cross_entropy_chunks makes no gradients with extras=True "
+              "(the extras' gradients come in the backward's call, with their stats)");
+  // The backward of the extras: cross_entropy_bwd on recomputed logits, row-major.
+  const bool extras_bwd = grads && stats.has_value();
+  const bool class_major = grads && !extras_bwd && input.is_cpu() && chunk * v >= kClassMajorMinLogits;
   // One chunk: its outputs are the call's, so none of the buffers below (a zero-filled (V, D) one
   // among them) is made.
-  if (n > 0 && chunk >= n && !class_major)
-    return one_chunk(input, w_op, target, b_acc, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-                     input_grad, weight_grad, bias_grad, mixed, acc);
-  Tensor loss = at::empty({n}, opts), lse = at::empty({n}, opts);
+  if (n > 0 && chunk >= n && !class_major && !extras && !extras_bwd) {
+    auto [l, s, gi, gw, gb] = one_chunk(input, w_op, target, b_acc, weight, grad_scale, ignore_index,
+                                        label_smoothing, z_loss, softcap, input_grad, weight_grad, bias_grad, mixed,
+                                        acc);
+    return {l, s, gi, gw, gb, at::empty({0}, opts)};
+  }
+  Tensor loss = at::empty({extras_bwd ? 0 : n}, opts), lse = at::empty({extras_bwd ? 0 : n}, opts);
   Tensor gi = input_grad ? at::empty({n, d}, opts) : at::empty({0}, opts);
   Tensor gw = weight_grad ? at::zeros({v, d}, opts) : at::empty({0}, opts);
   Tensor gb = bias_grad ? at::zeros({v}, opts) : at::empty({0}, opts);
-  if (n == 0) return {loss, lse, gi, gw, gb};
+  Tensor stats_out = extras ? at::empty({n, 4}, opts) : at::empty({0}, opts);
+  if (n == 0) return {loss, lse, gi, gw, gb, stats_out};
 
   if (class_major) {
     // Class-major chunks, (V, rows) = W X_c^T (csrc/cpu/linear_cross_entropy.cpp says why), and the
@@ -161,7 +185,7 @@ Tensor5 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_we
       }
       if (weight_grad) at::addmm_out(gw, gw, logits_t, x);
     }
-    return {loss, lse, gi, gw, gb};
+    return {loss, lse, gi, gw, gb, stats_out};
   }
 
   // One logits buffer for every chunk (the last uses its first rows): a fresh one per chunk would pay
@@ -176,17 +200,29 @@ Tensor5 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_we
     Tensor logits = logits_buf.narrow(0, 0, rows);
     mm_into(logits, b_acc, x, w_t, mixed, acc);
     if (!grads) {
-      auto [l, s, stats] =
-          ce_fwd_op().call(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0, false);
+      auto [l, s, st] =
+          ce_fwd_op().call(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0, extras);
       loss.narrow(0, start, rows).copy_(l);
       lse.narrow(0, start, rows).copy_(s);
+      if (extras) stats_out.narrow(0, start, rows).copy_(st);
       continue;
     }
     const OptTensor scale = grad_scale.has_value() ? OptTensor(grad_scale->narrow(0, start, rows)) : std::nullopt;
-    auto [l, s] = fwd_grad_op().call(logits, t, weight, scale, ignore_index, label_smoothing, z_loss, softcap, 1.0);
-    loss.narrow(0, start, rows).copy_(l);
-    lse.narrow(0, start, rows).copy_(s);
-    Tensor g = logits;  // now G_c, the gradient of the chunk's logits
+    Tensor g;  // G_c, the gradient of the chunk's logits
+    if (extras_bwd) {
+      const auto part = [&](const OptTensor& a) {
+        return a.has_value() ? OptTensor(a->narrow(0, start, rows)) : std::nullopt;
+      };
+      const Tensor gl = scale.has_value() ? *scale : at::ones({1}, opts).expand({rows});
+      g = ce_bwd_op().call(gl, std::nullopt, logits, t, weight, stats->narrow(0, start, rows), ignore_index,
+                           label_smoothing, z_loss, softcap, 1.0, part(grad_logprob), part(grad_entropy));
+    } else {
+      auto [l, s] =
+          fwd_grad_op().call(logits, t, weight, scale, ignore_index, label_smoothing, z_loss, softcap, 1.0);
+      loss.narrow(0, start, rows).copy_(l);
+      lse.narrow(0, start, rows).copy_(s);
+      g = logits;  // overwritten in place
+    }
     if (bias_grad) gb.add_(g.sum(0));
     if (dl_buf.defined()) {
       // cuBLAS takes one operand dtype: G_c rounded to bf16/fp16, products accumulated in fp32.
@@ -208,7 +244,7 @@ Tensor5 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_we
       }
     }
   }
-  return {loss, lse, gi, gw, gb};
+  return {loss, lse, gi, gw, gb, stats_out};
 }
 
 }  // namespace

@@ -39,11 +39,14 @@ TORCH_LIBRARY(fusedloss, m) {
       "bool class_normalize, bool max_mode, int reduction) -> (Tensor loss, Tensor mass)");
   // Linear cross-entropy, cross_entropy(input @ linear_weight.T + linear_bias, target) without the (N, V)
   // logits, in chunks of chunk_size rows (> 0). lse (N,) per row, not differentiable. With mean/sum and
-  // gradients wanted, the autograd kernel computes them in the forward (csrc/autograd.cpp).
+  // gradients wanted, the autograd kernel computes them in the forward (csrc/autograd.cpp), except with
+  // extras: logprob and entropy per row (N,), differentiable (else both (0,)), whose gradients the
+  // backward makes from recomputed logits and stats, cross_entropy_fwd's (N, 4) ones (else (0,)).
   m.def(
       "linear_cross_entropy(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, "
       "Tensor? weight, Tensor? token_weight, int ignore_index, int reduction, float label_smoothing, "
-      "float z_loss, float softcap, int chunk_size) -> (Tensor loss, Tensor lse, Tensor mass)");
+      "float z_loss, float softcap, int chunk_size, bool extras=False) "
+      "-> (Tensor loss, Tensor lse, Tensor mass, Tensor stats, Tensor logprob, Tensor entropy)");
   // sum_i kept_i u_i loss_i and mass = sum_i kept_i u_i w[target_i] (kept_i: target_i != ignore_index;
   // u the token weights, w the class weights, 1 when absent), the first divided by mass when mean, as
   // 0-dim tensors of the loss's dtype; deterministic (fusedloss/reduce_math.h).
@@ -94,12 +97,16 @@ TORCH_LIBRARY(fusedloss, m) {
   // (V, D), target (N,) int64, linear_bias (V,), weight (V,) in the accumulation dtype, grad_scale (N,)
   // (None: 1) scaling each row's gradient. Returns the per-row loss and lse (N,) and the gradients of
   // sum_i grad_scale_i loss_i for input, linear_weight, linear_bias where asked ((0,) otherwise), all in
-  // the accumulation dtype.
+  // the accumulation dtype. The sixth output is the extras' stats: extras=True (no gradients) gives
+  // cross_entropy_fwd's (N, 4) ones; passing them back as stats, with grad_logprob / grad_entropy (N,),
+  // makes the gradients of sum_i (grad_scale_i loss_i + grad_logprob_i logprob_i + grad_entropy_i H_i)
+  // from recomputed logits (loss and lse are then (0,)); (0,) otherwise.
   m.def(
       "linear_cross_entropy_chunks(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, "
       "Tensor? weight, Tensor? grad_scale, int ignore_index, float label_smoothing, float z_loss, float softcap, "
-      "int chunk_size, bool input_grad, bool weight_grad, bool bias_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int chunk_size, bool input_grad, bool weight_grad, bool bias_grad, Tensor? stats=None, "
+      "Tensor? grad_logprob=None, Tensor? grad_entropy=None, bool extras=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Focal loss (cross_entropy_math.h (6)): the cross-entropy forward's row pass with a focal finish.
   // logits, target as for cross_entropy_fwd; weight (C,) in the accumulation dtype is the per-class

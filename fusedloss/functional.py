@@ -333,6 +333,8 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     options=None,
     return_lse: bool = False,
+    return_logprob: bool = False,
+    return_entropy: bool = False,
     backend: str | None = None,
 ) -> Tensor:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the (N, V) logits.
@@ -364,6 +366,14 @@ def linear_cross_entropy(
     returned without gradient by the chunked cpu/cuda/reference-row paths. ``token_weight`` (the
     target's shape) weighs each element's loss as in :func:`cross_entropy`; with ``shift=1`` the weight
     of target t + 1 goes with it, as the target does.
+
+    ``return_logprob=True`` / ``return_entropy=True`` add the per-element log-probability of the target
+    and the entropy of the softmax (after softcap), as in :func:`cross_entropy`: float32 (float64 for
+    float64 input), the target's shape, 0 where ignored, differentiable, in the order ``(loss, lse,
+    logprob, entropy)``, each only when asked for; computed in the same pass over each chunk of logits.
+    Their gradients are only known in the backward, so with them the backward recomputes each chunk's
+    logits (one more GEMM per chunk for ``mean``/``sum``, whose gradients are otherwise made in the
+    forward). The fused Triton kernels compute them in registers, next to the loss.
 
     The ``triton`` backend runs the fused kernels of fusedloss/triton/linear_cross_entropy.py (float32,
     bfloat16, float16; logits only in registers, ``chunk_size`` unused); float64 takes the chunked path.
@@ -425,7 +435,8 @@ def linear_cross_entropy(
         return reference.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                               reduction=reduction, ignore_index=ignore_index,
                                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                                              shift=shift, return_lse=return_lse,
+                                              shift=shift, return_lse=return_lse, return_logprob=return_logprob,
+                                              return_entropy=return_entropy,
                                               token_weight=None if u is None else u.view(target.shape))
     if u is not None and shift:  # each weight goes with its target: position t takes target t + 1's
         u = reference.shift_target(u.view(target.shape), 0).reshape(-1)
@@ -434,26 +445,33 @@ def linear_cross_entropy(
     rows = input if ndim == 2 else input.reshape(target.numel(), D)
     flat_target = _flat_target(target)
     w = None if weight is None else _acc_weight(weight, dtype)
+    extras = return_logprob or return_entropy
     if name == "triton" and dtype in _lce.FUSED_DTYPES:
         # the fused kernels: per-row loss and lse, the reduction here on device; the shift by index math
         seq_len = (target.shape[-1] if target.dim() else 1) if shift else 0
-        loss, lse, _ = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(
+        loss, lse, _, logprob, entropy = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(
             rows, linear_weight, flat_target, linear_bias, w, ignore_index, label_smoothing, z_loss, softcap or 0.0,
-            1.0, seq_len)
+            1.0, seq_len, extras)
         kept = reference.shift_target(target, ignore_index).reshape(-1) if shift else flat_target
         out = _reduce_rows_triton(loss, reduction, expected, kept, w, ignore_index, u)
-        return (out, lse.view(expected)) if return_lse else out
+        if not (return_lse or extras):
+            return out
+        asked = (lse if return_lse else None, logprob if return_logprob else None,
+                 entropy if return_entropy else None)
+        return (out, *(t.view(expected) for t in asked if t is not None))
     if shift:
         flat_target = reference.shift_target(target, ignore_index).reshape(-1).to(torch.int64).contiguous()
     if not chunk_size:
         chunk_size = _lce.auto_chunk_size(rows.shape[0], D, V, input.device, dtype)
-    loss, lse, _ = _lce.LINEAR_CROSS_ENTROPY.call(name)(rows, linear_weight, flat_target, linear_bias, w, u,
-                                                        ignore_index, REDUCTION[reduction], label_smoothing, z_loss,
-                                                        softcap or 0.0, chunk_size)
-    if ndim != 2:  # 2-D input: the rows are already the target's shape
-        loss = loss.view(expected) if reduction == "none" else loss
-        lse = lse.view(expected)
-    return (loss, lse) if return_lse else loss
+    loss, lse, _, _, logprob, entropy = _lce.LINEAR_CROSS_ENTROPY.call(name)(
+        rows, linear_weight, flat_target, linear_bias, w, u, ignore_index, REDUCTION[reduction], label_smoothing,
+        z_loss, softcap or 0.0, chunk_size, extras)
+    if ndim != 2 and reduction == "none":  # 2-D input: the rows are already the target's shape
+        loss = loss.view(expected)
+    if not (return_lse or extras):
+        return loss
+    asked = (lse if return_lse else None, logprob if return_logprob else None, entropy if return_entropy else None)
+    return (loss, *(t if ndim == 2 else t.view(expected) for t in asked if t is not None))
 
 
 GAP_MODES = ("sum", "max")

@@ -56,7 +56,7 @@ def op_case(N, D, V, dtype, device, *, bias, weight, ignore_index=-100, label_sm
     sum(g * loss + h * lse)."""
     x, W, b, t, w = make_inputs(N, D, V, dtype, device, bias=bias, weight=weight, ignore_index=ignore_index)
     params = [x.clone().requires_grad_(), W.clone().requires_grad_()] + ([b.clone().requires_grad_()] if bias else [])
-    loss, lse, _ = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(
+    loss, lse, *_ = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(
         params[0], params[1], t, params[2] if bias else None, w, ignore_index, label_smoothing, z_loss, softcap,
         temperature, 0)
     g = torch.randn(N, device=device)
@@ -309,11 +309,19 @@ def test_opcheck_fused_ops():
     args = (x.requires_grad_(), W.requires_grad_(), t, b.requires_grad_(), w, -100, 0.1, 1e-3, 7.0, 0.9, 0)
     opts = {"test_utils": tests} if tests else {}
     torch.library.opcheck(torch.ops.fusedloss.linear_cross_entropy_fwd_triton, args, **opts)
-    _, _, stats = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(*(a.detach() if torch.is_tensor(a) else a
+    _, _, stats, *_ = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(*(a.detach() if torch.is_tensor(a) else a
                                                                          for a in args))
     bwd_args = (torch.randn(9, device=device), torch.randn(9, device=device), x.detach(), W.detach(), t, b.detach(),
                 w, stats, -100, 0.1, 1e-3, 7.0, 0.9, 3, True, True, True, 0.0)
     torch.library.opcheck(torch.ops.fusedloss.linear_cross_entropy_bwd_triton, bwd_args, **opts)
+    # with the extras (logprob, entropy): (N, 4) stats, and their gradients into the backward
+    torch.library.opcheck(torch.ops.fusedloss.linear_cross_entropy_fwd_triton, args + (True,), **opts)
+    _, _, stats, *_ = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(*(a.detach() if torch.is_tensor(a) else a
+                                                                         for a in args), True)
+    assert stats.shape == (9, 4)
+    torch.library.opcheck(torch.ops.fusedloss.linear_cross_entropy_bwd_triton,
+                          bwd_args[:7] + (stats,) + bwd_args[8:] + (torch.randn(9, device=device),
+                                                                   torch.randn(9, device=device)), **opts)
 
 
 def test_gradient_filter_is_opt_in():
@@ -322,7 +330,8 @@ def test_gradient_filter_is_opt_in():
     device = triton_device()
     require_backend("triton", device)
     x, W, _, t, _ = make_inputs(9, 8, 45, torch.float32, device)
-    _, _, stats = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(x, W, t, None, None, -100, 0.0, 0.0, 0.0, 1.0, 0)
+    _, _, stats, *_ = torch.ops.fusedloss.linear_cross_entropy_fwd_triton(x, W, t, None, None, -100, 0.0, 0.0, 0.0,
+                                                                         1.0, 0)
     g = torch.randn(9, device=device)
 
     def grads(eps):

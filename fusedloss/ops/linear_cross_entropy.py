@@ -24,6 +24,12 @@ fp16 underflow), and the backward multiplies the fp32 accumulators once by grad_
 or grad_output (sum), 0-dim tensors: no host sync. That is one matmul pass in total
 instead of recomputing the logits in the backward. none: the forward computes the loss only; the backward
 recomputes each chunk's logits and runs 1-4 with s_i = grad_output_i.
+
+With the extras (``extras=True``: per-row logprob and entropy, cross_entropy_math.h (7)) any reduction
+runs as none does: their gradients are only known in the backward, so the forward computes the loss and
+the (N, 4) stats (max, log_s, logprob, entropy) per chunk, and the backward recomputes each chunk's logits
+and takes G_c from the row backward (cross_entropy_bwd with the rows' grad_output, grad_logprob and
+grad_entropy): one GEMM more than mean/sum without them, none's count with them.
 """
 
 from __future__ import annotations
@@ -108,13 +114,26 @@ def _loss_kernel(backend: str):
     return _ce.forward_op(backend)
 
 
+def _bwd_kernel(backend: str):
+    """The row backward (cross_entropy_bwd of ``backend``): the extras' gradients, from saved stats."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fusedloss.cross_entropy_bwd
+    return torch.ops.fusedloss.cross_entropy_bwd_triton
+
+
 def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
             weight: Tensor | None, grad_scale: Tensor | None, ignore_index: int, label_smoothing: float,
             z_loss: float, softcap: float, chunk_size: int, input_grad: bool, weight_grad: bool, bias_grad: bool,
-            backend: str):
-    """The chunk loop. Returns (loss rows (N,), grad_input, grad_weight, grad_bias, lse rows (N,)) in the
-    accumulation dtype, each gradient None unless asked for; grad_scale (N,) (None means 1) scales the rows'
-    gradients.
+            backend: str, stats: Tensor | None = None, grad_logprob: Tensor | None = None,
+            grad_entropy: Tensor | None = None, extras: bool = False):
+    """The chunk loop. Returns (loss rows (N,), grad_input, grad_weight, grad_bias, lse rows (N,), stats) in
+    the accumulation dtype, each gradient None unless asked for; grad_scale (N,) (None means 1) scales the
+    rows' gradients.
+
+    The extras (logprob, entropy), as csrc/linear_cross_entropy.cpp's loop: ``extras=True`` (no gradients)
+    returns the (N, 4) stats of cross_entropy_fwd's extras (else stats is None); the backward passes them
+    back as ``stats`` with ``grad_logprob`` / ``grad_entropy`` and gets the gradients from cross_entropy_bwd
+    on recomputed logits (loss and lse are then None).
 
     input (N, D), linear_weight (V, D), target (N,) int64 contiguous, weight (V,) contiguous in the
     accumulation dtype. ``chunk_size`` 0 picks one (auto_chunk_size).
@@ -127,6 +146,9 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
     op_dtype = input.dtype if mixed else acc
     bias_grad = bias_grad and linear_bias is not None
     grads = input_grad or weight_grad or bias_grad
+    if extras and grads:
+        raise ValueError("chunked: extras=True makes no gradients (the backward's call passes the stats)")
+    extras_bwd = grads and stats is not None
     chunk = chunk_size if chunk_size > 0 else auto_chunk_size(n, d, v, device, input.dtype)
     chunk = max(1, min(chunk, n))
 
@@ -138,12 +160,15 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
     # size are not cached by PyTorch, and a fresh one per chunk would pay its page faults each time.
     logits_buf = torch.empty((chunk, v), dtype=acc, device=device)
     dl_buf = torch.empty((chunk, v), dtype=op_dtype, device=device) if mixed and (input_grad or weight_grad) else None
-    loss = torch.empty((n,), dtype=acc, device=device)
-    lse = torch.empty((n,), dtype=acc, device=device)
+    loss = None if extras_bwd else torch.empty((n,), dtype=acc, device=device)
+    lse = None if extras_bwd else torch.empty((n,), dtype=acc, device=device)
+    stats_out = torch.empty((n, 4), dtype=acc, device=device) if extras else None
     grad_input = torch.empty((n, d), dtype=acc, device=device) if input_grad else None
     grad_weight = torch.zeros((v, d), dtype=acc, device=device) if weight_grad else None
     grad_bias = torch.zeros((v,), dtype=acc, device=device) if bias_grad else None
-    row_kernel = _row_kernel(backend) if grads else None
+    row_kernel = _row_kernel(backend) if grads and not extras_bwd else None
+    bwd_kernel = _bwd_kernel(backend) if extras_bwd else None
+    ones = torch.ones((1,), dtype=acc, device=device)
     loss_kernel = None if grads else _loss_kernel(backend)
     mm_kw = {"out_dtype": acc} if mixed else {}
 
@@ -157,14 +182,22 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
         else:
             torch.addmm(b_acc, x, w_op.T, out=logits, **mm_kw)
         if not grads:
-            rows = loss_kernel(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0)
+            rows = loss_kernel(logits, t, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0, extras)
             loss[start:stop] = rows[0]
             lse[start:stop] = rows[1]
+            if extras:
+                stats_out[start:stop] = rows[2]
             continue
         scale = grad_scale[start:stop] if grad_scale is not None else None
-        loss[start:stop], lse[start:stop] = row_kernel(logits, t, weight, scale, ignore_index, label_smoothing, z_loss,
-                                                       softcap, 1.0)
-        g = logits  # now G_c (step 1)
+        if extras_bwd:
+            part = (lambda a: None if a is None else a[start:stop])
+            g = bwd_kernel(ones.expand(stop - start) if scale is None else scale, None, logits, t, weight,
+                           stats[start:stop], ignore_index, label_smoothing, z_loss, softcap, 1.0,
+                           part(grad_logprob), part(grad_entropy))
+        else:
+            loss[start:stop], lse[start:stop] = row_kernel(logits, t, weight, scale, ignore_index, label_smoothing,
+                                                           z_loss, softcap, 1.0)
+            g = logits  # now G_c (step 1)
         if bias_grad:
             grad_bias += g.sum(0)
         if dl_buf is not None:
@@ -175,7 +208,7 @@ def chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: T
             torch.mm(g, w_op, out=grad_input[start:stop], **mm_kw)
         if weight_grad:
             torch.addmm(grad_weight, g.T, x, out=grad_weight, **mm_kw)
-    return loss, grad_input, grad_weight, grad_bias, lse
+    return loss, grad_input, grad_weight, grad_bias, lse, stats_out
 
 
 def _cols_fake(logits_t, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, temperature):
@@ -184,14 +217,17 @@ def _cols_fake(logits_t, target, weight, grad_scale, ignore_index, label_smoothi
 
 
 def _chunks_fake(input, linear_weight, target, linear_bias, weight, grad_scale, ignore_index, label_smoothing,
-                 z_loss, softcap, chunk_size, input_grad, weight_grad, bias_grad):
+                 z_loss, softcap, chunk_size, input_grad, weight_grad, bias_grad, stats=None, grad_logprob=None,
+                 grad_entropy=None, extras=False):
     acc = acc_dtype(input.dtype)
     n, d = input.shape
     v = linear_weight.shape[0]
-    return (input.new_empty((n,), dtype=acc), input.new_empty((n,), dtype=acc),
+    rows = 0 if stats is not None and (input_grad or weight_grad or (bias_grad and linear_bias is not None)) else n
+    return (input.new_empty((rows,), dtype=acc), input.new_empty((rows,), dtype=acc),
             input.new_empty((n, d) if input_grad else (0,), dtype=acc),
             input.new_empty((v, d) if weight_grad else (0,), dtype=acc),
-            input.new_empty((v,) if bias_grad and linear_bias is not None else (0,), dtype=acc))
+            input.new_empty((v,) if bias_grad and linear_bias is not None else (0,), dtype=acc),
+            input.new_empty((n, 4) if extras else (0,), dtype=acc))
 
 
 if _backend.extension_loaded():
@@ -208,48 +244,62 @@ if _backend.extension_loaded():
 # logits in its backward.
 
 SCHEMA = ("(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, Tensor? weight, "
-          "Tensor? token_weight, int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, int chunk_size) "
-          "-> (Tensor loss, Tensor lse, Tensor mass)")
+          "Tensor? token_weight, int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "
+          "int chunk_size, bool extras=False) -> (Tensor loss, Tensor lse, Tensor mass, Tensor stats, Tensor logprob, "
+          "Tensor entropy)")
 
 
 def _fake(input, linear_weight, target, linear_bias, weight, token_weight, ignore_index, reduction, label_smoothing,
-          z_loss, softcap, chunk_size):
+          z_loss, softcap, chunk_size, extras=False):
     n = input.shape[0]
     acc = acc_dtype(input.dtype)
     reduced = reduction != _registry.NONE
+    extra = (n,) if extras else (0,)
     return (input.new_empty(() if reduced else (n,), dtype=acc), input.new_empty((n,), dtype=acc),
-            input.new_empty(() if reduced else (0,), dtype=acc))
+            input.new_empty(() if reduced else (0,), dtype=acc),
+            input.new_empty((n, 4) if extras else (0,), dtype=acc), input.new_empty(extra, dtype=acc),
+            input.new_empty(extra, dtype=acc))
 
 
 def _triton_impl(input, linear_weight, target, linear_bias, weight, token_weight, ignore_index, reduction,
-                 label_smoothing, z_loss, softcap, chunk_size):
-    rows, _, _, _, lse = chunked(input, linear_weight, target, linear_bias, weight, None, ignore_index,
-                                 label_smoothing, z_loss, softcap, chunk_size, False, False, False, "triton")
+                 label_smoothing, z_loss, softcap, chunk_size, extras=False):
+    rows, _, _, _, lse, stats = chunked(input, linear_weight, target, linear_bias, weight, None, ignore_index,
+                                        label_smoothing, z_loss, softcap, chunk_size, False, False, False, "triton",
+                                        extras=extras)
     out, mass = _ce.reduce_triton(rows, target, weight, ignore_index, reduction, token_weight)
-    return out, lse, mass
+    if not extras:
+        stats = rows.new_empty((0,))
+    return (out, lse, mass, stats, *_ce.extras_of(stats, extras))
 
 
 def _triton_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     input, linear_weight, target, linear_bias, weight, token_weight, ignore_index, reduction, *scalars = inputs
-    _, lse, mass = output
-    ctx.mark_non_differentiable(lse, mass)
-    ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, mass, token_weight)
+    _, lse, mass, stats, _, _ = output
+    ctx.mark_non_differentiable(lse, mass, stats)
+    extras = len(scalars) > 4 and bool(scalars[4])
+    ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, mass, token_weight,
+                          stats if extras else None)
     ctx.ignore_index = ignore_index
     ctx.reduction = reduction
-    ctx.scalars = tuple(scalars)
+    ctx.scalars = tuple(scalars[:4])  # label_smoothing, z_loss, softcap, chunk_size (not extras)
+    ctx.extras = extras
 
 
-def _triton_backward(ctx, grad_loss, _grad_lse, _grad_mass):
-    if grad_loss is None:
-        return (None,) * 12
-    input, linear_weight, target, linear_bias, weight, mass, token_weight = ctx.saved_tensors
+def _triton_backward(ctx, grad_loss, _grad_lse, _grad_mass, _grad_stats, grad_logprob=None, grad_entropy=None):
+    none = (None,) * 13
+    if grad_loss is None and grad_logprob is None and grad_entropy is None:
+        return none
+    input, linear_weight, target, linear_bias, weight, mass, token_weight, stats = ctx.saved_tensors
     need_gi, need_gw, need_gb = (ctx.needs_input_grad[i] for i in (0, 1, 3))
     g = _registry.row_grad(grad_loss, mass, ctx.reduction, input.shape[0], mass, token_weight)
-    _, gi, gw, gb, _ = chunked(input, linear_weight, target, linear_bias, weight, g, ctx.ignore_index, *ctx.scalars,
-                               need_gi, need_gw, need_gb, "triton")
+    if not ctx.extras:
+        grad_logprob = grad_entropy = None
+    _, gi, gw, gb, _, _ = chunked(input, linear_weight, target, linear_bias, weight, g, ctx.ignore_index,
+                                  *ctx.scalars, need_gi, need_gw, need_gb, "triton", stats, grad_logprob,
+                                  grad_entropy)
     return (gi.to(input.dtype) if need_gi else None, gw.to(linear_weight.dtype) if need_gw else None, None,
-            gb.to(linear_bias.dtype) if need_gb else None, None, None, None, None, None, None, None, None)
+            gb.to(linear_bias.dtype) if need_gb else None) + none[4:]
 
 
 LINEAR_CROSS_ENTROPY = _registry.KernelOp("linear_cross_entropy", SCHEMA, _fake, triton_module="cross_entropy",
@@ -261,11 +311,13 @@ LINEAR_CROSS_ENTROPY = _registry.KernelOp("linear_cross_entropy", SCHEMA, _fake,
 # The fused Triton backend (issue #18): fusedloss/triton/linear_cross_entropy.py, logits only in
 # registers. Per-row outputs; the reduction (on device) and its gradient are the caller's autograd.
 # - fusedloss::linear_cross_entropy_fwd_triton(input, linear_weight, target, linear_bias, weight,
-#   ignore_index, label_smoothing, z_loss, softcap, temperature, seq_len) -> (loss (N,), lse (N,),
-#   stats (N, 2)), float32; seq_len > 0 is shift=1 over sequences of that length.
+#   ignore_index, label_smoothing, z_loss, softcap, temperature, seq_len, extras=False) -> (loss (N,),
+#   lse (N,), stats (N, 2), logprob, entropy), float32; seq_len > 0 is shift=1 over sequences of that
+#   length; extras: stats (N, 4) and logprob, entropy (N,) (else (0,)).
 # - fusedloss::linear_cross_entropy_bwd_triton(grad_loss, grad_lse, ..., stats, ..., input_grad,
-#   weight_grad, bias_grad, grad_filter) -> (grad_input, grad_weight, grad_bias) in the parameters'
-#   dtypes (shape (0,) where not asked for). Both loss and lse are differentiable.
+#   weight_grad, bias_grad, grad_filter, grad_logprob=None, grad_entropy=None) -> (grad_input,
+#   grad_weight, grad_bias) in the parameters' dtypes (shape (0,) where not asked for). loss, lse,
+#   logprob and entropy are differentiable.
 # float32, bfloat16 and float16 only: float64 on the triton backend takes the chunked op above.
 # ================================================================================================
 FWD_TRITON = "fusedloss::linear_cross_entropy_fwd_triton"
@@ -280,11 +332,12 @@ if triton_kernels_present("linear_cross_entropy"):
     def linear_cross_entropy_fwd_triton(input: Tensor, linear_weight: Tensor, target: Tensor,
                                         linear_bias: Tensor | None, weight: Tensor | None, ignore_index: int,
                                         label_smoothing: float, z_loss: float, softcap: float, temperature: float,
-                                        seq_len: int) -> tuple[Tensor, Tensor, Tensor]:
+                                        seq_len: int, extras: bool = False
+                                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         from fusedloss.triton import linear_cross_entropy as kernels
 
         return kernels.linear_cross_entropy_fwd(input, linear_weight, target, linear_bias, weight, ignore_index,
-                                                label_smoothing, z_loss, softcap, temperature, seq_len)
+                                                label_smoothing, z_loss, softcap, temperature, seq_len, extras)
 
     @triton_op(BWD_TRITON, mutates_args={})
     def linear_cross_entropy_bwd_triton(grad_loss: Tensor, grad_lse: Tensor | None, input: Tensor,
@@ -292,31 +345,37 @@ if triton_kernels_present("linear_cross_entropy"):
                                         weight: Tensor | None, stats: Tensor, ignore_index: int,
                                         label_smoothing: float, z_loss: float, softcap: float, temperature: float,
                                         seq_len: int, input_grad: bool, weight_grad: bool, bias_grad: bool,
-                                        grad_filter: float) -> tuple[Tensor, Tensor, Tensor]:
+                                        grad_filter: float, grad_logprob: Tensor | None = None,
+                                        grad_entropy: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         from fusedloss.triton import linear_cross_entropy as kernels
 
         return kernels.linear_cross_entropy_bwd(grad_loss, grad_lse, input, linear_weight, target, linear_bias,
                                                 weight, stats, ignore_index, label_smoothing, z_loss, softcap,
-                                                temperature, seq_len, input_grad, weight_grad, bias_grad, grad_filter)
+                                                temperature, seq_len, input_grad, weight_grad, bias_grad, grad_filter,
+                                                grad_logprob, grad_entropy)
 
     def _setup_fwd_triton(ctx, inputs, output):
         (input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, z_loss, softcap,
-         temperature, seq_len) = inputs
-        _, _, stats = output
+         temperature, seq_len, *extras) = inputs
+        _, _, stats, _, _ = output
+        ctx.set_materialize_grads(False)  # an unused output (lse, the extras) costs the backward nothing
         ctx.mark_non_differentiable(stats)
+        ctx.extras = bool(extras and extras[0])
         ctx.save_for_backward(input, linear_weight, target, linear_bias, weight, stats)
         ctx.scalars = (ignore_index, label_smoothing, z_loss, softcap, temperature, seq_len)
 
-    def _backward_fwd_triton(ctx, grad_loss, grad_lse, _grad_stats):
+    def _backward_fwd_triton(ctx, grad_loss, grad_lse, _grad_stats, grad_logprob=None, grad_entropy=None):
         input, linear_weight, target, linear_bias, weight, stats = ctx.saved_tensors
         need_gi, need_gw, need_gb = (ctx.needs_input_grad[i] for i in (0, 1, 3))
-        if grad_loss is None:  # only the returned lse was used
+        if grad_loss is None:  # only the returned lse or extras were used
             grad_loss = stats.new_zeros(stats.shape[0])
+        if not ctx.extras:
+            grad_logprob = grad_entropy = None
         gi, gw, gb = torch.ops.fusedloss.linear_cross_entropy_bwd_triton(
             grad_loss, grad_lse, input, linear_weight, target, linear_bias, weight, stats, *ctx.scalars, need_gi,
-            need_gw, need_gb, 0.0)
+            need_gw, need_gb, 0.0, grad_logprob, grad_entropy)
         return (gi if need_gi else None, gw if need_gw else None, None, gb if need_gb else None, None, None, None,
-                None, None, None, None)
+                None, None, None, None, None)
 
     linear_cross_entropy_fwd_triton.register_autograd(_backward_fwd_triton, setup_context=_setup_fwd_triton)
     linear_cross_entropy_bwd_triton.register_autograd(no_double_backward("linear_cross_entropy"),

@@ -14,9 +14,12 @@ Forward (_lce_fwd_kernel, then _lce_fwd_merge_kernel):
   _row_stats does along a row, and the target's z_y (the one tile column equal to y_i). Splits exist
   so that few rows still fill the GPU; their partial stats (n_splits, 5, N) are merged by one program
   per row block in split order (merge_stats of the header), then (3) gives loss, lse and the saved
-  stats (m, log_s). O(N * n_splits) floats; no (N, V) anything.
+  stats (m, log_s). O(N * n_splits) floats; no (N, V) anything. With the extras (step (7)) each
+  program also keeps sum_ed = sum exp(z - m) (z - m), a sixth partial, merged likewise, and the merge
+  gives logprob and entropy (stats (N, 4) = (m, log_s, logprob, entropy)).
 Backward: with g_i = dL/dloss_i and g_lse_i = dL/dlse_i, G_i is step (4)-(5) of the tile's recomputed
-logits and the saved (m_i, log_s_i). Then
+logits and the saved (m_i, log_s_i), plus (7)'s terms of the extras' gradients (g_lp_i, g_H_i, with the
+saved entropy H_i) where asked for. Then
   dX = G W      (_lce_bwd_dx_kernel): a program owns BLOCK_N rows x BLOCK_DO columns of D and loops
                 over the vocabulary: recompute the (BLOCK_N, BLOCK_V) logits tile (the full D),
                 G tile, acc += G_tile W[vocab tile, its D columns];
@@ -72,8 +75,8 @@ from torch import Tensor
 # A jit helper keeps its own name: torch.compile copies the kernel source with its helpers under
 # their __name__, so an alias would be an undefined name in the compiled kernel.
 from fusedloss.triton._common import cast_rtne, param
-from fusedloss.triton.cross_entropy import (_dead_row_fill, _grad_coefs, _grad_elements, _grad_target, _options,
-                                            _row_loss, _scalar_args, _transform_logit)
+from fusedloss.triton.cross_entropy import (_dead_row_fill, _entropy_term, _extras_coefs, _grad_coefs, _grad_elements,
+                                            _grad_target, _options, _row_loss, _scalar_args, _transform_logit)
 
 __all__ = ["linear_cross_entropy_fwd", "linear_cross_entropy_bwd"]
 
@@ -180,9 +183,42 @@ def _merge_stats(m_a, s_a, wd_a, w_a, m_b, s_b, wd_b, w_b):
 
 
 @triton.jit
+def _merge_ed(m_a, s_a, ed_a, m_b, s_b, ed_b, m):
+    # (7)'s sum_ed of two pieces relative to the merged max m: exp(m_x - m) (ed_x + (m_x - m) s_x) each,
+    # nothing from a piece whose max is -inf (it has no mass).
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    ea = tl.where(m_a == float("-inf"), 0.0, tl.exp(m_a - m_ref) * (ed_a + (m_a - m_ref) * s_a))
+    eb = tl.where(m_b == float("-inf"), 0.0, tl.exp(m_b - m_ref) * (ed_b + (m_b - m_ref) * s_b))
+    return ea + eb
+
+
+@triton.jit
+def _row_extras(grad_logprob_ptr, grad_logprob_stride, grad_entropy_ptr, grad_entropy_stride, stats_ptr, rows,
+                row_ok, active, nll, p_scale, ACC: tl.constexpr, STATS: tl.constexpr,
+                HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr):
+    # (7): the extras' gradients of a block of rows folded into nll and p_scale; g_h and the saved
+    # entropy for _entropy_term (zeros when not asked for).
+    r64 = rows.to(tl.int64)
+    g_lp = tl.zeros(rows.shape, ACC)
+    g_h = tl.zeros(rows.shape, ACC)
+    entropy = tl.zeros(rows.shape, ACC)
+    if HAS_GRAD_LOGPROB:
+        g_lp = tl.load(grad_logprob_ptr + r64 * grad_logprob_stride, mask=row_ok, other=0.0).to(ACC)
+    if HAS_GRAD_ENTROPY:
+        g_h = tl.load(grad_entropy_ptr + r64 * grad_entropy_stride, mask=row_ok, other=0.0).to(ACC)
+        entropy = tl.load(stats_ptr + STATS * r64 + 3, mask=row_ok, other=0.0).to(ACC)
+    g_lp = tl.where(active, g_lp, 0.0)
+    g_h = tl.where(active, g_h, 0.0)
+    if HAS_GRAD_LOGPROB or HAS_GRAD_ENTROPY:
+        nll, p_scale = _extras_coefs(nll, p_scale, g_lp, g_h, entropy)
+    return nll, p_scale, g_h, entropy
+
+
+@triton.jit
 def _row_grad_setup(target_ptr, weight_ptr, weight_sum_ptr, stats_ptr, grad_loss_ptr, grad_loss_stride, grad_lse_ptr,
                     grad_lse_stride, rows, n_rows, seq_len, num_classes, ignore_index, eps, z_loss,
-                    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, SHIFT: tl.constexpr):
+                    ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, SHIFT: tl.constexpr,
+                    STATS: tl.constexpr):
     # Per row of a block: the target, the saved stats and the gradient coefficients of step (4).
     y, ignored, in_range, active, y_safe = _lce_targets(target_ptr, rows, n_rows, seq_len, num_classes,
                                                         ignore_index, SHIFT)
@@ -193,8 +229,8 @@ def _row_grad_setup(target_ptr, weight_ptr, weight_sum_ptr, stats_ptr, grad_loss
         g_lse = tl.load(grad_lse_ptr + r64 * grad_lse_stride, mask=row_ok, other=0.0).to(ACC)
     else:
         g_lse = tl.zeros(rows.shape, ACC)
-    m = tl.load(stats_ptr + 2 * r64, mask=row_ok, other=0.0).to(ACC)
-    log_s = tl.load(stats_ptr + 2 * r64 + 1, mask=row_ok, other=0.0).to(ACC)
+    m = tl.load(stats_ptr + STATS * r64, mask=row_ok, other=0.0).to(ACC)
+    log_s = tl.load(stats_ptr + STATS * r64 + 1, mask=row_ok, other=0.0).to(ACC)
     # inactive rows: finite stand-ins (their gradient is replaced by _dead_row_fill)
     m = tl.where(active, m, 0.0)
     log_s = tl.where(active, log_s, 0.0)
@@ -210,19 +246,26 @@ def _row_grad_setup(target_ptr, weight_ptr, weight_sum_ptr, stats_ptr, grad_loss
 
 @triton.jit
 def _grad_tile(x, cols, col_mask, y, ignored, in_range, active, weight_ptr, m, log_s, w_y, weight_sum, nll, smooth,
-               lse_term, p_scale, inv_softcap, softcap_scale, inv_softcap_scale, inv_temperature, ACC: tl.constexpr,
-               HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+               lse_term, p_scale, g_h, entropy, inv_softcap, softcap_scale, inv_softcap_scale, inv_temperature,
+               ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_GRAD_ENTROPY: tl.constexpr):
     # G = dL/dx of a tile of raw logits x (steps (1), (4), (5)): _grad_elements for every element, the
     # target column by _grad_target from its x_y (one element of the row per tile at most), zeros for
     # ignored rows and out-of-range columns, NaN rows for targets outside [0, V).
     grad = _grad_elements(x, weight_ptr, cols[None, :], col_mask[None, :], m[:, None], log_s[:, None],
                           p_scale[:, None], smooth[:, None], inv_softcap, softcap_scale, inv_softcap_scale,
                           inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+    if HAS_GRAD_ENTROPY:
+        grad += _entropy_term(x, m[:, None], log_s[:, None], g_h[:, None], 0.0, inv_softcap, softcap_scale,
+                              inv_softcap_scale, inv_temperature, HAS_SOFTCAP)
     is_y = cols[None, :] == y[:, None]
     x_y = tl.sum(tl.where(is_y, x, 0.0), axis=1)
     z_y = _transform_logit(x_y, inv_softcap, softcap_scale, inv_temperature, HAS_SOFTCAP)
     grad_y = _grad_target(z_y, w_y, m, log_s, nll, smooth, lse_term, weight_sum, inv_softcap_scale, inv_temperature,
                           HAS_SOFTCAP)
+    if HAS_GRAD_ENTROPY:
+        grad_y += _entropy_term(x_y, m, log_s, g_h, g_h * entropy, inv_softcap, softcap_scale, inv_softcap_scale,
+                                inv_temperature, HAS_SOFTCAP)
     grad = tl.where(is_y, grad_y[:, None], grad)
     grad = tl.where(active[:, None], grad, _dead_row_fill(grad, ignored[:, None], in_range[:, None]))
     return tl.where(col_mask[None, :], grad, 0.0)
@@ -250,10 +293,11 @@ def _lce_fwd_kernel(
     smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
     inv_temperature_lo,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    SHIFT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SHIFT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ACC: tl.constexpr = part_ptr.dtype.element_ty
+    PARTS: tl.constexpr = 6 if HAS_ENTROPY else 5
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     eps, z_loss, inv_temperature, inv_softcap, softcap_scale, inv_softcap_scale = _options(
@@ -266,6 +310,7 @@ def _lce_fwd_kernel(
     s = tl.zeros((BLOCK_N,), ACC)
     sum_wd = tl.zeros((BLOCK_N,), ACC)
     sum_w = tl.zeros((BLOCK_N,), ACC)
+    sum_ed = tl.zeros((BLOCK_N,), ACC)
     z_y = tl.zeros((BLOCK_N,), ACC)
     v_start = split * v_per_split
     v_stop = tl.minimum(v_start + v_per_split, num_classes)
@@ -280,6 +325,14 @@ def _lce_fwd_kernel(
         z_masked = tl.where(mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z_masked, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if HAS_ENTROPY:
+            # (7), as _row_stats: the sum so far relative to the new max, then the tile's e (z - m); a -inf
+            # z adds 0, not 0 * -inf
+            shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+            sum_ed = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_safe) * (sum_ed + shift * s))
+            d_e = z_masked - m_safe[:, None]
+            e = tl.exp(d_e)
+            sum_ed += tl.sum(tl.where(e > 0.0, e * d_e, 0.0), axis=1)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_masked - m_safe[:, None]), axis=1)
         if HAS_SMOOTHING:
             d = tl.where(mask[None, :], z - m_safe[:, None], 0.0)
@@ -297,22 +350,28 @@ def _lce_fwd_kernel(
         m = m_new
 
     row_mask = rows < n_rows
-    base = part_ptr + split.to(tl.int64) * 5 * n_rows + rows
+    base = part_ptr + split.to(tl.int64) * PARTS * n_rows + rows
     tl.store(base, m, mask=row_mask)
     tl.store(base + n_rows, s, mask=row_mask)
     tl.store(base + 2 * n_rows, sum_wd, mask=row_mask)
     tl.store(base + 3 * n_rows, sum_w, mask=row_mask)
     tl.store(base + 4 * n_rows, z_y, mask=row_mask)
+    if HAS_ENTROPY:
+        tl.store(base + 5 * n_rows, sum_ed, mask=row_mask)
 
 
 @triton.jit
 def _lce_fwd_merge_kernel(
-    part_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, stats_ptr, n_rows, num_classes, seq_len, ignore_index,
-    n_splits, smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+    part_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, stats_ptr, logprob_ptr, entropy_ptr, n_rows, num_classes,
+    seq_len, ignore_index, n_splits, smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SHIFT: tl.constexpr, EXTRAS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    # The splits' pieces in split order (fixed: bitwise reproducible), then (3) per row.
+    # The splits' pieces in split order (fixed: bitwise reproducible), then (3) per row, and (7) with
+    # the extras (into stats' columns 2-3 and the outputs of their own).
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    PARTS: tl.constexpr = 6 if EXTRAS else 5
+    STATS: tl.constexpr = 4 if EXTRAS else 2
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < n_rows
     eps = param(smoothing_hi, smoothing_lo, ACC)
@@ -324,24 +383,39 @@ def _lce_fwd_merge_kernel(
     sum_wd = tl.load(part_ptr + 2 * n_rows + rows, mask=row_mask, other=0.0)
     sum_w = tl.load(part_ptr + 3 * n_rows + rows, mask=row_mask, other=0.0)
     z_y = tl.load(part_ptr + 4 * n_rows + rows, mask=row_mask, other=0.0)
+    sum_ed = tl.zeros((BLOCK,), ACC)
+    if EXTRAS:
+        sum_ed = tl.load(part_ptr + 5 * n_rows + rows, mask=row_mask, other=0.0)
     for split in range(1, n_splits):
-        base = part_ptr + split * 5 * n_rows + rows  # the partials hold far fewer than 2^31 floats
+        base = part_ptr + split * PARTS * n_rows + rows  # the partials hold far fewer than 2^31 floats
         m_b = tl.load(base, mask=row_mask, other=float("-inf"))
         s_b = tl.load(base + n_rows, mask=row_mask, other=0.0)
         wd_b = tl.load(base + 2 * n_rows, mask=row_mask, other=0.0)
         w_b = tl.load(base + 3 * n_rows, mask=row_mask, other=0.0)
+        m_a, s_a = m, s
         m, s, sum_wd, sum_w = _merge_stats(m, s, sum_wd, sum_w, m_b, s_b, wd_b, w_b)
+        if EXTRAS:
+            ed_b = tl.load(base + 5 * n_rows, mask=row_mask, other=0.0)
+            sum_ed = _merge_ed(m_a, s_a, sum_ed, m_b, s_b, ed_b, m)
         z_y += tl.load(base + 4 * n_rows, mask=row_mask, other=0.0)
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + y_safe, mask=active, other=0.0).to(ACC)
     else:
         w_y = tl.full((BLOCK,), 1.0, ACC)
+    s_row = s
     loss, lse, m, log_s = _row_loss(m, s, sum_wd, sum_w, z_y, w_y, eps, z_loss, num_classes, active, ACC,
                                     HAS_SMOOTHING)
     tl.store(loss_ptr + rows, _dead_row_fill(loss, ignored, in_range), mask=row_mask)
     tl.store(lse_ptr + rows, _dead_row_fill(lse, ignored, in_range), mask=row_mask)
-    tl.store(stats_ptr + 2 * rows, _dead_row_fill(m, ignored, in_range), mask=row_mask)
-    tl.store(stats_ptr + 2 * rows + 1, _dead_row_fill(log_s, ignored, in_range), mask=row_mask)
+    tl.store(stats_ptr + STATS * rows, _dead_row_fill(m, ignored, in_range), mask=row_mask)
+    tl.store(stats_ptr + STATS * rows + 1, _dead_row_fill(log_s, ignored, in_range), mask=row_mask)
+    if EXTRAS:
+        logprob = _dead_row_fill((z_y - m) - log_s, ignored, in_range)
+        entropy = _dead_row_fill(log_s - sum_ed / tl.where(active, s_row, 1.0), ignored, in_range)
+        tl.store(stats_ptr + STATS * rows + 2, logprob, mask=row_mask)
+        tl.store(stats_ptr + STATS * rows + 3, entropy, mask=row_mask)
+        tl.store(logprob_ptr + rows, logprob, mask=row_mask)
+        tl.store(entropy_ptr + rows, entropy, mask=row_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,12 +426,14 @@ def _lce_fwd_merge_kernel(
 @triton.jit
 def _lce_bwd_dx_kernel(
     x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, target_ptr, weight_ptr, weight_sum_ptr, stats_ptr,
-    grad_loss_ptr, grad_loss_stride, grad_lse_ptr, grad_lse_stride, dx_ptr,
+    grad_loss_ptr, grad_loss_stride, grad_lse_ptr, grad_lse_stride, grad_logprob_ptr, grad_logprob_stride,
+    grad_entropy_ptr, grad_entropy_stride, dx_ptr,
     n_rows, D, num_classes, seq_len, ignore_index, filter_eps,
     smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
     inv_temperature_lo,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_GRAD_LSE: tl.constexpr, SHIFT: tl.constexpr, FILTER: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr, HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, STATS: tl.constexpr,
+    SHIFT: tl.constexpr, FILTER: tl.constexpr, DOT_DTYPE: tl.constexpr,
     GRAD_DOT_DTYPE: tl.constexpr, G_ROUND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     GRAD_INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -372,7 +448,10 @@ def _lce_bwd_dx_kernel(
     y, ignored, in_range, active, m, log_s, w_y, weight_sum, nll, smooth, lse_term, p_scale = _row_grad_setup(
         target_ptr, weight_ptr, weight_sum_ptr, stats_ptr, grad_loss_ptr, grad_loss_stride, grad_lse_ptr,
         grad_lse_stride, rows, n_rows, seq_len, num_classes, ignore_index, eps, z_loss, ACC, HAS_WEIGHT, HAS_GRAD_LSE,
-        SHIFT)
+        SHIFT, STATS)
+    nll, p_scale, g_h, entropy = _row_extras(grad_logprob_ptr, grad_logprob_stride, grad_entropy_ptr,
+                                             grad_entropy_stride, stats_ptr, rows, rows < n_rows, active, nll,
+                                             p_scale, ACC, STATS, HAS_GRAD_LOGPROB, HAS_GRAD_ENTROPY)
 
     acc = tl.zeros((BLOCK_N, BLOCK_DO), ACC)
     for v0 in range(0, num_classes, BLOCK_V):
@@ -381,8 +460,8 @@ def _lce_bwd_dx_kernel(
         x = _logits_tile(x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, rows, cols, n_rows,
                          num_classes, D, ACC, HAS_BIAS, DOT_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         grad = _grad_tile(x, cols, col_mask, y, ignored, in_range, active, weight_ptr, m, log_s, w_y, weight_sum, nll,
-                          smooth, lse_term, p_scale, inv_softcap, softcap_scale, inv_softcap_scale, inv_temperature,
-                          ACC, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                          smooth, lse_term, p_scale, g_h, entropy, inv_softcap, softcap_scale, inv_softcap_scale,
+                          inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
         if _keep_tile(grad, filter_eps, FILTER):
             w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wv + dcols[None, :] * stride_wd,
                         mask=col_mask[:, None] & d_mask[None, :], other=0.0)
@@ -395,12 +474,14 @@ def _lce_bwd_dx_kernel(
 @triton.jit
 def _lce_bwd_dw_kernel(
     x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, target_ptr, weight_ptr, weight_sum_ptr, stats_ptr,
-    grad_loss_ptr, grad_loss_stride, grad_lse_ptr, grad_lse_stride, dw_ptr, db_ptr,
+    grad_loss_ptr, grad_loss_stride, grad_lse_ptr, grad_lse_stride, grad_logprob_ptr, grad_logprob_stride,
+    grad_entropy_ptr, grad_entropy_stride, dw_ptr, db_ptr,
     n_rows, D, num_classes, seq_len, ignore_index, filter_eps,
     smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
     inv_temperature_lo,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_GRAD_LSE: tl.constexpr, SHIFT: tl.constexpr, FILTER: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr, HAS_GRAD_LOGPROB: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, STATS: tl.constexpr,
+    SHIFT: tl.constexpr, FILTER: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
     BIAS_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr, GRAD_DOT_DTYPE: tl.constexpr, G_ROUND_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, GRAD_INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -422,12 +503,15 @@ def _lce_bwd_dw_kernel(
         y, ignored, in_range, active, m, log_s, w_y, weight_sum, nll, smooth, lse_term, p_scale = _row_grad_setup(
             target_ptr, weight_ptr, weight_sum_ptr, stats_ptr, grad_loss_ptr, grad_loss_stride, grad_lse_ptr,
             grad_lse_stride, rows, n_rows, seq_len, num_classes, ignore_index, eps, z_loss, ACC, HAS_WEIGHT,
-            HAS_GRAD_LSE, SHIFT)
+            HAS_GRAD_LSE, SHIFT, STATS)
+        nll, p_scale, g_h, entropy = _row_extras(grad_logprob_ptr, grad_logprob_stride, grad_entropy_ptr,
+                                                 grad_entropy_stride, stats_ptr, rows, rows < n_rows, active, nll,
+                                                 p_scale, ACC, STATS, HAS_GRAD_LOGPROB, HAS_GRAD_ENTROPY)
         x = _logits_tile(x_ptr, stride_xn, stride_xd, w_ptr, stride_wv, stride_wd, b_ptr, rows, cols, n_rows,
                          num_classes, D, ACC, HAS_BIAS, DOT_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
         grad = _grad_tile(x, cols, col_mask, y, ignored, in_range, active, weight_ptr, m, log_s, w_y, weight_sum, nll,
-                          smooth, lse_term, p_scale, inv_softcap, softcap_scale, inv_softcap_scale, inv_temperature,
-                          ACC, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                          smooth, lse_term, p_scale, g_h, entropy, inv_softcap, softcap_scale, inv_softcap_scale,
+                          inv_temperature, ACC, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
         if BIAS_GRAD:
             acc_b += tl.sum(grad, axis=0)  # db sums G in fp32, before any rounding
         if WEIGHT_GRAD:
@@ -530,8 +614,10 @@ def linear_cross_entropy_fwd(
     softcap: float,
     temperature: float,
     seq_len: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss (N,), lse (N,) and stats (N, 2) = (m, log_s), float32.
+    extras: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss (N,), lse (N,), stats (N, 2) = (m, log_s), float32, and (0,) twice; with ``extras``
+    stats (N, 4) = (m, log_s, logprob, entropy) and logprob (N,), entropy (N,) as tensors of their own.
 
     input (N, D) and linear_weight (V, D) of one dtype, any strides; target (N,) int64 contiguous;
     linear_bias (V,); weight (V,) float32 contiguous. seq_len > 0 turns the shift on: row r scores
@@ -543,12 +629,14 @@ def linear_cross_entropy_fwd(
     device = input.device
     loss = torch.empty((n_rows,), dtype=torch.float32, device=device)
     lse = torch.empty((n_rows,), dtype=torch.float32, device=device)
-    stats = torch.empty((n_rows, 2), dtype=torch.float32, device=device)
+    stats = torch.empty((n_rows, 4 if extras else 2), dtype=torch.float32, device=device)
+    logprob = torch.empty((n_rows if extras else 0,), dtype=torch.float32, device=device)
+    entropy = torch.empty((n_rows if extras else 0,), dtype=torch.float32, device=device)
     if n_rows == 0:
-        return loss, lse, stats
+        return loss, lse, stats, logprob, entropy
     dot, precision, *_ = _dot_dtypes(input.dtype)
     n_splits, per_split = _vocab_splits(n_rows, num_classes, device)
-    part = torch.empty((n_splits, 5, n_rows), dtype=torch.float32, device=device)
+    part = torch.empty((n_splits, 6 if extras else 5, n_rows), dtype=torch.float32, device=device)
     stand_in = target  # read-only stand-in for absent tensors, never read
     scalars = _scalar_args(label_smoothing, z_loss, softcap, temperature)
     flags = _flags(linear_bias, weight, label_smoothing, softcap, seq_len)
@@ -561,13 +649,14 @@ def linear_cross_entropy_fwd(
         input, input.stride(0), input.stride(1), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
         linear_bias if linear_bias is not None else stand_in, target, weight if weight is not None else stand_in,
         part, n_rows, D, num_classes, max(seq_len, 1), ignore_index, per_split, *scalars,
-        **flags, DOT_DTYPE=dot, INPUT_PRECISION=precision, **blocks, **_launch_options())
+        **flags, DOT_DTYPE=dot, INPUT_PRECISION=precision, HAS_ENTROPY=extras, **blocks, **_launch_options())
     torch.library.wrap_triton(_lce_fwd_merge_kernel)[(triton.cdiv(n_rows, _MERGE_BLOCK),)](
-        part, target, weight if weight is not None else stand_in, loss, lse, stats, n_rows, num_classes,
+        part, target, weight if weight is not None else stand_in, loss, lse, stats,
+        logprob if extras else loss, entropy if extras else loss, n_rows, num_classes,
         max(seq_len, 1), ignore_index, n_splits, *scalars[:4],
-        HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTHING=flags["HAS_SMOOTHING"], SHIFT=flags["SHIFT"],
+        HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTHING=flags["HAS_SMOOTHING"], SHIFT=flags["SHIFT"], EXTRAS=extras,
         BLOCK=_MERGE_BLOCK, num_warps=4)
-    return loss, lse, stats
+    return loss, lse, stats, logprob, entropy
 
 
 def linear_cross_entropy_bwd(
@@ -589,10 +678,15 @@ def linear_cross_entropy_bwd(
     weight_grad: bool,
     bias_grad: bool,
     grad_filter: float,
+    grad_logprob: Tensor | None = None,
+    grad_entropy: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i grad_loss_i loss_i + grad_lse_i lse_i for input, linear_weight and linear_bias in
-    their dtypes, contiguous (shape (0,) where not asked for). grad_loss and grad_lse are (N,) float32 with
-    any stride (a mean's expanded scalar has stride 0)."""
+    """Gradients of sum_i grad_loss_i loss_i + grad_lse_i lse_i (+ grad_logprob_i logprob_i + grad_entropy_i
+    entropy_i) for input, linear_weight and linear_bias in their dtypes, contiguous (shape (0,) where not
+    asked for). grad_loss, grad_lse, grad_logprob and grad_entropy are (N,) float32 with any stride (a
+    mean's expanded scalar has stride 0); grad_entropy needs the forward's (N, 4) stats (extras)."""
+    if grad_entropy is not None and stats.shape[1] != 4:
+        raise RuntimeError("fusedloss: the entropy's gradient needs the forward's (N, 4) stats (extras=True)")
     n_rows, D = input.shape
     num_classes = linear_weight.shape[0]
     device = input.device
@@ -613,12 +707,16 @@ def linear_cross_entropy_bwd(
     flags = _flags(linear_bias, weight, label_smoothing, softcap, seq_len)
     has_grad_lse = grad_lse is not None
     grad_lse_arg = grad_lse if has_grad_lse else grad_loss
-    common = dict(**flags, HAS_GRAD_LSE=has_grad_lse, FILTER=grad_filter > 0.0, DOT_DTYPE=dot,
-                  GRAD_DOT_DTYPE=grad_dot, G_ROUND_DTYPE=g_round, INPUT_PRECISION=precision,
+    grad_logprob_arg = grad_logprob if grad_logprob is not None else grad_loss
+    grad_entropy_arg = grad_entropy if grad_entropy is not None else grad_loss
+    common = dict(**flags, HAS_GRAD_LSE=has_grad_lse, HAS_GRAD_LOGPROB=grad_logprob is not None,
+                  HAS_GRAD_ENTROPY=grad_entropy is not None, STATS=stats.shape[1], FILTER=grad_filter > 0.0,
+                  DOT_DTYPE=dot, GRAD_DOT_DTYPE=grad_dot, G_ROUND_DTYPE=g_round, INPUT_PRECISION=precision,
                   GRAD_INPUT_PRECISION=grad_precision, **_blocks(_BWD_NAMES), **_launch_options())
     head = (input, input.stride(0), input.stride(1), linear_weight, linear_weight.stride(0), linear_weight.stride(1),
             linear_bias if linear_bias is not None else stand_in, target, weight if weight is not None else stand_in,
-            weight_sum, stats, grad_loss, grad_loss.stride(0), grad_lse_arg, grad_lse_arg.stride(0))
+            weight_sum, stats, grad_loss, grad_loss.stride(0), grad_lse_arg, grad_lse_arg.stride(0), grad_logprob_arg,
+            grad_logprob_arg.stride(0), grad_entropy_arg, grad_entropy_arg.stride(0))
     tail = (n_rows, D, num_classes, max(seq_len, 1), ignore_index, float(grad_filter), *scalars)
     if input_grad and D > 0:
         def grid_dx(meta):
