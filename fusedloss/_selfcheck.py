@@ -114,7 +114,8 @@ def _make_ce(shape, opts, reduction, dtype, device, gen) -> Problem:
     target_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
     target = _targets(target_shape, C, gen, opts.get("ignore")).to(device)
     weight = _class_weight(C, gen, device) if opts.get("weight") else None
-    kw = {k: opts[k] for k in ("label_smoothing", "z_loss", "softcap", "temperature", "return_lse") if k in opts}
+    kw = {k: opts[k] for k in ("label_smoothing", "z_loss", "softcap", "temperature", "return_lse", "return_logprob",
+                               "return_entropy") if k in opts}
     if opts.get("ignore") is not None:
         kw["ignore_index"] = opts["ignore"]
     if opts.get("token_weight"):
@@ -144,6 +145,8 @@ CE_OPTIONS = [
     ("non-contiguous", {"noncontig": True}, "mean"),
     ("token_weight weight", {"token_weight": True, "weight": True, "ignore": -100}, "mean"),
     ("token_weight", {"token_weight": True}, "none"),
+    ("logprob + entropy", {"return_logprob": True, "return_entropy": True, "weight": True, "ignore": -100,
+                           "softcap": 4.0}, "mean"),
     ("all + lse", CE_OPTIONS_ALL, "mean"),
     ("all + lse", CE_OPTIONS_ALL, "none"),
 ]
