@@ -9,6 +9,7 @@ an exception.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -505,7 +506,33 @@ def _make_distill(shape, opts, reduction, dtype, device, gen) -> Problem:
     return Problem({"student": s, "teacher": t}, run)
 
 
-def _make_linear_distill(shape, opts, reduction, dtype, device, gen) -> Problem:
+def _linear_distill_bounds(leaves, target, kw, reduction, ups, dtype, jsd):
+    """Extra atol of the four gradients, sums of products as linear_cross_entropy's (_lce_bounds): with
+    G = dL/dlogits of each head (float64, from the reference on the float64 logits), dX = G W sums V terms
+    and dW = G^T X sums N terms in fp32; for 16-bit inputs G is rounded to the input dtype before the
+    products and each chunk's product is rounded to it before the fp32 sum (fusedloss/ops/
+    linear_kl_div.py): two u_dtype |G| per term more."""
+    xs, ws, xt, wt = (leaves[n].detach().double() for n in ("student_input", "student_weight", "teacher_input",
+                                                             "teacher_weight"))
+    zs, zt = (xs @ ws.T).requires_grad_(), (xt @ wt.T).requires_grad_()
+    fn = reference.jsd_logits if jsd else reference.kl_div_logits
+    loss = fn(zs, zt, target, reduction=reduction, **{k: v for k, v in kw.items() if k != "chunk_size"})
+    out = {}
+    for G, x, w, (nx, nw) in zip(torch.autograd.grad((loss * ups[0].double()).sum(), (zs, zt)), (xs, xt), (ws, wt),
+                                 (("student_input", "student_weight"), ("teacher_input", "teacher_weight"))):
+        G = G.abs()
+        N, V = G.shape
+        u = UNIT_ROUNDOFF[torch.float32]
+        EV = LAMBDA * math.sqrt(V) * u * G
+        EN = LAMBDA * math.sqrt(max(N, 1)) * u * G
+        if dtype != torch.float32:
+            extra = 2 * UNIT_ROUNDOFF[dtype] * G + (2.0**-25 if dtype == torch.float16 else 0.0)
+            EV, EN = EV + extra, EN + extra
+        out[nx], out[nw] = EV @ w.abs(), EN.T @ x.abs()
+    return out
+
+
+def _make_linear_distill(shape, opts, reduction, dtype, device, gen, jsd=False) -> Problem:
     N, D, V = shape
     leaves = {"student_input": _leaf(_randn((N, D), gen), dtype, device),
               "student_weight": _leaf(_randn((V, D), gen, D**-0.5), dtype, device),
@@ -519,7 +546,10 @@ def _make_linear_distill(shape, opts, reduction, dtype, device, gen) -> Problem:
         return (fn(leaves["student_input"], leaves["student_weight"], leaves["teacher_input"],
                    leaves["teacher_weight"], target, reduction=reduction, **call_kw),)
 
-    return Problem(leaves, run)
+    def bounds(ref_leaves, ups):
+        return _linear_distill_bounds(leaves, target, kw, reduction, ups, dtype, jsd)
+
+    return Problem(leaves, run, bounds)
 
 
 KL_OPTIONS = [("T=1", {}, "batchmean"), ("T=2", {"temperature": 2.0}, "sum"), ("T=0.5", {"temperature": 0.5}, "none"),
@@ -549,7 +579,7 @@ OPS = {
     "linear_kl_div": OpCheck("linear_kl_div", LINEAR_DISTILL_SHAPES, LINEAR_DISTILL_SHAPES_INTERPRETED,
                              LINEAR_KL_OPTIONS, _make_linear_distill),
     "linear_jsd": OpCheck("linear_jsd", LINEAR_DISTILL_SHAPES, LINEAR_DISTILL_SHAPES_INTERPRETED,
-                          LINEAR_JSD_OPTIONS, _make_linear_distill),
+                          LINEAR_JSD_OPTIONS, functools.partial(_make_linear_distill, jsd=True)),
 }
 
 
@@ -715,7 +745,7 @@ def run_check(devices: list[str] | None = None, backends: list[str] | None = Non
             prev = r[:4]
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     print("tolerances (rtol, atol; grad errors relative to max|grad|, plus the bounds of long sums and "
-          "cancelling parts for linear_cross_entropy and info_nce): "
+          "cancelling parts for linear_cross_entropy, linear_kl_div, linear_jsd and info_nce): "
           + "; ".join(f"{str(d).replace('torch.', '')} out {t['loss']} grad {t['grad']}"
                       for d, t in CHECK_TOL.items() if d in dtypes))
     # per op and backend summary
