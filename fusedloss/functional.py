@@ -649,14 +649,8 @@ def info_nce(
     # gradient of a query is scale * (sum_j P_ij k_j - k_{labels_i}), two nearly equal terms that the
     # kernel sums in float32 before one rounding; each rounded to bf16 on its own, their sum would lose
     # far more. Cast back once, by autograd.
-    acc = acc_dtype(query.dtype)
-    q = query.to(acc)
-    k = key.to(acc)
-    if normalize:
-        q = F.normalize(q, dim=1)
-        k = F.normalize(k, dim=1)
-    q = q.contiguous()
-    k = k.contiguous()
+    q, k = _kernel_rows(query, key, normalize)
+    acc = q.dtype
     if isinstance(temperature, Tensor):
         # float64: the temperature's gradient is summed in double and rounded once (see (3') in
         # csrc/include/fusedloss/info_nce_math.h), then autograd's division by -t^2 in float64.
@@ -675,6 +669,16 @@ def info_nce(
     if symmetric:
         loss = 0.5 * (loss + (lse_cols - pos))
     return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
+
+
+def _kernel_rows(query: Tensor, key: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    """query and key as the contrastive kernels take them: contiguous rows in the accumulation dtype,
+    L2-normalized when asked (info_nce and siglip_loss)."""
+    acc = acc_dtype(query.dtype)
+    q, k = query.to(acc), key.to(acc)
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    return q.contiguous(), k.contiguous()
 
 
 def _group_ids(query_groups, key_groups, labels, symmetric, query, n, m):
@@ -809,14 +813,8 @@ def siglip_loss(
         loss = reference.siglip_loss(query, key, temperature=temperature, bias=bias, normalize=normalize,
                                      labels=labels, reduction="none")
         return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
-    acc = acc_dtype(query.dtype)
-    q = query.to(acc)
-    k = key.to(acc)
-    if normalize:
-        q = F.normalize(q, dim=1)
-        k = F.normalize(k, dim=1)
-    q = q.contiguous()
-    k = k.contiguous()
+    q, k = _kernel_rows(query, key, normalize)
+    acc = q.dtype
     # A learnable temperature or bias goes to the kernels as float64: its gradient is then returned in
     # float64 (summed there) and rounded once by autograd to the parameter's dtype.
     scalars = []
