@@ -30,14 +30,14 @@ def _reduce_rows_triton(loss: Tensor, reduction: str, out_shape: torch.Size, tar
     """The reduction of per-row losses with autograd, for the one op whose kernels return rows (the fused
     Triton linear cross-entropy); the others reduce in their kernels. The mean's denominator comes from
     the reduction kernel (it depends on the target and the weights only: no gradient through it)."""
-    if token_weight is not None:
-        loss = loss * token_weight
+    weighted = loss if token_weight is None else loss * token_weight
     if reduction == "none":
-        return loss.view(out_shape)
+        return weighted.view(out_shape)
     if reduction == "sum":
-        return loss.sum()
+        return weighted.sum()
+    # the kernel weighs the rows itself: it gets the unweighted ones (only its mass is used)
     _, mass = _ce.reduce_triton(loss.detach(), target, weight, ignore_index, REDUCTION["mean"], token_weight)
-    return loss.sum() / mass
+    return weighted.sum() / mass
 
 
 def _class_rows(input: Tensor, C: int) -> Tensor:
