@@ -156,7 +156,13 @@ def test_teacher_minus_inf(backend, device, name, fn, kw):
     assert_close(loss, ref, torch.float32, "loss", name)
     assert_close(sa.grad, s64.grad, torch.float32, "grad", name)
     assert torch.equal(torch.isfinite(ta.grad), torch.isfinite(t64.grad))
-    assert_close(ta.grad, t64.grad, torch.float32, "grad", name)
+    # The teacher's gradient p_k (log p_k - log q_k - K) subtracts the row's KL K, a sum the forward
+    # rounded to float32: where p is one-hot the exact value is 0 and a correct kernel is off by an
+    # ulp of K times the row's coefficient (c K = dloss/drow * loss_row / T), so that is the scale.
+    rows64 = getattr(reference, fn)(s.double(), t.double(), target, reduction="none", **kw)
+    per_row = 1.0 / (target != -100).sum().item()  # batchmean
+    scale = per_row * rows64.abs().max().item() / kw.get("temperature", 1.0)
+    assert_close(ta.grad, t64.grad, torch.float32, "grad", name, scale=max(scale, t64.grad.abs().max().item()))
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
