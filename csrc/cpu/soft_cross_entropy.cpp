@@ -5,11 +5,12 @@
 //
 // Forward: each row of logits and of targets is read once from memory, kChunk elements at a time.
 // Pass 1 transforms the chunk's logits into an L1 buffer and takes their max; pass 2 reads the buffer
-// and the chunk's targets for s, A and D (math header (3)). Chunk stats merge in order with
+// and the chunk's targets for s, A and D (math header (3)), and with the entropy sum_ed (6). Chunk
+// stats merge in order with
 // ce::merge_stats. Few long rows (N < kFewRows) are also cut into fixed pieces read by different
 // threads and merged in piece order: the pieces, hence every bit, do not depend on the thread count.
 // Backward: one read of both rows and one write of each requested gradient, elementwise given the
-// saved (max, log_s, A) of each row, in pieces of kBwdPiece elements spread over the threads.
+// saved (max, log_s, A[, H]) of each row, in pieces of kBwdPiece elements spread over the threads.
 #define FL_CPU_VEC 1
 #include "fusedloss/cpu_utils.h"
 #include "fusedloss/soft_cross_entropy_checks.h"
@@ -41,9 +42,9 @@ constexpr int64_t kFewRows = 16;
 // Elements per backward work item.
 constexpr int64_t kBwdPiece = 16384;
 
-// Stats (3) of x[lo, hi) and t[lo, hi) of one row, kChunk elements at a time. target_t is the
-// logits' scalar_t or the accumulation type.
-template <typename scalar_t, typename target_t, typename acc_t>
+// Stats (3) (and (6)'s sum_ed when Entropy) of x[lo, hi) and t[lo, hi) of one row, kChunk elements at a
+// time. target_t is the logits' scalar_t or the accumulation type.
+template <bool Entropy, typename scalar_t, typename target_t, typename acc_t>
 ce::RowStats<acc_t> piece_stats(const scalar_t* x, const target_t* t, const acc_t* w, int64_t lo, int64_t hi,
                                 const soft_ce::Options<acc_t>& o) {
   using Vec = Vectorized<acc_t>;
@@ -67,29 +68,40 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const target_t* t, const acc_
       z[i] = ce::transform_logit<acc_t>(static_cast<acc_t>(x[c0 + i]), o.ce);
       m = fl_max(m, z[i]);
     }
-    // Pass 2 over the buffer and the targets: s, A = sum v and D = sum v (z - m). An all -inf chunk
-    // has s = 0 and differences taken against 0: its D holds the -inf (v > 0) or NaN (v = 0) of those
-    // logits, as ce::update_stats keeps them.
+    // Pass 2 over the buffer and the targets: s, A = sum v and D = sum v (z - m), and sum_ed =
+    // sum exp(z - m) (z - m) for the entropy. An all -inf chunk has s = 0 and differences taken
+    // against 0: its D holds the -inf (v > 0) or NaN (v = 0) of those logits, as ce::update_stats keeps
+    // them, and its sum_ed is 0.
     const bool finite_max = m != -fl_inf<acc_t>();
     const Vec vm(finite_max ? m : acc_t(0));
     const Vec one(acc_t(1));
-    Vec s0(acc_t(0)), vd(acc_t(0)), va(acc_t(0));
+    // (6)'s exp(d) * d with d clamped to ce::kLogFloor: a -inf z adds 0, not 0 * -inf
+    const Vec log_floor(static_cast<acc_t>(ce::kLogFloor));
+    Vec s0(acc_t(0)), vd(acc_t(0)), va(acc_t(0)), ved(acc_t(0));
     for (int64_t i = 0; i < nv; i += V) {
       const Vec d = Vec::loadu(z + i) - vm;
-      if (finite_max) s0 = s0 + fl_exp(d);
+      if (finite_max) {
+        const Vec e = fl_exp(d);
+        s0 = s0 + e;
+        if constexpr (Entropy) ved = ved + e * fl_max(d, log_floor);
+      }
       const Vec v = soft_ce::target_weight<acc_t>(VecIO<target_t>::load(tc + i), wc ? Vec::loadu(wc + i) : one, o);
       vd = vd + v * d;
       va = va + v;
     }
-    acc_t s = reduce_sum(s0), sd = reduce_sum(vd), sa = reduce_sum(va);
+    acc_t s = reduce_sum(s0), sd = reduce_sum(vd), sa = reduce_sum(va), sed = reduce_sum(ved);
     for (int64_t i = nv; i < n; ++i) {
       const acc_t d = z[i] - (finite_max ? m : acc_t(0));
-      if (finite_max) s += fl_exp(d);
+      if (finite_max) {
+        const acc_t e = fl_exp(d);
+        s += e;
+        if constexpr (Entropy) sed += e * fl_max(d, static_cast<acc_t>(ce::kLogFloor));
+      }
       const acc_t v = soft_ce::target_weight<acc_t>(static_cast<acc_t>(tc[i]), wc ? wc[i] : acc_t(1), o);
       sd += v * d;
       sa += v;
     }
-    total = ce::merge_stats(total, ce::RowStats<acc_t>{m, s, sd, sa});
+    total = ce::merge_stats(total, ce::RowStats<acc_t>{m, s, sd, sa, sed});
   }
   return total;
 }
@@ -97,7 +109,7 @@ ce::RowStats<acc_t> piece_stats(const scalar_t* x, const target_t* t, const acc_
 template <typename scalar_t, typename target_t>
 void soft_ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                           const soft_ce::Options<at::opmath_type<scalar_t>>& o, at::Tensor& loss, at::Tensor& lse,
-                          at::Tensor& stats) {
+                          at::Tensor& stats, at::Tensor* entropy) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = logits.size(0), C = logits.size(1);
   const int64_t x_stride = logits.stride(0), t_stride = target.stride(0);
@@ -107,18 +119,24 @@ void soft_ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, co
   acc_t* loss_p = loss.mutable_data_ptr<acc_t>();
   acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
   acc_t* st = stats.mutable_data_ptr<acc_t>();
+  acc_t* ent_p = entropy ? entropy->mutable_data_ptr<acc_t>() : nullptr;
+  const int64_t sw = stats.size(1);
   auto finish = [&](int64_t row, const ce::RowStats<acc_t>& r) {
-    acc_t* sr = st + soft_ce::kStats * row;
-    soft_ce::row_loss(r, o, loss_p + row, lse_p + row, sr + 1);
-    sr[0] = r.max;
-    sr[2] = r.sum_w;
+    soft_ce::finish_row(r, o, loss_p + row, lse_p + row, st + sw * row, ent_p ? ent_p + row : nullptr);
+  };
+  // The plain op's loop stays free of (6)'s sum.
+  auto stats_of = [&](int64_t row, int64_t lo, int64_t hi) {
+    const scalar_t* xr = x + row * x_stride;
+    const target_t* tr = t + row * t_stride;
+    return ent_p ? piece_stats<true, scalar_t, target_t, acc_t>(xr, tr, w, lo, hi, o)
+                 : piece_stats<false, scalar_t, target_t, acc_t>(xr, tr, w, lo, hi, o);
   };
   const int64_t piece = (N < kFewRows && C > kFwdPiece) ? kFwdPiece : std::max<int64_t>(C, 1);
   const int64_t splits = (C + piece - 1) / piece;
   if (splits <= 1) {
     at::parallel_for(0, N, cpu::grain_items(2 * C), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        finish(row, piece_stats<scalar_t, target_t, acc_t>(x + row * x_stride, t + row * t_stride, w, 0, C, o));
+        finish(row, stats_of(row, 0, C));
       }
     });
     return;
@@ -127,8 +145,7 @@ void soft_ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, co
   at::parallel_for(0, N * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / splits, lo = (item % splits) * piece;
-      partial[item] = piece_stats<scalar_t, target_t, acc_t>(x + row * x_stride, t + row * t_stride, w, lo,
-                                                             std::min(C, lo + piece), o);
+      partial[item] = stats_of(row, lo, std::min(C, lo + piece));
     }
   });
   for (int64_t row = 0; row < N; ++row) {
@@ -141,8 +158,9 @@ void soft_ce_fwd_cpu_impl(const at::Tensor& logits, const at::Tensor& target, co
 template <typename scalar_t, typename target_t>
 void soft_ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
                           const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                          const at::Tensor& stats, const soft_ce::Options<at::opmath_type<scalar_t>>& o,
-                          at::Tensor& grad_x, at::Tensor* grad_t) {
+                          const at::Tensor& stats, const std::optional<at::Tensor>& grad_entropy,
+                          const soft_ce::Options<at::opmath_type<scalar_t>>& o, at::Tensor& grad_x,
+                          at::Tensor* grad_t) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -155,7 +173,10 @@ void soft_ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::T
   const int64_t g_stride = grad_loss.stride(0);
   const acc_t* gl = grad_lse.has_value() ? grad_lse->const_data_ptr<acc_t>() : nullptr;
   const int64_t gl_stride = grad_lse.has_value() ? grad_lse->stride(0) : 0;
+  const acc_t* gh = grad_entropy.has_value() ? grad_entropy->const_data_ptr<acc_t>() : nullptr;
+  const int64_t gh_stride = grad_entropy.has_value() ? grad_entropy->stride(0) : 0;
   const acc_t* st = stats.const_data_ptr<acc_t>();
+  const int64_t sw = stats.size(1);
   scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
   target_t* gt = grad_t ? grad_t->mutable_data_ptr<target_t>() : nullptr;
   const int64_t pieces = (C + kBwdPiece - 1) / kBwdPiece;
@@ -163,9 +184,10 @@ void soft_ce_bwd_cpu_impl(const at::Tensor& grad_loss, const std::optional<at::T
                                                                                                int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item / pieces, lo = (item % pieces) * kBwdPiece, hi = std::min(C, lo + kBwdPiece);
-      const acc_t* sr = st + soft_ce::kStats * row;
+      const acc_t* sr = st + sw * row;
       const auto c = soft_ce::grad_coefs<acc_t>(sr[0], sr[1], sr[2], g[row * g_stride],
-                                                gl ? gl[row * gl_stride] : acc_t(0), o);
+                                                gl ? gl[row * gl_stride] : acc_t(0), o,
+                                                gh ? gh[row * gh_stride] : acc_t(0), gh ? sr[3] : acc_t(0));
       const scalar_t* xr = x + row * x_stride;
       const target_t* tr = t + row * t_stride;
       scalar_t* gxr = gx + row * C;
@@ -204,26 +226,25 @@ void with_target_type(const at::Tensor& target, const F& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_cross_entropy_fwd_cpu(const at::Tensor& logits,
-                                                                          const at::Tensor& target,
-                                                                          const std::optional<at::Tensor>& weight,
-                                                                          double label_smoothing, double z_loss,
-                                                                          double softcap, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_cross_entropy_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, double z_loss, double softcap, double temperature, bool entropy) {
   check_soft_ce_args(logits, target, weight, label_smoothing, z_loss, softcap, temperature);
   const auto options = logits.options().dtype(soft_ce_acc_type(logits));
   const int64_t N = logits.size(0);
   auto loss = at::empty({N}, options);
   auto lse = at::empty({N}, options);
-  auto stats = at::empty({N, soft_ce::kStats}, options);
-  if (N == 0) return {loss, lse, stats};
+  auto stats = at::empty({N, entropy ? soft_ce::kStatsEntropy : soft_ce::kStats}, options);
+  auto ent = at::empty({entropy ? N : 0}, options);
+  if (N == 0) return {loss, lse, stats, ent};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "soft_cross_entropy_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto o = soft_ce::make_options<acc_t>(logits.size(1), label_smoothing, z_loss, softcap, temperature);
     with_target_type<scalar_t>(target, [&]<typename target_t>() {
-      soft_ce_fwd_cpu_impl<scalar_t, target_t>(logits, target, weight, o, loss, lse, stats);
+      soft_ce_fwd_cpu_impl<scalar_t, target_t>(logits, target, weight, o, loss, lse, stats, entropy ? &ent : nullptr);
     });
   });
-  return {loss, lse, stats};
+  return {loss, lse, stats, ent};
 }
 
 std::tuple<at::Tensor, at::Tensor> soft_cross_entropy_bwd_cpu(const at::Tensor& grad_loss,
@@ -232,9 +253,10 @@ std::tuple<at::Tensor, at::Tensor> soft_cross_entropy_bwd_cpu(const at::Tensor& 
                                                                const std::optional<at::Tensor>& weight,
                                                                const at::Tensor& stats, double label_smoothing,
                                                                double z_loss, double softcap, double temperature,
-                                                               bool target_grad) {
+                                                               bool target_grad,
+                                                               const std::optional<at::Tensor>& grad_entropy) {
   check_soft_ce_args(logits, target, weight, label_smoothing, z_loss, softcap, temperature);
-  check_soft_ce_bwd_args(grad_loss, grad_lse, logits, stats);
+  check_soft_ce_bwd_args(grad_loss, grad_lse, logits, stats, grad_entropy);
   auto grad_x = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   const auto t_options = target.options().memory_format(at::MemoryFormat::Contiguous);
   auto grad_t = target_grad ? at::empty(target.sizes(), t_options) : at::empty({0}, t_options);
@@ -245,8 +267,8 @@ std::tuple<at::Tensor, at::Tensor> soft_cross_entropy_bwd_cpu(const at::Tensor& 
     using acc_t = at::opmath_type<scalar_t>;
     const auto o = soft_ce::make_options<acc_t>(logits.size(1), label_smoothing, z_loss, softcap, temperature);
     with_target_type<scalar_t>(target, [&]<typename target_t>() {
-      soft_ce_bwd_cpu_impl<scalar_t, target_t>(grad_loss, grad_lse, logits, target, weight, stats, o, grad_x,
-                                               target_grad ? &grad_t : nullptr);
+      soft_ce_bwd_cpu_impl<scalar_t, target_t>(grad_loss, grad_lse, logits, target, weight, stats, grad_entropy, o,
+                                               grad_x, target_grad ? &grad_t : nullptr);
     });
   });
   return {grad_x, grad_t};

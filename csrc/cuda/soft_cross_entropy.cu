@@ -4,7 +4,7 @@
 //
 // Forward: one block per row (a grid-stride loop over rows beyond 2^31 - 1 blocks). Thread k reads
 //   columns k, k + blockDim, ... of the logits and of the targets once and keeps the online stats of
-//   (3) (one exp per element); the block merges the threads' stats in a fixed tree in shared memory
+//   (3) (one exp per element; with the entropy also (6)'s sum_ed); the block merges the threads' stats in a fixed tree in shared memory
 //   (ce::merge_stats), so the result is the same run to run.
 // Backward: one block per row, each thread writes the gradients of its columns from the saved stats;
 //   no reduction, no atomics.
@@ -48,7 +48,9 @@ struct FwdArgs {
   const acc_t* weight;  // nullptr: all 1
   acc_t* loss;
   acc_t* lse;
-  acc_t* stats;
+  acc_t* stats;    // (N, stats_width)
+  acc_t* entropy;  // nullptr: no entropy (6), stats_width 3; else stats_width 4
+  int stats_width;
   int64_t n_rows;
   Options<acc_t> o;
 };
@@ -64,7 +66,10 @@ struct BwdArgs {
   const target_t* target;
   int64_t t_stride;
   const acc_t* weight;
-  const acc_t* stats;
+  const acc_t* stats;  // (N, stats_width)
+  int stats_width;
+  const acc_t* grad_entropy;  // nullptr: the entropy gets no gradient; else stats_width 4 (H is read)
+  int64_t ge_stride;
   scalar_t* grad_x;
   target_t* grad_t;  // nullptr: the target needs no gradient
   int64_t n_rows;
@@ -99,14 +104,12 @@ __global__ void soft_ce_fwd_kernel(FwdArgs<scalar_t, target_t, acc_t> args) {
     for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
       const acc_t z = ce::transform_logit<acc_t>(static_cast<acc_t>(x[j]), o.ce);
       const acc_t w = args.weight != nullptr ? args.weight[j] : acc_t(1);
-      update_stats(r, z, target_weight<acc_t>(static_cast<acc_t>(t[j]), w, o));
+      update_stats(r, z, target_weight<acc_t>(static_cast<acc_t>(t[j]), w, o), args.entropy != nullptr);
     }
     r = block_merge(r, smem);
     if (threadIdx.x == 0) {
-      acc_t* st = args.stats + kStats * row;
-      row_loss(r, o, args.loss + row, args.lse + row, st + 1);
-      st[0] = r.max;
-      st[2] = r.sum_w;
+      finish_row(r, o, args.loss + row, args.lse + row, args.stats + args.stats_width * row,
+                 args.entropy != nullptr ? args.entropy + row : nullptr);
     }
   }
 }
@@ -116,14 +119,16 @@ __global__ void soft_ce_bwd_kernel(BwdArgs<scalar_t, target_t, acc_t> args) {
   const auto& o = args.o;
   const int64_t C = o.ce.num_classes;
   for (int64_t row = blockIdx.x; row < args.n_rows; row += gridDim.x) {
-    const acc_t* st = args.stats + kStats * row;
+    const acc_t* st = args.stats + args.stats_width * row;
     const acc_t g_lse = args.grad_lse != nullptr ? args.grad_lse[row * args.gl_stride] : acc_t(0);
-    const GradCoefs<acc_t> c = grad_coefs<acc_t>(st[0], st[1], st[2], args.grad_loss[row * args.g_stride], g_lse, o);
+    const acc_t g_h = args.grad_entropy != nullptr ? args.grad_entropy[row * args.ge_stride] : acc_t(0);
+    const GradCoefs<acc_t> c = grad_coefs<acc_t>(st[0], st[1], st[2], args.grad_loss[row * args.g_stride], g_lse, o,
+                                                 g_h, args.grad_entropy != nullptr ? st[3] : acc_t(0));
     const scalar_t* x = args.logits + row * args.x_stride;
     const target_t* t = args.target + row * args.t_stride;
     scalar_t* gx = args.grad_x + row * C;
     target_t* gt = args.grad_t != nullptr ? args.grad_t + row * C : nullptr;
-    // (4), (5)
+    // (4), (5), (6)
     for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
       const acc_t z = ce::transform_logit<acc_t>(static_cast<acc_t>(x[j]), o.ce);
       const acc_t w = args.weight != nullptr ? args.weight[j] : acc_t(1);
@@ -140,7 +145,7 @@ unsigned blocks_for(int64_t n_rows) { return static_cast<unsigned>(std::min<int6
 template <typename scalar_t, typename target_t>
 void launch_fwd(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                 const Options<at::opmath_type<scalar_t>>& o, at::Tensor& loss, at::Tensor& lse, at::Tensor& stats,
-                cudaStream_t stream) {
+                at::Tensor* entropy, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   FwdArgs<scalar_t, target_t, acc_t> args;
   args.logits = logits.const_data_ptr<scalar_t>();
@@ -151,6 +156,8 @@ void launch_fwd(const at::Tensor& logits, const at::Tensor& target, const std::o
   args.loss = loss.mutable_data_ptr<acc_t>();
   args.lse = lse.mutable_data_ptr<acc_t>();
   args.stats = stats.mutable_data_ptr<acc_t>();
+  args.entropy = entropy != nullptr ? entropy->mutable_data_ptr<acc_t>() : nullptr;
+  args.stats_width = static_cast<int>(stats.size(1));
   args.n_rows = logits.size(0);
   args.o = o;
   soft_ce_fwd_kernel<scalar_t, target_t, acc_t>
@@ -161,8 +168,8 @@ void launch_fwd(const at::Tensor& logits, const at::Tensor& target, const std::o
 template <typename scalar_t, typename target_t>
 void launch_bwd(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
                 const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& stats,
-                const Options<at::opmath_type<scalar_t>>& o, at::Tensor& grad_x, at::Tensor* grad_t,
-                cudaStream_t stream) {
+                const std::optional<at::Tensor>& grad_entropy, const Options<at::opmath_type<scalar_t>>& o,
+                at::Tensor& grad_x, at::Tensor* grad_t, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   BwdArgs<scalar_t, target_t, acc_t> args;
   args.grad_loss = grad_loss.const_data_ptr<acc_t>();
@@ -175,6 +182,9 @@ void launch_bwd(const at::Tensor& grad_loss, const std::optional<at::Tensor>& gr
   args.t_stride = target.stride(0);
   args.weight = weight.has_value() ? weight->const_data_ptr<acc_t>() : nullptr;
   args.stats = stats.const_data_ptr<acc_t>();
+  args.stats_width = static_cast<int>(stats.size(1));
+  args.grad_entropy = grad_entropy.has_value() ? grad_entropy->const_data_ptr<acc_t>() : nullptr;
+  args.ge_stride = grad_entropy.has_value() ? grad_entropy->stride(0) : 0;
   args.grad_x = grad_x.mutable_data_ptr<scalar_t>();
   args.grad_t = grad_t != nullptr ? grad_t->mutable_data_ptr<target_t>() : nullptr;
   args.n_rows = logits.size(0);
@@ -191,11 +201,9 @@ bool target_is_scalar_t(const at::Tensor& target) {
   return target.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_cross_entropy_fwd_cuda(const at::Tensor& logits,
-                                                                           const at::Tensor& target,
-                                                                           const std::optional<at::Tensor>& weight,
-                                                                           double label_smoothing, double z_loss,
-                                                                           double softcap, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_cross_entropy_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, double z_loss, double softcap, double temperature, bool entropy) {
   check_soft_ce_args(logits, target, weight, label_smoothing, z_loss, softcap, temperature);
   TORCH_CHECK(logits.is_cuda(), "fusedloss: soft_cross_entropy_fwd (CUDA) needs CUDA logits");
   const c10::cuda::CUDAGuard device_guard(logits.device());
@@ -203,19 +211,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_cross_entropy_fwd_cuda(const
   const int64_t n = logits.size(0);
   at::Tensor loss = at::empty({n}, options);
   at::Tensor lse = at::empty({n}, options);
-  at::Tensor stats = at::empty({n, kStats}, options);
-  if (n == 0) return {loss, lse, stats};
+  at::Tensor stats = at::empty({n, entropy ? kStatsEntropy : kStats}, options);
+  at::Tensor ent = at::empty({entropy ? n : 0}, options);
+  if (n == 0) return {loss, lse, stats, ent};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fusedloss_soft_ce_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto o = make_options<acc_t>(logits.size(1), label_smoothing, z_loss, softcap, temperature);
+    at::Tensor* e = entropy ? &ent : nullptr;
     if (std::is_same_v<scalar_t, acc_t> || target_is_scalar_t<scalar_t>(target)) {
-      launch_fwd<scalar_t, scalar_t>(logits, target, weight, o, loss, lse, stats, stream);
+      launch_fwd<scalar_t, scalar_t>(logits, target, weight, o, loss, lse, stats, e, stream);
     } else {
-      launch_fwd<scalar_t, acc_t>(logits, target, weight, o, loss, lse, stats, stream);
+      launch_fwd<scalar_t, acc_t>(logits, target, weight, o, loss, lse, stats, e, stream);
     }
   });
-  return {loss, lse, stats};
+  return {loss, lse, stats, ent};
 }
 
 std::tuple<at::Tensor, at::Tensor> soft_cross_entropy_bwd_cuda(const at::Tensor& grad_loss,
@@ -224,9 +234,10 @@ std::tuple<at::Tensor, at::Tensor> soft_cross_entropy_bwd_cuda(const at::Tensor&
                                                                 const std::optional<at::Tensor>& weight,
                                                                 const at::Tensor& stats, double label_smoothing,
                                                                 double z_loss, double softcap, double temperature,
-                                                                bool target_grad) {
+                                                                bool target_grad,
+                                                                const std::optional<at::Tensor>& grad_entropy) {
   check_soft_ce_args(logits, target, weight, label_smoothing, z_loss, softcap, temperature);
-  check_soft_ce_bwd_args(grad_loss, grad_lse, logits, stats);
+  check_soft_ce_bwd_args(grad_loss, grad_lse, logits, stats, grad_entropy);
   TORCH_CHECK(logits.is_cuda(), "fusedloss: soft_cross_entropy_bwd (CUDA) needs CUDA logits");
   const c10::cuda::CUDAGuard device_guard(logits.device());
   at::Tensor grad_x = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
@@ -239,9 +250,11 @@ std::tuple<at::Tensor, at::Tensor> soft_cross_entropy_bwd_cuda(const at::Tensor&
     const auto o = make_options<acc_t>(logits.size(1), label_smoothing, z_loss, softcap, temperature);
     at::Tensor* gt = target_grad ? &grad_t : nullptr;
     if (std::is_same_v<scalar_t, acc_t> || target_is_scalar_t<scalar_t>(target)) {
-      launch_bwd<scalar_t, scalar_t>(grad_loss, grad_lse, logits, target, weight, stats, o, grad_x, gt, stream);
+      launch_bwd<scalar_t, scalar_t>(grad_loss, grad_lse, logits, target, weight, stats, grad_entropy, o, grad_x, gt,
+                                     stream);
     } else {
-      launch_bwd<scalar_t, acc_t>(grad_loss, grad_lse, logits, target, weight, stats, o, grad_x, gt, stream);
+      launch_bwd<scalar_t, acc_t>(grad_loss, grad_lse, logits, target, weight, stats, grad_entropy, o, grad_x, gt,
+                                  stream);
     }
   });
   return {grad_x, grad_t};

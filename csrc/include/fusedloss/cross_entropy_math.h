@@ -190,11 +190,17 @@ FL_HOST_DEVICE void row_loss(const RowStats<acc_t>& r, acc_t z_y, acc_t w_y, con
   *log_s = ls;
 }
 
+// (7): the row's entropy from its merged stats (sum_ed accumulated) and log_s.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t row_entropy(const RowStats<acc_t>& r, acc_t log_s) {
+  return log_s - r.sum_ed / r.sumexp;
+}
+
 // (7): the row's logprob and entropy from its merged stats (sum_ed accumulated) and log_s.
 template <typename acc_t>
 FL_HOST_DEVICE void row_extras(const RowStats<acc_t>& r, acc_t z_y, acc_t log_s, acc_t* logprob, acc_t* entropy) {
   *logprob = (z_y - r.max) - log_s;
-  *entropy = log_s - r.sum_ed / r.sumexp;
+  *entropy = row_entropy(r, log_s);
 }
 
 // (4): the per-row constants of the gradient.

@@ -51,22 +51,31 @@ inline void check_soft_ce_args(const at::Tensor& logits, const at::Tensor& targe
   TORCH_CHECK(temperature > 0.0, "fusedloss: temperature must be > 0, got ", temperature);
 }
 
-// grad_loss and grad_lse: (N,) in the accumulation dtype, any stride; stats the forward's (N, 3).
+// grad_loss, grad_lse and grad_entropy: (N,) in the accumulation dtype, any stride; stats the forward's
+// (N, 3), or its (N, 4) with the entropy, which grad_entropy needs (the entropy is read from it).
 inline void check_soft_ce_bwd_args(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse,
-                                   const at::Tensor& logits, const at::Tensor& stats) {
+                                   const at::Tensor& logits, const at::Tensor& stats,
+                                   const std::optional<at::Tensor>& grad_entropy) {
   const auto acc = soft_ce_acc_type(logits);
   const int64_t n = logits.size(0);
-  for (const at::Tensor* g : {&grad_loss, grad_lse.has_value() ? &*grad_lse : nullptr}) {
+  const at::Tensor* grads[] = {&grad_loss, grad_lse.has_value() ? &*grad_lse : nullptr,
+                               grad_entropy.has_value() ? &*grad_entropy : nullptr};
+  const char* names[] = {"grad_loss", "grad_lse", "grad_entropy"};
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor* g = grads[i];
     if (g == nullptr) continue;
-    const char* name = g == &grad_loss ? "grad_loss" : "grad_lse";
+    const char* name = names[i];
     TORCH_CHECK(g->dim() == 1 && g->size(0) == n, "fusedloss: ", name, " must have shape (N,) = (", n, ",), got ",
                 g->sizes());
     TORCH_CHECK(g->scalar_type() == acc, "fusedloss: ", name, " must be ", acc, ", got ", g->scalar_type());
     TORCH_CHECK(g->device() == logits.device(), "fusedloss: ", name, " is on ", g->device(), " but logits are on ",
                 logits.device());
   }
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == n && stats.size(1) == 3 && stats.is_contiguous(),
-              "fusedloss: stats must be the forward's contiguous (N, 3) output, got ", stats.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == n && (stats.size(1) == 3 || stats.size(1) == 4) &&
+                  stats.is_contiguous(),
+              "fusedloss: stats must be the forward's contiguous (N, 3) or (N, 4) output, got ", stats.sizes());
+  TORCH_CHECK(!grad_entropy.has_value() || stats.size(1) == 4,
+              "fusedloss: grad_entropy needs the forward's (N, 4) stats (entropy=True), got ", stats.sizes());
   TORCH_CHECK(stats.scalar_type() == acc, "fusedloss: stats must be ", acc, ", got ", stats.scalar_type());
   TORCH_CHECK(stats.device() == logits.device(), "fusedloss: stats is on ", stats.device(), " but logits are on ",
               logits.device());

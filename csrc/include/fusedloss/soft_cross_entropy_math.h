@@ -35,7 +35,20 @@
 //   (5) target gradient (torch lets the target require grad): lse does not depend on t, so
 //         d loss / d t_k = -(1 - eps) w_k log p_k,     d / d t_k = -g (1 - eps) w_k ((z_k - m) - log_s)
 //       Written only when asked: a target without requires_grad costs no extra write.
-// Saved per row between forward and backward: stats (3,) = (m, log_s, A).
+//   (6) the entropy (return_entropy) of the transformed row's softmax, H = -sum_j p_j log p_j: it does
+//       not involve t, so it is the class-index kernels' (cross_entropy_math.h (7)) in the same pass:
+//         H = -sum_j p_j ((z_j - m) - log_s) = log_s - sum_ed / s,   sum_ed = sum_j exp(z_j - m) (z_j - m)
+//       (sum_j p_j = 1), with sum_ed kept online next to s (ce::update_stats, ce::merge_stats: at a new
+//       max M, exp(m - M) (sum_ed + (m - M) s); a -inf z_j adds 0, the limit of p log p) and finished
+//       by ce::row_entropy. Its gradient, with d p_j / d z_k = p_j ([j == k] - p_k):
+//         d H / d z_k = -sum_j (d p_j / d z_k) (log p_j + 1)
+//                     = -p_k (log p_k + 1) + p_k sum_j p_j (log p_j + 1) = -p_k (log p_k + H),
+//       so with the upstream g_H of the row's entropy, (4) becomes
+//         d / d z_k = p_k (g A + lse_term - g_H H) - g v_k - g_H p_k log p_k
+//       (ce::entropy_term gives g_H p_k log p_k, 0 where p_k = 0), then times dz/dx. H is saved next
+//       to the stats for the g_H H term. The target's gradient (5) is unchanged: H has none in t.
+// Saved per row between forward and backward: stats (3,) = (m, log_s, A); with the entropy
+// (4,) = (m, log_s, A, H).
 
 #include "fusedloss/cross_entropy_math.h"
 
@@ -74,11 +87,11 @@ FL_HOST_DEVICE T target_weight(const T& t, const T& w, const Options<acc_t>& o) 
   return w * (t * T(o.keep) + T(o.uniform));
 }
 
-// (3): one element into the running stats (a GPU thread's inner step); the CPU kernel forms chunk
-// stats with vector loops and merges them with ce::merge_stats.
+// (3), with (6)'s sum_ed when entropy: one element into the running stats (a GPU thread's inner
+// step); the CPU kernel forms chunk stats with vector loops and merges them with ce::merge_stats.
 template <typename acc_t>
-FL_HOST_DEVICE void update_stats(ce::RowStats<acc_t>& r, acc_t z, acc_t v) {
-  ce::update_stats(r, z, v, /*smoothing=*/true);
+FL_HOST_DEVICE void update_stats(ce::RowStats<acc_t>& r, acc_t z, acc_t v, bool entropy = false) {
+  ce::update_stats(r, z, v, /*smoothing=*/true, entropy);
 }
 
 // (2) + (3): the row's loss and lse from its merged stats; log_s is saved for the backward.
@@ -94,6 +107,20 @@ FL_HOST_DEVICE void row_loss(const ce::RowStats<acc_t>& r, const Options<acc_t>&
   *log_s = ls;
 }
 
+// The row's outputs from its merged stats: loss, lse and stats (m, log_s, A), and with entropy (not
+// nullptr; sum_ed accumulated) (6)'s H into *entropy and stats[3].
+template <typename acc_t>
+FL_HOST_DEVICE void finish_row(const ce::RowStats<acc_t>& r, const Options<acc_t>& o, acc_t* loss, acc_t* lse,
+                               acc_t* stats, acc_t* entropy) {
+  row_loss(r, o, loss, lse, stats + 1);
+  stats[0] = r.max;
+  stats[2] = r.sum_w;
+  if (entropy != nullptr) {
+    stats[3] = ce::row_entropy(r, stats[1]);
+    *entropy = stats[3];
+  }
+}
+
 // (4), (5): the per-row constants of the backward.
 template <typename acc_t>
 struct GradCoefs {
@@ -102,19 +129,23 @@ struct GradCoefs {
   acc_t p_scale;  // g A + lse_term
   acc_t g;        // the upstream gradient of the row's loss
   acc_t g_target; // -g (1 - eps): the target gradient's factor of w_k log p_k
+  acc_t entropy;  // g_H of (6); 0 when the entropy gets no gradient (its term is then skipped)
 };
 
-// max, log_s, mass (= A) are the forward's saved stats.
+// max, log_s, mass (= A) are the forward's saved stats; g_H the gradient of the row's entropy (6) and
+// H the entropy (its saved stats[3], read only when g_H != 0).
 template <typename acc_t>
 FL_HOST_DEVICE GradCoefs<acc_t> grad_coefs(acc_t max, acc_t log_s, acc_t mass, acc_t g, acc_t g_lse,
-                                           const Options<acc_t>& o) {
+                                           const Options<acc_t>& o, acc_t g_H = acc_t(0), acc_t H = acc_t(0)) {
   GradCoefs<acc_t> c;
   c.max = max;
   c.log_s = log_s;
   const acc_t lse_term = o.z_loss > acc_t(0) ? g * acc_t(2) * o.z_loss * (max + log_s) + g_lse : g_lse;
   c.p_scale = g * mass + lse_term;
+  if (g_H != acc_t(0)) c.p_scale -= g_H * H;
   c.g = g;
   c.g_target = -g * o.keep;
+  c.entropy = g_H;
   return c;
 }
 
@@ -124,12 +155,15 @@ FL_HOST_DEVICE T log_prob(const T& z, const GradCoefs<acc_t>& c) {
   return (z - T(c.max)) - T(c.log_s);
 }
 
-// (4) + chain rule through (1): the logit's gradient. z = transform(x), t the target in the
-// accumulation dtype, w the class weight (1 without weights).
+// (4) (and (6) when its g_H is not 0) + chain rule through (1): the logit's gradient. z = transform(x),
+// t the target in the accumulation dtype, w the class weight (1 without weights).
 template <typename acc_t, typename T>
 FL_HOST_DEVICE T grad_logit(const T& z, const T& t, const T& w, const GradCoefs<acc_t>& c, const Options<acc_t>& o) {
-  const T p = fl_exp(log_prob<acc_t>(z, c));
-  return (p * T(c.p_scale) - T(c.g) * target_weight<acc_t>(t, w, o)) * ce::transform_grad<acc_t>(z, o.ce);
+  const T log_p = log_prob<acc_t>(z, c);
+  const T p = fl_exp(log_p);
+  T value = p * T(c.p_scale) - T(c.g) * target_weight<acc_t>(t, w, o);
+  if (c.entropy != acc_t(0)) value = value - ce::entropy_term(p, log_p, T(c.entropy));
+  return value * ce::transform_grad<acc_t>(z, o.ce);
 }
 
 // (5): the target's gradient.
@@ -139,6 +173,7 @@ FL_HOST_DEVICE T grad_target(const T& z, const T& w, const GradCoefs<acc_t>& c) 
 }
 
 constexpr int kStats = 3;
+constexpr int kStatsEntropy = 4;  // (6): H after (m, log_s, A)
 
 }  // namespace soft_ce
 }  // namespace fusedloss
