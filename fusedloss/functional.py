@@ -83,22 +83,26 @@ def _acc_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def _soft_cross_entropy(name: str, input: Tensor, target: Tensor, weight: Tensor | None, u: Tensor | None,
                         expected: torch.Size, reduction: str, label_smoothing: float, z_loss: float,
-                        softcap: float | None, temperature: float, return_lse: bool):
+                        softcap: float | None, temperature: float, return_lse: bool, return_entropy: bool):
     """cross_entropy with probability targets (target of the input's shape) on a kernel backend: both
     tensors as (rows, C) with unit class stride, the target in the input's dtype or the accumulation
     dtype (any other float dtype is cast to the latter, with autograd). ``u``: the checked token weights
-    (flat), ``expected``: the per-element shape (the input's without the class dim)."""
+    (flat), ``expected``: the per-element shape (the input's without the class dim). The entropy comes
+    from the same kernel pass."""
     C = input.shape[0 if input.dim() == 1 else 1]
     acc = acc_dtype(input.dtype)
     if target.dtype != input.dtype and target.dtype != acc:
         target = target.to(acc)
     rows, trows = _class_rows(input, C), _class_rows(target, C)
-    loss, lse = _soft.soft_cross_entropy(name, rows, trows, _acc_weight(weight, input.dtype), u, reduction,
-                                         label_smoothing, z_loss, softcap or 0.0, temperature)
+    loss, lse, entropy = _soft.soft_cross_entropy(name, rows, trows, _acc_weight(weight, input.dtype), u, reduction,
+                                                  label_smoothing, z_loss, softcap or 0.0, temperature, return_entropy)
     if input.dim() != 2:  # (C,) and (N, C, d1, ...): per element in the target's shape without the class dim
         lse = lse.view(expected)
+        entropy = None if entropy is None else entropy.view(expected)
         loss = loss.view(expected) if reduction == "none" else loss
-    return (loss, lse) if return_lse else loss
+    if not (return_lse or return_entropy):
+        return loss
+    return (loss, *(t for t in (lse if return_lse else None, entropy) if t is not None))
 
 
 def cross_entropy(
@@ -174,14 +178,13 @@ def cross_entropy(
         if return_logprob:
             raise ValueError("return_logprob needs class-index targets (a probability target has no target class)")
         u = _checks.token_weight(token_weight, expected, input, acc_dtype(input.dtype))
-        if name == "reference" or return_entropy:
-            # the entropy of the softmax with probability targets: not in the fused kernels yet
+        if name == "reference":
             return reference.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                                            temperature=temperature, token_weight=u, return_lse=return_lse,
                                            return_entropy=return_entropy)
         return _soft_cross_entropy(name, input, target, weight, u, expected, reduction, label_smoothing, z_loss,
-                                   softcap, temperature, return_lse)
+                                   softcap, temperature, return_lse, return_entropy)
     if target_dtype is not torch.int64 and (target_dtype == torch.bool or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices or float probabilities, got dtype {target.dtype}")
     target_shape = target.shape

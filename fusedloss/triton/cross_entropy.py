@@ -168,6 +168,20 @@ def _options(smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softc
 
 
 @triton.jit
+def _entropy_sum(sum_ed, s, m, m_safe, z_masked):
+    # (7): sum_ed after one more chunk (z_masked, -inf past the row's end) whose new running max is
+    # m_safe (0 while every z so far is -inf). What was summed so far, relative to the new max:
+    # exp(m - M) (sum_ed + (m - M) s); nothing while every z so far is -inf. A -inf z adds 0 (e = 0),
+    # not 0 * -inf. s is the sum of exponentials before this chunk.
+    rescale = tl.exp(m - m_safe)
+    shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+    sum_ed = tl.where(m == float("-inf"), 0.0, rescale * (sum_ed + shift * s))
+    d = z_masked - m_safe
+    e = tl.exp(d)
+    return sum_ed + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
+
+
+@triton.jit
 def _row_stats(logits_row, weight_ptr, num_classes, row_end, inv_softcap, softcap_scale, inv_temperature,
                ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, HAS_ENTROPY: tl.constexpr):
@@ -192,14 +206,7 @@ def _row_stats(logits_row, weight_ptr, num_classes, row_end, inv_softcap, softca
         # exp(-inf - -inf) = NaN (a -inf z adds nothing to s).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         if HAS_ENTROPY:
-            # what was summed so far, relative to the new max: exp(m - M) (sum_ed + (m - M) s); nothing
-            # while every z so far is -inf. A -inf z adds 0 (e = 0), not 0 * -inf.
-            rescale = tl.exp(m - m_safe)
-            shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
-            sum_ed = tl.where(m == float("-inf"), 0.0, rescale * (sum_ed + shift * s))
-            d = z_masked - m_safe
-            e = tl.exp(d)
-            sum_ed += tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
+            sum_ed = _entropy_sum(sum_ed, s, m, m_safe, z_masked)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_masked - m_safe), axis=0)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:

@@ -9,7 +9,11 @@ The per-row math follows csrc/include/fusedloss/soft_cross_entropy_math.h step b
       (re-expressed against a new max M as D + A (m - M)); loss = A log_s - D + lambda lse^2
   (4) d / d z_k = p_k (g A + lse_term) - g v_k, lse_term = g 2 lambda lse + g_lse, times dz/dx
   (5) d / d t_k = -g (1 - eps) w_k log p_k, stored only when TARGET_GRAD
-The forward returns loss (N,), lse (N,) and stats (N, 3) = (m, log_s, A); the backward reads stats.
+  (6) ENTROPY: H = log_s - sum_ed / s, sum_ed = sum exp(z - m) (z - m) online (the class-index kernels'
+      _entropy_sum); its gradient g_H adds -g_H H to (4)'s p_scale and -g_H p_k log p_k per element
+      (the class-index _entropy_term)
+The forward returns loss (N,), lse (N,), stats (N, 3) = (m, log_s, A) ((N, 4) with H last when ENTROPY)
+and the entropy (N,) (or (0,)); the backward reads stats.
 
 One program per row for the forward, one per (row, chunk of BLOCK_SIZE classes) for the elementwise
 backward. Accumulation in float32 (float64 for float64 logits): the element type of the forward's loss
@@ -32,7 +36,7 @@ from fusedloss.triton._common import launch_config as _launch_config
 from fusedloss.triton._common import param
 from fusedloss.triton._common import split_float as _split_float
 from fusedloss.triton.cross_entropy import _tanh  # noqa: F401  (called by _transform_logit)
-from fusedloss.triton.cross_entropy import _transform_grad, _transform_logit
+from fusedloss.triton.cross_entropy import _entropy_sum, _entropy_term, _transform_grad, _transform_logit
 
 __all__ = ["soft_cross_entropy_fwd", "soft_cross_entropy_bwd"]
 
@@ -74,11 +78,12 @@ def _target_weight(t_ptr, w_ptr, cols, mask, keep, uniform, ACC: tl.constexpr, H
 
 
 @triton.jit
-def _soft_cross_entropy_fwd_kernel(x_ptr, x_stride, t_ptr, t_stride, w_ptr, loss_ptr, lse_ptr, stats_ptr, num_classes,
-                                   smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo,
-                                   inv_temperature_hi, inv_temperature_lo, HAS_WEIGHT: tl.constexpr,
-                                   HAS_SOFTCAP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _soft_cross_entropy_fwd_kernel(x_ptr, x_stride, t_ptr, t_stride, w_ptr, loss_ptr, lse_ptr, stats_ptr, ent_ptr,
+                                   num_classes, smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi,
+                                   softcap_lo, inv_temperature_hi, inv_temperature_lo, HAS_WEIGHT: tl.constexpr,
+                                   HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    STATS: tl.constexpr = 4 if ENTROPY else 3
     row = tl.program_id(0).to(tl.int64)
     keep, uniform, z_loss, inv_temperature, inv_softcap, softcap_scale, inv_softcap_scale = _soft_options(
         smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
@@ -90,6 +95,7 @@ def _soft_cross_entropy_fwd_kernel(x_ptr, x_stride, t_ptr, t_stride, w_ptr, loss
     s = tl.zeros([], ACC)
     sum_wd = tl.zeros([], ACC)  # D
     sum_w = tl.zeros([], ACC)  # A
+    sum_ed = tl.zeros([], ACC)  # (6)
     offsets = tl.arange(0, BLOCK_SIZE)
     # (3)
     for start in range(0, num_classes, BLOCK_SIZE):
@@ -102,6 +108,8 @@ def _soft_cross_entropy_fwd_kernel(x_ptr, x_stride, t_ptr, t_stride, w_ptr, loss
         # While every z so far is -inf, differences are taken against 0: no exp(-inf - -inf) = NaN, and
         # D keeps the -inf (v > 0) or NaN (v = 0) of those logits, as ce::update_stats does.
         m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        if ENTROPY:
+            sum_ed = _entropy_sum(sum_ed, s, m, m_safe, z_masked)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z_masked - m_safe), axis=0)
         v = _target_weight(t_row, w_ptr, cols, mask, keep, uniform, ACC, HAS_WEIGHT)
         m_old = tl.where(m == neg_inf, m_safe, m)
@@ -115,16 +123,21 @@ def _soft_cross_entropy_fwd_kernel(x_ptr, x_stride, t_ptr, t_stride, w_ptr, loss
     loss = tl.where(z_loss > 0.0, loss + z_loss * lse * lse, loss)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
-    tl.store(stats_ptr + 3 * row, m)
-    tl.store(stats_ptr + 3 * row + 1, log_s)
-    tl.store(stats_ptr + 3 * row + 2, sum_w)
+    tl.store(stats_ptr + STATS * row, m)
+    tl.store(stats_ptr + STATS * row + 1, log_s)
+    tl.store(stats_ptr + STATS * row + 2, sum_w)
+    if ENTROPY:
+        entropy = log_s - sum_ed / s
+        tl.store(stats_ptr + STATS * row + 3, entropy)
+        tl.store(ent_ptr + row, entropy)
 
 
 @triton.jit
-def _soft_cross_entropy_bwd_kernel(g_ptr, g_stride, gl_ptr, gl_stride, x_ptr, x_stride, t_ptr, t_stride, w_ptr,
-                                   stats_ptr, gx_ptr, gt_ptr, num_classes, smoothing_hi, smoothing_lo, z_loss_hi,
-                                   z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi, inv_temperature_lo,
-                                   HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_LSE: tl.constexpr,
+def _soft_cross_entropy_bwd_kernel(g_ptr, g_stride, gl_ptr, gl_stride, gh_ptr, gh_stride, x_ptr, x_stride, t_ptr,
+                                   t_stride, w_ptr, stats_ptr, stats_stride, gx_ptr, gt_ptr, num_classes, smoothing_hi,
+                                   smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
+                                   inv_temperature_lo, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                                   HAS_GRAD_LSE: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
                                    TARGET_GRAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     ACC: tl.constexpr = stats_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
@@ -137,12 +150,17 @@ def _soft_cross_entropy_bwd_kernel(g_ptr, g_stride, gl_ptr, gl_stride, x_ptr, x_
         g_lse = tl.load(gl_ptr + row * gl_stride).to(ACC)
     else:
         g_lse = tl.zeros([], ACC)
-    m = tl.load(stats_ptr + 3 * row)
-    log_s = tl.load(stats_ptr + 3 * row + 1)
-    mass = tl.load(stats_ptr + 3 * row + 2)
+    stats_row = stats_ptr + row * stats_stride
+    m = tl.load(stats_row)
+    log_s = tl.load(stats_row + 1)
+    mass = tl.load(stats_row + 2)
     # (4): the row's coefficients (grad_coefs)
     lse_term = tl.where(z_loss > 0.0, g * 2.0 * z_loss * (m + log_s) + g_lse, g_lse)
     p_scale = g * mass + lse_term
+    if HAS_GRAD_ENTROPY:
+        # (6): -g_H H joins p_scale
+        g_h = tl.load(gh_ptr + row * gh_stride).to(ACC)
+        p_scale -= g_h * tl.load(stats_row + 3)
 
     cols = chunk_start + tl.arange(0, BLOCK_SIZE)
     mask = cols < num_classes
@@ -151,6 +169,9 @@ def _soft_cross_entropy_bwd_kernel(g_ptr, g_stride, gl_ptr, gl_stride, x_ptr, x_
     log_p = (z - m) - log_s
     v = _target_weight(t_ptr + row * t_stride, w_ptr, cols, mask, keep, uniform, ACC, HAS_WEIGHT)
     grad = (tl.exp(log_p) * p_scale - g * v) * _transform_grad(z, inv_softcap_scale, inv_temperature, HAS_SOFTCAP)
+    if HAS_GRAD_ENTROPY:
+        grad += _entropy_term(x, m, log_s, g_h, 0.0, inv_softcap, softcap_scale, inv_softcap_scale, inv_temperature,
+                              HAS_SOFTCAP)
     tl.store(gx_ptr + row * num_classes + cols, cast_rtne(grad, gx_ptr.dtype.element_ty), mask=mask)
     if TARGET_GRAD:
         # (5)
@@ -180,29 +201,37 @@ def _scalars(label_smoothing: float, z_loss: float, softcap: float, temperature:
 
 
 def soft_cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
-                           z_loss: float, softcap: float, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss (N,), lse (N,) and stats (N, 3) in the accumulation dtype."""
+                           z_loss: float, softcap: float, temperature: float,
+                           entropy: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss (N,), lse (N,), stats (N, 3) ((N, 4) with the entropy) and the entropy (N,) (with
+    ``entropy``, else (0,)) in the accumulation dtype."""
     _check(logits, target, weight)
     n_rows, num_classes = logits.shape
     acc = _acc_dtype(logits.dtype)
     loss = torch.empty((n_rows,), dtype=acc, device=logits.device)
     lse = torch.empty((n_rows,), dtype=acc, device=logits.device)
-    stats = torch.empty((n_rows, 3), dtype=acc, device=logits.device)
+    stats = torch.empty((n_rows, 4 if entropy else 3), dtype=acc, device=logits.device)
+    ent = torch.empty((n_rows if entropy else 0,), dtype=acc, device=logits.device)
     if n_rows == 0:
-        return loss, lse, stats
+        return loss, lse, stats, ent
     block, num_warps = _launch_config(num_classes, _FWD_MAX_BLOCK, _FWD_MAX_WARPS)
     torch.library.wrap_triton(_soft_cross_entropy_fwd_kernel)[(n_rows,)](
         logits, logits.stride(0), target, target.stride(0), weight if weight is not None else loss, loss, lse,
-        stats, num_classes, *_scalars(label_smoothing, z_loss, softcap, temperature),
-        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, BLOCK_SIZE=block, num_warps=num_warps)
-    return loss, lse, stats
+        stats, ent if entropy else loss, num_classes, *_scalars(label_smoothing, z_loss, softcap, temperature),
+        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, ENTROPY=bool(entropy), BLOCK_SIZE=block,
+        num_warps=num_warps)
+    return loss, lse, stats, ent
 
 
 def soft_cross_entropy_bwd(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
                            weight: Tensor | None, stats: Tensor, label_smoothing: float, z_loss: float,
-                           softcap: float, temperature: float, target_grad: bool) -> tuple[Tensor, Tensor]:
-    """The logits' (N, C) gradient and the target's ((0,) unless target_grad), contiguous."""
+                           softcap: float, temperature: float, target_grad: bool,
+                           grad_entropy: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The logits' (N, C) gradient and the target's ((0,) unless target_grad), contiguous. grad_entropy
+    needs the forward's (N, 4) stats (entropy=True)."""
     _check(logits, target, weight)
+    if grad_entropy is not None and stats.shape[1] != 4:
+        raise RuntimeError("fusedloss: grad_entropy needs the forward's (N, 4) stats (entropy=True)")
     n_rows, num_classes = logits.shape
     grad_x = torch.empty((n_rows, num_classes), dtype=logits.dtype, device=logits.device)
     grad_t = torch.empty((n_rows, num_classes) if target_grad else (0,), dtype=target.dtype, device=target.device)
@@ -213,13 +242,17 @@ def soft_cross_entropy_bwd(grad_loss: Tensor, grad_lse: Tensor | None, logits: T
         grad_loss = grad_loss.to(acc)
     if grad_lse is not None and grad_lse.dtype != acc:
         grad_lse = grad_lse.to(acc)
+    if grad_entropy is not None and grad_entropy.dtype != acc:
+        grad_entropy = grad_entropy.to(acc)
     grad_lse_arg = grad_lse if grad_lse is not None else grad_loss
+    grad_entropy_arg = grad_entropy if grad_entropy is not None else grad_loss
     block, num_warps = _launch_config(num_classes, _BWD_MAX_BLOCK, _BWD_MAX_WARPS)
     grid = (n_rows, triton.cdiv(num_classes, block))
     torch.library.wrap_triton(_soft_cross_entropy_bwd_kernel)[grid](
-        grad_loss, grad_loss.stride(0), grad_lse_arg, grad_lse_arg.stride(0), logits, logits.stride(0), target,
-        target.stride(0), weight if weight is not None else stats, stats, grad_x,
-        grad_t if target_grad else grad_x, num_classes, *_scalars(label_smoothing, z_loss, softcap, temperature),
-        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, HAS_GRAD_LSE=grad_lse is not None,
+        grad_loss, grad_loss.stride(0), grad_lse_arg, grad_lse_arg.stride(0), grad_entropy_arg,
+        grad_entropy_arg.stride(0), logits, logits.stride(0), target, target.stride(0),
+        weight if weight is not None else stats, stats, stats.stride(0), grad_x, grad_t if target_grad else grad_x,
+        num_classes, *_scalars(label_smoothing, z_loss, softcap, temperature), HAS_WEIGHT=weight is not None,
+        HAS_SOFTCAP=softcap > 0, HAS_GRAD_LSE=grad_lse is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
         TARGET_GRAD=bool(target_grad), BLOCK_SIZE=block, num_warps=num_warps)
     return grad_x, grad_t
