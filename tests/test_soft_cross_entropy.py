@@ -302,7 +302,7 @@ def test_opcheck(backend, device):
         torch.library.opcheck(fwd, args, test_utils=tests)
     if not interpreted(backend, device):
         x, t, w, *scalars = next(_op_samples())
-        loss, lse, stats = fwd(x.detach(), t.detach(), w, *scalars)
+        loss, lse, stats, _ = fwd(x.detach(), t.detach(), w, *scalars)
         for target_grad in (False, True):
             torch.library.opcheck(bwd, (torch.randn(5), torch.randn(5), x.detach(), t.detach(), w, stats, *scalars,
                                         target_grad))
@@ -351,9 +351,257 @@ def test_bad_input():
                        ((x.T, t.T, None), "unit stride")]:
         with pytest.raises(RuntimeError, match=word):
             fwd(*args, 0.0, 0.0, 0.0, 1.0)
-    loss, lse, stats = fwd(x, t, None, 0.0, 0.0, 0.0, 1.0)
+    loss, lse, stats, _ = fwd(x, t, None, 0.0, 0.0, 0.0, 1.0)
     with pytest.raises(RuntimeError, match="stats"):
         torch.ops.fusedloss.soft_cross_entropy_bwd(torch.ones(4), None, x, t, None, stats[:, :2].contiguous(),
                                                    0.0, 0.0, 0.0, 1.0, False)
     with pytest.raises(RuntimeError, match="grad_loss"):
         torch.ops.fusedloss.soft_cross_entropy_bwd(torch.ones(3), None, x, t, None, stats, 0.0, 0.0, 0.0, 1.0, False)
+
+
+# --- return_entropy: the softmax's entropy from the same pass (math header (6)) -------------------
+
+
+def transform64(x64, softcap=None, temperature=1.0):
+    z = softcap * torch.tanh(x64 / softcap) if softcap else x64
+    return z / temperature
+
+
+def formulas64(x64, t64, w64, kw, reduction):
+    """(loss, lse, entropy) in float64, straight from the definitions (not from fusedloss): the loss
+    -sum_j w_j t'_j log p_j + z_loss lse^2 per element, times token_weight, reduced as torch; the lse and
+    the entropy -sum_j p_j log p_j of the transformed logits per element."""
+    cdim = 0 if x64.dim() == 1 else 1
+    C = x64.shape[cdim]
+    z = transform64(x64, kw.get("softcap"), kw.get("temperature", 1.0))
+    logp = torch.log_softmax(z, cdim)
+    lse = torch.logsumexp(z, cdim)
+    eps = kw.get("label_smoothing", 0.0)
+    v = (1 - eps) * t64 + eps / C
+    if w64 is not None:
+        v = v * w64.view([C] + [1] * (x64.dim() - cdim - 1))
+    loss = -(v * logp).sum(cdim) + kw.get("z_loss", 0.0) * lse**2
+    u = kw.get("token_weight")
+    if u is not None:
+        loss = loss * u.double()
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / (loss.numel() if u is None else u.double().sum())
+    entropy = -(logp.exp() * logp).sum(cdim)
+    return loss, lse, entropy
+
+
+def run_entropy(backend, x, t, w, reduction, kw, weights=(1.0, 1.0, 1.0), target_grad=True):
+    """cross_entropy(..., return_lse=True, return_entropy=True) and the float64 formulas on the same
+    (rounded) inputs, both differentiated through sum_k weights[k] * <output_k, random upstream>: a 0 weight
+    leaves that output out of the backward (the entropy alone: weights (0, 0, 1))."""
+    xa = x.detach().clone().requires_grad_()
+    ta = t.detach().clone().requires_grad_(target_grad)
+    outs = fusedloss.cross_entropy(xa, ta, w, reduction=reduction, return_lse=True, return_entropy=True,
+                                   backend=backend, **kw)
+    assert isinstance(outs, tuple) and len(outs) == 3
+    x64 = x.detach().double().requires_grad_()
+    t64 = t.detach().double().requires_grad_(target_grad)
+    refs = formulas64(x64, t64, None if w is None else w.double(), kw, reduction)
+    ups = [torch.randn(r.shape, dtype=torch.float64) for r in refs]
+    sum((o.double() * u).sum() * k for o, u, k in zip(outs, ups, weights) if k).backward()
+    sum((r * u).sum() * k for r, u, k in zip(refs, ups, weights) if k).backward()
+    return outs, xa, ta, refs, x64, t64
+
+
+def check_entropy_run(run_out, dtype, msg, target_grad=True):
+    outs, xa, ta, refs, x64, t64 = run_out
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert all(o.dtype == acc for o in outs), msg
+    for o, r, name in zip(outs, refs, ("loss", "lse", "entropy")):
+        assert_close(o, r, dtype, "loss", f"{msg} {name}")
+    assert_close(xa.grad, x64.grad, dtype, "grad", msg + " input")
+    if target_grad:
+        assert_close(ta.grad, t64.grad, dtype, "grad", msg + " target")
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("opts", ["plain", "everything"])
+def test_entropy_matches_formulas(backend, device, dtype, opts):
+    """Every backend and dtype against the float64 formulas: loss, lse and entropy, and the gradients of
+    the input and the target through all three."""
+    require(backend, device)
+    if dtype == torch.float64 and backend == "triton":
+        pytest.skip("float64 is a CPU-backend dtype")
+    use_weight, kw = split(EVERYTHING if opts == "everything" else {})
+    kw.pop("return_lse", None)
+    C = 37 if interpreted(backend, device) else 1031
+    x, t, w = make_inputs((rows(backend, device, 13), C), dtype, weight=use_weight)
+    poison_cpu_allocator()
+    check_entropy_run(run_entropy(backend, x, t, w, "mean", kw), dtype, f"{backend} {opts}")
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("through", ["entropy alone", "loss + entropy"])
+def test_entropy_gradients_every_option(backend, device, reduction, through):
+    """(N, C, d) input with weight, label_smoothing, z_loss, softcap, temperature and token_weight, every
+    reduction: the gradient through the entropy alone (the loss and lse unused) and through loss + entropy."""
+    require(backend, device)
+    N = rows(backend, device, 6) // 2 + 1
+    use_weight, kw = split(EVERYTHING)
+    kw.pop("return_lse")
+    x, t, w = make_inputs((N, 29, 2), torch.float32, weight=use_weight, scale=0.7)
+    kw["token_weight"] = torch.rand(N, 2) * 2
+    weights = (0.0, 0.0, 1.0) if through == "entropy alone" else (1.0, 0.0, 1.0)
+    out = run_entropy(backend, x, t, w, reduction, kw, weights)
+    assert out[0][2].shape == (N, 2) and out[0][1].shape == (N, 2)
+    alone = through == "entropy alone"
+    check_entropy_run(out, torch.float32, f"{backend} {reduction} {through}", target_grad=not alone)
+    if alone:  # the entropy does not depend on the target: none, or zeros where the op was asked for one
+        assert out[2].grad is None or not out[2].grad.any()
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_entropy_layouts(backend, device):
+    """Strided rows, a class-strided (transposed) input with an expanded target, channels-last
+    (N, C, d1, d2) and an unbatched (C,) input (a 0-dim entropy); the outputs in the order (loss, lse,
+    entropy), or (loss, entropy) without return_lse."""
+    require(backend, device)
+    base_x, base_t = torch.randn(6, 80), torch.rand(6, 90)
+    x, t = base_x[:, 5:45], base_t[:, 30:70]
+    check_entropy_run(run_entropy(backend, x, t, None, "none", {"label_smoothing": 0.1}), torch.float32, "strided")
+    xt, te = torch.randn(40, 6).T, torch.rand(1, 40).expand(6, 40)
+    check_entropy_run(run_entropy(backend, xt, te, None, "sum", {}, target_grad=False), torch.float32, "transposed",
+                      target_grad=False)
+    x4 = torch.randn(2, 9, 3, 2).to(memory_format=torch.channels_last)
+    t4 = make_target((2, 9, 3, 2), 1, torch.float32).to(memory_format=torch.channels_last)
+    out = run_entropy(backend, x4, t4, None, "none", {"softcap": 5.0})
+    assert out[0][2].shape == (2, 3, 2)
+    check_entropy_run(out, torch.float32, "channels-last")
+    x1, t1 = make_inputs((11,), torch.float32)[:2]
+    out = run_entropy(backend, x1, t1, None, "mean", {"temperature": 2.0})
+    assert out[0][2].shape == ()
+    check_entropy_run(out, torch.float32, "unbatched")
+    loss, h = fusedloss.cross_entropy(x, t, reduction="none", return_entropy=True, backend=backend)
+    torch.testing.assert_close(h.double(), formulas64(x.double(), t.double(), None, {}, "none")[2])
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_entropy_infinite_logits(backend, device):
+    """-inf logits have p = 0: they add nothing to the entropy (0 log 0 = 0) and its gradient there is 0,
+    not NaN, also where the loss itself is NaN (a 0 target next to a -inf logit, as torch). The kernel
+    backends only: the reference's p * log p is NaN there, as for class-index targets."""
+    require_backend(backend, device)
+    x = torch.randn(3, 9)
+    x[:, 2] = float("-inf")
+    x[1, 5:] = float("-inf")
+    t = make_target((3, 9), 1, torch.float32, zeros=0.0)
+    t[:, 2] = 0.0  # the loss: 0 * -inf = NaN on those rows, as torch
+    xa = x.clone().requires_grad_()
+    loss, h = fusedloss.cross_entropy(xa, t, reduction="none", return_entropy=True, backend=backend)
+    assert torch.isnan(loss).all()
+    x64 = x.double()
+    p, logp = torch.softmax(x64, 1), torch.log_softmax(x64, 1).nan_to_num(neginf=0.0)
+    h64 = -(p * logp).sum(1)
+    assert_close(h, h64, torch.float32, "loss", "entropy")
+    g = torch.randn(3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((h.double() * g).sum(), xa)
+    expected = -p * (logp + h64[:, None]) * g[:, None]
+    assert torch.isfinite(grad).all()
+    assert_close(grad, expected, torch.float32, "grad", "entropy gradient")
+
+
+@pytest.mark.parametrize("N,C", [(3, 70000), (40, 3000)])
+def test_entropy_long_rows_cpu(N, C):
+    """The CPU forward's two plans with the entropy (rows cut into pieces merged in order, and whole rows
+    per thread), each deterministic run to run."""
+    x, t, w = make_inputs((N, C), torch.float32, weight=True)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(N)
+        out = run_entropy("cpu", x, t, w, "sum", {"label_smoothing": 0.05})
+        results.append((*out[0], out[1].grad, out[2].grad))
+    check_entropy_run(out, torch.float32, "long rows")
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_entropy_16bit_error_against_plain_pytorch(backend, device, dtype):
+    """The 16-bit rule for the entropy and its gradient: the error against float64 within a small
+    multiple of plain PyTorch's in the same dtype (-(softmax * log_softmax).sum on 16-bit logits)."""
+    require_backend(backend, device)
+    x, t, _ = make_inputs((rows(backend, device, 32), 300), dtype)
+
+    def value_and_grad(fn):
+        xa = x.clone().requires_grad_()
+        h = fn(xa)
+        return h, torch.autograd.grad(h.sum(), xa)[0]
+
+    ours = value_and_grad(lambda a: fusedloss.cross_entropy(a, t, reduction="none", return_entropy=True,
+                                                            backend=backend)[1])
+    plain = value_and_grad(lambda a: -(torch.softmax(a, 1) * torch.log_softmax(a, 1)).sum(1))
+    exact = value_and_grad(lambda a: -(torch.softmax(a.double(), 1) * torch.log_softmax(a.double(), 1)).sum(1))
+    for name, o, p, e in zip(("entropy", "grad"), ours, plain, exact):
+        err_ours = (o.double() - e.double()).abs().max().item()
+        err_plain = (p.double() - e.double()).abs().max().item()
+        assert err_ours <= 2 * err_plain + 1e-6 * e.double().abs().max().item(), (name, err_ours, err_plain)
+
+
+def test_entropy_gradcheck_float64():
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(4, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(7, dtype=torch.float64) + 0.5
+    f = lambda x, t: fusedloss.cross_entropy(x, t, w, reduction="none", label_smoothing=0.2, z_loss=0.1,  # noqa: E731
+                                             softcap=3.0, temperature=1.3, return_lse=True, return_entropy=True,
+                                             backend="cpu")
+    assert torch.autograd.gradcheck(f, (x, t))
+    assert torch.autograd.gradcheck(lambda x: f(x, t.detach())[2], (x,))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_entropy_opcheck(backend, device):
+    require_backend(backend, device)
+    tests = ("test_schema", "test_autograd_registration") if interpreted(backend, device) else \
+        torch.library._OPCHECK_DEFAULT_UTILS
+    ops = fusedloss.ops.soft_cross_entropy
+    fwd, bwd = ops.forward_op(backend), ops.backward_op(backend)
+    x, t, w = make_inputs((5, 23), torch.float32, weight=True)
+    for args in [(x.clone().requires_grad_(), t.clone().requires_grad_(), None, 0.0, 0.0, 0.0, 1.0, True),
+                 (x, t, w, 0.2, 0.01, 4.0, 0.7, True), (x.bfloat16(), t, None, 0.1, 0.0, 0.0, 1.0, True)]:
+        torch.library.opcheck(fwd, args, test_utils=tests)
+    if not interpreted(backend, device):
+        loss, lse, stats, h = fwd(x, t, w, 0.0, 0.0, 0.0, 1.0, True)
+        assert stats.shape == (5, 4) and h.shape == (5,)
+        torch.library.opcheck(bwd, (torch.randn(5), None, x, t, w, stats, 0.0, 0.0, 0.0, 1.0, False, torch.randn(5)))
+
+
+def test_entropy_compile_fullgraph():
+    x, t, w = make_inputs((12, 70), torch.float32, weight=True)
+
+    def step(x, t):
+        loss, h = fusedloss.cross_entropy(x, t, w, label_smoothing=0.1, softcap=5.0, return_entropy=True,
+                                          backend="cpu")
+        return loss - 0.01 * h.mean()
+
+    torch._dynamo.reset()
+    xa, ta = x.clone().requires_grad_(), t.clone().requires_grad_()
+    xb, tb = x.clone().requires_grad_(), t.clone().requires_grad_()
+    out_c = torch.compile(step, fullgraph=True)(xa, ta)
+    out_e = step(xb, tb)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(ta.grad, tb.grad)
+
+
+def test_entropy_bad_input():
+    """The backward op refuses an entropy gradient without the forward's (N, 4) stats, and a misshaped one."""
+    x, t, _ = make_inputs((4, 6), torch.float32)
+    fwd, bwd = torch.ops.fusedloss.soft_cross_entropy_fwd, torch.ops.fusedloss.soft_cross_entropy_bwd
+    _, _, stats3, h0 = fwd(x, t, None, 0.0, 0.0, 0.0, 1.0)
+    assert stats3.shape == (4, 3) and h0.shape == (0,)
+    with pytest.raises(RuntimeError, match="grad_entropy needs the forward's"):
+        bwd(torch.ones(4), None, x, t, None, stats3, 0.0, 0.0, 0.0, 1.0, False, torch.ones(4))
+    _, _, stats4, _ = fwd(x, t, None, 0.0, 0.0, 0.0, 1.0, True)
+    with pytest.raises(RuntimeError, match="grad_entropy must have shape"):
+        bwd(torch.ones(4), None, x, t, None, stats4, 0.0, 0.0, 0.0, 1.0, False, torch.ones(3))
