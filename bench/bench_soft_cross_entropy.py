@@ -10,6 +10,11 @@ targets do not. Providers:
 - ``torch.compile``: the same call under ``torch.compile``.
 - ``fusedloss-<backend>``: ``fusedloss.cross_entropy(x, p)`` on every available kernel backend (not
   triton on CPU: the interpreter).
+- ``fusedloss-<backend>+entropy``: the same call with ``return_entropy=True``, the entropy entering the
+  backpropagated scalar (``loss - 0.01 entropy.mean()``, an entropy bonus), so its gradient runs through
+  the kernels too: what the entropy costs over ``fusedloss-<backend>`` (issue #16: at most 10%). Compare
+  the two rows' medians (the table's ratio column is against ``torch``); e.g.
+  ``--providers fusedloss-cpu,fusedloss-cpu+entropy`` times just the pair, interleaved.
 
 Bytes of an ideal fused kernel, N rows of C classes, e bytes per element: fwd reads the logits and the
 targets (2 N C e) and writes N * 12 (loss, lse, stats); bwd reads both and writes the logits' gradient
@@ -65,12 +70,22 @@ def _make_compiled(case: Case):
     return torch.compile(_torch, dynamic=False)
 
 
+def _with_entropy(fl, backend: str):
+    def fn(x, p):
+        loss, entropy = fl.cross_entropy(x, p, return_entropy=True, backend=backend)
+        return loss - 0.01 * entropy.mean()
+
+    return fn
+
+
 def providers(device: str) -> list[Provider]:
     out = [
         Provider("torch", lambda case: _torch, warmup=2),
         Provider("torch.compile", _make_compiled, warmup=3),
     ]
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.cross_entropy, backend=b))
+    for plain in common.fusedloss_providers(device, _with_entropy):
+        out.append(Provider(plain.name + "+entropy", plain.make, warmup=plain.warmup))
     return out
 
 

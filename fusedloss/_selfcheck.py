@@ -200,7 +200,8 @@ def _make_soft_ce(shape, opts, reduction, dtype, device, gen) -> Problem:
     p = torch.where(torch.rand(shape, generator=gen) < 0.2, torch.zeros_like(p), p) * opts.get("unnormalized", 1.0)
     t = _leaf(p, dtype, device, opts.get("noncontig", False))
     weight = _class_weight(C, gen, device) if opts.get("weight") else None
-    kw = {k: opts[k] for k in ("label_smoothing", "z_loss", "softcap", "temperature", "return_lse") if k in opts}
+    kw = {k: opts[k] for k in ("label_smoothing", "z_loss", "softcap", "temperature", "return_lse", "return_entropy")
+          if k in opts}
     if opts.get("token_weight"):
         kw["token_weight"] = _token_weight(shape[:cdim] + shape[cdim + 1:], gen, device)
 
@@ -220,6 +221,8 @@ SOFT_CE_OPTIONS = [
                                                  "temperature": 1.5, "return_lse": True}, "none"),
     ("non-contiguous", {"noncontig": True}, "mean"),
     ("token_weight weight", {"token_weight": True, "weight": True}, "mean"),
+    ("entropy + lse, weight label_smoothing softcap", {"return_entropy": True, "return_lse": True, "weight": True,
+                                                       "label_smoothing": 0.1, "softcap": 10.0}, "mean"),
 ]
 CE_SHAPES_INTERPRETED = [(3, 7), (2, 7, 2), (2, 1023)]
 
