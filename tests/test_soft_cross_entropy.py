@@ -276,12 +276,15 @@ def test_long_rows_cpu(N, C):
 
 
 def test_gradcheck_float64():
+    """loss, lse and entropy together, and the entropy alone."""
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     t = torch.rand(4, 7, dtype=torch.float64, requires_grad=True)
     w = torch.rand(7, dtype=torch.float64) + 0.5
     f = lambda x, t: fusedloss.cross_entropy(x, t, w, reduction="none", label_smoothing=0.2, z_loss=0.1,  # noqa: E731
-                                             softcap=3.0, temperature=1.3, return_lse=True, backend="cpu")
+                                             softcap=3.0, temperature=1.3, return_lse=True, return_entropy=True,
+                                             backend="cpu")
     assert torch.autograd.gradcheck(f, (x, t))
+    assert torch.autograd.gradcheck(lambda x: f(x, t.detach())[2], (x,))
 
 
 def _op_samples(device="cpu"):
@@ -289,6 +292,8 @@ def _op_samples(device="cpu"):
     yield (x.requires_grad_(), t.requires_grad_(), None, 0.0, 0.0, 0.0, 1.0)
     yield (x, t.detach(), w.contiguous(), 0.2, 0.01, 4.0, 0.7)
     yield (x.bfloat16(), t.detach(), None, 0.1, 0.0, 0.0, 1.0)  # float32 target of bfloat16 logits
+    yield (x, t, None, 0.0, 0.0, 0.0, 1.0, True)  # with the entropy
+    yield (x, t.detach(), w.contiguous(), 0.2, 0.01, 4.0, 0.7, True)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -306,12 +311,21 @@ def test_opcheck(backend, device):
         for target_grad in (False, True):
             torch.library.opcheck(bwd, (torch.randn(5), torch.randn(5), x.detach(), t.detach(), w, stats, *scalars,
                                         target_grad))
+        loss, lse, stats, h = fwd(x.detach(), t.detach(), w, *scalars, True)
+        assert stats.shape == (5, 4) and h.shape == (5,)
+        torch.library.opcheck(bwd, (torch.randn(5), None, x.detach(), t.detach(), w, stats, *scalars, True,
+                                    torch.randn(5)))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("extra", ["lse", "entropy"])
+def test_compile_fullgraph(extra):
     x, t, w = make_inputs((12, 70), torch.float32, weight=True)
 
     def step(x, t):
+        if extra == "entropy":
+            loss, h = fusedloss.cross_entropy(x, t, w, label_smoothing=0.1, softcap=5.0, return_entropy=True,
+                                              backend="cpu")
+            return loss - 0.01 * h.mean()
         loss, lse = fusedloss.cross_entropy(x, t, w, label_smoothing=0.1, z_loss=1e-3, return_lse=True, backend="cpu")
         return loss + lse.mean()
 
@@ -544,54 +558,6 @@ def test_entropy_16bit_error_against_plain_pytorch(backend, device, dtype):
         err_ours = (o.double() - e.double()).abs().max().item()
         err_plain = (p.double() - e.double()).abs().max().item()
         assert err_ours <= 2 * err_plain + 1e-6 * e.double().abs().max().item(), (name, err_ours, err_plain)
-
-
-def test_entropy_gradcheck_float64():
-    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
-    t = torch.rand(4, 7, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(7, dtype=torch.float64) + 0.5
-    f = lambda x, t: fusedloss.cross_entropy(x, t, w, reduction="none", label_smoothing=0.2, z_loss=0.1,  # noqa: E731
-                                             softcap=3.0, temperature=1.3, return_lse=True, return_entropy=True,
-                                             backend="cpu")
-    assert torch.autograd.gradcheck(f, (x, t))
-    assert torch.autograd.gradcheck(lambda x: f(x, t.detach())[2], (x,))
-
-
-@pytest.mark.parametrize("backend,device", backend_params())
-def test_entropy_opcheck(backend, device):
-    require_backend(backend, device)
-    tests = ("test_schema", "test_autograd_registration") if interpreted(backend, device) else \
-        torch.library._OPCHECK_DEFAULT_UTILS
-    ops = fusedloss.ops.soft_cross_entropy
-    fwd, bwd = ops.forward_op(backend), ops.backward_op(backend)
-    x, t, w = make_inputs((5, 23), torch.float32, weight=True)
-    for args in [(x.clone().requires_grad_(), t.clone().requires_grad_(), None, 0.0, 0.0, 0.0, 1.0, True),
-                 (x, t, w, 0.2, 0.01, 4.0, 0.7, True), (x.bfloat16(), t, None, 0.1, 0.0, 0.0, 1.0, True)]:
-        torch.library.opcheck(fwd, args, test_utils=tests)
-    if not interpreted(backend, device):
-        loss, lse, stats, h = fwd(x, t, w, 0.0, 0.0, 0.0, 1.0, True)
-        assert stats.shape == (5, 4) and h.shape == (5,)
-        torch.library.opcheck(bwd, (torch.randn(5), None, x, t, w, stats, 0.0, 0.0, 0.0, 1.0, False, torch.randn(5)))
-
-
-def test_entropy_compile_fullgraph():
-    x, t, w = make_inputs((12, 70), torch.float32, weight=True)
-
-    def step(x, t):
-        loss, h = fusedloss.cross_entropy(x, t, w, label_smoothing=0.1, softcap=5.0, return_entropy=True,
-                                          backend="cpu")
-        return loss - 0.01 * h.mean()
-
-    torch._dynamo.reset()
-    xa, ta = x.clone().requires_grad_(), t.clone().requires_grad_()
-    xb, tb = x.clone().requires_grad_(), t.clone().requires_grad_()
-    out_c = torch.compile(step, fullgraph=True)(xa, ta)
-    out_e = step(xb, tb)
-    out_c.backward()
-    out_e.backward()
-    torch.testing.assert_close(out_c, out_e)
-    torch.testing.assert_close(xa.grad, xb.grad)
-    torch.testing.assert_close(ta.grad, tb.grad)
 
 
 def test_entropy_bad_input():

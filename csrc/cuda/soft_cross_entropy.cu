@@ -4,8 +4,8 @@
 //
 // Forward: one block per row (a grid-stride loop over rows beyond 2^31 - 1 blocks). Thread k reads
 //   columns k, k + blockDim, ... of the logits and of the targets once and keeps the online stats of
-//   (3) (one exp per element; with the entropy also (6)'s sum_ed); the block merges the threads' stats in a fixed tree in shared memory
-//   (ce::merge_stats), so the result is the same run to run.
+//   (3) (one exp per element; with the entropy also (6)'s sum_ed); the block merges the threads' stats
+//   in a fixed tree in shared memory (ce::merge_stats), so the result is the same run to run.
 // Backward: one block per row, each thread writes the gradients of its columns from the saved stats;
 //   no reduction, no atomics.
 // Threads per block: a power of two from 32 to 512, about 16 columns per thread. Offsets are int64_t.

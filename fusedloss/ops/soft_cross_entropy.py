@@ -5,8 +5,9 @@ twins, autograd, and the reduction.
   csrc/{cpu,cuda}/soft_cross_entropy.*): per-row loss, lse, stats (N, 3) and, with ``entropy=True``, the
   per-row entropy of the softmax (stats then (N, 4)), in the accumulation dtype; loss, lse and entropy
   are differentiable. ``fusedloss::soft_cross_entropy_bwd``: the logits' gradient (through the loss, the
-  lse and the entropy) and, when asked, the target's. Their Triton twins ``fusedloss::soft_cross_entropy_{fwd,bwd}_triton``
-  (fusedloss/triton/soft_cross_entropy.py) have the same schemas.
+  lse and the entropy) and, when asked, the target's. Their Triton twins
+  ``fusedloss::soft_cross_entropy_{fwd,bwd}_triton`` (fusedloss/triton/soft_cross_entropy.py) have the
+  same schemas.
 - autograd, registered here in Python with torch.library for both: the backward asks for the target's
   gradient only when the target requires one, so a constant target costs no extra write, and passes the
   entropy's gradient only when it has one.
