@@ -6,9 +6,9 @@
 // Forward: each row of logits and of targets is read once from memory, kChunk elements at a time.
 // Pass 1 transforms the chunk's logits into an L1 buffer and takes their max; pass 2 reads the buffer
 // and the chunk's targets for s, A and D (math header (3)), and with the entropy sum_ed (6). Chunk
-// stats merge in order with
-// ce::merge_stats. Few long rows (N < kFewRows) are also cut into fixed pieces read by different
-// threads and merged in piece order: the pieces, hence every bit, do not depend on the thread count.
+// stats merge in order with ce::merge_stats. Few long rows (N < kFewRows) are also cut into fixed
+// pieces read by different threads and merged in piece order: the pieces, hence every bit, do not
+// depend on the thread count.
 // Backward: one read of both rows and one write of each requested gradient, elementwise given the
 // saved (max, log_s, A[, H]) of each row, in pieces of kBwdPiece elements spread over the threads.
 #define FL_CPU_VEC 1

@@ -104,11 +104,12 @@ __global__ void soft_ce_fwd_kernel(FwdArgs<scalar_t, target_t, acc_t> args) {
     for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
       const acc_t z = ce::transform_logit<acc_t>(static_cast<acc_t>(x[j]), o.ce);
       const acc_t w = args.weight != nullptr ? args.weight[j] : acc_t(1);
-      update_stats(r, z, target_weight<acc_t>(static_cast<acc_t>(t[j]), w, o), args.entropy != nullptr);
+      // qualified: ADL on ce::RowStats also finds ce::update_stats, which takes the same arguments
+      soft_ce::update_stats(r, z, target_weight<acc_t>(static_cast<acc_t>(t[j]), w, o), args.entropy != nullptr);
     }
     r = block_merge(r, smem);
     if (threadIdx.x == 0) {
-      finish_row(r, o, args.loss + row, args.lse + row, args.stats + args.stats_width * row,
+      soft_ce::finish_row(r, o, args.loss + row, args.lse + row, args.stats + args.stats_width * row,
                  args.entropy != nullptr ? args.entropy + row : nullptr);
     }
   }
