@@ -302,7 +302,7 @@ def test_opcheck(backend, device):
     tests = ("test_schema", "test_autograd_registration") if interpreted(backend, device) else \
         torch.library._OPCHECK_DEFAULT_UTILS
     ops = fusedloss.ops.soft_cross_entropy
-    fwd, bwd = ops.forward_op(backend), ops.backward_op(backend)
+    fwd, bwd = ops.KERNELS.fwd(backend), ops.KERNELS.bwd(backend)
     for args in _op_samples():
         torch.library.opcheck(fwd, args, test_utils=tests)
     if not interpreted(backend, device):

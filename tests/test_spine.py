@@ -16,6 +16,7 @@ from fusedloss.ops import focal_loss as focal_ops
 from fusedloss.ops import gap_loss as gap_ops
 from fusedloss.ops import kl_div as kl_ops
 from fusedloss.ops import siglip as siglip_ops
+from fusedloss.ops import soft_cross_entropy as soft_ops
 from conftest import assert_close, backend_params, require_backend, rows
 
 SPECS = {"cross_entropy": ce_ops.SCHEMA, "focal_loss": focal_ops.SCHEMA, "gap_loss": gap_ops.SCHEMA}
@@ -37,7 +38,8 @@ def test_triton_twin_has_the_cpp_schema(name):
         assert _normalized(twin) == _normalized(f"fusedloss::{name}_triton{SPECS[name]}")
 
 
-PAIRS = {p.name: p for p in (ce_ops.KERNELS, focal_ops.KERNELS, gap_ops.KERNELS, kl_ops.KERNELS, siglip_ops.KERNELS)}
+PAIRS = {p.name: p for p in (ce_ops.KERNELS, focal_ops.KERNELS, gap_ops.KERNELS, kl_ops.KERNELS, siglip_ops.KERNELS,
+                                  soft_ops.KERNELS)}
 
 
 @pytest.mark.parametrize("name", sorted(PAIRS))

@@ -5,10 +5,9 @@ twins, autograd, and the reduction.
   csrc/{cpu,cuda}/soft_cross_entropy.*): per-row loss, lse, stats (N, 3) and, with ``entropy=True``, the
   per-row entropy of the softmax (stats then (N, 4)), in the accumulation dtype; loss, lse and entropy
   are differentiable. ``fusedloss::soft_cross_entropy_bwd``: the logits' gradient (through the loss, the
-  lse and the entropy) and, when asked, the target's. Their Triton twins
-  ``fusedloss::soft_cross_entropy_{fwd,bwd}_triton`` (fusedloss/triton/soft_cross_entropy.py) have the
-  same schemas.
-- autograd, registered here in Python with torch.library for both: the backward asks for the target's
+  lse and the entropy) and, when asked, the target's. With their Triton twins
+  (fusedloss/triton/soft_cross_entropy.py): ``KERNELS``, a :class:`fusedloss.ops._registry.KernelPair`.
+- autograd in Python for both kinds: the backward asks for the target's
   gradient only when the target requires one, so a constant target costs no extra write, and passes the
   entropy's gradient only when it has one.
 - :func:`soft_cross_entropy`: forward op, then the reduction on device in PyTorch ops (no host sync).
@@ -16,14 +15,10 @@ twins, autograd, and the reduction.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from fusedloss import _backend
-from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
-
-FWD = "fusedloss::soft_cross_entropy_fwd"
-BWD = "fusedloss::soft_cross_entropy_bwd"
+from fusedloss.ops import _registry
+from fusedloss.ops._common import acc_dtype
 
 
 def _fwd_fake(logits, target, weight, label_smoothing, z_loss, softcap, temperature, entropy=False):
@@ -62,72 +57,20 @@ def _backward_with(bwd_op):
         grad_x, grad_t = bwd_op(grad_loss.to(acc), None if grad_lse is None else grad_lse.to(acc), logits, target,
                                 weight, stats, *ctx.scalars, target_grad,
                                 None if grad_entropy is None else grad_entropy.to(acc))
-        return (grad_x if ctx.needs_input_grad[0] else None, grad_t if target_grad else None,
-                None, None, None, None, None, None)
+        return grad_x if ctx.needs_input_grad[0] else None, grad_t if target_grad else None
 
     return backward
 
 
-if _backend.extension_loaded() and hasattr(torch.ops.fusedloss, "soft_cross_entropy_fwd"):
-    torch.library.register_fake(FWD)(_fwd_fake)
-    torch.library.register_fake(BWD)(_bwd_fake)
-    torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.soft_cross_entropy_bwd),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(BWD, no_double_backward("soft_cross_entropy"), setup_context=no_context)
-    CPP_REGISTERED = True
-else:
-    CPP_REGISTERED = False
-
-TRITON_REGISTERED = False
-if triton_kernels_present("soft_cross_entropy"):
-    from torch.library import triton_op
-
-    @triton_op("fusedloss::soft_cross_entropy_fwd_triton", mutates_args={})
-    def soft_cross_entropy_fwd_triton(logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float,
-                                      z_loss: float, softcap: float, temperature: float,
-                                      entropy: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from fusedloss.triton import soft_cross_entropy as kernels
-
-        return kernels.soft_cross_entropy_fwd(logits, target, weight, label_smoothing, z_loss, softcap, temperature,
-                                              entropy)
-
-    @triton_op("fusedloss::soft_cross_entropy_bwd_triton", mutates_args={})
-    def soft_cross_entropy_bwd_triton(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
-                                      weight: Tensor | None, stats: Tensor, label_smoothing: float, z_loss: float,
-                                      softcap: float, temperature: float, target_grad: bool,
-                                      grad_entropy: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        from fusedloss.triton import soft_cross_entropy as kernels
-
-        return kernels.soft_cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, stats, label_smoothing,
-                                              z_loss, softcap, temperature, target_grad, grad_entropy)
-
-    soft_cross_entropy_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.soft_cross_entropy_bwd_triton),
-                                                    setup_context=_setup_context)
-    soft_cross_entropy_bwd_triton.register_autograd(no_double_backward("soft_cross_entropy"),
-                                                    setup_context=no_context)
-    TRITON_REGISTERED = True
-
-
-def forward_op(backend: str):
-    """The forward op (with autograd) that runs ``backend``'s kernels."""
-    if backend in ("cpu", "cuda"):
-        if not CPP_REGISTERED:
-            raise RuntimeError("fusedloss: the compiled extension holds no soft_cross_entropy op (rebuild it)")
-        return torch.ops.fusedloss.soft_cross_entropy_fwd
-    if backend == "triton":
-        if not TRITON_REGISTERED:
-            raise RuntimeError("fusedloss: the Triton soft_cross_entropy kernels are not available in this install")
-        return torch.ops.fusedloss.soft_cross_entropy_fwd_triton
-    raise ValueError(f"no soft_cross_entropy kernel op for backend {backend!r}")
-
-
-def backward_op(backend: str):
-    """The gradient op of ``backend``."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fusedloss.soft_cross_entropy_bwd
-    if backend == "triton":
-        return torch.ops.fusedloss.soft_cross_entropy_bwd_triton
-    raise ValueError(f"no soft_cross_entropy kernel op for backend {backend!r}")
+KERNELS = _registry.KernelPair(
+    "soft_cross_entropy",
+    fwd_schema="(Tensor logits, Tensor target, Tensor? weight, float label_smoothing, float z_loss, float softcap, "
+               "float temperature, bool entropy=False) -> (Tensor, Tensor, Tensor, Tensor)",
+    bwd_schema="(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
+               "float label_smoothing, float z_loss, float softcap, float temperature, bool target_grad, "
+               "Tensor? grad_entropy=None) -> (Tensor, Tensor)",
+    fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, setup_context=_setup_context, backward_with=_backward_with,
+    triton_module="soft_cross_entropy")
 
 
 def soft_cross_entropy(backend: str, rows: Tensor, target: Tensor, weight: Tensor | None, token_weight: Tensor | None,
@@ -139,7 +82,7 @@ def soft_cross_entropy(backend: str, rows: Tensor, target: Tensor, weight: Tenso
     ``none`` per row. ``token_weight`` (N,) in the accumulation dtype multiplies each row's loss, and the
     mean then divides by its sum. Returns (loss, lse per row, entropy per row or None without ``entropy``:
     the softmax's, from the same pass, not weighed); all carry gradients."""
-    loss, lse, _, ent = forward_op(backend)(rows, target, weight, label_smoothing, z_loss, softcap, temperature,
+    loss, lse, _, ent = KERNELS.fwd(backend)(rows, target, weight, label_smoothing, z_loss, softcap, temperature,
                                             entropy)
     ent = ent if entropy else None
     if token_weight is not None:
