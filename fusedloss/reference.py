@@ -80,7 +80,9 @@ def cross_entropy(
     w = weight.to(x.dtype).view(w_shape) if weight is not None else None
 
     u = token_weight.to(x.dtype) if token_weight is not None else None
-    entropy = -(logp.exp() * logp).sum(cdim) if return_entropy else None
+    # 0 log 0 = 0 for a -inf logit (a masked class), as the kernels; logp is zeroed there before the
+    # product so that its backward sees no 0 * -inf either.
+    entropy = -(logp.exp() * logp.masked_fill(logp == float("-inf"), 0.0)).sum(cdim) if return_entropy else None
 
     if target.is_floating_point():  # class probabilities, same shape as input
         if return_logprob:
