@@ -68,16 +68,8 @@ def _torch_cross_entropy(x, target):
     return F.cross_entropy(x, target)
 
 
-def _make_compiled(case: Case):
-    torch._dynamo.reset()  # a fresh compile per case: no recompile limit, no stale graphs
-    return torch.compile(_torch_cross_entropy, dynamic=False)
-
-
 def providers(device: str) -> list[Provider]:
-    out = [
-        Provider("torch", lambda case: _torch_cross_entropy, warmup=2),
-        Provider("torch.compile", _make_compiled, warmup=3),
-    ]
+    out = common.torch_providers(_torch_cross_entropy)
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.cross_entropy, backend=b))
     if device.startswith("cuda"):
         try:

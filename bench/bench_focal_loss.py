@@ -69,16 +69,8 @@ def _torch_focal_loss(x, target):
     return (-(q**GAMMA) * logp).mean()
 
 
-def _make_compiled(case: Case):
-    torch._dynamo.reset()  # a fresh compile per case: no recompile limit, no stale graphs
-    return torch.compile(_torch_focal_loss, dynamic=False)
-
-
 def providers(device: str) -> list[Provider]:
-    out = [
-        Provider("torch", lambda case: _torch_focal_loss, warmup=2),
-        Provider("torch.compile", _make_compiled, warmup=3),
-    ]
+    out = common.torch_providers(_torch_focal_loss)
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.focal_loss, gamma=GAMMA, backend=b))
     return out
 

@@ -66,17 +66,9 @@ def _torch_ops(x, target):
     return reference.gap_loss(x, target, MARGIN)
 
 
-def _make_compiled(case: Case):
-    torch._dynamo.reset()
-    return torch.compile(_torch_ops, dynamic=False)
-
-
 def providers(device: str) -> list[Provider]:
-    out = [
-        Provider("torch", lambda case: _multi_margin_times_c, warmup=2),
-        Provider("torch-ops", lambda case: _torch_ops, warmup=2),
-        Provider("torch-ops.compile", _make_compiled, warmup=3),
-    ]
+    out = [Provider("torch", lambda case: _multi_margin_times_c, warmup=2)]
+    out += common.torch_providers(_torch_ops, eager="torch-ops", compiled="torch-ops.compile")
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.gap_loss, margin=MARGIN,
                                                                                 backend=b))
     return out

@@ -58,16 +58,8 @@ def _torch(s, t):
     return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
 
 
-def _make_compiled(case: Case):
-    torch._dynamo.reset()
-    return torch.compile(_torch, dynamic=False)
-
-
 def providers(device: str) -> list[Provider]:
-    out = [
-        Provider("torch", lambda case: _torch, warmup=2),
-        Provider("torch.compile", _make_compiled, warmup=3),
-    ]
+    out = common.torch_providers(_torch)
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.kl_div_logits, backend=b))
     return out
 

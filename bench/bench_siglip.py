@@ -72,16 +72,8 @@ def _torch_siglip(q, k, t, b):
     return -F.logsigmoid(labels * logits).sum() / q.shape[0]
 
 
-def _make_compiled(case: Case):
-    torch._dynamo.reset()  # a fresh compile per case: no recompile limit, no stale graphs
-    return torch.compile(_torch_siglip, dynamic=False)
-
-
 def providers(device: str) -> list[Provider]:
-    out = [
-        Provider("torch", lambda case: _torch_siglip, warmup=2),
-        Provider("torch.compile", _make_compiled, warmup=3),
-    ]
+    out = common.torch_providers(_torch_siglip)
     out += common.fusedloss_providers(
         device, lambda fl, backend: lambda q, k, t, b: fl.siglip_loss(q, k, temperature=t, bias=b, backend=backend))
     return out

@@ -65,11 +65,6 @@ def _torch(x, p):
     return F.cross_entropy(x, p)
 
 
-def _make_compiled(case: Case):
-    torch._dynamo.reset()
-    return torch.compile(_torch, dynamic=False)
-
-
 def _with_entropy(fl, backend: str):
     def fn(x, p):
         loss, entropy = fl.cross_entropy(x, p, return_entropy=True, backend=backend)
@@ -79,10 +74,7 @@ def _with_entropy(fl, backend: str):
 
 
 def providers(device: str) -> list[Provider]:
-    out = [
-        Provider("torch", lambda case: _torch, warmup=2),
-        Provider("torch.compile", _make_compiled, warmup=3),
-    ]
+    out = common.torch_providers(_torch)
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.cross_entropy, backend=b))
     for plain in common.fusedloss_providers(device, _with_entropy):
         out.append(Provider(plain.name + "+entropy", plain.make, warmup=plain.warmup))

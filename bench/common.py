@@ -157,6 +157,16 @@ class OpSpec:
     flops: Callable[[Case, str], int] | None = None  # (case, mode) -> flops of the ideal kernel, or None
 
 
+def torch_providers(fn: Callable, *, eager: str = "torch", compiled: str = "torch.compile") -> list[Provider]:
+    """The PyTorch baselines of a benchmark: ``fn`` eager, and ``torch.compile(fn)`` compiled afresh for
+    each case (dynamo reset: no recompile limit, no stale graphs; the warmup calls compile)."""
+    def make_compiled(case: Case):
+        torch._dynamo.reset()
+        return torch.compile(fn, dynamic=False)
+
+    return [Provider(eager, lambda case: fn, warmup=2), Provider(compiled, make_compiled, warmup=3)]
+
+
 def fusedloss_providers(device: str, make_fn: Callable[[object, str], Callable]) -> list:
     """One ``fusedloss-<backend>`` Provider per kernel backend available on ``device``.
 
