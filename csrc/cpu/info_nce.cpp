@@ -34,6 +34,11 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/neg.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/gt.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -415,6 +420,206 @@ double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int6
   return ds;
 }
 
+// ---- forward with the gradients (reduced losses) ---------------------------------------------
+//
+// With reduction mean / sum the upstream gradient of every row's loss lse_r_i - pos_i is one scalar,
+// known only in the backward, and the backward is linear in it: the gradients of
+//   L = sum_{i with a positive} (lse_r_i - pos_i)          ((1)-(3') with g_i = 1, u_i = -1)
+// are computed here, in the forward, and the backward scales them (as linear_cross_entropy does).
+// What that buys on CPU: the lse of a row is complete before its gradient is needed when the whole row
+// of S is at hand, so each block of bq queries takes S_b = Q_b K^T (bq x M, one per thread: bq * M
+// floats, a few MB, never N x M), the row max, exp(S - max) once per element in place, then
+//   dQ_b = (scale P_b) K   and   dK += (scale P_b)^T Q_b:
+// 3 GEMMs and one exp per element, against the two-pass kernels' 4 GEMMs (S is recomputed in their
+// backward) and two exps (the forward's sum and the backward's P). The rank-bq update of dK reads and
+// writes M x D floats per block; bq = 256 keeps that traffic small against the GEMMs' flops.
+//
+// Row i's softmax weights are e'_ij / den_i with e'_ij = exp(S_ij - max_i), den_i = sum_j e'_ij (the
+// flash-attention normalization after the fact): the ratio is not touched by the rounding of lse_i.
+// (3')'s softmax mean sum_j e_ij (T_ij - c_i) / sum_j e_ij is the same ratio with e' for e. The
+// positives' elements are made whole by grad_s, as in lse_bwd_kernel, so that a one-hot row cancels
+// before rounding.
+
+// Largest S strip per thread, in elements (8 MB of float32: bq = 256 rows at M = 8192 keys). A
+// larger M takes fewer rows per block, down to kMinFusedRows; beyond that the two-pass kernels run.
+constexpr int64_t kFusedStripElems = int64_t(1) << 21;
+constexpr int64_t kFusedBQ = 256;
+constexpr int64_t kMinFusedRows = 16;
+
+// Query rows per block of the fused kernel: as query_tile_rows, up to kFusedBQ and the strip budget.
+int64_t fused_block_rows(int64_t N, int64_t M) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (ceil_div(N, threads) + 15) / 16 * 16;
+  const int64_t budget = M > 0 ? kFusedStripElems / M / 16 * 16 : kFusedBQ;
+  return std::max<int64_t>(kMinFusedRows, std::min({per_thread, kFusedBQ, budget}));
+}
+
+bool fused_fits(int64_t M) { return M * kMinFusedRows <= kFusedStripElems; }
+
+// One row of the strip: on entry the unscaled products T (M), on exit scale * dL/dS (g = 1, u = -1 over
+// the row's positives, 0 for a row without one). Writes lse_r, pos, npos; adds the row's (3') to ds.
+template <typename acc_t>
+void fused_row(acc_t* t, int64_t M, acc_t scale, int64_t label, const Positives& P, bool want_ds, int64_t* pos_j,
+               acc_t* pos_t, acc_t& lse_out, acc_t& pos_out, int64_t& npos_out, double& ds) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t nv = M - M % V;
+  // The positives' T, read before t is overwritten; pos as lse_fwd_kernel has it (mean of scale * T).
+  int64_t n_pos = 0;
+  double pos_sum = 0;
+  P.in_tile(label, 0, M, [&](int64_t j) {
+    pos_j[n_pos] = j;
+    pos_t[n_pos++] = t[j];
+    pos_sum += static_cast<double>(t[j] * scale);
+  });
+  const acc_t pos = n_pos ? static_cast<acc_t>(pos_sum / static_cast<double>(n_pos))
+                          : std::numeric_limits<acc_t>::quiet_NaN();
+  const Vec vscale(scale);
+  Vec vmax(-fl_inf<acc_t>());
+  for (int64_t j = 0; j < nv; j += V) vmax = fl_max(vmax, Vec::loadu(t + j) * vscale);
+  acc_t m = reduce_max(vmax);
+  for (int64_t j = nv; j < M; ++j) m = fl_max(m, t[j] * scale);
+  const acc_t g = n_pos ? acc_t(1) : acc_t(0);
+  const acc_t c = info_nce::shift_of(pos, scale);
+  acc_t lse;
+  double num = 0, den = 0;
+  if (!(m > -fl_inf<acc_t>() && m < fl_inf<acc_t>())) {
+    // A row with no finite maximum (-inf everywhere, +inf or NaN somewhere): the two-exp formulas of
+    // the two-pass kernels, element by element, so that inf and NaN come out as they do there.
+    Lse<acc_t> run = info_nce::empty_lse<acc_t>();
+    acc_t sum = 0;
+    if (m != -fl_inf<acc_t>()) {
+      for (int64_t j = 0; j < M; ++j) sum += fl_exp(t[j] * scale - m);
+    }
+    run = info_nce::merge_part(run, m, sum);
+    lse = info_nce::finish(run);
+    for (int64_t j = 0; j < M; ++j) {
+      const acc_t e = info_nce::softmax_weight(t[j] * scale, g, lse);
+      num += static_cast<double>(e * (t[j] - c));
+      den += static_cast<double>(e);
+      t[j] = g * e * scale;
+    }
+  } else {
+    // e' = exp(s - m) in place, its sum, and (3')'s numerator on the same e'. Sums in float32 over
+    // kBK columns at a time, merged in double (the two-pass kernels' precision: per tile, then double).
+    const Vec vm(m), vc(c);
+    for (int64_t j0 = 0; j0 < M; j0 += kBK) {
+      const int64_t j1 = std::min(M, j0 + kBK), jv = j0 + (j1 - j0) / V * V;
+      Vec d0(acc_t(0)), d1(acc_t(0)), n0(acc_t(0)), n1(acc_t(0));
+      int64_t j = j0;
+      for (; j + 2 * V <= jv; j += 2 * V) {
+        const Vec t0 = Vec::loadu(t + j), t1 = Vec::loadu(t + j + V);
+        const Vec e0 = fl_exp(t0 * vscale - vm), e1 = fl_exp(t1 * vscale - vm);
+        e0.store(t + j);
+        e1.store(t + j + V);
+        d0 = d0 + e0;
+        d1 = d1 + e1;
+        if (want_ds) {
+          n0 = n0 + e0 * (t0 - vc);
+          n1 = n1 + e1 * (t1 - vc);
+        }
+      }
+      for (; j < jv; j += V) {
+        const Vec t0 = Vec::loadu(t + j);
+        const Vec e0 = fl_exp(t0 * vscale - vm);
+        e0.store(t + j);
+        d0 = d0 + e0;
+        if (want_ds) n0 = n0 + e0 * (t0 - vc);
+      }
+      acc_t dsum = reduce_sum(d0 + d1), nsum = reduce_sum(n0 + n1);
+      for (; j < j1; ++j) {
+        const acc_t tj = t[j];
+        const acc_t e = fl_exp(tj * scale - m);
+        t[j] = e;
+        dsum += e;
+        if (want_ds) nsum += e * (tj - c);
+      }
+      den += static_cast<double>(dsum);
+      num += static_cast<double>(nsum);
+    }
+    const acc_t dsum = static_cast<acc_t>(den);
+    lse = m + fl_log(dsum);  // info_nce::finish of (m, dsum)
+    // scale * g * e' / den: the softmax times scale (what both gradient GEMMs take), one multiply.
+    const acc_t w = g * scale / dsum;
+    at::vec::map([w](auto e) { return e * decltype(e)(w); }, t, t, M);
+  }
+  // The positives' elements whole: g e + u / |P|, then one multiplication by scale (grad_s).
+  double t_minus_c = 0;
+  for (int64_t k = 0; k < n_pos; ++k) {
+    t[pos_j[k]] = info_nce::grad_s(pos_t[k] * scale, g, lse, false, acc_t(0), acc_t(0),
+                                   -g / static_cast<acc_t>(n_pos)) * scale;
+    t_minus_c += static_cast<double>(pos_t[k] - c);
+  }
+  if (want_ds && n_pos) {
+    ds += info_nce::dscale_row(g, num, den, -g, t_minus_c / static_cast<double>(n_pos), c);
+  }
+  lse_out = lse;
+  pos_out = pos;
+  npos_out = n_pos;
+}
+
+// The fused forward: lse_r, pos, npos (N each) and the gradients of L above: dq (N x D; nullptr: not
+// wanted), dk (M x D; nullptr: not wanted); returns d L / d scale (0 when !want_ds). Parallel split
+// and merge orders as lse_bwd_kernel's: deterministic for a given thread count.
+template <typename acc_t>
+double fused_fwd_grad_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale,
+                             const Positives& P, bool want_ds, acc_t* lse_r, acc_t* pos, int64_t* npos, acc_t* dq,
+                             acc_t* dk) {
+  const int64_t bq = fused_block_rows(N, M);
+  const int64_t q_tiles = ceil_div(N, bq);
+  const int64_t parts = num_parts(q_tiles);
+  const auto dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  // Part 0 accumulates into dk itself, the others into their own (M, D) buffers (PyTorch's allocator,
+  // so that memory profiles see them), summed in part order below.
+  const int64_t extra_parts = dk != nullptr && parts > 1 ? parts - 1 : 0;
+  auto extra_t = at::empty({extra_parts * M * D}, at::TensorOptions().dtype(dt));
+  acc_t* extra = static_cast<acc_t*>(extra_t.mutable_data_ptr());
+  // The strips, one per part, from the allocator too (their size shows in memory profiles).
+  auto strips_t = at::empty({parts * bq * M}, at::TensorOptions().dtype(dt));
+  acc_t* strips = static_cast<acc_t*>(strips_t.mutable_data_ptr());
+  std::vector<double> dscale_part(parts, 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    std::vector<int64_t> pos_j(M);
+    std::vector<acc_t> pos_t(M);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      acc_t* strip = strips + p * bq * M;
+      acc_t* dkp = dk == nullptr ? nullptr : p == 0 ? dk : extra + (p - 1) * M * D;
+      if (dkp != nullptr) std::fill(dkp, dkp + M * D, acc_t(0));
+      const auto [t_begin, t_end] = part_tiles(p, parts, q_tiles);
+      double ds = 0;
+      for (int64_t qt = t_begin; qt < t_end; ++qt) {
+        const int64_t i0 = qt * bq, nq = std::min(bq, N - i0);
+        tile_products(q + i0 * D, k, nq, M, D, strip);
+        for (int64_t r = 0; r < nq; ++r) {
+          fused_row(strip + r * M, M, scale, P.label(i0 + r), P, want_ds, pos_j.data(), pos_t.data(), lse_r[i0 + r],
+                    pos[i0 + r], npos[i0 + r], ds);
+        }
+        auto p_t = view2d(strip, nq, M);
+        if (dq != nullptr) {
+          auto dq_t = view2d(dq + i0 * D, nq, D);
+          if (D > 0) at::addmm_out(dq_t, dq_t, p_t, view2d(k, M, D), /*beta=*/0, /*alpha=*/1);  // dQ_b = (scale P) K
+        }
+        if (dkp != nullptr && D > 0) {
+          auto dk_t = view2d(dkp, M, D);
+          at::addmm_out(dk_t, dk_t, p_t.t(), view2d(q + i0 * D, nq, D));  // dK += (scale P)^T Q_b
+        }
+      }
+      dscale_part[p] = ds;
+    }
+  });
+  if (extra_parts > 0) {
+    at::parallel_for(0, M * D, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t p = 1; p < parts; ++p) {
+        const acc_t* src = extra + (p - 1) * M * D;
+        at::vec::map2([](auto a, auto b) { return a + b; }, dk + begin, dk + begin, src + begin, end - begin);
+      }
+    });
+  }
+  double ds = 0;
+  for (int64_t p = 0; p < parts; ++p) ds += dscale_part[p];
+  return ds;
+}
+
 // bf16/fp16 inputs run the float32 kernels on float32 copies (exact conversions).
 at::Tensor as_acc(const at::Tensor& x, at::ScalarType acc) {
   return x.scalar_type() == acc ? x : x.to(acc);
@@ -486,10 +691,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
   return {dq, dk, dscale};
 }
 
+// The forward of a reduced loss with its gradients (fusedloss::info_nce_fwd_grad): the loss summed
+// over the queries that have a positive, npos, and the gradients of that sum, which the autograd
+// (csrc/autograd.cpp) scales by the upstream gradient in the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_grad_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& key_groups, bool query_grad, bool key_grad, bool scale_grad) {
+  const auto acc = check_info_nce_args(query, key, scale);
+  check_info_nce_labels(labels, query, key, key_groups);
+  const int64_t N = query.size(0), M = key.size(0), D = query.size(1);
+  const auto opts = query.options().dtype(acc);
+  auto lse_rows = at::empty({N}, opts), pos = at::empty({N}, opts);
+  auto npos = at::empty({N}, query.options().dtype(at::kLong));
+  auto dq = query_grad ? at::empty({N, D}, opts) : at::empty({0}, opts);
+  auto dk = key_grad ? at::empty({M, D}, opts) : at::empty({0}, opts);
+  auto dscale = at::zeros({}, scale.options());
+  cpu::advise_huge_pages(dq.mutable_data_ptr(), dq.nbytes());
+  cpu::advise_huge_pages(dk.mutable_data_ptr(), dk.nbytes());
+  const auto q = as_acc(query, acc), k = as_acc(key, acc);
+  const auto lab = labels ? labels->contiguous() : at::Tensor();
+  const auto kg = key_groups ? key_groups->contiguous() : at::Tensor();
+  const Positives P{labels ? lab.const_data_ptr<int64_t>() : nullptr, key_groups ? kg.const_data_ptr<int64_t>() : nullptr};
+  AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_fwd_grad_cpu", [&] {
+    const scalar_t s = scale.item<scalar_t>();
+    scalar_t* dq_p = query_grad ? dq.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dk_p = key_grad ? dk.mutable_data_ptr<scalar_t>() : nullptr;
+    if (!query_grad && !key_grad && !scale_grad) {
+      // Nothing to differentiate: the forward alone (1 GEMM).
+      lse_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D, s, false, P,
+                               lse_rows.mutable_data_ptr<scalar_t>(), nullptr, pos.mutable_data_ptr<scalar_t>(),
+                               npos.mutable_data_ptr<int64_t>());
+      return;
+    }
+    if (fused_fits(M)) {
+      const double ds = fused_fwd_grad_kernel<scalar_t>(
+          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D, s, P, scale_grad,
+          lse_rows.mutable_data_ptr<scalar_t>(), pos.mutable_data_ptr<scalar_t>(), npos.mutable_data_ptr<int64_t>(),
+          dq_p, dk_p);
+      if (scale_grad) dscale.fill_(ds);
+      return;
+    }
+    // Too many keys for a strip of kMinFusedRows rows: the two-pass kernels, forward then backward with
+    // the same weights (g = 1, u = -1 on rows with a positive), into full-size buffers where one
+    // gradient is not wanted.
+    lse_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D, s, false, P,
+                             lse_rows.mutable_data_ptr<scalar_t>(), nullptr, pos.mutable_data_ptr<scalar_t>(),
+                             npos.mutable_data_ptr<int64_t>());
+    const auto g = at::gt(npos, 0).to(acc);
+    const auto u = at::neg(g);
+    auto dq_full = query_grad ? dq : at::empty({N, D}, opts);
+    auto dk_full = key_grad ? dk : at::empty({M, D}, opts);
+    const double ds = lse_bwd_kernel<scalar_t>(
+        q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D, s, g.const_data_ptr<scalar_t>(), nullptr,
+        u.const_data_ptr<scalar_t>(), lse_rows.const_data_ptr<scalar_t>(), nullptr, pos.const_data_ptr<scalar_t>(),
+        npos.const_data_ptr<int64_t>(), P, dq_full.mutable_data_ptr<scalar_t>(), dk_full.mutable_data_ptr<scalar_t>());
+    if (scale_grad) dscale.fill_(ds);
+  });
+  // Without key groups every query has its one positive (labels are checked above); with them a query
+  // whose group has no key is left out of the sum (its pos is NaN).
+  const auto rows = at::sub(lse_rows, pos);
+  const auto total = key_groups ? at::where(at::gt(npos, 0), rows, at::zeros({}, opts)).sum() : rows.sum();
+  if (query.scalar_type() != acc) {
+    dq = dq.to(query.scalar_type());
+    dk = dk.to(query.scalar_type());
+  }
+  return {total, npos, dq, dk, dscale};
+}
+
 }  // namespace
 }  // namespace fusedloss
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("info_nce_lse_fwd", &fusedloss::info_nce_lse_fwd_cpu);
   m.impl("info_nce_lse_bwd", &fusedloss::info_nce_lse_bwd_cpu);
+  m.impl("info_nce_fwd_grad", &fusedloss::info_nce_fwd_grad_cpu);
 }
