@@ -26,8 +26,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-
 from bench import common
 from bench.bench_linear_cross_entropy import bytes_moved, flops, make_inputs
 from bench.common import OpSpec, Provider

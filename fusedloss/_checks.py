@@ -85,6 +85,21 @@ def ce_options(label_smoothing, z_loss, softcap, temperature) -> tuple[float, fl
             None if softcap is None else positive("softcap", softcap), positive("temperature", temperature))
 
 
+def class_input(input: Tensor, target: Tensor) -> tuple[int, torch.Size]:
+    """Logits of shape (C,), (N, C) or (N, C, d1, ...), the class dimension second (first for (C,)), and a
+    target on their device. Returns the number of classes C and the shape a class-index target has."""
+    ndim = input.dim()
+    if ndim == 0:
+        raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
+    cdim = 0 if ndim == 1 else 1
+    shape = input.shape
+    C = shape[cdim]
+    if C == 0:
+        raise ValueError(f"input has no classes: shape {tuple(shape)}")
+    same_device("target", target, "input", input)
+    return C, shape[:1] if ndim == 2 else shape[:cdim] + shape[cdim + 1:]
+
+
 def class_weight(weight: Tensor | None, num_classes: int, input: Tensor) -> Tensor | None:
     if weight is None:
         return None
@@ -140,3 +155,31 @@ def query_key(query: Tensor, key: Tensor) -> None:
     if key.shape[1] != query.shape[1]:
         raise ValueError(f"query and key must have the same feature size D, got query {tuple(query.shape)} "
                          f"and key {tuple(key.shape)}")
+
+
+def key_labels(labels: Tensor | None, query: Tensor, n: int, m: int, *, keys: str = "") -> Tensor | None:
+    """The contrastive losses' labels: query i's positive is key labels[i] (None: key i). Returns them as
+    int64, None kept. Out-of-range labels raise on CPU, where reading them costs no device sync; on other
+    devices the callers make the loss of such a query NaN. ``keys`` names the keys in messages (the
+    gathered losses: "this rank's keys")."""
+    if labels is None:
+        if m < n:
+            raise ValueError(f"the default labels (query i's positive is key i) need at least as many keys as "
+                             f"queries, got N={n} queries and M={m} keys; pass labels")
+        return None
+    tensor("labels", labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer key indices (int64), got dtype {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape (N,) = ({n},), got {tuple(labels.shape)}")
+    same_device("labels", labels, "query", query)
+    labels = labels.to(torch.int64)
+    where = f" (they index {keys})" if keys else ""
+    if n and m == 0:
+        raise IndexError(f"labels must be in [0, M) = [0, 0){where}: there are no keys for the {n} queries")
+    if labels.device.type == "cpu" and n and not torch.compiler.is_compiling():
+        bad = (labels < 0) | (labels >= m)
+        if bool(bad.any()):
+            raise IndexError(f"labels must be in [0, M) = [0, {m}){where}, got {int(labels[bad][0])} "
+                             f"at position {int(bad.nonzero()[0, 0])}")
+    return labels

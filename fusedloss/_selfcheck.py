@@ -573,7 +573,6 @@ OPS = {
     "siglip_loss": OpCheck("siglip_loss", SIGLIP_SHAPES, SIGLIP_SHAPES_INTERPRETED, SIGLIP_OPTIONS, _make_siglip),
     "linear_cross_entropy": OpCheck("linear_cross_entropy", LCE_SHAPES, LCE_SHAPES_INTERPRETED, LCE_OPTIONS,
                                     _make_lce),
-    # present when fusedloss.functional has it (added in parallel); skipped otherwise
     "focal_loss": OpCheck("focal_loss", CE_SHAPES, CE_SHAPES_INTERPRETED, FOCAL_OPTIONS, _make_focal),
     "kl_div_logits": OpCheck("kl_div_logits", DISTILL_SHAPES, DISTILL_SHAPES_INTERPRETED, KL_OPTIONS, _make_distill),
     "jsd_logits": OpCheck("jsd_logits", DISTILL_SHAPES, DISTILL_SHAPES_INTERPRETED, JSD_OPTIONS, _make_distill),

@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "check", help="compare every op on every available backend with the float64 reference (exit 1 on a mismatch)",
-        description="Run every op (cross_entropy, gap_loss, info_nce, linear_cross_entropy, and focal_loss where "
-                    "this build has it) on every available backend (except 'reference') and device on random "
+        description=f"Run every op ({', '.join(_check.OPS)}; cross_entropy_probs is cross_entropy with "
+                    "probability targets) on every available backend (except 'reference') and device on random "
                     "inputs over dtypes, shapes, options and reductions; compare every output and the gradient "
                     "of every differentiable input with fusedloss.reference computed in float64 on the same "
                     "rounded inputs. Prints one row per case; the exit code is 1 when any case is out of "

@@ -107,7 +107,7 @@ def _stats_kernel(name: str):
             return m, log_s, sum_wd
         return stats
 
-    op = _ce.forward_op(name)
+    op = _ce.KERNELS.fwd(name)
 
     def stats(x, live, w, smoothing):
         c = x.shape[1]
@@ -658,21 +658,9 @@ def info_nce(
         return _functional.info_nce(query.to(acc), all_k, query_groups=query_groups, key_groups=all_groups,
                                     temperature=temperature, normalize=normalize, reduction=reduction,
                                     backend=backend)
+    labels = _checks.key_labels(labels, query, n, m, keys="this rank's keys")
     if labels is None:
         labels = torch.arange(n, device=query.device)
-    else:
-        _checks.tensor("labels", labels)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must hold integer key indices (int64), got dtype {labels.dtype}")
-        if labels.shape != (n,):
-            raise ValueError(f"labels must have shape (N,) = ({n},), got {tuple(labels.shape)}")
-        _checks.same_device("labels", labels, "query", query)
-        labels = labels.to(torch.int64)
-        if labels.device.type == "cpu" and n and not torch.compiler.is_compiling():
-            bad = (labels < 0) | (labels >= m)
-            if bool(bad.any()):
-                raise IndexError(f"labels index this rank's keys: they must be in [0, M) = [0, {m}), got "
-                                 f"{int(labels[bad][0])} at position {int(bad.nonzero()[0, 0])}")
     global_labels = labels + offset
     kw = dict(temperature=temperature, normalize=normalize, reduction="none", backend=backend)
     # fp16/bf16 rows travel in float32 (fusedloss.info_nce computes in float32 anyway): the gradient that
@@ -734,7 +722,7 @@ def siglip_loss(
     offset = sum(k for _, k in sizes[:rank])
     # The local labels checked against this rank's keys (IndexError on CPU), then moved to the gathered
     # keys' numbering.
-    labels = _functional._siglip_labels(labels, query, n, m)
+    labels = _checks.key_labels(labels, query, n, m)
     global_labels = (labels if labels is not None else torch.arange(n, device=query.device)) + offset
     acc = acc_dtype(query.dtype)
     all_k = _GatherRows.apply(key.to(acc), [m_r for _, m_r in sizes], rank, group)

@@ -152,19 +152,11 @@ def cross_entropy(
     _checks.reduction(reduction)
     label_smoothing, z_loss, softcap, temperature = _checks.ce_options(label_smoothing, z_loss, softcap, temperature)
     ignore_index = _checks.integer("ignore_index", ignore_index)
-    ndim = input.dim()
-    if ndim == 0:
-        raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
-    cdim = 0 if ndim == 1 else 1
-    shape = input.shape
-    C = shape[cdim]
-    if C == 0:
-        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
-    _checks.same_device("target", target, "input", input)
+    C, expected = _checks.class_input(input, target)
+    ndim, shape = input.dim(), input.shape
     weight = _checks.class_weight(weight, C, input)
     name = _backend.resolve_for(backend, input)
     target_dtype = target.dtype
-    expected = shape[:1] if ndim == 2 else shape[:cdim] + shape[cdim + 1:]
     if target_dtype.is_floating_point:
         if target.shape != shape:
             raise ValueError(f"probability targets must have the input's shape {tuple(input.shape)}, "
@@ -260,15 +252,8 @@ def focal_loss(
         gamma = float(gamma)
     if not (math.isfinite(gamma) and gamma >= 0.0):
         raise ValueError(f"gamma must be a finite float >= 0, got {gamma}")
+    C, expected = _checks.class_input(input, target)
     ndim = input.dim()
-    if ndim == 0:
-        raise ValueError("input must be (C,), (N, C) or (N, C, d1, ...); got a 0-dim tensor")
-    cdim = 0 if ndim == 1 else 1
-    shape = input.shape
-    C = shape[cdim]
-    if C == 0:
-        raise ValueError(f"input has no classes: shape {tuple(input.shape)}")
-    _checks.same_device("target", target, "input", input)
     if isinstance(alpha, Tensor):
         _checks.floating("alpha", alpha)
         if alpha.dim() != 1 or alpha.shape[0] != C:
@@ -287,7 +272,6 @@ def focal_loss(
                                              or target_dtype.is_complex):
         raise TypeError(f"target must hold int64 class indices (focal_loss takes no probability targets), got dtype "
                         f"{target.dtype}")
-    expected = shape[:1] if ndim == 2 else shape[:cdim] + shape[cdim + 1:]
     target_shape = target.shape
     target = _unbatched_target(target, expected, input)
     u = None if token_weight is None else _checks.token_weight(token_weight, target_shape, input,
@@ -605,25 +589,8 @@ def info_nce(
     temperature = _checks.temperature(temperature, query, "query")
     if query_groups is not None or key_groups is not None:
         query_groups, key_groups = _group_ids(query_groups, key_groups, labels, symmetric, query, N, M)
-    elif labels is None:
-        if M < N:
-            raise ValueError(f"the default labels arange(N) need at least as many keys as queries, got N={N} "
-                             f"queries and M={M} keys; pass labels")
     else:
-        _checks.tensor("labels", labels)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must hold integer key indices (int64), got dtype {labels.dtype}")
-        if labels.shape != (N,):
-            raise ValueError(f"labels must have shape (N,) = ({N},), got {tuple(labels.shape)}")
-        _checks.same_device("labels", labels, "query", query)
-        labels = labels.to(torch.int64)
-        if N and M == 0:  # known from the shapes: no label can be in range
-            raise IndexError(f"labels must be in [0, M) = [0, 0): there are no keys for the {N} queries")
-        if labels.device.type == "cpu" and N and not torch.compiler.is_compiling():
-            bad = (labels < 0) | (labels >= M)
-            if bool(bad.any()):
-                raise IndexError(f"labels must be in [0, M) = [0, {M}), got {int(labels[bad][0])} "
-                                 f"at position {int(bad.nonzero()[0, 0])}")
+        labels = _checks.key_labels(labels, query, N, M)
     if symmetric:
         if labels is not None:
             raise ValueError("symmetric=True uses the default labels (query i pairs with key i); got labels")
@@ -747,30 +714,6 @@ def _siglip_scalar(name: str, value, query: Tensor):
     return float(value)
 
 
-def _siglip_labels(labels: Tensor | None, query: Tensor, n: int, m: int) -> Tensor | None:
-    """Checks siglip_loss's labels; returns them as int64 (None stays None: the diagonal)."""
-    if labels is None:
-        if m < n:
-            raise ValueError(f"the default labels (query i's positive is key i) need at least as many keys as "
-                             f"queries, got N={n} queries and M={m} keys; pass labels")
-        return None
-    _checks.tensor("labels", labels)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must hold integer key indices (int64), got dtype {labels.dtype}")
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape (N,) = ({n},), got {tuple(labels.shape)}")
-    _checks.same_device("labels", labels, "query", query)
-    labels = labels.to(torch.int64)
-    if n and m == 0:
-        raise IndexError(f"labels must be in [0, M) = [0, 0): there are no keys for the {n} queries")
-    if labels.device.type == "cpu" and n and not torch.compiler.is_compiling():
-        bad = (labels < 0) | (labels >= m)
-        if bool(bad.any()):
-            raise IndexError(f"labels must be in [0, M) = [0, {m}), got {int(labels[bad][0])} "
-                             f"at position {int(bad.nonzero()[0, 0])}")
-    return labels
-
-
 def siglip_loss(
     query: Tensor,
     key: Tensor,
@@ -814,7 +757,7 @@ def siglip_loss(
     M = key.shape[0]
     temperature = _siglip_scalar("temperature", temperature, query)
     bias = _siglip_scalar("bias", bias, query)
-    labels = _siglip_labels(labels, query, N, M)
+    labels = _checks.key_labels(labels, query, N, M)
     name = _backend.resolve_for(backend, query)
     label_ok = None
     if labels is not None and labels.device.type != "cpu":
@@ -834,7 +777,7 @@ def siglip_loss(
             scalars.append(value.to(torch.float64))
         else:
             scalars.append(torch.full((), value, dtype=acc, device=query.device))
-    loss = _sig.forward_op(name)(q, k, scalars[0], scalars[1], labels)
+    loss = _sig.KERNELS.fwd(name)(q, k, scalars[0], scalars[1], labels)
     return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
 
 

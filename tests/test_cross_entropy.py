@@ -384,7 +384,7 @@ def test_opcheck_kernel_ops(backend, device):
         tests = ("test_schema", "test_autograd_registration")
     else:
         tests = None
-    fwd = fusedloss.ops.cross_entropy.forward_op(backend)
+    fwd = fusedloss.ops.cross_entropy.KERNELS.fwd(backend)
     for args in _op_samples(device, torch.float32):
         torch.library.opcheck(fwd, args, test_utils=tests or torch.library._OPCHECK_DEFAULT_UTILS)
 

@@ -409,7 +409,7 @@ def test_opcheck(backend, device, dtype):
     # triton_op on CPU tensors: the interpreter needs real data pointers.
     tests = (("test_schema", "test_autograd_registration") if interpreted(backend, device)
              else torch.library._OPCHECK_DEFAULT_UTILS)
-    fwd = fusedloss.ops.focal_loss.forward_op(backend)
+    fwd = fusedloss.ops.focal_loss.KERNELS.fwd(backend)
     for args in _op_samples(device, dtype):
         torch.library.opcheck(fwd, args, test_utils=tests)
 

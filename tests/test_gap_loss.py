@@ -164,7 +164,7 @@ def test_opcheck(backend, device):
     require_backend(backend, device)
     tests = ("test_schema", "test_autograd_registration") if (backend, device) == (
         "triton", "cpu") else torch.library._OPCHECK_DEFAULT_UTILS
-    fwd = fusedloss.ops.gap_loss.forward_op(backend)
+    fwd = fusedloss.ops.gap_loss.KERNELS.fwd(backend)
     for args in _samples(device):
         torch.library.opcheck(fwd, args, test_utils=tests)
     if backend == "cpu":

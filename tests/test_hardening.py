@@ -462,7 +462,7 @@ def _bwd_op_samples(op_name, backend, device):
         t[0] = -100
         w = torch.rand(37, device=device) + 0.5
         scalars = (-100, 0.1, 1e-3, 7.0, 0.8)
-        fwd = fusedloss.ops.cross_entropy.forward_op(backend)
+        fwd = fusedloss.ops.cross_entropy.KERNELS.fwd(backend)
         loss, lse, stats = fwd(x, t, w, *scalars)
         bwd = ops.cross_entropy_bwd_triton if triton else ops.cross_entropy_bwd
         return [(bwd, (torch.randn_like(loss), gl, x, t, w, stats, *scalars)) for gl in (None, torch.randn_like(lse))]

@@ -244,7 +244,7 @@ def test_opcheck(backend, device):
     require_backend(backend, device)
     tests = ("test_schema", "test_autograd_registration") if interpreted(backend, device) else \
         torch.library._OPCHECK_DEFAULT_UTILS
-    fwd = fusedloss.ops.kl_div.forward_op(backend)
+    fwd = fusedloss.ops.kl_div.KERNELS.fwd(backend)
     for args in _op_samples():
         torch.library.opcheck(fwd, args, test_utils=tests)
     if backend == "cpu":

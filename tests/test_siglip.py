@@ -304,7 +304,7 @@ def test_bad_input(make, kw, error, match):
 
 def test_op_checks():
     """The C++ ops' own checks, for direct torch.ops calls."""
-    if not sig_ops.CPP_REGISTERED:
+    if not sig_ops.KERNELS.present("cpp"):
         pytest.skip("the compiled extension has no siglip op")
     op = torch.ops.fusedloss.siglip_fwd
     s = torch.tensor(10.0)
@@ -390,7 +390,7 @@ def test_opcheck(backend, device):
         tests = ("test_schema", "test_autograd_registration")
     else:
         tests = torch.library._OPCHECK_DEFAULT_UTILS
-    fwd = sig_ops.forward_op(backend)
+    fwd = sig_ops.KERNELS.fwd(backend)
     for args in _op_samples(device):
         torch.library.opcheck(fwd, args, test_utils=tests)
     if backend in ("cpu", "cuda"):

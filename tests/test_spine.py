@@ -14,6 +14,8 @@ from fusedloss.ops import _registry
 from fusedloss.ops import cross_entropy as ce_ops
 from fusedloss.ops import focal_loss as focal_ops
 from fusedloss.ops import gap_loss as gap_ops
+from fusedloss.ops import kl_div as kl_ops
+from fusedloss.ops import siglip as siglip_ops
 from conftest import assert_close, backend_params, require_backend, rows
 
 SPECS = {"cross_entropy": ce_ops.SCHEMA, "focal_loss": focal_ops.SCHEMA, "gap_loss": gap_ops.SCHEMA}
@@ -33,6 +35,24 @@ def test_triton_twin_has_the_cpp_schema(name):
     if _backend.triton_installed():
         twin = str(getattr(torch.ops.fusedloss, f"{name}_triton").default._schema)
         assert _normalized(twin) == _normalized(f"fusedloss::{name}_triton{SPECS[name]}")
+
+
+PAIRS = {p.name: p for p in (ce_ops.KERNELS, focal_ops.KERNELS, gap_ops.KERNELS, kl_ops.KERNELS, siglip_ops.KERNELS)}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_kernel_pair_schemas_are_the_cpp_ones(name):
+    """A KernelPair's declared schemas (its Triton twins') are the ones the C++ ops have."""
+    pair = PAIRS[name]
+    if not pair.present("cpp"):
+        pytest.skip("the compiled extension is not loaded")
+    declared = [("fwd", pair.fwd_schema)] + ([("bwd", pair.bwd_schema)] if pair.bwd_schema is not None else [])
+    for kind, schema in declared:
+        cpp = str(getattr(torch.ops.fusedloss, f"{name}_{kind}").default._schema)
+        assert _normalized(cpp) == _normalized(f"fusedloss::{name}_{kind}{schema}")
+        if pair.present("triton"):
+            twin = str(getattr(torch.ops.fusedloss, f"{name}_{kind}_triton").default._schema)
+            assert _normalized(twin) == _normalized(f"fusedloss::{name}_{kind}_triton{schema}")
 
 
 def _reduce_reference(loss, target, weight, token_weight, ignore_index, mean):

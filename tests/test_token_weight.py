@@ -10,7 +10,6 @@ from conftest import assert_close, backend_params, require_backend, rows, with_r
 from test_linear_cross_entropy import assert_grads_close, matmul_bounds
 
 import fusedloss
-from fusedloss import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REDUCTIONS = ["none", "mean", "sum"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch
-
 from fusedloss._dtypes import acc_dtype  # noqa: F401  (the ops' modules take it from here)
 
 

@@ -15,6 +15,7 @@ one fake serves both; a test checks that the two schemas are the same.
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fusedloss import _backend
-from fusedloss.ops._common import triton_kernels_present
+from fusedloss.ops._common import no_context, no_double_backward, triton_kernels_present
 
 # at::Reduction's values, which the kernels take.
 REDUCTION = {"none": 0, "mean": 1, "sum": 2}
@@ -67,6 +68,20 @@ def eager_dispatch(op) -> bool:
     return getattr(op, "_pyobj_dispatcher", True) is None and not torch.compiler.is_compiling()
 
 
+def _arity(schema: str) -> int:
+    return len(schema[1:schema.index(") ->")].split(","))
+
+
+def _padded(backward: Callable, n_inputs: int) -> Callable:
+    """The backward with None appended for the inputs it gives no gradient (its leading ones only)."""
+    def padded(ctx, *grads):
+        out = backward(ctx, *grads)
+        out = out if isinstance(out, tuple) else (out,)
+        return out + (None,) * (n_inputs - len(out))
+
+    return padded
+
+
 class KernelOp:
     """One public-level op: ``op(backend)(*args)`` runs the kernels of ``backend`` ("cpu", "cuda",
     "triton") with autograd."""
@@ -89,7 +104,7 @@ class KernelOp:
             from torch.library import triton_op
 
             twin = triton_op(f"fusedloss::{name}_triton", triton_impl, mutates_args={}, schema=schema)
-            twin.register_autograd(backward, setup_context=setup_context)
+            twin.register_autograd(_padded(backward, _arity(schema)), setup_context=setup_context)
             self._triton = getattr(torch.ops.fusedloss, f"{name}_triton").default
 
     def op(self, backend: str):
@@ -112,4 +127,101 @@ class KernelOp:
         op = self.op(backend)
         if eager_dispatch(op):
             return self._cpp_direct if op is self._cpp and self._cpp_direct is not None else op._op
+        return op
+
+
+def _triton_kernel(module: str, function: str) -> Callable:
+    """fusedloss.triton.<module>.<function>, imported at the first call (triton itself is imported late)."""
+    def impl(*args):
+        return getattr(importlib.import_module(f"fusedloss.triton.{module}"), function)(*args)
+
+    impl.__name__ = function
+    return impl
+
+
+class KernelPair:
+    """A row kernel op and its gradient op, the pieces under a public-level op, declared once.
+
+    The C++ ops ``fusedloss::<name>_fwd`` / ``_bwd`` (schemas and kernels in csrc/) get their fakes here
+    and, unless ``cpp_autograd`` (the forward's autograd is in csrc/autograd.cpp), the autograd formula;
+    their Triton twins ``fusedloss::<name>_fwd_triton`` / ``_bwd_triton`` are defined here as triton_ops
+    with the same schemas (torch.compile traces into their kernels, and fakes them by running them on
+    fake tensors), running the functions ``<name>_fwd`` / ``<name>_bwd`` of
+    fusedloss/triton/<triton_module>.py, with the same autograd: ``backward_with(bwd_op)`` is the backward that calls the kind's gradient op (it
+    returns the gradients of the leading inputs; the rest are None). A
+    gradient op has no double backward. ``grad_of``: a forward without a gradient op of its own takes
+    that pair's (focal_loss's backward is cross_entropy_bwd with a row factor).
+    """
+
+    def __init__(self, name: str, *, fwd_schema: str, fwd_fake: Callable, setup_context: Callable,
+                 backward_with: Callable, triton_module: str, bwd_schema: str | None = None,
+                 bwd_fake: Callable | None = None, grad_of: "KernelPair | None" = None, label: str | None = None,
+                 cpp_autograd: bool = False) -> None:
+        self.name = name
+        self.label = label or name
+        self.fwd_schema, self.bwd_schema = fwd_schema, bwd_schema
+        grads = grad_of if grad_of is not None else self
+        n_inputs = _arity(fwd_schema)
+        self._ops: dict[str, tuple] = {}
+        if _backend.extension_loaded() and hasattr(torch.ops.fusedloss, f"{name}_fwd"):
+            fwd = getattr(torch.ops.fusedloss, f"{name}_fwd").default
+            torch.library.register_fake(fwd)(fwd_fake)
+            bwd = None
+            if bwd_schema is not None:
+                bwd = getattr(torch.ops.fusedloss, f"{name}_bwd").default
+                torch.library.register_fake(bwd)(bwd_fake)
+                torch.library.register_autograd(bwd, no_double_backward(self.label), setup_context=no_context)
+            self._ops["cpp"] = (fwd, bwd)
+            if not cpp_autograd:
+                torch.library.register_autograd(fwd, _padded(backward_with(grads.bwd("cpu")), n_inputs),
+                                                setup_context=setup_context)
+        if triton_kernels_present(triton_module):
+            from torch.library import triton_op
+
+            bwd = None
+            if bwd_schema is not None:
+                twin = triton_op(f"fusedloss::{name}_bwd_triton", _triton_kernel(triton_module, f"{name}_bwd"),
+                                 mutates_args={}, schema=bwd_schema)
+                twin.register_autograd(no_double_backward(self.label), setup_context=no_context)
+                bwd = getattr(torch.ops.fusedloss, f"{name}_bwd_triton").default
+            self._ops["triton"] = (None, bwd)
+            twin = triton_op(f"fusedloss::{name}_fwd_triton", _triton_kernel(triton_module, f"{name}_fwd"),
+                             mutates_args={}, schema=fwd_schema)
+            twin.register_autograd(_padded(backward_with(grads.bwd("triton")), n_inputs), setup_context=setup_context)
+            self._ops["triton"] = (getattr(torch.ops.fusedloss, f"{name}_fwd_triton").default, bwd)
+        cpp = self._ops.get("cpp")
+        self._fwd_direct = direct_call(f"{name}_fwd", cpp[0]) if cpp is not None else None
+
+    def _kind(self, backend: str) -> tuple:
+        if backend in ("cpu", "cuda"):
+            if "cpp" not in self._ops:
+                raise RuntimeError(f"fusedloss: the compiled extension holds no {self.label} kernels (it was "
+                                   "built before them, or did not load: rebuild it)")
+            return self._ops["cpp"]
+        if backend == "triton":
+            if "triton" not in self._ops:
+                raise RuntimeError(f"fusedloss: the Triton {self.label} kernels are not available in this install")
+            return self._ops["triton"]
+        raise ValueError(f"no {self.label} kernel op for backend {backend!r}")
+
+    def present(self, kind: str) -> bool:
+        """True when the ``kind`` ("cpp" or "triton") kernels are registered."""
+        return kind in self._ops
+
+    def fwd(self, backend: str):
+        """The forward op (an OpOverload, with autograd) that runs ``backend``'s kernels."""
+        return self._kind(backend)[0]
+
+    def bwd(self, backend: str):
+        """The gradient op of ``backend`` (the chunked linear ops call it directly)."""
+        op = self._kind(backend)[1]
+        if op is None:
+            raise ValueError(f"{self.label} has no gradient op of its own")
+        return op
+
+    def call(self, backend: str):
+        """:meth:`fwd`, or in eager mode for the C++ op the cheaper direct call (see KernelOp.call)."""
+        op = self.fwd(backend)
+        if self._fwd_direct is not None and op is self._ops["cpp"][0] and eager_dispatch(op):
+            return self._fwd_direct
         return op

@@ -4,11 +4,10 @@
   the forward kernel, the reduction (mean, sum) by the reduce_rows kernel, autograd in C++
   (csrc/autograd.cpp); its Triton twin ``fusedloss::cross_entropy_triton`` (same schema, autograd
   below). Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu, fusedloss/triton/cross_entropy.py.
-- ``fusedloss::cross_entropy_fwd`` / ``_bwd``: schemas in csrc/registration.cpp, CPU and CUDA kernels
-  in csrc/; their fake (meta) kernels are registered here.
-- ``fusedloss::cross_entropy_fwd_triton`` / ``_bwd_triton``: the Triton kernels as triton_ops, so that
-  torch.compile traces into them.
-- autograd for both forward ops: the backward op consumes the per-row lse saved by the forward.
+- ``KERNELS``: the row kernels ``fusedloss::cross_entropy_fwd`` / ``_bwd`` (schemas in
+  csrc/registration.cpp, CPU and CUDA kernels in csrc/) and their Triton twins, registered by
+  :class:`fusedloss.ops._registry.KernelPair`, with one autograd for both: the backward op consumes
+  the per-row stats saved by the forward. The chunk loops and the distributed ops call them.
 - ``fusedloss::cross_entropy_fwd_grad_`` (C++) / ``fusedloss::cross_entropy_fwd_grad_triton_``: the row
   kernel of chunked linear cross-entropy, forward and gradient in one pass, the gradient written over
   the logits (mutates_args={"logits"}). No autograd: it is called under no_grad, and torch.library
@@ -25,12 +24,8 @@ from torch import Tensor
 
 from fusedloss import _backend
 from fusedloss.ops import _registry
-from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
+from fusedloss.ops._common import acc_dtype, triton_kernels_present
 
-FWD = "fusedloss::cross_entropy_fwd"
-BWD = "fusedloss::cross_entropy_bwd"
-FWD_TRITON = "fusedloss::cross_entropy_fwd_triton"
-BWD_TRITON = "fusedloss::cross_entropy_bwd_triton"
 FWD_GRAD = "fusedloss::cross_entropy_fwd_grad_"
 FWD_GRAD_TRITON = "fusedloss::cross_entropy_fwd_grad_triton_"
 
@@ -66,46 +61,26 @@ def _backward_with(bwd_op):
         logits, target, weight, stats = ctx.saved_tensors
         if grad_loss is None:  # only the returned lse was used
             grad_loss = stats.new_zeros(stats.shape[0])
-        grad = bwd_op(grad_loss, grad_lse, logits, target, weight, stats, *ctx.scalars)
-        return grad, None, None, None, None, None, None, None, None
+        return bwd_op(grad_loss, grad_lse, logits, target, weight, stats, *ctx.scalars)
 
     return backward
 
 
+KERNELS = _registry.KernelPair(
+    "cross_entropy",
+    fwd_schema="(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing, float z_loss, "
+               "float softcap, float temperature, bool extras=False) -> (Tensor, Tensor, Tensor)",
+    bwd_schema="(Tensor grad_loss, Tensor? grad_lse, Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
+               "int ignore_index, float label_smoothing, float z_loss, float softcap, float temperature, "
+               "Tensor? grad_logprob=None, Tensor? grad_entropy=None) -> Tensor",
+    fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, setup_context=_setup_context, backward_with=_backward_with,
+    triton_module="cross_entropy")
+
 if _backend.extension_loaded():
-    torch.library.register_fake(FWD)(_fwd_fake)
-    torch.library.register_fake(BWD)(_bwd_fake)
-    torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.cross_entropy_bwd),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(BWD, no_double_backward("cross_entropy"), setup_context=no_context)
     torch.library.register_fake(FWD_GRAD)(_fwd_grad_fake)
 
-TRITON_REGISTERED = False
 if triton_kernels_present("cross_entropy"):
     from torch.library import triton_op
-
-    @triton_op(FWD_TRITON, mutates_args={})
-    def cross_entropy_fwd_triton(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                                 label_smoothing: float, z_loss: float, softcap: float, temperature: float,
-                                 extras: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        from fusedloss.triton import cross_entropy as kernels
-
-        return kernels.cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-                                         temperature, extras)
-
-    @triton_op(BWD_TRITON, mutates_args={})
-    def cross_entropy_bwd_triton(grad_loss: Tensor, grad_lse: Tensor | None, logits: Tensor, target: Tensor,
-                                 weight: Tensor | None, stats: Tensor, ignore_index: int, label_smoothing: float,
-                                 z_loss: float, softcap: float, temperature: float,
-                                 grad_logprob: Tensor | None = None, grad_entropy: Tensor | None = None) -> Tensor:
-        from fusedloss.triton import cross_entropy as kernels
-
-        return kernels.cross_entropy_bwd(grad_loss, grad_lse, logits, target, weight, stats, ignore_index,
-                                         label_smoothing, z_loss, softcap, temperature, grad_logprob, grad_entropy)
-
-    cross_entropy_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.cross_entropy_bwd_triton),
-                                               setup_context=_setup_context)
-    cross_entropy_bwd_triton.register_autograd(no_double_backward("cross_entropy"), setup_context=no_context)
 
     @triton_op(FWD_GRAD_TRITON, mutates_args={"logits"})
     def cross_entropy_fwd_grad_triton_(logits: Tensor, target: Tensor, weight: Tensor | None,
@@ -115,17 +90,6 @@ if triton_kernels_present("cross_entropy"):
 
         return kernels.cross_entropy_fwd_grad_(logits, target, weight, grad_scale, ignore_index, label_smoothing,
                                                z_loss, softcap, temperature)
-
-    TRITON_REGISTERED = True
-
-
-def forward_op(backend: str):
-    """The forward op (with autograd) that runs ``backend``'s kernels."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fusedloss.cross_entropy_fwd
-    if backend == "triton":
-        return torch.ops.fusedloss.cross_entropy_fwd_triton
-    raise ValueError(f"no cross-entropy kernel op for backend {backend!r}")
 
 
 def fwd_grad_op(backend: str):
@@ -211,9 +175,9 @@ def _triton_setup_context(ctx, inputs, output):
 def _triton_backward(ctx, grad_loss, grad_lse, _grad_stats, _grad_mass, grad_logprob, grad_entropy):
     logits, target, weight, stats, mass, token_weight = ctx.saved_tensors
     g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats, token_weight)
-    grad = torch.ops.fusedloss.cross_entropy_bwd_triton(g, grad_lse, logits, target, weight, stats, ctx.ignore_index,
+    grad = KERNELS.bwd("triton")(g, grad_lse, logits, target, weight, stats, ctx.ignore_index,
                                                         *ctx.scalars, grad_logprob, grad_entropy)
-    return grad, None, None, None, None, None, None, None, None, None, None
+    return grad
 
 
 CROSS_ENTROPY = _registry.KernelOp("cross_entropy", SCHEMA, _fake, triton_module="cross_entropy",

@@ -3,10 +3,9 @@
 - ``FOCAL_LOSS``, the public-level op ``fusedloss::focal_loss`` (what fusedloss.functional calls): the
   forward kernel, the reduction by reduce_rows, autograd in C++ (csrc/autograd.cpp); its Triton twin
   ``fusedloss::focal_loss_triton`` (same schema, autograd below).
-- ``fusedloss::focal_loss_fwd``: schema in csrc/registration.cpp, CPU and CUDA kernels in
-  csrc/{cpu,cuda}/cross_entropy.*; its fake kernel is registered here.
-- ``fusedloss::focal_loss_fwd_triton``: the Triton kernel as a triton_op, so that torch.compile
-  traces into it.
+- ``KERNELS``: the row kernel ``fusedloss::focal_loss_fwd`` (schema in csrc/registration.cpp, CPU and
+  CUDA kernels in csrc/{cpu,cuda}/cross_entropy.*) and its Triton twin, registered by
+  :class:`fusedloss.ops._registry.KernelPair`.
 - autograd for both: the focal gradient is the cross-entropy gradient ``softmax - onehot(y)`` times
   a per-row coefficient (derived in csrc/include/fusedloss/cross_entropy_math.h, (6)), which the
   forward returns as ``coef``. The backward is therefore the cross-entropy backward op of the same
@@ -18,15 +17,9 @@ logits), stats = (max, log_s) as cross_entropy_fwd's; the reduction is left to t
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from fusedloss import _backend
 from fusedloss.ops import _registry
-from fusedloss.ops._common import acc_dtype, triton_kernels_present
-
-FWD = "fusedloss::focal_loss_fwd"
-FWD_TRITON = "fusedloss::focal_loss_fwd_triton"
+from fusedloss.ops import cross_entropy as _ce
+from fusedloss.ops._common import acc_dtype
 
 
 def _fwd_fake(logits, target, weight, ignore_index, gamma):
@@ -47,44 +40,18 @@ def _backward_with(ce_bwd_op):
     def backward(ctx, grad_loss, _grad_stats, _grad_coef):
         logits, target, stats, coef = ctx.saved_tensors
         # cross_entropy_bwd with no smoothing, z-loss, softcap (0: off) or temperature (1).
-        grad = ce_bwd_op(grad_loss * coef, None, logits, target, None, stats, ctx.ignore_index, 0.0, 0.0, 0.0, 1.0)
-        return grad, None, None, None, None
+        return ce_bwd_op(grad_loss * coef, None, logits, target, None, stats, ctx.ignore_index, 0.0, 0.0, 0.0, 1.0)
 
     return backward
 
 
-if _backend.extension_loaded():
-    torch.library.register_fake(FWD)(_fwd_fake)
-    torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.cross_entropy_bwd),
-                                    setup_context=_setup_context)
-
-TRITON_REGISTERED = False
-if triton_kernels_present("cross_entropy"):
-    from torch.library import triton_op
-
-    # The backward uses cross_entropy_bwd_triton, registered by fusedloss.ops.cross_entropy (under the
-    # same condition as this block).
-    from fusedloss.ops import cross_entropy as _ce  # noqa: F401
-
-    @triton_op(FWD_TRITON, mutates_args={})
-    def focal_loss_fwd_triton(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                              gamma: float) -> tuple[Tensor, Tensor, Tensor]:
-        from fusedloss.triton import cross_entropy as kernels
-
-        return kernels.focal_loss_fwd(logits, target, weight, ignore_index, gamma)
-
-    focal_loss_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.cross_entropy_bwd_triton),
-                                            setup_context=_setup_context)
-    TRITON_REGISTERED = True
-
-
-def forward_op(backend: str):
-    """The forward op (with autograd) that runs ``backend``'s kernels."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fusedloss.focal_loss_fwd
-    if backend == "triton":
-        return torch.ops.fusedloss.focal_loss_fwd_triton
-    raise ValueError(f"no focal loss kernel op for backend {backend!r}")
+# The backward is cross_entropy_bwd (or its Triton twin) with the row factor coef.
+KERNELS = _registry.KernelPair(
+    "focal_loss",
+    fwd_schema="(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float gamma) "
+               "-> (Tensor, Tensor, Tensor)",
+    fwd_fake=_fwd_fake, setup_context=_setup_context, backward_with=_backward_with, triton_module="cross_entropy",
+    grad_of=_ce.KERNELS)
 
 
 # --- the public-level op -------------------------------------------------------------------------
@@ -123,13 +90,10 @@ def _triton_setup_context(ctx, inputs, output):
 def _triton_backward(ctx, grad_loss, _grad_stats, _grad_coef, _grad_mass):
     logits, target, stats, coef, mass, token_weight = ctx.saved_tensors
     g = _registry.row_grad(grad_loss, mass, ctx.reduction, logits.shape[0], stats, token_weight) * coef
-    grad = torch.ops.fusedloss.cross_entropy_bwd_triton(g, None, logits, target, None, stats, ctx.ignore_index, 0.0,
+    grad = _ce.KERNELS.bwd("triton")(g, None, logits, target, None, stats, ctx.ignore_index, 0.0,
                                                         0.0, 0.0, 1.0)
-    return grad, None, None, None, None, None, None, None
+    return grad
 
-
-# The Triton twin's backward uses cross_entropy_bwd_triton, registered by fusedloss.ops.cross_entropy.
-from fusedloss.ops import cross_entropy as _ce  # noqa: E402,F401
 
 FOCAL_LOSS = _registry.KernelOp("focal_loss", SCHEMA, _fake, triton_module="cross_entropy", triton_impl=_triton_impl,
                                 setup_context=_triton_setup_context, backward=_triton_backward)

@@ -11,15 +11,8 @@ recomputes the gaps in the same single pass that writes the gradient.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from fusedloss import _backend
 from fusedloss.ops import _registry
-from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
-
-FWD = "fusedloss::gap_loss_fwd"
-BWD = "fusedloss::gap_loss_bwd"
+from fusedloss.ops._common import acc_dtype
 
 
 def _fwd_fake(input, target, weight, margin, p, ignore_index, class_normalize, max_mode):
@@ -39,53 +32,19 @@ def _setup_context(ctx, inputs, output):
 def _backward_with(bwd_op):
     def backward(ctx, grad_loss):
         input, target, weight = ctx.saved_tensors
-        grad = bwd_op(grad_loss, input, target, weight, *ctx.scalars)
-        return grad, None, None, None, None, None, None, None
+        return bwd_op(grad_loss, input, target, weight, *ctx.scalars)
 
     return backward
 
 
-if _backend.extension_loaded():
-    torch.library.register_fake(FWD)(_fwd_fake)
-    torch.library.register_fake(BWD)(_bwd_fake)
-    torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.gap_loss_bwd),
-                                    setup_context=_setup_context)
-    torch.library.register_autograd(BWD, no_double_backward("gap_loss"), setup_context=no_context)
-
-TRITON_REGISTERED = False
-if triton_kernels_present("gap_loss"):
-    from torch.library import triton_op
-
-    @triton_op("fusedloss::gap_loss_fwd_triton", mutates_args={})
-    def gap_loss_fwd_triton(input: Tensor, target: Tensor, weight: Tensor | None, margin: float, p: int,
-                            ignore_index: int, class_normalize: bool, max_mode: bool) -> Tensor:
-        from fusedloss.triton import gap_loss as kernels
-
-        return kernels.gap_loss_fwd(input, target, weight, margin, p, ignore_index, class_normalize, max_mode)
-
-    @triton_op("fusedloss::gap_loss_bwd_triton", mutates_args={})
-    def gap_loss_bwd_triton(grad_loss: Tensor, input: Tensor, target: Tensor, weight: Tensor | None, margin: float,
-                            p: int, ignore_index: int, class_normalize: bool, max_mode: bool) -> Tensor:
-        from fusedloss.triton import gap_loss as kernels
-
-        return kernels.gap_loss_bwd(grad_loss, input, target, weight, margin, p, ignore_index, class_normalize,
-                                    max_mode)
-
-    gap_loss_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.gap_loss_bwd_triton),
-                                          setup_context=_setup_context)
-    gap_loss_bwd_triton.register_autograd(no_double_backward("gap_loss"), setup_context=no_context)
-    TRITON_REGISTERED = True
-
-
-def forward_op(backend: str):
-    """The forward op (with autograd) that runs ``backend``'s kernels."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fusedloss.gap_loss_fwd
-    if backend == "triton":
-        if not TRITON_REGISTERED:
-            raise RuntimeError("fusedloss: the Triton gap_loss kernels are not available in this install")
-        return torch.ops.fusedloss.gap_loss_fwd_triton
-    raise ValueError(f"no gap_loss kernel op for backend {backend!r}")
+KERNELS = _registry.KernelPair(
+    "gap_loss",
+    fwd_schema="(Tensor input, Tensor target, Tensor? weight, float margin, int p, int ignore_index, "
+               "bool class_normalize, bool max_mode) -> Tensor",
+    bwd_schema="(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, float margin, int p, "
+               "int ignore_index, bool class_normalize, bool max_mode) -> Tensor",
+    fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, setup_context=_setup_context, backward_with=_backward_with,
+    triton_module="gap_loss")
 
 
 # --- the public-level op -------------------------------------------------------------------------
@@ -121,8 +80,7 @@ def _triton_setup_context(ctx, inputs, output):
 def _triton_backward(ctx, grad_loss, _grad_mass):
     input, target, weight, mass = ctx.saved_tensors
     g = _registry.row_grad(grad_loss, mass, ctx.reduction, input.shape[0], mass)
-    grad = torch.ops.fusedloss.gap_loss_bwd_triton(g, input, target, weight, *ctx.scalars)
-    return grad, None, None, None, None, None, None, None, None
+    return KERNELS.bwd("triton")(g, input, target, weight, *ctx.scalars)
 
 
 GAP_LOSS = _registry.KernelOp("gap_loss", SCHEMA, _fake, triton_module="gap_loss", triton_impl=_triton_impl,

@@ -1,26 +1,22 @@
 """The distillation ops' contract with PyTorch (kl_div_logits, jsd_logits): fakes of the C++ kernel ops,
 their Triton twins, autograd, and the reduction.
 
-- ``fusedloss::kl_div_fwd`` (schema in csrc/registration.cpp, kernels in csrc/{cpu,cuda}/kl_div.*):
-  per-row loss and stats (N, 6) in the accumulation dtype; ``fusedloss::kl_div_bwd``: the student's
-  gradient and, when asked, the teacher's. Their Triton twins ``fusedloss::kl_div_{fwd,bwd}_triton``
-  (fusedloss/triton/kl_div.py) have the same schemas.
-- autograd, registered here in Python with torch.library for both (unlike cross_entropy / focal /
-  gap, whose public-level op has its autograd in C++ in csrc/autograd.cpp): the backward asks for the
-  teacher's gradient only when the teacher requires one, so a frozen teacher costs no extra write.
+- ``KERNELS``: ``fusedloss::kl_div_fwd`` (schema in csrc/registration.cpp, kernels in
+  csrc/{cpu,cuda}/kl_div.*): per-row loss and stats (N, 6) in the accumulation dtype;
+  ``fusedloss::kl_div_bwd``: the student's gradient and, when asked, the teacher's; their Triton twins
+  (fusedloss/triton/kl_div.py), registered by :class:`fusedloss.ops._registry.KernelPair`.
+- autograd in Python for both kinds (unlike cross_entropy / focal / gap, whose public-level op has its
+  autograd in C++ in csrc/autograd.cpp): the backward asks for the teacher's gradient only when the
+  teacher requires one, so a frozen teacher costs no extra write.
 - :func:`distill`: forward op, then the reduction on device in PyTorch ops (no host sync).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from fusedloss import _backend
-from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
-
-FWD = "fusedloss::kl_div_fwd"
-BWD = "fusedloss::kl_div_bwd"
+from fusedloss.ops import _registry
+from fusedloss.ops._common import acc_dtype
 
 
 def _fwd_fake(student, teacher, target, ignore_index, temperature, beta, jsd):
@@ -47,64 +43,19 @@ def _backward_with(bwd_op):
         student, teacher, target, stats = ctx.saved_tensors
         teacher_grad = bool(ctx.needs_input_grad[1])
         grad_s, grad_t = bwd_op(grad_loss, student, teacher, target, stats, *ctx.scalars, teacher_grad)
-        return (grad_s if ctx.needs_input_grad[0] else None, grad_t if teacher_grad else None,
-                None, None, None, None, None)
+        return grad_s if ctx.needs_input_grad[0] else None, grad_t if teacher_grad else None
 
     return backward
 
 
-if _backend.extension_loaded():
-    torch.library.register_fake(FWD)(_fwd_fake)
-    torch.library.register_fake(BWD)(_bwd_fake)
-    torch.library.register_autograd(FWD, _backward_with(torch.ops.fusedloss.kl_div_bwd), setup_context=_setup_context)
-    torch.library.register_autograd(BWD, no_double_backward("kl_div"), setup_context=no_context)
-
-TRITON_REGISTERED = False
-if triton_kernels_present("kl_div"):
-    from torch.library import triton_op
-
-    @triton_op("fusedloss::kl_div_fwd_triton", mutates_args={})
-    def kl_div_fwd_triton(student: Tensor, teacher: Tensor, target: Tensor | None, ignore_index: int,
-                          temperature: float, beta: float, jsd: bool) -> tuple[Tensor, Tensor]:
-        from fusedloss.triton import kl_div as kernels
-
-        return kernels.kl_div_fwd(student, teacher, target, ignore_index, temperature, beta, jsd)
-
-    @triton_op("fusedloss::kl_div_bwd_triton", mutates_args={})
-    def kl_div_bwd_triton(grad_loss: Tensor, student: Tensor, teacher: Tensor, target: Tensor | None, stats: Tensor,
-                          ignore_index: int, temperature: float, beta: float, jsd: bool,
-                          teacher_grad: bool) -> tuple[Tensor, Tensor]:
-        from fusedloss.triton import kl_div as kernels
-
-        return kernels.kl_div_bwd(grad_loss, student, teacher, target, stats, ignore_index, temperature, beta, jsd,
-                                  teacher_grad)
-
-    kl_div_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.kl_div_bwd_triton),
-                                        setup_context=_setup_context)
-    kl_div_bwd_triton.register_autograd(no_double_backward("kl_div"), setup_context=no_context)
-    TRITON_REGISTERED = True
-
-
-def forward_op(backend: str):
-    """The forward op (with autograd) that runs ``backend``'s kernels."""
-    if backend in ("cpu", "cuda"):
-        if not _backend.extension_loaded():
-            raise RuntimeError("fusedloss: the compiled extension holds no kl_div op")
-        return torch.ops.fusedloss.kl_div_fwd
-    if backend == "triton":
-        if not TRITON_REGISTERED:
-            raise RuntimeError("fusedloss: the Triton kl_div kernels are not available in this install")
-        return torch.ops.fusedloss.kl_div_fwd_triton
-    raise ValueError(f"no kl_div kernel op for backend {backend!r}")
-
-
-def backward_op(backend: str):
-    """The gradient op of ``backend`` (the chunked linear twins call it directly)."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fusedloss.kl_div_bwd
-    if backend == "triton":
-        return torch.ops.fusedloss.kl_div_bwd_triton
-    raise ValueError(f"no kl_div kernel op for backend {backend!r}")
+KERNELS = _registry.KernelPair(
+    "kl_div",
+    fwd_schema="(Tensor student, Tensor teacher, Tensor? target, int ignore_index, float temperature, float beta, "
+               "bool jsd) -> (Tensor, Tensor)",
+    bwd_schema="(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? target, Tensor stats, int ignore_index, "
+               "float temperature, float beta, bool jsd, bool teacher_grad) -> (Tensor, Tensor)",
+    fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, setup_context=_setup_context, backward_with=_backward_with,
+    triton_module="kl_div")
 
 
 def reduce(rows: Tensor, target: Tensor | None, ignore_index: int, reduction: str, num_classes: int) -> Tensor:
@@ -126,5 +77,5 @@ def reduce(rows: Tensor, target: Tensor | None, ignore_index: int, reduction: st
 def distill(backend: str, student: Tensor, teacher: Tensor, target: Tensor | None, ignore_index: int,
             reduction: str, temperature: float, beta: float, jsd: bool) -> Tensor:
     """kl_div_logits (jsd False) / jsd_logits on (N, C) rows with unit class stride."""
-    rows, _ = forward_op(backend)(student, teacher, target, ignore_index, temperature, beta, jsd)
+    rows, _ = KERNELS.fwd(backend)(student, teacher, target, ignore_index, temperature, beta, jsd)
     return reduce(rows, target, ignore_index, reduction, student.shape[1])

@@ -40,8 +40,8 @@ class _Sweep:
     """One pass over the row chunks; with ``g_rows`` (N,) it also accumulates the gradients."""
 
     def __init__(self, backend, xs, ws, bs, xt, wt, bt, target, ignore_index, temperature, beta, jsd, chunk):
-        self.fwd = _kl.forward_op(backend)
-        self.bwd = _kl.backward_op(backend)
+        self.fwd = _kl.KERNELS.fwd(backend)
+        self.bwd = _kl.KERNELS.bwd(backend)
         self.xs, self.ws, self.bs, self.xt, self.wt, self.bt = xs, ws, bs, xt, wt, bt
         self.target = target
         self.scalars = (ignore_index, temperature, beta, jsd)

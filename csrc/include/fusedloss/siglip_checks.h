@@ -6,6 +6,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include "fusedloss/checks.h"
+
 namespace fusedloss {
 
 // query (N, D) and key (M, D): contiguous, one accumulation dtype (float32 or float64: the functional
@@ -37,30 +39,12 @@ inline at::ScalarType check_siglip_args(const at::Tensor& query, const at::Tenso
   return dt;
 }
 
-// labels (N,) int64 on query's device, any stride; None means labels_i = i, which needs M >= N. A label
-// outside [0, M) is refused on CPU (read here); elsewhere it is not read on the host and its query
-// simply has no positive (every key a negative): the functional API marks such a query NaN instead.
+// labels: as InfoNCE's (checks.h), without groups. A label outside [0, M) is refused on CPU (read
+// there); elsewhere its query simply has no positive (every key a negative): the functional API marks
+// such a query NaN instead.
 inline void check_siglip_labels(const std::optional<at::Tensor>& labels, const at::Tensor& query,
                                 const at::Tensor& key) {
-  const int64_t n = query.size(0), m = key.size(0);
-  if (!labels.has_value()) {
-    TORCH_CHECK(m >= n, "fusedloss: siglip: without labels (labels_i = i) there must be at least as many keys as "
-                "queries, got N=", n, " and M=", m);
-    return;
-  }
-  const auto& l = *labels;
-  TORCH_CHECK(l.dim() == 1 && l.size(0) == n, "fusedloss: siglip: labels must have shape (", n, ",), got ", l.sizes());
-  TORCH_CHECK(l.scalar_type() == at::kLong, "fusedloss: siglip: labels must be int64, got ", l.scalar_type());
-  TORCH_CHECK(l.device() == query.device(), "fusedloss: siglip: labels is on ", l.device(), " but query is on ",
-              query.device());
-  if (l.device().is_cpu()) {
-    const int64_t* p = l.const_data_ptr<int64_t>();
-    const int64_t stride = l.stride(0);
-    for (int64_t i = 0; i < n; ++i) {
-      TORCH_CHECK_INDEX(p[i * stride] >= 0 && p[i * stride] < m, "fusedloss: siglip: labels must be in [0, M) = [0, ",
-                        m, "), got ", p[i * stride], " at position ", i);
-    }
-  }
+  check_info_nce_labels(labels, query, key, std::nullopt);
 }
 
 // grad_rows (N,) of the accumulation dtype (any stride) on query's device.
