@@ -629,12 +629,17 @@ def info_nce(
     # backward scales them.
     wants = (q.requires_grad, k.requires_grad, scale.requires_grad)
     fused = _nce.fused_grad_call() if name == "cpu" and reduction != "none" and not symmetric else None
-    if fused is not None and torch.is_grad_enabled() and any(wants):
+    if fused is not None and N > 0 and torch.is_grad_enabled() and any(wants):
         groups = query_groups is not None
         total, npos, *_ = fused(q, k, scale, query_groups if groups else labels, key_groups, *wants)
         if reduction == "sum":
             return total
-        return total / ((npos > 0).sum() if groups else N)
+        if groups:
+            # No query with a positive: NaN as the mean over nothing, with the two-pass path's zero
+            # gradients (a division by 0 would scale them to 0 * inf).
+            count = (npos > 0).sum()
+            return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+        return total / N
     # pos: each query's positive logit, from the kernel's own tile of S (the gradient of a sharp row
     # then cancels inside the kernel, element by element, as plain PyTorch's softmax - one_hot does).
     if query_groups is not None:

@@ -331,6 +331,8 @@ def test_groups_without_any_positive(backend, device):
     assert torch.equal(none, torch.zeros_like(none))
     (grad,) = torch.autograd.grad(none.sum(), q)
     assert torch.equal(grad, torch.zeros_like(grad))
+    (grad,) = torch.autograd.grad(fusedloss.info_nce(q, k, query_groups=qg, key_groups=kg, backend=backend), q)
+    assert torch.equal(grad, torch.zeros_like(grad))  # the NaN mean's gradient: 0, not 0 * inf
 
 
 def test_groups_bad_input():
