@@ -671,7 +671,9 @@ struct InfoNCEFwdGradFunction : public torch::autograd::Function<InfoNCEFwdGradF
     const Tensor& g = grads[0];
     // The gradients times the upstream scalar, in each gradient's dtype (float64 for a learnable
     // temperature's scale: rounded once more, here, as the two-pass path's float64 sum is).
-    const auto times = [&](const Tensor& t, bool wanted) { return wanted ? at::mul(t, g.to(t.scalar_type())) : Tensor(); };
+    const auto times = [&](const Tensor& t, bool wanted) {
+      return wanted ? at::mul(t, g.to(t.scalar_type())) : Tensor();
+    };
     Tensor gq = times(saved[3], ctx->saved_data["query_grad"].toBool());
     Tensor gk = times(saved[4], ctx->saved_data["key_grad"].toBool());
     Tensor gs = times(saved[5], ctx->saved_data["scale_grad"].toBool());

@@ -786,7 +786,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_
   const auto q = as_acc(query, acc), k = as_acc(key, acc);
   const auto lab = labels ? labels->contiguous() : at::Tensor();
   const auto kg = key_groups ? key_groups->contiguous() : at::Tensor();
-  const Positives P{labels ? lab.const_data_ptr<int64_t>() : nullptr, key_groups ? kg.const_data_ptr<int64_t>() : nullptr};
+  const Positives P{labels ? lab.const_data_ptr<int64_t>() : nullptr,
+                    key_groups ? kg.const_data_ptr<int64_t>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_fwd_grad_cpu", [&] {
     const scalar_t s = scale.item<scalar_t>();
     scalar_t* dq_p = query_grad ? dq.mutable_data_ptr<scalar_t>() : nullptr;
