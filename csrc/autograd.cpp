@@ -623,6 +623,82 @@ Tensor4 info_nce_lse_autograd(const Tensor& query, const Tensor& key, const Tens
   return {r[0], r[1], r[2], r[3]};
 }
 
+// info_nce_fwd_grad(query, key, scale, labels, key_groups, query_grad, key_grad, scale_grad) -> (total, npos,
+// grad_query, grad_key, grad_scale): the kernel makes the gradients of total in the forward (csrc/cpu/
+// info_nce.cpp says why); the backward multiplies them by the upstream gradient of total. The saved
+// gradients are kept, so a second backward through a retained graph scales them again.
+
+const auto& nce_fwd_grad_op() {
+  static const auto op = kernel_op<Tensor5(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                           const OptTensor&, bool, bool, bool)>("fusedloss::info_nce_fwd_grad");
+  return op;
+}
+
+// backward(create_graph=True) of the fused forward: its gradients were made in the forward and would
+// enter the new graph as constants, missing the loss's curvature; any gradient through them is refused.
+struct InfoNCEFwdGradSecondOrder : public torch::autograd::Function<InfoNCEFwdGradSecondOrder> {
+  static variable_list forward(AutogradContext*, const Tensor& query, const Tensor& key, const Tensor& scale,
+                               const Tensor& gq, const Tensor& gk, const Tensor& gs) {
+    return {gq, gk, gs};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "fusedloss: info_nce has no double backward (the gradient of its gradient)");
+    return {};
+  }
+};
+
+struct InfoNCEFwdGradFunction : public torch::autograd::Function<InfoNCEFwdGradFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& query, const Tensor& key, const Tensor& scale,
+                               const OptTensor& labels, const OptTensor& key_groups, bool query_grad, bool key_grad,
+                               bool scale_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);
+    auto [total, npos, gq, gk, gs] =
+        nce_fwd_grad_op().call(query, key, scale, labels, key_groups, query_grad, key_grad, scale_grad);
+    ctx->save_for_backward({query, key, scale, gq, gk, gs});
+    ctx->saved_data["query_grad"] = query_grad;
+    ctx->saved_data["key_grad"] = key_grad;
+    ctx->saved_data["scale_grad"] = scale_grad;
+    ctx->mark_non_differentiable({npos, gq, gk, gs});
+    return {total, npos, gq, gk, gs};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(8);
+    if (!grads[0].defined()) return result;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &query = saved[0], &key = saved[1], &scale = saved[2];
+    const Tensor& g = grads[0];
+    // The gradients times the upstream scalar, in each gradient's dtype (float64 for a learnable
+    // temperature's scale: rounded once more, here, as the two-pass path's float64 sum is).
+    const auto times = [&](const Tensor& t, bool wanted) {
+      return wanted ? at::mul(t, g.to(t.scalar_type())) : Tensor();
+    };
+    Tensor gq = times(saved[3], ctx->saved_data["query_grad"].toBool());
+    Tensor gk = times(saved[4], ctx->saved_data["key_grad"].toBool());
+    Tensor gs = times(saved[5], ctx->saved_data["scale_grad"].toBool());
+    if (at::GradMode::is_enabled()) {
+      const auto undef_to_empty = [&](const Tensor& t) { return t.defined() ? t : at::empty({0}, g.options()); };
+      auto r = InfoNCEFwdGradSecondOrder::apply(query, key, scale, undef_to_empty(gq), undef_to_empty(gk),
+                                                undef_to_empty(gs));
+      gq = gq.defined() ? r[0] : Tensor();
+      gk = gk.defined() ? r[1] : Tensor();
+      gs = gs.defined() ? r[2] : Tensor();
+    }
+    result[0] = gq;
+    result[1] = gk;
+    result[2] = gs;
+    return result;
+  }
+};
+
+Tensor5 info_nce_fwd_grad_autograd(const Tensor& query, const Tensor& key, const Tensor& scale,
+                                   const OptTensor& labels, const OptTensor& key_groups, bool query_grad,
+                                   bool key_grad, bool scale_grad) {
+  auto r = InfoNCEFwdGradFunction::apply(query, key, scale, labels, key_groups, query_grad, key_grad, scale_grad);
+  return {r[0], r[1], r[2], r[3], r[4]};
+}
+
 }  // namespace
 }  // namespace fusedloss
 
@@ -639,4 +715,5 @@ TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
   m.impl("gap_loss", &fusedloss::gap_loss_autograd);
   m.impl("linear_cross_entropy", &fusedloss::linear_cross_entropy_autograd);
   m.impl("info_nce_lse_fwd", &fusedloss::info_nce_lse_autograd);
+  m.impl("info_nce_fwd_grad", &fusedloss::info_nce_fwd_grad_autograd);
 }

@@ -151,6 +151,14 @@ TORCH_LIBRARY(fusedloss, m) {
       "info_nce_lse_bwd(Tensor grad_rows, Tensor? grad_cols, Tensor? grad_pos, Tensor query, Tensor key, "
       "Tensor scale, Tensor lse_rows, Tensor? lse_cols, Tensor pos, Tensor npos, Tensor? labels=None, "
       "Tensor? key_groups=None) -> (Tensor, Tensor, Tensor)");
+  // The forward of a reduced InfoNCE with its gradients (CPU): returns total = sum over the queries with
+  // a positive of lse_rows_i - pos_i (0-dim, accumulation dtype), npos (N,) int64, and the gradients of
+  // total: grad_query (N, D) and grad_key (M, D) in the inputs' dtype ((0,) where not asked for) and
+  // grad_scale 0-dim in scale's dtype (0 where not asked for). The autograd (csrc/autograd.cpp) scales
+  // them by the upstream gradient of total. Arguments as info_nce_lse_fwd's, one direction.
+  m.def(
+      "info_nce_fwd_grad(Tensor query, Tensor key, Tensor scale, Tensor? labels=None, Tensor? key_groups=None, "
+      "bool query_grad=True, bool key_grad=True, bool scale_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Distillation (fusedloss/kl_div_math.h). student and teacher (N, C), one floating dtype, unit
   // class stride; target (N,) int64 or None (rows whose target is ignore_index are skipped). jsd false:

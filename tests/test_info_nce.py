@@ -331,6 +331,8 @@ def test_groups_without_any_positive(backend, device):
     assert torch.equal(none, torch.zeros_like(none))
     (grad,) = torch.autograd.grad(none.sum(), q)
     assert torch.equal(grad, torch.zeros_like(grad))
+    (grad,) = torch.autograd.grad(fusedloss.info_nce(q, k, query_groups=qg, key_groups=kg, backend=backend), q)
+    assert torch.equal(grad, torch.zeros_like(grad))  # the NaN mean's gradient: 0, not 0 * inf
 
 
 def test_groups_bad_input():
@@ -499,20 +501,23 @@ def test_lse_ops_empty_sides(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
-def test_deterministic(backend, device):
-    """Two runs give the same bits (no atomics), forward and every gradient."""
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_deterministic(backend, device, symmetric):
+    """Two runs give the same bits (no atomics), forward and every gradient (one direction: on CPU the
+    gradients made in the forward)."""
     require_backend(backend, device)
     n = rows(backend, device, 300)
     q, k = make_inputs(n, n, 48, torch.float32, device, True)
     t = torch.tensor(0.07, device=device)
-    first = run(q, k, None, t, backend, symmetric=True, grad_out=torch.tensor(1.0, device=device))
-    second = run(q, k, None, t, backend, symmetric=True, grad_out=torch.tensor(1.0, device=device))
+    first = run(q, k, None, t, backend, symmetric=symmetric, grad_out=torch.tensor(1.0, device=device))
+    second = run(q, k, None, t, backend, symmetric=symmetric, grad_out=torch.tensor(1.0, device=device))
     assert torch.equal(first[0], second[0])
     for a, b in zip(first[1], second[1]):
         assert torch.equal(a, b)
 
 
-def test_cpu_thread_counts_agree():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cpu_thread_counts_agree(symmetric):
     """Bits may differ with the thread count (the column lse, dK and d scale are summed per part);
     the values agree to accumulation accuracy."""
     q, k = make_inputs(600, 600, 32, torch.float32, "cpu", True)
@@ -520,13 +525,90 @@ def test_cpu_thread_counts_agree():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run(q, k, None, t, "cpu", symmetric=True, grad_out=torch.tensor(1.0))
+        one = run(q, k, None, t, "cpu", symmetric=symmetric, grad_out=torch.tensor(1.0))
     finally:
         torch.set_num_threads(threads)
-    many = run(q, k, None, t, "cpu", symmetric=True, grad_out=torch.tensor(1.0))
+    many = run(q, k, None, t, "cpu", symmetric=symmetric, grad_out=torch.tensor(1.0))
     assert_close(one[0], many[0], torch.float32, "loss")
     for a, b in zip(one[1][:2], many[1][:2]):
         assert_close(a, b, torch.float32, "grad")
+
+
+# --- CPU: gradients made in the forward (reduced loss, one direction) ----------------------------
+
+
+def _graph_names(t):
+    """The names of every node of t's autograd graph."""
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("wants", ["all", "query", "key", "temperature", "query+temperature"])
+def test_cpu_forward_gradients(reduction, wants):
+    """The reduced CPU loss takes the fused op (its gradients made in the forward, scaled in the
+    backward), for any subset of inputs that need a gradient (a frozen key queue, a learnable
+    temperature alone): against the float64 reference, and the ones not asked for stay None."""
+    N, M, D = 150, 333, 40  # several blocks per part, a row length that is not a vector multiple
+    q, k = make_inputs(N, M, D, torch.float32, "cpu", True)
+    labels = torch.randint(0, M, (N,))
+    t = torch.tensor(0.1)
+    qa, ka, ta = q.clone(), k.clone(), t.clone()
+    for x, name in ((qa, "query"), (ka, "key"), (ta, "temperature")):
+        x.requires_grad_(wants == "all" or name in wants.split("+"))
+    loss = fusedloss.info_nce(qa, ka, labels, temperature=ta, reduction=reduction, backend="cpu")
+    assert any("InfoNCEFwdGrad" in n for n in _graph_names(loss))
+    g = torch.tensor(0.75)
+    loss.backward(g)
+    ref_loss, ref_grads = expected(q, k, labels, t, g, reduction=reduction)
+    assert_close(loss, ref_loss, torch.float32, "loss", f"fused {reduction} {wants}")
+    parts_q, parts_k = cancelling_parts(q, k, t, g, normalize=True, symmetric=False, reduction=reduction)
+    if qa.requires_grad:
+        assert_grad_close(qa.grad, ref_grads[0], torch.float32, parts_q, "fused grad query")
+    if ka.requires_grad:
+        assert_grad_close(ka.grad, ref_grads[1], torch.float32, parts_k, "fused grad key")
+    if ta.requires_grad:
+        atol = temperature_atol(q, k, t, g, torch.float32, normalize=True, reduction=reduction)
+        assert abs(ta.grad.double().item() - ref_grads[2].item()) <= atol
+    for x in (qa, ka, ta):
+        assert (x.grad is not None) == x.requires_grad
+
+
+def test_cpu_forward_gradients_retained_graph():
+    """backward twice through a retained graph: the saved gradients are scaled again, not consumed."""
+    q = torch.randn(20, 8, requires_grad=True)
+    k = torch.randn(30, 8, requires_grad=True)
+    loss = fusedloss.info_nce(q, k, backend="cpu")
+    loss.backward(retain_graph=True)
+    first = q.grad.clone(), k.grad.clone()
+    loss.backward(torch.tensor(2.0))
+    torch.testing.assert_close(q.grad, 3 * first[0])
+    torch.testing.assert_close(k.grad, 3 * first[1])
+
+
+def test_cpu_forward_gradients_many_keys():
+    """Enough keys that the fused kernel's strip budget cuts its blocks below one per thread (fewer
+    queries per block), several blocks per part; against float64."""
+    N, M, D = 300, 20_000, 64  # D = 8 would put even plain PyTorch past float32 TOL (20000 near keys)
+    q, k = make_inputs(N, M, D, torch.float32, "cpu", True)
+    labels = torch.randint(0, M, (N,))
+    labels[0] = M - 1
+    t = torch.tensor(0.1)
+    loss, grads, g = run(q, k, labels, t, "cpu", grad_out=torch.tensor(1.3))
+    ref_loss, ref_grads = expected(q, k, labels, t, g)
+    assert_close(loss, ref_loss, torch.float32, "loss", "many keys")
+    parts_q, parts_k = cancelling_parts(q, k, t, g, normalize=True, symmetric=False, reduction="mean")
+    assert_grad_close(grads[0], ref_grads[0], torch.float32, parts_q, "many keys grad query")
+    assert_grad_close(grads[1], ref_grads[1], torch.float32, parts_k, "many keys grad key")
+    atol = temperature_atol(q, k, t, g, torch.float32, normalize=True, reduction="mean")
+    assert abs(grads[2].double().item() - ref_grads[2].item()) <= atol
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -592,6 +674,8 @@ def test_op_checks(args, match):
     q, k, s = torch.randn(4, 6), torch.randn(5, 6), torch.tensor(2.0)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fusedloss.info_nce_lse_fwd(*args(q, k, s))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fusedloss.info_nce_fwd_grad(*args(q, k, s)[:3])
     lr, lc, pos, npos = torch.ops.fusedloss.info_nce_lse_fwd(q, k, s, True)
     bwd = torch.ops.fusedloss.info_nce_lse_bwd
     with pytest.raises(RuntimeError, match="grad_rows must have shape"):
@@ -699,6 +783,11 @@ def test_opcheck_cpu(dtype):
             for grad_pos in (None, torch.randn_like(pos)):
                 torch.library.opcheck(torch.ops.fusedloss.info_nce_lse_bwd,
                                       (g, grad_cols, grad_pos, q, k, s, lr, lc if cols else None, pos, npos, lab, kg))
+        if not cols:
+            fwd_grad = torch.ops.fusedloss.info_nce_fwd_grad
+            for lab, kg in ((None, None), (labels, None), (query_groups, groups)):
+                torch.library.opcheck(fwd_grad, (*args[:3], lab, kg))
+                torch.library.opcheck(fwd_grad, (*args[:3], lab, kg, True, False, False))
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

@@ -34,6 +34,11 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/neg.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/gt.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -415,6 +420,281 @@ double lse_bwd_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int6
   return ds;
 }
 
+// ---- forward with the gradients (reduced losses) ---------------------------------------------
+//
+// With reduction mean / sum the upstream gradient of every row's loss lse_r_i - pos_i is one scalar,
+// known only in the backward, and the backward is linear in it: the gradients of
+//   L = sum_{i with a positive} (lse_r_i - pos_i)          ((1)-(3') with g_i = 1, u_i = -1)
+// are computed here, in the forward, and the backward scales them (as linear_cross_entropy does).
+// What that buys on CPU: the lse of a query is complete before its gradient is needed when all its
+// similarities are at hand, so each block of bq queries takes the strip S_b^T = K Q_b^T (M x bq, one
+// per thread: bq * M floats, a few MB, never N x M), each query's max, exp(S - max) once per element
+// in place, then
+//   dQ_b = (scale P_b) K   and   dK += (scale P_b)^T Q_b:
+// 3 GEMMs and one exp per element, against the two-pass kernels' 4 GEMMs (S is recomputed in their
+// backward) and two exps (the forward's sum and the backward's P). The rank-bq update of dK reads and
+// writes M x D floats per block; bq = 256 keeps that traffic small against the GEMMs' flops.
+//
+// Why the strip is key-major (M x bq, a query per column): K Q_b^T ran at 64-70 GFLOP/s on one
+// thread here against 55-60 for Q_b K^T (MKL, 2-core EPYC, M = 8192, D = bq = 256), and the two
+// gradient GEMMs are as fast either way. The per-query passes then run over 2V adjacent columns at
+// a time (one cache line per key: M x 64 bytes, most of it in L2), vectorized across queries.
+//
+// Query i's softmax weights are e'_ij / den_i with e'_ij = exp(S_ij - max_i), den_i = sum_j e'_ij:
+// the ratio is not touched by the rounding of lse_i. (3')'s softmax mean sum_j e_ij (T_ij - c_i) /
+// sum_j e_ij is the same ratio with e' for e. The strip keeps e' unscaled: the column factor
+// w_i = scale * g_i / den_i goes into the GEMMs' small operands instead (dK += E'^T (w Q_b),
+// dQ_b = w (E' K)), which saves a pass over the strip. A positive's element is made whole first,
+// (g e'/den + u / |P|) * scale as grad_s has it (a one-hot row cancels before rounding), and stored
+// divided by w_i.
+
+// Largest S strip per thread, in elements (8 MB of float32: bq = 256 queries at M = 8192 keys). More
+// keys take fewer queries per block, down to kMinFusedRows: the strip is then 16 * M elements per
+// thread, still O(M) like the (M, D) gradient partial every thread holds.
+constexpr int64_t kFusedStripElems = int64_t(1) << 21;
+constexpr int64_t kFusedBQ = 256;
+constexpr int64_t kMinFusedRows = 16;
+
+// Queries per block of the fused kernel: as query_tile_rows, up to kFusedBQ and the strip budget.
+int64_t fused_block_rows(int64_t N, int64_t M) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (ceil_div(N, threads) + 15) / 16 * 16;
+  const int64_t budget = M > 0 ? kFusedStripElems / M / 16 * 16 : kFusedBQ;
+  return std::max<int64_t>(kMinFusedRows, std::min({per_thread, kFusedBQ, budget}));
+}
+
+// Per-thread scratch of the fused kernel's column groups: the positives' key indices of the group's
+// columns, one list after the other, and their values.
+template <typename acc_t>
+struct FusedScratch {
+  std::vector<int64_t> pos_j;
+  std::vector<acc_t> pos_v;
+};
+
+// Columns [c0, c0 + 2V) of the strip st (M rows, row stride ldb; column c is query i0 + c; columns
+// from nq on hold stale values, computed over and ignored). On entry the unscaled products T, on exit
+// E' with the positives' elements as above; w[c] the column factor. Writes lse_r, pos, npos of the
+// live columns; adds their (3') to ds.
+template <typename acc_t>
+void fused_group(acc_t* st, int64_t M, int64_t ldb, int64_t c0, int64_t nq, int64_t i0, acc_t scale,
+                 const Positives& P, bool want_ds, FusedScratch<acc_t>& scratch, acc_t* lse_r, acc_t* pos,
+                 int64_t* npos, acc_t* w, double& ds) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size(), G = 2 * V;
+  const int64_t cn = std::min(G, nq - c0);
+  auto at_ = [&](int64_t j, int64_t c) -> acc_t& { return st[j * ldb + c0 + c]; };
+  // The positives, their pos (as lse_fwd_kernel has it: the mean of scale * T), the shift c of (3')
+  // and the mean of T - c over them, all from T before it is overwritten.
+  int64_t off[G + 1];
+  alignas(64) acc_t shift[G], gcol[G];
+  double t_minus_c[G];
+  auto& pj = scratch.pos_j;
+  pj.clear();
+  for (int64_t c = 0; c < G; ++c) {
+    off[c] = static_cast<int64_t>(pj.size());
+    shift[c] = acc_t(0);
+    gcol[c] = acc_t(0);
+    t_minus_c[c] = 0;
+    if (c >= cn) continue;
+    P.in_tile(P.label(i0 + c0 + c), 0, M, [&](int64_t j) { pj.push_back(j); });
+    const int64_t n = static_cast<int64_t>(pj.size()) - off[c];
+    double sum = 0;
+    for (int64_t k = off[c]; k < off[c] + n; ++k) sum += static_cast<double>(at_(pj[k], c) * scale);
+    const acc_t p = n ? static_cast<acc_t>(sum / static_cast<double>(n)) : std::numeric_limits<acc_t>::quiet_NaN();
+    pos[i0 + c0 + c] = p;
+    npos[i0 + c0 + c] = n;
+    shift[c] = info_nce::shift_of(p, scale);
+    gcol[c] = n ? acc_t(1) : acc_t(0);
+    double tmc = 0;
+    for (int64_t k = off[c]; k < off[c] + n; ++k) tmc += static_cast<double>(at_(pj[k], c) - shift[c]);
+    t_minus_c[c] = n ? tmc / static_cast<double>(n) : 0.0;
+  }
+  off[G] = static_cast<int64_t>(pj.size());
+  auto& pv = scratch.pos_v;
+  pv.resize(pj.size());
+
+  const Vec vscale(scale);
+  Vec m0(-fl_inf<acc_t>()), m1(-fl_inf<acc_t>());
+  for (int64_t j = 0; j < M; ++j) {
+    const acc_t* r = st + j * ldb + c0;
+    m0 = fl_max(m0, Vec::loadu(r) * vscale);
+    m1 = fl_max(m1, Vec::loadu(r + V) * vscale);
+  }
+  alignas(64) acc_t mx[G];
+  m0.store(mx);
+  m1.store(mx + V);
+  bool finite = true;
+  for (int64_t c = 0; c < cn; ++c) finite = finite && mx[c] > -fl_inf<acc_t>() && mx[c] < fl_inf<acc_t>();
+
+  if (!finite) {
+    // A query with no finite maximum (-inf everywhere, +inf or NaN somewhere) in the group: the
+    // two-exp formulas of the two-pass kernels, column by column, so that inf and NaN come out as
+    // they do there. The strip then holds scale * dL/dS itself (w = 1).
+    for (int64_t c = 0; c < cn; ++c) {
+      const acc_t g = gcol[c], m = mx[c];
+      acc_t sum = 0;
+      if (m != -fl_inf<acc_t>()) {
+        for (int64_t j = 0; j < M; ++j) sum += fl_exp(at_(j, c) * scale - m);
+      }
+      const acc_t lse = info_nce::finish(info_nce::merge_part(info_nce::empty_lse<acc_t>(), m, sum));
+      const int64_t n = off[c + 1] - off[c];
+      const acc_t u_each = n ? -g / static_cast<acc_t>(n) : acc_t(0);
+      for (int64_t k = off[c]; k < off[c + 1]; ++k) {
+        pv[k] = info_nce::grad_s(at_(pj[k], c) * scale, g, lse, false, acc_t(0), acc_t(0), u_each) * scale;
+      }
+      double num = 0, den = 0;
+      for (int64_t j = 0; j < M; ++j) {
+        acc_t& t = at_(j, c);
+        const acc_t e = info_nce::softmax_weight(t * scale, g, lse);
+        num += static_cast<double>(e * (t - shift[c]));
+        den += static_cast<double>(e);
+        t = g * e * scale;
+      }
+      for (int64_t k = off[c]; k < off[c + 1]; ++k) at_(pj[k], c) = pv[k];
+      lse_r[i0 + c0 + c] = lse;
+      w[c0 + c] = acc_t(1);
+      if (want_ds && n) ds += info_nce::dscale_row(g, num, den, -g, t_minus_c[c], shift[c]);
+    }
+    return;
+  }
+
+  // e' = exp(s - max) in place, its column sums, and (3')'s numerators on the same e'. Sums in float
+  // over kBK keys at a time, merged in double (the two-pass kernels' precision: per tile, then double).
+  for (int64_t c = cn; c < G; ++c) mx[c] = acc_t(0);  // stale columns: any finite shift
+  const Vec vm0 = Vec::loadu(mx), vm1 = Vec::loadu(mx + V);
+  const Vec vc0 = Vec::loadu(shift), vc1 = Vec::loadu(shift + V);
+  double den[G] = {}, num[G] = {};
+  alignas(64) acc_t tmp[G];
+  for (int64_t j0 = 0; j0 < M; j0 += kBK) {
+    const int64_t j1 = std::min(M, j0 + kBK);
+    Vec d0(acc_t(0)), d1(acc_t(0)), n0(acc_t(0)), n1(acc_t(0));
+    for (int64_t j = j0; j < j1; ++j) {
+      acc_t* r = st + j * ldb + c0;
+      const Vec t0 = Vec::loadu(r), t1 = Vec::loadu(r + V);
+      const Vec e0 = fl_exp(t0 * vscale - vm0), e1 = fl_exp(t1 * vscale - vm1);
+      e0.store(r);
+      e1.store(r + V);
+      d0 = d0 + e0;
+      d1 = d1 + e1;
+      if (want_ds) {
+        n0 = n0 + e0 * (t0 - vc0);
+        n1 = n1 + e1 * (t1 - vc1);
+      }
+    }
+    d0.store(tmp);
+    d1.store(tmp + V);
+    for (int64_t c = 0; c < G; ++c) den[c] += static_cast<double>(tmp[c]);
+    if (want_ds) {
+      n0.store(tmp);
+      n1.store(tmp + V);
+      for (int64_t c = 0; c < G; ++c) num[c] += static_cast<double>(tmp[c]);
+    }
+  }
+  for (int64_t c = 0; c < cn; ++c) {
+    const acc_t g = gcol[c], d = static_cast<acc_t>(den[c]);
+    lse_r[i0 + c0 + c] = mx[c] + fl_log(d);  // info_nce::finish of (max, den)
+    const int64_t n = off[c + 1] - off[c];
+    const acc_t u_each = n ? -g / static_cast<acc_t>(n) : acc_t(0);
+    // The positives whole (grad_s with e = e' / den), before any scaling of the column.
+    for (int64_t k = off[c]; k < off[c + 1]; ++k) pv[k] = (g * (at_(pj[k], c) / d) + u_each) * scale;
+    const acc_t wc = g * scale / d;
+    if (wc != acc_t(0) && wc - wc == acc_t(0)) {
+      w[c0 + c] = wc;
+      for (int64_t k = off[c]; k < off[c + 1]; ++k) at_(pj[k], c) = pv[k] / wc;
+    } else {
+      // No factor to divide by (a query without positives, a zero or overflowing scale): the
+      // column scaled in place, w = 1.
+      for (int64_t j = 0; j < M; ++j) at_(j, c) *= wc;
+      for (int64_t k = off[c]; k < off[c + 1]; ++k) at_(pj[k], c) = pv[k];
+      w[c0 + c] = acc_t(1);
+    }
+    if (want_ds && n) ds += info_nce::dscale_row(g, num[c], den[c], -g, t_minus_c[c], shift[c]);
+  }
+}
+
+// The fused forward: lse_r, pos, npos (N each) and the gradients of L above: dq (N x D; nullptr: not
+// wanted), dk (M x D; nullptr: not wanted); returns d L / d scale (0 when !want_ds). Parallel split
+// and merge orders as lse_bwd_kernel's: deterministic for a given thread count.
+template <typename acc_t>
+double fused_fwd_grad_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t M, int64_t D, acc_t scale,
+                             const Positives& P, bool want_ds, acc_t* lse_r, acc_t* pos, int64_t* npos, acc_t* dq,
+                             acc_t* dk) {
+  constexpr int64_t G = 2 * Vectorized<acc_t>::size();
+  const int64_t bq = fused_block_rows(N, M);
+  const int64_t ldb = ceil_div(bq, G) * G;  // whole column groups; the strip's row stride
+  const int64_t q_tiles = ceil_div(N, bq);
+  const int64_t parts = num_parts(q_tiles);
+  const auto dt = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  const auto opts = at::TensorOptions().dtype(dt);
+  // Part 0 accumulates into dk itself, the others into their own (M, D) buffers (PyTorch's allocator,
+  // so that memory profiles see them), summed in part order below.
+  const int64_t extra_parts = dk != nullptr && parts > 1 ? parts - 1 : 0;
+  auto extra_t = at::empty({extra_parts * M * D}, opts);
+  acc_t* extra = static_cast<acc_t*>(extra_t.mutable_data_ptr());
+  // The strips, one per part, from the allocator too; zeroed so that the padding columns past the
+  // last block's queries hold finite values.
+  auto strips_t = at::zeros({parts * M * ldb}, opts);
+  acc_t* strips = static_cast<acc_t*>(strips_t.mutable_data_ptr());
+  auto wq_t = at::empty({parts * ldb * (D + 1)}, opts);  // per part: w (ldb), then w Q_b (bq x D)
+  acc_t* wq = static_cast<acc_t*>(wq_t.mutable_data_ptr());
+  std::vector<double> dscale_part(parts, 0.0);
+  const auto k_mat = view2d(k, M, D);
+  at::parallel_for(0, parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    FusedScratch<acc_t> scratch;
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      acc_t* st = strips + p * M * ldb;
+      acc_t* w = wq + p * ldb * (D + 1);
+      acc_t* qs = w + ldb;
+      acc_t* dkp = dk == nullptr ? nullptr : p == 0 ? dk : extra + (p - 1) * M * D;
+      if (dkp != nullptr) std::fill(dkp, dkp + M * D, acc_t(0));
+      const auto [t_begin, t_end] = part_tiles(p, parts, q_tiles);
+      double ds = 0;
+      for (int64_t qt = t_begin; qt < t_end; ++qt) {
+        const int64_t i0 = qt * bq, nq = std::min(bq, N - i0);
+        auto s_t = at::from_blob(st, {M, nq}, {ldb, 1}, opts);  // S_b^T, unscaled
+        const auto q_b = view2d(q + i0 * D, nq, D);
+        if (D > 0) {
+          at::addmm_out(s_t, s_t, k_mat, q_b.t(), /*beta=*/0, /*alpha=*/1);
+        } else {
+          s_t.zero_();
+        }
+        for (int64_t c0 = 0; c0 < nq; c0 += G) {
+          fused_group(st, M, ldb, c0, nq, i0, scale, P, want_ds, scratch, lse_r, pos, npos, w, ds);
+        }
+        if (D == 0) continue;
+        if (dq != nullptr) {
+          auto dq_b = view2d(dq + i0 * D, nq, D);
+          at::addmm_out(dq_b, dq_b, s_t.t(), k_mat, /*beta=*/0, /*alpha=*/1);  // E' K, then times w per row
+          for (int64_t r = 0; r < nq; ++r) {
+            const acc_t wr = w[r];
+            at::vec::map([wr](auto x) { return x * decltype(x)(wr); }, dq + (i0 + r) * D, dq + (i0 + r) * D, D);
+          }
+        }
+        if (dkp != nullptr) {
+          for (int64_t r = 0; r < nq; ++r) {
+            const acc_t wr = w[r];
+            at::vec::map([wr](auto x) { return x * decltype(x)(wr); }, qs + r * D, q + (i0 + r) * D, D);
+          }
+          auto dk_t = view2d(dkp, M, D);
+          at::addmm_out(dk_t, dk_t, s_t, view2d(qs, nq, D));  // dK += E'^T (w Q_b)
+        }
+      }
+      dscale_part[p] = ds;
+    }
+  });
+  if (extra_parts > 0) {
+    at::parallel_for(0, M * D, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t p = 1; p < parts; ++p) {
+        const acc_t* src = extra + (p - 1) * M * D;
+        at::vec::map2([](auto a, auto b) { return a + b; }, dk + begin, dk + begin, src + begin, end - begin);
+      }
+    });
+  }
+  double ds = 0;
+  for (int64_t p = 0; p < parts; ++p) ds += dscale_part[p];
+  return ds;
+}
+
 // bf16/fp16 inputs run the float32 kernels on float32 copies (exact conversions).
 at::Tensor as_acc(const at::Tensor& x, at::ScalarType acc) {
   return x.scalar_type() == acc ? x : x.to(acc);
@@ -486,10 +766,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> info_nce_lse_bwd_cpu(
   return {dq, dk, dscale};
 }
 
+// The forward of a reduced loss with its gradients (fusedloss::info_nce_fwd_grad): the loss summed
+// over the queries that have a positive, npos, and the gradients of that sum, which the autograd
+// (csrc/autograd.cpp) scales by the upstream gradient in the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> info_nce_fwd_grad_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& key_groups, bool query_grad, bool key_grad, bool scale_grad) {
+  const auto acc = check_info_nce_args(query, key, scale);
+  check_info_nce_labels(labels, query, key, key_groups);
+  const int64_t N = query.size(0), M = key.size(0), D = query.size(1);
+  const auto opts = query.options().dtype(acc);
+  auto lse_rows = at::empty({N}, opts), pos = at::empty({N}, opts);
+  auto npos = at::empty({N}, query.options().dtype(at::kLong));
+  auto dq = query_grad ? at::empty({N, D}, opts) : at::empty({0}, opts);
+  auto dk = key_grad ? at::empty({M, D}, opts) : at::empty({0}, opts);
+  auto dscale = at::zeros({}, scale.options());
+  cpu::advise_huge_pages(dq.mutable_data_ptr(), dq.nbytes());
+  cpu::advise_huge_pages(dk.mutable_data_ptr(), dk.nbytes());
+  const auto q = as_acc(query, acc), k = as_acc(key, acc);
+  const auto lab = labels ? labels->contiguous() : at::Tensor();
+  const auto kg = key_groups ? key_groups->contiguous() : at::Tensor();
+  const Positives P{labels ? lab.const_data_ptr<int64_t>() : nullptr,
+                    key_groups ? kg.const_data_ptr<int64_t>() : nullptr};
+  AT_DISPATCH_FLOATING_TYPES(acc, "info_nce_fwd_grad_cpu", [&] {
+    const scalar_t s = scale.item<scalar_t>();
+    scalar_t* dq_p = query_grad ? dq.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dk_p = key_grad ? dk.mutable_data_ptr<scalar_t>() : nullptr;
+    if (!query_grad && !key_grad && !scale_grad) {
+      // Nothing to differentiate: the forward alone (1 GEMM).
+      lse_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D, s, false, P,
+                               lse_rows.mutable_data_ptr<scalar_t>(), nullptr, pos.mutable_data_ptr<scalar_t>(),
+                               npos.mutable_data_ptr<int64_t>());
+      return;
+    }
+    const double ds = fused_fwd_grad_kernel<scalar_t>(
+        q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), N, M, D, s, P, scale_grad,
+        lse_rows.mutable_data_ptr<scalar_t>(), pos.mutable_data_ptr<scalar_t>(), npos.mutable_data_ptr<int64_t>(),
+        dq_p, dk_p);
+    if (scale_grad) dscale.fill_(ds);
+  });
+  // Without key groups every query has its one positive (labels are checked above); with them a query
+  // whose group has no key is left out of the sum (its pos is NaN).
+  const auto rows = at::sub(lse_rows, pos);
+  const auto total = key_groups ? at::where(at::gt(npos, 0), rows, at::zeros({}, opts)).sum() : rows.sum();
+  if (query.scalar_type() != acc) {
+    dq = dq.to(query.scalar_type());
+    dk = dk.to(query.scalar_type());
+  }
+  return {total, npos, dq, dk, dscale};
+}
+
 }  // namespace
 }  // namespace fusedloss
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("info_nce_lse_fwd", &fusedloss::info_nce_lse_fwd_cpu);
   m.impl("info_nce_lse_bwd", &fusedloss::info_nce_lse_bwd_cpu);
+  m.impl("info_nce_fwd_grad", &fusedloss::info_nce_fwd_grad_cpu);
 }

@@ -27,6 +27,8 @@ from fusedloss.ops._registry import direct_call, eager_dispatch
 
 FWD = "fusedloss::info_nce_lse_fwd"
 BWD = "fusedloss::info_nce_lse_bwd"
+# The forward of a reduced loss with its gradients (CPU kernel, C++ autograd; csrc/cpu/info_nce.cpp).
+FWD_GRAD = "fusedloss::info_nce_fwd_grad"
 FWD_TRITON = "fusedloss::info_nce_lse_fwd_triton"
 BWD_TRITON = "fusedloss::info_nce_lse_bwd_triton"
 
@@ -42,6 +44,15 @@ def _bwd_fake(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows, lse_c
               key_groups=None):
     # d scale has scale's dtype (the accumulation dtype, or float64 when the caller wants it exact)
     return query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty((), dtype=scale.dtype)
+
+
+def _fwd_grad_fake(query, key, scale, labels=None, key_groups=None, query_grad=True, key_grad=True,
+                   scale_grad=True):
+    acc = acc_dtype(query.dtype)
+    n, m, d = query.shape[0], key.shape[0], query.shape[1]
+    return (query.new_empty((), dtype=acc), query.new_empty((n,), dtype=torch.int64),
+            query.new_empty((n, d) if query_grad else (0,)), key.new_empty((m, d) if key_grad else (0,)),
+            query.new_empty((), dtype=scale.dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -72,6 +83,8 @@ if _backend.extension_loaded():
     # runs between the functional API and the kernels.
     torch.library.register_fake(FWD)(_fwd_fake)
     torch.library.register_fake(BWD)(_bwd_fake)
+    if hasattr(torch.ops.fusedloss, "info_nce_fwd_grad"):
+        torch.library.register_fake(FWD_GRAD)(_fwd_grad_fake)
     torch.library.register_autograd(BWD, no_double_backward("info_nce"), setup_context=no_context)
 
 TRITON_REGISTERED = False
@@ -123,4 +136,20 @@ def forward_call(backend: str):
     op = forward_op(backend)
     if _FWD_DIRECT is not None and backend != "triton" and eager_dispatch(op):
         return _FWD_DIRECT
+    return op
+
+
+_FWD_GRAD_DIRECT = (direct_call("info_nce_fwd_grad", torch.ops.fusedloss.info_nce_fwd_grad.default)
+                    if _backend.extension_loaded() and hasattr(torch.ops.fusedloss, "info_nce_fwd_grad") else None)
+
+
+def fused_grad_call():
+    """The CPU op that returns a reduced loss's sum with its gradients made in the forward
+    (``fusedloss::info_nce_fwd_grad``: query, key, scale, labels, key_groups, query_grad, key_grad,
+    scale_grad -> total, npos, ...); None when the extension predates it."""
+    if not _backend.extension_loaded() or not hasattr(torch.ops.fusedloss, "info_nce_fwd_grad"):
+        return None
+    op = torch.ops.fusedloss.info_nce_fwd_grad.default
+    if _FWD_GRAD_DIRECT is not None and eager_dispatch(op):
+        return _FWD_GRAD_DIRECT
     return op
