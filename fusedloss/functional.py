@@ -646,11 +646,11 @@ def info_nce(
     # pos: each query's positive logit, from the kernel's own tile of S (the gradient of a sharp row
     # then cancels inside the kernel, element by element, as plain PyTorch's softmax - one_hot does).
     if query_groups is not None:
-        lse_rows, _, pos, npos = _nce.forward_call(name)(q, k, scale, False, query_groups, key_groups)
+        lse_rows, _, pos, npos = _nce.KERNELS.call(name)(q, k, scale, False, query_groups, key_groups)
         kept = npos > 0  # a query whose group has no key is left out (its pos is NaN)
         loss = torch.where(kept, lse_rows - pos, torch.zeros_like(lse_rows))
         return _reduce_info_nce(loss, reduction, kept.sum())
-    lse_rows, lse_cols, pos, _ = _nce.forward_call(name)(q, k, scale, bool(symmetric), labels, None)
+    lse_rows, lse_cols, pos, _ = _nce.KERNELS.call(name)(q, k, scale, bool(symmetric), labels, None)
     loss = lse_rows - pos
     if symmetric:
         loss = 0.5 * (loss + (lse_cols - pos))

@@ -477,7 +477,7 @@ def _bwd_op_samples(op_name, backend, device):
         q = torch.nn.functional.normalize(torch.randn(6, 8, device=device), dim=1)
         k = torch.nn.functional.normalize(torch.randn(6, 8, device=device), dim=1)
         scale = torch.tensor(5.0, device=device)
-        lr, lc, pos, npos = fusedloss.ops.info_nce.forward_op(backend)(q, k, scale, True)
+        lr, lc, pos, npos = fusedloss.ops.info_nce.KERNELS.fwd(backend)(q, k, scale, True)
         bwd = ops.info_nce_lse_bwd_triton if triton else ops.info_nce_lse_bwd
         return [(bwd, (torch.randn_like(lr), gc, gp, q, k, scale, lr, lc if gc is not None else None, pos, npos))
                 for gc, gp in ((None, None), (torch.randn_like(lc), torch.randn_like(pos)))]

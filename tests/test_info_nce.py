@@ -450,7 +450,7 @@ def test_lse_ops(backend, device, dtype, cols, NMD):
     scale = torch.tensor(4.5, dtype=acc, device=device)
     if device == "cpu":
         poison_cpu_allocator((N + M) * D * 8)
-    fwd = nce_ops.forward_op(backend)
+    fwd = nce_ops.KERNELS.fwd(backend)
     qa, ka, sa = q.clone().requires_grad_(), k.clone().requires_grad_(), scale.clone().requires_grad_()
     # Explicit labels (repeats, any key) when there are fewer keys than queries; else the default i.
     labels = torch.randint(0, M, (N,), device=device) if M < N else None
@@ -491,7 +491,7 @@ def test_lse_ops(backend, device, dtype, cols, NMD):
 def test_lse_ops_empty_sides(backend, device):
     """No keys: lse -inf (torch.logsumexp of an empty row); no queries: lse_cols -inf."""
     require_backend(backend, device)
-    fwd = nce_ops.forward_op(backend)
+    fwd = nce_ops.KERNELS.fwd(backend)
     scale = torch.tensor(2.0, device=device)
     no_labels = torch.zeros(0, dtype=torch.long, device=device)
     lr, lc, pos, _ = fwd(torch.randn(0, 4, device=device), torch.randn(5, 4, device=device), scale, True, no_labels)
@@ -799,7 +799,7 @@ def test_opcheck_kernel_ops(backend, device):
         tests = ("test_schema", "test_autograd_registration")
     else:
         tests = torch.library._OPCHECK_DEFAULT_UTILS
-    fwd = nce_ops.forward_op(backend)
+    fwd = nce_ops.KERNELS.fwd(backend)
     for args in _op_samples(torch.float32, device):
         torch.library.opcheck(fwd, args, test_utils=tests)
 

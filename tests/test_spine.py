@@ -14,6 +14,7 @@ from fusedloss.ops import _registry
 from fusedloss.ops import cross_entropy as ce_ops
 from fusedloss.ops import focal_loss as focal_ops
 from fusedloss.ops import gap_loss as gap_ops
+from fusedloss.ops import info_nce as nce_ops
 from fusedloss.ops import kl_div as kl_ops
 from fusedloss.ops import siglip as siglip_ops
 from fusedloss.ops import soft_cross_entropy as soft_ops
@@ -39,7 +40,7 @@ def test_triton_twin_has_the_cpp_schema(name):
 
 
 PAIRS = {p.name: p for p in (ce_ops.KERNELS, focal_ops.KERNELS, gap_ops.KERNELS, kl_ops.KERNELS, siglip_ops.KERNELS,
-                                  soft_ops.KERNELS)}
+                                  soft_ops.KERNELS, nce_ops.KERNELS)}
 
 
 @pytest.mark.parametrize("name", sorted(PAIRS))

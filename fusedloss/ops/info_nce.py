@@ -1,9 +1,9 @@
 """InfoNCE's tiled log-sum-exp op: its whole contract with PyTorch.
 
-- ``fusedloss::info_nce_lse_fwd`` / ``_bwd``: schemas in csrc/registration.cpp, CPU and CUDA kernels
-  in csrc/; their fake (meta) kernels are registered here.
-- ``fusedloss::info_nce_lse_fwd_triton`` / ``_bwd_triton``: the Triton kernels as triton_ops, so that
-  torch.compile traces into them.
+- ``KERNELS``: ``fusedloss::info_nce_lse_fwd`` / ``_bwd`` (schemas in csrc/registration.cpp, CPU and
+  CUDA kernels in csrc/) and their Triton twins, a :class:`fusedloss.ops._registry.KernelPair`.
+- ``fusedloss::info_nce_fwd_grad`` (CPU): a reduced one-direction loss's sum with its gradients made in
+  the same pass (csrc/cpu/info_nce.cpp), autograd in C++.
 - autograd of the forward ops (the C++ one's in csrc/autograd.cpp, the Triton one's here, the same
   formula): the backward op recomputes the tiles of S = scale * Q K^T from the inputs and the saved
   per-row / per-column lse, and returns the gradients of query, key and scale.
@@ -11,26 +11,23 @@
 The forward returns lse_rows (N,), lse_cols (M,) (``(0,)`` without cols) and the positive logits
 pos (N,) = S[i, labels_i] (labels None: S[i, i]; with key_groups the mean of S[i, j] over the keys j
 whose group is labels_i), all in the accumulation dtype (float32; float64 for float64 inputs), and
-npos (N,) int64, each query's number of positives (0: pos is NaN). The positives are the kernel's, so that the backward cancels a one-hot row's
-gradient element by element (info_nce_math.h, (3')); the loss ``lse - pos`` and its reduction are
-composed with PyTorch ops by the caller (fusedloss.functional.info_nce).
+npos (N,) int64, each query's number of positives (0: pos is NaN). The positives are the kernel's,
+so that the backward cancels a one-hot row's gradient element by element (info_nce_math.h, (3')); the
+loss ``lse - pos`` and its reduction are composed with PyTorch ops by the caller
+(fusedloss.functional.info_nce).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from fusedloss import _backend
-from fusedloss.ops._common import acc_dtype, no_context, no_double_backward, triton_kernels_present
+from fusedloss.ops import _registry
+from fusedloss.ops._common import acc_dtype
 from fusedloss.ops._registry import direct_call, eager_dispatch
 
-FWD = "fusedloss::info_nce_lse_fwd"
-BWD = "fusedloss::info_nce_lse_bwd"
 # The forward of a reduced loss with its gradients (CPU kernel, C++ autograd; csrc/cpu/info_nce.cpp).
 FWD_GRAD = "fusedloss::info_nce_fwd_grad"
-FWD_TRITON = "fusedloss::info_nce_lse_fwd_triton"
-BWD_TRITON = "fusedloss::info_nce_lse_bwd_triton"
 
 
 def _fwd_fake(query, key, scale, cols, labels=None, key_groups=None):
@@ -73,70 +70,25 @@ def _backward_with(bwd_op):
         grad_query, grad_key, grad_scale = bwd_op(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows,
                                                   lse_cols if grad_cols is not None else None, pos, npos, labels,
                                                   key_groups)
-        return grad_query, grad_key, grad_scale, None, None, None
+        return grad_query, grad_key, grad_scale
 
     return backward
 
 
-if _backend.extension_loaded():
-    # FWD's autograd is in C++ (csrc/autograd.cpp, the same formula as _backward_with below): no Python
-    # runs between the functional API and the kernels.
-    torch.library.register_fake(FWD)(_fwd_fake)
-    torch.library.register_fake(BWD)(_bwd_fake)
-    if hasattr(torch.ops.fusedloss, "info_nce_fwd_grad"):
-        torch.library.register_fake(FWD_GRAD)(_fwd_grad_fake)
-    torch.library.register_autograd(BWD, no_double_backward("info_nce"), setup_context=no_context)
+# The forward's autograd on CPU and CUDA tensors is in C++ (csrc/autograd.cpp, the same formula as
+# _backward_with): no Python runs between the functional API and the kernels.
+KERNELS = _registry.KernelPair(
+    "info_nce_lse",
+    fwd_schema="(Tensor query, Tensor key, Tensor scale, bool cols, Tensor? labels=None, Tensor? key_groups=None) "
+               "-> (Tensor, Tensor, Tensor, Tensor)",
+    bwd_schema="(Tensor grad_rows, Tensor? grad_cols, Tensor? grad_pos, Tensor query, Tensor key, Tensor scale, "
+               "Tensor lse_rows, Tensor? lse_cols, Tensor pos, Tensor npos, Tensor? labels=None, "
+               "Tensor? key_groups=None) -> (Tensor, Tensor, Tensor)",
+    fwd_fake=_fwd_fake, bwd_fake=_bwd_fake, setup_context=_setup_context, backward_with=_backward_with,
+    triton_module="info_nce", label="info_nce", cpp_autograd=True)
 
-TRITON_REGISTERED = False
-if triton_kernels_present("info_nce"):
-    from torch.library import triton_op
-
-    @triton_op(FWD_TRITON, mutates_args={})
-    def info_nce_lse_fwd_triton(query: Tensor, key: Tensor, scale: Tensor, cols: bool, labels: Tensor | None = None,
-                                key_groups: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from fusedloss.triton import info_nce as kernels
-
-        return kernels.info_nce_lse_fwd(query, key, scale, cols, labels, key_groups)
-
-    @triton_op(BWD_TRITON, mutates_args={})
-    def info_nce_lse_bwd_triton(grad_rows: Tensor, grad_cols: Tensor | None, grad_pos: Tensor | None, query: Tensor,
-                                key: Tensor, scale: Tensor, lse_rows: Tensor, lse_cols: Tensor | None, pos: Tensor,
-                                npos: Tensor, labels: Tensor | None = None,
-                                key_groups: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        from fusedloss.triton import info_nce as kernels
-
-        return kernels.info_nce_lse_bwd(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows, lse_cols, pos,
-                                        npos, labels, key_groups)
-
-    info_nce_lse_fwd_triton.register_autograd(_backward_with(torch.ops.fusedloss.info_nce_lse_bwd_triton),
-                                              setup_context=_setup_context)
-    info_nce_lse_bwd_triton.register_autograd(no_double_backward("info_nce"), setup_context=no_context)
-    TRITON_REGISTERED = True
-
-
-_FWD_DIRECT = (direct_call("info_nce_lse_fwd", torch.ops.fusedloss.info_nce_lse_fwd.default)
-               if _backend.extension_loaded() else None)
-
-
-def forward_op(backend: str):
-    """The forward op (an OpOverload, with autograd) that runs ``backend``'s kernels."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.fusedloss.info_nce_lse_fwd.default
-    if backend == "triton":
-        if not TRITON_REGISTERED:
-            raise RuntimeError("fusedloss: the Triton info_nce kernels are not available in this install "
-                               "(fusedloss/triton/info_nce.py is missing)")
-        return torch.ops.fusedloss.info_nce_lse_fwd_triton.default
-    raise ValueError(f"no info_nce kernel op for backend {backend!r}")
-
-
-def forward_call(backend: str):
-    """What the functional API calls, with all six arguments (query, key, scale, cols, labels, key_groups):
-    ``forward_op(backend)``, or in eager mode for the C++ op the direct call (the same dispatcher call)."""
-    op = forward_op(backend)
-    if _FWD_DIRECT is not None and backend != "triton" and eager_dispatch(op):
-        return _FWD_DIRECT
-    return op
+if _backend.extension_loaded() and hasattr(torch.ops.fusedloss, "info_nce_fwd_grad"):
+    torch.library.register_fake(FWD_GRAD)(_fwd_grad_fake)
 
 
 _FWD_GRAD_DIRECT = (direct_call("info_nce_fwd_grad", torch.ops.fusedloss.info_nce_fwd_grad.default)
