@@ -600,13 +600,7 @@ def info_nce(
         if M != N:
             raise ValueError(f"symmetric=True needs as many keys as queries, got N={N} and M={M}")
     name = _backend.resolve_for(backend, query)
-    # Off the CPU the labels are not read on the host (that would sync): an out-of-range label gathers
-    # a clamped index instead of faulting on the device, and its query's loss is NaN, as the
-    # cross-entropy kernels do with such a target.
-    label_ok = None
-    if labels is not None and labels.device.type != "cpu":
-        label_ok = (labels >= 0) & (labels < M)
-        labels = labels.clamp(0, M - 1)
+    labels, label_ok = _labels_in_range(labels, M)
     if name == "reference":
         if query_groups is not None:
             return reference.info_nce(query, key, query_groups=query_groups, key_groups=key_groups,
@@ -688,6 +682,16 @@ def _group_ids(query_groups, key_groups, labels, symmetric, query, n, m):
     return out
 
 
+def _labels_in_range(labels: Tensor | None, m: int) -> tuple[Tensor | None, Tensor | None]:
+    """Off the CPU the labels are not read on the host (that would sync): an out-of-range label gathers
+    a clamped index instead of faulting on the device, and the mask it returns makes that query's loss
+    NaN (:func:`_nan_where_not`), as the cross-entropy kernels do with such a target. CPU labels were
+    checked (_checks.key_labels): (labels, None)."""
+    if labels is None or labels.device.type == "cpu":
+        return labels, None
+    return labels.clamp(0, m - 1), (labels >= 0) & (labels < m)
+
+
 def _nan_where_not(ok: Tensor | None, loss: Tensor) -> Tensor:
     return loss if ok is None else torch.where(ok, loss, torch.full_like(loss, float("nan")))
 
@@ -767,10 +771,7 @@ def siglip_loss(
     bias = _siglip_scalar("bias", bias, query)
     labels = _checks.key_labels(labels, query, N, M)
     name = _backend.resolve_for(backend, query)
-    label_ok = None
-    if labels is not None and labels.device.type != "cpu":
-        label_ok = (labels >= 0) & (labels < M)
-        labels = labels.clamp(0, M - 1)
+    labels, label_ok = _labels_in_range(labels, M)
     if name == "reference":
         loss = reference.siglip_loss(query, key, temperature=temperature, bias=bias, normalize=normalize,
                                      labels=labels, reduction="none")
