@@ -191,10 +191,7 @@ Tensor6 cross_entropy_impl(const Tensor& logits, const Tensor& target, const Opt
   auto [loss, lse, stats] =
       ce_fwd_op().call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, temperature, extras);
   auto [out, mass] = reduce(loss, target, weight, token_weight, ignore_index, reduction);
-  if (!extras) {
-    const Tensor none = at::empty({0}, loss.options());
-    return {out, lse, stats, mass, none, none.clone()};
-  }
+  if (!extras) return {out, lse, stats, mass, at::empty({0}, loss.options()), at::empty({0}, loss.options())};
   return {out, lse, stats, mass, stats_column(stats, 2), stats_column(stats, 3)};
 }
 
@@ -216,7 +213,12 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
     ctx->saved_data["z_loss"] = z_loss;
     ctx->saved_data["softcap"] = softcap;
     ctx->saved_data["temperature"] = temperature;
-    ctx->mark_non_differentiable({stats, mass});
+    // Without extras, logprob and entropy are (0,) placeholders the caller drops: no autograd metadata.
+    if (extras) {
+      ctx->mark_non_differentiable({stats, mass});
+    } else {
+      ctx->mark_non_differentiable({stats, mass, logprob, entropy});
+    }
     return {out, lse, stats, mass, logprob, entropy};
   }
 
