@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
+from bench.bench_kl_div import shapes  # the same rows and vocabularies
 from bench.common import Case, Inputs, OpSpec, Provider
 
 OP = "soft_cross_entropy"
@@ -51,14 +52,6 @@ def bytes_moved(case: Case, mode: str) -> int:
     fwd = 2 * n * c * e + n * 12
     bwd = 3 * n * c * e
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-
-
-def shapes(device: str, quick: bool) -> list[dict]:
-    if quick:
-        return [{"N": 512, "C": 32000}]
-    if device.startswith("cuda"):
-        return [{"N": 16384, "C": c} for c in (32000, 131072)]
-    return [{"N": 4096, "C": 32000}]
 
 
 def _torch(x, p):

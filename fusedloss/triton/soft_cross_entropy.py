@@ -33,10 +33,10 @@ from fusedloss.triton._common import acc_dtype as _acc_dtype
 from fusedloss.triton._common import cast_rtne
 from fusedloss.triton._common import launch_config as _launch_config
 # jit helpers keep their own names (torch.compile copies a kernel's helpers under their __name__)
-from fusedloss.triton._common import param
+from fusedloss.triton._common import param  # noqa: F401  (called by _options)
 from fusedloss.triton._common import split_float as _split_float
 from fusedloss.triton.cross_entropy import _tanh  # noqa: F401  (called by _transform_logit)
-from fusedloss.triton.cross_entropy import _entropy_sum, _entropy_term, _transform_grad, _transform_logit
+from fusedloss.triton.cross_entropy import _entropy_sum, _entropy_term, _options, _transform_grad, _transform_logit
 
 __all__ = ["soft_cross_entropy_fwd", "soft_cross_entropy_bwd"]
 
@@ -49,22 +49,12 @@ _BWD_MAX_WARPS = 8
 @triton.jit
 def _soft_options(smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
                   inv_temperature_lo, num_classes, ACC: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    # The float options in ACC: keep = 1 - eps and uniform = eps / C of (2), lambda, and the transform's
-    # factors (softcap_scale = softcap / T and its inverse, unused without the cap).
-    eps = param(smoothing_hi, smoothing_lo, ACC)
-    keep = 1.0 - eps
-    uniform = eps / tl.cast(num_classes, ACC)
-    z_loss = param(z_loss_hi, z_loss_lo, ACC)
-    inv_temperature = param(inv_temperature_hi, inv_temperature_lo, ACC)
-    inv_softcap = inv_temperature
-    softcap_scale = inv_temperature
-    inv_softcap_scale = inv_temperature
-    if HAS_SOFTCAP:
-        softcap = param(softcap_hi, softcap_lo, ACC)
-        inv_softcap = 1.0 / softcap
-        softcap_scale = softcap * inv_temperature
-        inv_softcap_scale = 1.0 / softcap_scale
-    return keep, uniform, z_loss, inv_temperature, inv_softcap, softcap_scale, inv_softcap_scale
+    # cross_entropy's options, with the smoothing as keep = 1 - eps and uniform = eps / C of (2)
+    eps, z_loss, inv_temperature, inv_softcap, softcap_scale, inv_softcap_scale = _options(
+        smoothing_hi, smoothing_lo, z_loss_hi, z_loss_lo, softcap_hi, softcap_lo, inv_temperature_hi,
+        inv_temperature_lo, ACC, HAS_SOFTCAP)
+    return (1.0 - eps, eps / tl.cast(num_classes, ACC), z_loss, inv_temperature, inv_softcap, softcap_scale,
+            inv_softcap_scale)
 
 
 @triton.jit
