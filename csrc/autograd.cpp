@@ -9,11 +9,13 @@
 // Two kernels per op:
 //   CompositeExplicitAutograd: the forward alone (inference, no_grad, tensors without autograd):
 //     row kernel, then reduce_rows, through the dispatcher, so the CPU or CUDA kernels run.
-//   Autograd: a torch::autograd::Function whose forward is the same below autograd and whose backward
-//     calls the gradient kernel. The kernel ops it calls have fake kernels (fusedloss/ops/), so
-//     torch.compile traces through this Function as it does through ATen's own formulas.
+//   Autograd: the same forward below autograd, then, when an input needs a gradient, a backward node
+//     of our own (a torch::autograd::Node, as torch's generated code writes them: saved tensors and
+//     scalars as members) whose apply calls the gradient kernel. The kernel ops it calls have fake
+//     kernels (fusedloss/ops/), so torch.compile traces through it as through ATen's own formulas.
+//     torch::autograd::Function is kept only for the double-backward refusals, a rare path.
 // Every op returns, after its loss, what its backward needs (stats, coef, the mean's denominator
-// "mass"), marked non-differentiable; the Triton twins (fusedloss/ops/, Python autograd) return the
+// "mass"), without autograd history; the Triton twins (fusedloss/ops/, Python autograd) return the
 // same outputs, so both share one fake. "mass" is 0-dim for mean and sum, (0,) for none.
 //
 // The gradient of the reduced loss, g the incoming gradient: none  d/dl_i = g_i;  sum  d/dl_i = g;
@@ -30,6 +32,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 namespace fusedloss {
@@ -38,6 +41,8 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 template <typename Sig>
@@ -177,6 +182,30 @@ struct MaybeBelowAutograd {
   }
 };
 
+// The node itself, for SavedVariable::unpack of its own outputs: an output is saved without its grad_fn
+// (is_output=true: no reference cycle node -> output -> node) and gets it back from here.
+c10::intrusive_ptr<Node> self_of(Node* node) { return c10::intrusive_ptr<Node>::unsafe_reclaim_from_nonowning(node); }
+
+// A node's release_variables(): the saved tensors go after a backward without retain_graph (a second
+// backward then fails in SavedVariable::unpack with torch's own message).
+template <class... Saved>
+void reset_all(Saved&... saved) {
+  (saved.reset_data(), ...);
+}
+
+// The node of a call whose inputs need gradients, with one edge per tensor input in argument order
+// (only the first gets a gradient; the others' are undefined, as a Function's), or null. Forward-mode
+// AD has no formula here: refused, not silently dropped.
+template <class NodeT, class... Inputs>
+c10::intrusive_ptr<NodeT> make_node(const char* op, const Inputs&... inputs) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(torch::autograd::isFwGradDefined(inputs) || ...),
+                              "fusedloss.", op, " has no forward-mode AD formula (forward AD / jvp)");
+  if (!torch::autograd::compute_requires_grad(inputs...)) return {};
+  auto node = c10::make_intrusive<NodeT>();
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  return node;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // cross_entropy(logits, target, weight, ...) -> (loss, lse, stats, mass, logprob, entropy)
 
@@ -195,45 +224,38 @@ Tensor6 cross_entropy_impl(const Tensor& logits, const Tensor& target, const Opt
   return {out, lse, stats, mass, stats_column(stats, 2), stats_column(stats, 3)};
 }
 
-struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
-                               const OptTensor& weight, const OptTensor& token_weight, int64_t ignore_index,
-                               int64_t reduction, double label_smoothing, double z_loss, double softcap,
-                               double temperature, bool extras) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
-    auto [out, lse, stats, mass, logprob, entropy] =
-        cross_entropy_impl(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing, z_loss,
-                           softcap, temperature, extras);
-    ctx->save_for_backward(
-        {logits, target, weight.value_or(Tensor()), stats, mass, token_weight.value_or(Tensor())});
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["z_loss"] = z_loss;
-    ctx->saved_data["softcap"] = softcap;
-    ctx->saved_data["temperature"] = temperature;
-    // Without extras, logprob and entropy are (0,) placeholders the caller drops: no autograd metadata.
-    if (extras) {
-      ctx->mark_non_differentiable({stats, mass});
-    } else {
-      ctx->mark_non_differentiable({stats, mass, logprob, entropy});
-    }
-    return {out, lse, stats, mass, logprob, entropy};
+// Its backward node, written as torch's generated autograd code writes one (a Node with its saved
+// tensors and scalars as members) rather than as a torch::autograd::Function: at the sizes where a
+// call costs microseconds, Function's generic machinery (a string-keyed hash map for the scalars,
+// per-output bookkeeping, the node's name demangled on every backward) was about a tenth of the
+// instructions of a whole training step's loss part.
+struct CrossEntropyBackward final : public Node {
+  SavedVariable logits_, target_, weight_, stats_, mass_, token_weight_;
+  int64_t ignore_index_ = 0, reduction_ = 0;
+  double label_smoothing_ = 0, z_loss_ = 0, softcap_ = 0, temperature_ = 1;
+
+  std::string name() const override { return "CrossEntropyBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reset_all(logits_, target_, weight_, stats_, mass_, token_weight_);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &logits = saved[0], &target = saved[1], &weight = saved[2], &stats = saved[3], &mass = saved[4];
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const Tensor g = row_grad(grads[0], mass, reduction, logits.size(0), stats.options(), saved[5]);
+  // grads: of (loss, lse), then of (logprob, entropy) when the forward had the extras.
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(num_outputs());
+    if (!should_compute_output(0)) return out;
+    const auto self = self_of(this);
+    const Tensor logits = logits_.unpack(), stats = stats_.unpack(self);
+    const Tensor g = row_grad(grads[0], mass_.unpack(self), reduction_, logits.size(0), stats.options(),
+                              token_weight_.unpack());
+    const bool extras = grads.size() == 4;
     MaybeBelowAutograd below;
-    Tensor grad = ce_bwd_op().call(g, optional(grads[1]), logits, target, optional(weight), stats,
-                                   ctx->saved_data["ignore_index"].toInt(),
-                                   ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
-                                   ctx->saved_data["softcap"].toDouble(), ctx->saved_data["temperature"].toDouble(),
-                                   optional(grads[4]), optional(grads[5]));
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    out[0] = ce_bwd_op().call(g, optional(grads[1]), logits, target_.unpack(), optional(weight_.unpack()), stats,
+                              ignore_index_, label_smoothing_, z_loss_, softcap_, temperature_,
+                              extras ? optional(grads[2]) : std::nullopt, extras ? optional(grads[3]) : std::nullopt);
+    return out;
   }
 };
 
@@ -241,9 +263,31 @@ Tensor6 cross_entropy_autograd(const Tensor& logits, const Tensor& target, const
                                const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
                                double label_smoothing, double z_loss, double softcap, double temperature,
                                bool extras) {
-  auto r = CrossEntropyFunction::apply(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing,
-                                       z_loss, softcap, temperature, extras);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+  auto node = make_node<CrossEntropyBackward>("cross_entropy", logits, target, weight, token_weight);
+  Tensor6 r;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    r = cross_entropy_impl(logits, target, weight, token_weight, ignore_index, reduction, label_smoothing, z_loss,
+                           softcap, temperature, extras);
+  }
+  if (!node) return r;
+  const auto& [out, lse, stats, mass, logprob, entropy] = r;
+  // Without extras, logprob and entropy are (0,) placeholders the caller drops: no history.
+  torch::autograd::set_history(extras ? std::vector<Tensor>{out, lse, logprob, entropy} : std::vector<Tensor>{out, lse},
+                               node);
+  node->logits_ = SavedVariable(logits, false);
+  node->target_ = SavedVariable(target, false);
+  node->weight_ = SavedVariable(weight.value_or(Tensor()), false);
+  node->stats_ = SavedVariable(stats, true);
+  node->mass_ = SavedVariable(mass, true);
+  node->token_weight_ = SavedVariable(token_weight.value_or(Tensor()), false);
+  node->ignore_index_ = ignore_index;
+  node->reduction_ = reduction;
+  node->label_smoothing_ = label_smoothing;
+  node->z_loss_ = z_loss;
+  node->softcap_ = softcap;
+  node->temperature_ = temperature;
+  return r;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -258,39 +302,53 @@ Tensor4 focal_loss_impl(const Tensor& logits, const Tensor& target, const OptTen
   return {out, stats, coef, mass};
 }
 
-struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target,
-                               const OptTensor& factor, const OptTensor& weight, const OptTensor& token_weight,
-                               int64_t ignore_index, int64_t reduction, double gamma) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
-    auto [out, stats, coef, mass] =
-        focal_loss_impl(logits, target, factor, weight, token_weight, ignore_index, reduction, gamma);
-    ctx->save_for_backward({logits, target, stats, coef, mass, token_weight.value_or(Tensor())});
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["reduction"] = reduction;
-    ctx->mark_non_differentiable({stats, coef, mass});
-    return {out, stats, coef, mass};
+struct FocalLossBackward final : public Node {
+  SavedVariable logits_, target_, stats_, coef_, mass_, token_weight_;
+  int64_t ignore_index_ = 0, reduction_ = 0;
+
+  std::string name() const override { return "FocalLossBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reset_all(logits_, target_, stats_, coef_, mass_, token_weight_);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &logits = saved[0], &target = saved[1], &stats = saved[2], &coef = saved[3], &mass = saved[4];
-    const Tensor g = row_grad(grads[0], mass, ctx->saved_data["reduction"].toInt(), logits.size(0), stats.options(),
-                              times_token_weight(coef, saved[5]));
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(num_outputs());
+    if (!should_compute_output(0)) return out;
+    const auto self = self_of(this);
+    const Tensor logits = logits_.unpack(), stats = stats_.unpack(self);
+    const Tensor g = row_grad(grads[0], mass_.unpack(self), reduction_, logits.size(0), stats.options(),
+                              times_token_weight(coef_.unpack(self), token_weight_.unpack()));
     MaybeBelowAutograd below;
-    Tensor grad = ce_bwd_op().call(g, std::nullopt, logits, target, std::nullopt, stats,
-                                   ctx->saved_data["ignore_index"].toInt(), 0.0, 0.0, 0.0, 1.0, std::nullopt,
-                                   std::nullopt);
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    out[0] = ce_bwd_op().call(g, std::nullopt, logits, target_.unpack(), std::nullopt, stats, ignore_index_, 0.0, 0.0,
+                              0.0, 1.0, std::nullopt, std::nullopt);
+    return out;
   }
 };
 
 Tensor4 focal_loss_autograd(const Tensor& logits, const Tensor& target, const OptTensor& factor,
                             const OptTensor& weight, const OptTensor& token_weight, int64_t ignore_index,
                             int64_t reduction, double gamma) {
-  auto r = FocalLossFunction::apply(logits, target, factor, weight, token_weight, ignore_index, reduction, gamma);
-  return {r[0], r[1], r[2], r[3]};
+  auto node = make_node<FocalLossBackward>("focal_loss", logits, target, factor, weight, token_weight);
+  Tensor4 r;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    r = focal_loss_impl(logits, target, factor, weight, token_weight, ignore_index, reduction, gamma);
+  }
+  if (!node) return r;
+  const auto& [out, stats, coef, mass] = r;
+  torch::autograd::set_history(out, node);
+  node->logits_ = SavedVariable(logits, false);
+  node->target_ = SavedVariable(target, false);
+  node->stats_ = SavedVariable(stats, true);
+  node->coef_ = SavedVariable(coef, true);
+  node->mass_ = SavedVariable(mass, true);
+  node->token_weight_ = SavedVariable(token_weight.value_or(Tensor()), false);
+  node->ignore_index_ = ignore_index;
+  node->reduction_ = reduction;
+  return r;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -302,41 +360,54 @@ Tensor2 gap_loss_impl(const Tensor& input, const Tensor& target, const OptTensor
   return reduce(loss, target, std::nullopt, std::nullopt, ignore_index, reduction);
 }
 
-struct GapLossFunction : public torch::autograd::Function<GapLossFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
-                               const OptTensor& weight, double margin, int64_t p, int64_t ignore_index,
-                               bool class_normalize, bool max_mode, int64_t reduction) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
-    auto [out, mass] =
-        gap_loss_impl(input, target, weight, margin, p, ignore_index, class_normalize, max_mode, reduction);
-    ctx->save_for_backward({input, target, weight.value_or(Tensor()), mass});
-    ctx->saved_data["margin"] = margin;
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["class_normalize"] = class_normalize;
-    ctx->saved_data["max_mode"] = max_mode;
-    ctx->saved_data["reduction"] = reduction;
-    ctx->mark_non_differentiable({mass});
-    return {out, mass};
+struct GapLossBackward final : public Node {
+  SavedVariable input_, target_, weight_, mass_;
+  double margin_ = 0;
+  int64_t p_ = 1, ignore_index_ = 0, reduction_ = 0;
+  bool class_normalize_ = false, max_mode_ = false;
+
+  std::string name() const override { return "GapLossBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reset_all(input_, target_, weight_, mass_);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &target = saved[1], &weight = saved[2], &mass = saved[3];
-    const Tensor g = row_grad(grads[0], mass, ctx->saved_data["reduction"].toInt(), input.size(0), mass.options());
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(num_outputs());
+    if (!should_compute_output(0)) return out;
+    const Tensor input = input_.unpack(), mass = mass_.unpack(self_of(this));
+    const Tensor g = row_grad(grads[0], mass, reduction_, input.size(0), mass.options());
     MaybeBelowAutograd below;
-    Tensor grad = gap_bwd_op().call(g, input, target, optional(weight), ctx->saved_data["margin"].toDouble(),
-                                    ctx->saved_data["p"].toInt(), ctx->saved_data["ignore_index"].toInt(),
-                                    ctx->saved_data["class_normalize"].toBool(), ctx->saved_data["max_mode"].toBool());
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    out[0] = gap_bwd_op().call(g, input, target_.unpack(), optional(weight_.unpack()), margin_, p_, ignore_index_,
+                               class_normalize_, max_mode_);
+    return out;
   }
 };
 
 Tensor2 gap_loss_autograd(const Tensor& input, const Tensor& target, const OptTensor& weight, double margin,
                           int64_t p, int64_t ignore_index, bool class_normalize, bool max_mode, int64_t reduction) {
-  auto r = GapLossFunction::apply(input, target, weight, margin, p, ignore_index, class_normalize, max_mode, reduction);
-  return {r[0], r[1]};
+  auto node = make_node<GapLossBackward>("gap_loss", input, target, weight);
+  Tensor2 r;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    r = gap_loss_impl(input, target, weight, margin, p, ignore_index, class_normalize, max_mode, reduction);
+  }
+  if (!node) return r;
+  const auto& [out, mass] = r;
+  torch::autograd::set_history(out, node);
+  node->input_ = SavedVariable(input, false);
+  node->target_ = SavedVariable(target, false);
+  node->weight_ = SavedVariable(weight.value_or(Tensor()), false);
+  node->mass_ = SavedVariable(mass, true);
+  node->margin_ = margin;
+  node->p_ = p;
+  node->ignore_index_ = ignore_index;
+  node->class_normalize_ = class_normalize;
+  node->max_mode_ = max_mode;
+  node->reduction_ = reduction;
+  return r;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -432,81 +503,50 @@ struct LceRecompute : public torch::autograd::Function<LceRecompute> {
   }
 };
 
-struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossEntropyFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& linear_weight,
-                               const Tensor& target, const OptTensor& linear_bias, const OptTensor& weight,
-                               const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
-                               double label_smoothing, double z_loss, double softcap, int64_t chunk_size,
-                               bool extras, bool need_gi, bool need_gw, bool need_gb) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    check_reduction(reduction);
-    ctx->set_materialize_grads(false);
-    const bool in_forward = !extras && reduction != reduce::kNone && (need_gi || need_gw || need_gb);
-    // The gradients made in the forward are those of sum_i u_i l_i: the token weights are the row scales.
-    auto [rows, lse, gi, gw, gb, stats] =
-        lce_chunks_op().call(input, linear_weight, target, linear_bias, weight,
-                             in_forward ? token_weight : std::nullopt, ignore_index, label_smoothing, z_loss,
-                             softcap, chunk_size, in_forward && need_gi, in_forward && need_gw,
-                             in_forward && need_gb, std::nullopt, std::nullopt, std::nullopt, extras);
-    auto [out, mass] = reduce(rows, target, weight, token_weight, ignore_index, reduction);
-    const Tensor bias = linear_bias.value_or(Tensor());
-    Tensor logprob = at::empty({0}, rows.options()), entropy = at::empty({0}, rows.options());
-    if (extras) {
-      logprob = stats_column(stats, 2);
-      entropy = stats_column(stats, 3);
-    }
-    if (in_forward) {
-      ctx->save_for_backward({gi, gw, gb, mass});
-    } else {
-      ctx->save_for_backward({input, linear_weight, target, bias, weight.value_or(Tensor()), mass,
-                              token_weight.value_or(Tensor()), extras ? stats : Tensor()});
-      ctx->saved_data["ignore_index"] = ignore_index;
-      ctx->saved_data["label_smoothing"] = label_smoothing;
-      ctx->saved_data["z_loss"] = z_loss;
-      ctx->saved_data["softcap"] = softcap;
-      ctx->saved_data["chunk_size"] = chunk_size;
-    }
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["in_forward"] = in_forward;
-    ctx->saved_data["need_gi"] = need_gi;
-    ctx->saved_data["need_gw"] = need_gw;
-    ctx->saved_data["need_gb"] = need_gb;
-    ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
-    ctx->saved_data["weight_dtype"] = static_cast<int64_t>(linear_weight.scalar_type());
-    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.defined() ? bias.scalar_type() : input.scalar_type());
-    ctx->mark_non_differentiable({lse, mass, stats});
-    return {out, lse, mass, stats, logprob, entropy};
+struct LinearCrossEntropyBackward final : public Node {
+  // in_forward: the gradients made by the forward (gi, gw, gb) and mass; else what the recompute needs.
+  SavedVariable input_, linear_weight_, target_, bias_, weight_, mass_, token_weight_, stats_, gi_, gw_, gb_;
+  int64_t ignore_index_ = 0, reduction_ = 0, chunk_size_ = 0;
+  double label_smoothing_ = 0, z_loss_ = 0, softcap_ = 0;
+  bool in_forward_ = false, extras_ = false, need_gi_ = false, need_gw_ = false, need_gb_ = false;
+  at::ScalarType input_dtype_ = at::kFloat, weight_dtype_ = at::kFloat, bias_dtype_ = at::kFloat;
+
+  std::string name() const override { return "LinearCrossEntropyBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reset_all(input_, linear_weight_, target_, bias_, weight_, mass_, token_weight_, stats_, gi_, gw_, gb_);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(16);
-    if (!grads[0].defined() && !grads[4].defined() && !grads[5].defined()) return result;
-    const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const bool need_gi = ctx->saved_data["need_gi"].toBool(), need_gw = ctx->saved_data["need_gw"].toBool(),
-               need_gb = ctx->saved_data["need_gb"].toBool();
-    const auto dtype = [&](const char* key) { return static_cast<at::ScalarType>(ctx->saved_data[key].toInt()); };
+  // grads: of the loss, then of (logprob, entropy) when the forward had the extras.
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list result(num_outputs());
+    const Tensor none;
+    const Tensor& grad_logprob = extras_ ? grads[1] : none;
+    const Tensor& grad_entropy = extras_ ? grads[2] : none;
+    if (!grads[0].defined() && !grad_logprob.defined() && !grad_entropy.defined()) return result;
     Tensor gi, gw, gb;
-    if (!ctx->saved_data["in_forward"].toBool()) {
-      const auto saved = ctx->get_saved_variables();
-      const Tensor &input = saved[0], &target = saved[2], &bias = saved[3], &mass = saved[5];
-      const Tensor g = row_grad(grads[0], mass, reduction, input.size(0), mass.options(), saved[6]);
-      const bool extras = saved[7].defined();
-      LceRecompute::Args args{optional(bias),
-                              optional(saved[4]),
-                              optional(saved[7]),
-                              extras ? optional(grads[4]) : std::nullopt,
-                              extras ? optional(grads[5]) : std::nullopt,
-                              ctx->saved_data["ignore_index"].toInt(),
-                              ctx->saved_data["label_smoothing"].toDouble(),
-                              ctx->saved_data["z_loss"].toDouble(),
-                              ctx->saved_data["softcap"].toDouble(),
-                              ctx->saved_data["chunk_size"].toInt(),
-                              need_gi,
-                              need_gw,
-                              need_gb};
+    if (!in_forward_) {
+      const Tensor input = input_.unpack(), mass = mass_.unpack(self_of(this));
+      const Tensor g = row_grad(grads[0], mass, reduction_, input.size(0), mass.options(), token_weight_.unpack());
+      LceRecompute::Args args{optional(bias_.unpack()),
+                              optional(weight_.unpack()),
+                              extras_ ? optional(stats_.unpack(self_of(this))) : std::nullopt,
+                              optional(grad_logprob),
+                              optional(grad_entropy),
+                              ignore_index_,
+                              label_smoothing_,
+                              z_loss_,
+                              softcap_,
+                              chunk_size_,
+                              need_gi_,
+                              need_gw_,
+                              need_gb_};
+      const Tensor linear_weight = linear_weight_.unpack(), target = target_.unpack();
       // With create_graph=True (grad mode on) through a Function whose backward refuses a second order.
-      const auto r = at::GradMode::is_enabled() ? LceRecompute::apply(g, input, saved[1], target, args)
-                                                : LceRecompute::run(g, input, saved[1], target, args);
+      const auto r = at::GradMode::is_enabled() ? LceRecompute::apply(g, input, linear_weight, target, args)
+                                                : LceRecompute::run(g, input, linear_weight, target, args);
       gi = r[0];
       gw = r[1];
       gb = r[2];
@@ -516,18 +556,20 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
       TORCH_CHECK(!at::GradMode::is_enabled(),
                   "fusedloss: linear_cross_entropy has no double backward (the gradient of its gradient): with "
                   "reduction='",
-                  reduction == reduce::kMean ? "mean" : "sum",
+                  reduction_ == reduce::kMean ? "mean" : "sum",
                   "' its gradients are computed in the forward, so backward with create_graph=True is refused");
-      variable_list saved;
+      Tensor saved_gi, saved_gw, saved_gb, mass;
       try {
-        saved = ctx->get_saved_variables();
+        saved_gi = gi_.unpack();
+        saved_gw = gw_.unpack();
+        saved_gb = gb_.unpack();
+        mass = mass_.unpack(self_of(this));
       } catch (const c10::Error&) {
         TORCH_CHECK(false,
                     "fusedloss.linear_cross_entropy: backward ran twice through one graph (retain_graph=True); "
                     "the gradients computed in the forward are consumed by the first backward. Recompute the "
                     "loss, or pass reduction='none' and reduce it yourself.");
       }
-      const Tensor& mass = saved[3];
       // mean: grad / mass, but 0 when every row is ignored (its gradients are 0, not 0 * inf), as torch.
       const Tensor& grad = grads[0];
       if (host_readable(grad) && host_readable(mass) && grad.numel() == 1 && grad.scalar_type() == at::kFloat &&
@@ -535,24 +577,23 @@ struct LinearCrossEntropyFunction : public torch::autograd::Function<LinearCross
         // CPU, eager, fp32 sums (the chunk loop's): the scale by the host, the same float product
         // as the 0-dim tensor below, without its three TensorIterator ops.
         float s = *grad.const_data_ptr<float>();
-        if (reduction == reduce::kMean) {
+        if (reduction_ == reduce::kMean) {
           const float m = *mass.const_data_ptr<float>();
           s = m != 0 ? s / m : 0.0f;
         }
-        if (need_gi) gi = scaled(saved[0], s, dtype("input_dtype"));
-        if (need_gw) gw = scaled(saved[1], s, dtype("weight_dtype"));
-        if (need_gb) gb = scaled(saved[2], s, dtype("bias_dtype"));
+        if (need_gi_) gi = scaled(saved_gi, s, input_dtype_);
+        if (need_gw_) gw = scaled(saved_gw, s, weight_dtype_);
+        if (need_gb_) gb = scaled(saved_gb, s, bias_dtype_);
       } else {
-        const Tensor scale =
-            reduction == reduce::kMean ? at::where(mass.ne(0), at::div(grad, mass), 0) : grad;
-        if (need_gi) gi = scaled(saved[0], scale, dtype("input_dtype"));
-        if (need_gw) gw = scaled(saved[1], scale, dtype("weight_dtype"));
-        if (need_gb) gb = scaled(saved[2], scale, dtype("bias_dtype"));
+        const Tensor scale = reduction_ == reduce::kMean ? at::where(mass.ne(0), at::div(grad, mass), 0) : grad;
+        if (need_gi_) gi = scaled(saved_gi, scale, input_dtype_);
+        if (need_gw_) gw = scaled(saved_gw, scale, weight_dtype_);
+        if (need_gb_) gb = scaled(saved_gb, scale, bias_dtype_);
       }
     }
-    if (need_gi) result[0] = gi;
-    if (need_gw) result[1] = gw;
-    if (need_gb) result[3] = gb;
+    if (need_gi_) result[0] = gi;
+    if (need_gw_) result[1] = gw;
+    if (need_gb_) result[3] = gb;
     return result;
   }
 };
@@ -562,14 +603,62 @@ Tensor6 linear_cross_entropy_autograd(const Tensor& input, const Tensor& linear_
                                       const OptTensor& token_weight, int64_t ignore_index, int64_t reduction,
                                       double label_smoothing, double z_loss, double softcap, int64_t chunk_size,
                                       bool extras) {
-  const bool grad = at::GradMode::is_enabled();
-  const bool need_gi = grad && input.requires_grad();
-  const bool need_gw = grad && linear_weight.requires_grad();
-  const bool need_gb = grad && linear_bias.has_value() && linear_bias->requires_grad();
-  auto r = LinearCrossEntropyFunction::apply(input, linear_weight, target, linear_bias, weight, token_weight,
-                                             ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, extras,
-                                             need_gi, need_gw, need_gb);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+  check_reduction(reduction);
+  auto node = make_node<LinearCrossEntropyBackward>("linear_cross_entropy", input, linear_weight, target, linear_bias,
+                                                    weight, token_weight);
+  const bool need_gi = node && input.requires_grad();
+  const bool need_gw = node && linear_weight.requires_grad();
+  const bool need_gb = node && linear_bias.has_value() && linear_bias->requires_grad();
+  const bool in_forward = !extras && reduction != reduce::kNone && (need_gi || need_gw || need_gb);
+  Tensor rows, lse, gi, gw, gb, stats, out, mass, logprob, entropy;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    // The gradients made in the forward are those of sum_i u_i l_i: the token weights are the row scales.
+    std::tie(rows, lse, gi, gw, gb, stats) =
+        lce_chunks_op().call(input, linear_weight, target, linear_bias, weight,
+                             in_forward ? token_weight : std::nullopt, ignore_index, label_smoothing, z_loss,
+                             softcap, chunk_size, in_forward && need_gi, in_forward && need_gw,
+                             in_forward && need_gb, std::nullopt, std::nullopt, std::nullopt, extras);
+    std::tie(out, mass) = reduce(rows, target, weight, token_weight, ignore_index, reduction);
+    if (extras) {
+      logprob = stats_column(stats, 2);
+      entropy = stats_column(stats, 3);
+    } else {
+      logprob = at::empty({0}, rows.options());
+      entropy = at::empty({0}, rows.options());
+    }
+  }
+  if (!node) return {out, lse, mass, stats, logprob, entropy};
+  torch::autograd::set_history(extras ? std::vector<Tensor>{out, logprob, entropy} : std::vector<Tensor>{out}, node);
+  node->mass_ = SavedVariable(mass, true);
+  if (in_forward) {
+    node->gi_ = SavedVariable(gi, false);
+    node->gw_ = SavedVariable(gw, false);
+    node->gb_ = SavedVariable(gb, false);
+  } else {
+    node->input_ = SavedVariable(input, false);
+    node->linear_weight_ = SavedVariable(linear_weight, false);
+    node->target_ = SavedVariable(target, false);
+    node->bias_ = SavedVariable(linear_bias.value_or(Tensor()), false);
+    node->weight_ = SavedVariable(weight.value_or(Tensor()), false);
+    node->token_weight_ = SavedVariable(token_weight.value_or(Tensor()), false);
+    if (extras) node->stats_ = SavedVariable(stats, true);
+  }
+  node->ignore_index_ = ignore_index;
+  node->reduction_ = reduction;
+  node->label_smoothing_ = label_smoothing;
+  node->z_loss_ = z_loss;
+  node->softcap_ = softcap;
+  node->chunk_size_ = chunk_size;
+  node->in_forward_ = in_forward;
+  node->extras_ = extras;
+  node->need_gi_ = need_gi;
+  node->need_gw_ = need_gw;
+  node->need_gb_ = need_gb;
+  node->input_dtype_ = input.scalar_type();
+  node->weight_dtype_ = linear_weight.scalar_type();
+  node->bias_dtype_ = linear_bias.has_value() ? linear_bias->scalar_type() : input.scalar_type();
+  return {out, lse, mass, stats, logprob, entropy};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -592,37 +681,59 @@ const auto& nce_bwd_op() {
   return op;
 }
 
-struct InfoNCELseFunction : public torch::autograd::Function<InfoNCELseFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& query, const Tensor& key, const Tensor& scale,
-                               bool cols, const OptTensor& labels, const OptTensor& key_groups) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->set_materialize_grads(false);  // the unused outputs need no zero gradients; backward handles undefined ones
-    auto [lse_rows, lse_cols, pos, npos] = nce_fwd_op().call(query, key, scale, cols, labels, key_groups);
-    ctx->save_for_backward({query, key, scale, lse_rows, lse_cols, pos, npos, labels.value_or(Tensor()),
-                            key_groups.value_or(Tensor())});
-    ctx->saved_data["cols"] = cols;
-    ctx->mark_non_differentiable({npos});
-    return {lse_rows, lse_cols, pos, npos};
+struct InfoNCELseBackward final : public Node {
+  SavedVariable query_, key_, scale_, lse_rows_, lse_cols_, pos_, npos_, labels_, key_groups_;
+  bool cols_ = false;
+
+  std::string name() const override { return "InfoNCELseBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reset_all(query_, key_, scale_, lse_rows_, lse_cols_, pos_, npos_, labels_, key_groups_);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &query = saved[0], &key = saved[1], &scale = saved[2], &lse_rows = saved[3], &lse_cols = saved[4],
-                 &pos = saved[5], &npos = saved[6];
+  // grads: of (lse_rows, lse_cols, pos).
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list result(num_outputs());
+    const auto self = self_of(this);
+    const Tensor lse_rows = lse_rows_.unpack(self);
     const Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(lse_rows);  // only lse_cols or pos was used
-    const OptTensor h = ctx->saved_data["cols"].toBool() ? optional(grads[1]) : std::nullopt;
+    const OptTensor h = cols_ ? optional(grads[1]) : std::nullopt;
     MaybeBelowAutograd below;
     auto [grad_query, grad_key, grad_scale] =
-        nce_bwd_op().call(g, h, optional(grads[2]), query, key, scale, lse_rows, h ? OptTensor(lse_cols) : std::nullopt,
-                          pos, npos, optional(saved[7]), optional(saved[8]));
-    return {grad_query, grad_key, grad_scale, Tensor(), Tensor(), Tensor()};
+        nce_bwd_op().call(g, h, optional(grads[2]), query_.unpack(), key_.unpack(), scale_.unpack(), lse_rows,
+                          h ? OptTensor(lse_cols_.unpack(self)) : std::nullopt, pos_.unpack(self), npos_.unpack(self),
+                          optional(labels_.unpack()), optional(key_groups_.unpack()));
+    result[0] = grad_query;
+    result[1] = grad_key;
+    result[2] = grad_scale;
+    return result;
   }
 };
 
 Tensor4 info_nce_lse_autograd(const Tensor& query, const Tensor& key, const Tensor& scale, bool cols,
                               const OptTensor& labels, const OptTensor& key_groups) {
-  auto r = InfoNCELseFunction::apply(query, key, scale, cols, labels, key_groups);
-  return {r[0], r[1], r[2], r[3]};
+  auto node = make_node<InfoNCELseBackward>("info_nce", query, key, scale, labels, key_groups);
+  Tensor4 r;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    r = nce_fwd_op().call(query, key, scale, cols, labels, key_groups);
+  }
+  if (!node) return r;
+  const auto& [lse_rows, lse_cols, pos, npos] = r;
+  torch::autograd::set_history({lse_rows, lse_cols, pos}, node);
+  node->query_ = SavedVariable(query, false);
+  node->key_ = SavedVariable(key, false);
+  node->scale_ = SavedVariable(scale, false);
+  node->lse_rows_ = SavedVariable(lse_rows, true);
+  node->lse_cols_ = SavedVariable(lse_cols, true);
+  node->pos_ = SavedVariable(pos, true);
+  node->npos_ = SavedVariable(npos, true);
+  node->labels_ = SavedVariable(labels.value_or(Tensor()), false);
+  node->key_groups_ = SavedVariable(key_groups.value_or(Tensor()), false);
+  node->cols_ = cols;
+  return r;
 }
 
 // info_nce_fwd_grad(query, key, scale, labels, key_groups, query_grad, key_grad, scale_grad) -> (total, npos,
@@ -649,40 +760,36 @@ struct InfoNCEFwdGradSecondOrder : public torch::autograd::Function<InfoNCEFwdGr
   }
 };
 
-struct InfoNCEFwdGradFunction : public torch::autograd::Function<InfoNCEFwdGradFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& query, const Tensor& key, const Tensor& scale,
-                               const OptTensor& labels, const OptTensor& key_groups, bool query_grad, bool key_grad,
-                               bool scale_grad) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->set_materialize_grads(false);
-    auto [total, npos, gq, gk, gs] =
-        nce_fwd_grad_op().call(query, key, scale, labels, key_groups, query_grad, key_grad, scale_grad);
-    ctx->save_for_backward({query, key, scale, gq, gk, gs});
-    ctx->saved_data["query_grad"] = query_grad;
-    ctx->saved_data["key_grad"] = key_grad;
-    ctx->saved_data["scale_grad"] = scale_grad;
-    ctx->mark_non_differentiable({npos, gq, gk, gs});
-    return {total, npos, gq, gk, gs};
+struct InfoNCEFwdGradBackward final : public Node {
+  SavedVariable query_, key_, scale_, gq_, gk_, gs_;
+  bool query_grad_ = false, key_grad_ = false, scale_grad_ = false;
+
+  std::string name() const override { return "InfoNCEFwdGradBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reset_all(query_, key_, scale_, gq_, gk_, gs_);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(8);
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list result(num_outputs());
     if (!grads[0].defined()) return result;
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &query = saved[0], &key = saved[1], &scale = saved[2];
     const Tensor& g = grads[0];
     // The gradients times the upstream scalar, in each gradient's dtype (float64 for a learnable
     // temperature's scale: rounded once more, here, as the two-pass path's float64 sum is).
-    const auto times = [&](const Tensor& t, bool wanted) {
-      return wanted ? at::mul(t, g.to(t.scalar_type())) : Tensor();
+    const auto times = [&](const SavedVariable& t, bool wanted) {
+      if (!wanted) return Tensor();
+      const Tensor saved = t.unpack(self_of(this));
+      return at::mul(saved, g.to(saved.scalar_type()));
     };
-    Tensor gq = times(saved[3], ctx->saved_data["query_grad"].toBool());
-    Tensor gk = times(saved[4], ctx->saved_data["key_grad"].toBool());
-    Tensor gs = times(saved[5], ctx->saved_data["scale_grad"].toBool());
+    Tensor gq = times(gq_, query_grad_);
+    Tensor gk = times(gk_, key_grad_);
+    Tensor gs = times(gs_, scale_grad_);
     if (at::GradMode::is_enabled()) {
       const auto undef_to_empty = [&](const Tensor& t) { return t.defined() ? t : at::empty({0}, g.options()); };
-      auto r = InfoNCEFwdGradSecondOrder::apply(query, key, scale, undef_to_empty(gq), undef_to_empty(gk),
-                                                undef_to_empty(gs));
+      auto r = InfoNCEFwdGradSecondOrder::apply(query_.unpack(), key_.unpack(), scale_.unpack(), undef_to_empty(gq),
+                                                undef_to_empty(gk), undef_to_empty(gs));
       gq = gq.defined() ? r[0] : Tensor();
       gk = gk.defined() ? r[1] : Tensor();
       gs = gs.defined() ? r[2] : Tensor();
@@ -697,8 +804,25 @@ struct InfoNCEFwdGradFunction : public torch::autograd::Function<InfoNCEFwdGradF
 Tensor5 info_nce_fwd_grad_autograd(const Tensor& query, const Tensor& key, const Tensor& scale,
                                    const OptTensor& labels, const OptTensor& key_groups, bool query_grad,
                                    bool key_grad, bool scale_grad) {
-  auto r = InfoNCEFwdGradFunction::apply(query, key, scale, labels, key_groups, query_grad, key_grad, scale_grad);
-  return {r[0], r[1], r[2], r[3], r[4]};
+  auto node = make_node<InfoNCEFwdGradBackward>("info_nce", query, key, scale, labels, key_groups);
+  Tensor5 r;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    r = nce_fwd_grad_op().call(query, key, scale, labels, key_groups, query_grad, key_grad, scale_grad);
+  }
+  if (!node) return r;
+  const auto& [total, npos, gq, gk, gs] = r;
+  torch::autograd::set_history(total, node);
+  node->query_ = SavedVariable(query, false);
+  node->key_ = SavedVariable(key, false);
+  node->scale_ = SavedVariable(scale, false);
+  node->gq_ = SavedVariable(gq, true);
+  node->gk_ = SavedVariable(gk, true);
+  node->gs_ = SavedVariable(gs, true);
+  node->query_grad_ = query_grad;
+  node->key_grad_ = key_grad;
+  node->scale_grad_ = scale_grad;
+  return r;
 }
 
 }  // namespace
