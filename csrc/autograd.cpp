@@ -182,16 +182,31 @@ struct MaybeBelowAutograd {
   }
 };
 
-// The node itself, for SavedVariable::unpack of its own outputs: an output is saved without its grad_fn
-// (is_output=true: no reference cycle node -> output -> node) and gets it back from here.
-c10::intrusive_ptr<Node> self_of(Node* node) { return c10::intrusive_ptr<Node>::unsafe_reclaim_from_nonowning(node); }
+// What the backward nodes below share. Derived names itself (kName), lists its SavedVariables
+// (saved(): released after a backward without retain_graph, so a second backward fails in
+// SavedVariable::unpack with torch's own message) and fills one gradient per tensor input of the
+// forward in backward(grads, result) (undefined where there is none). The node's lock is held around
+// both, as in torch's generated nodes.
+template <class Derived>
+struct BackwardNode : public Node {
+  std::string name() const override { return Derived::kName; }
 
-// A node's release_variables(): the saved tensors go after a backward without retain_graph (a second
-// backward then fails in SavedVariable::unpack with torch's own message).
-template <class... Saved>
-void reset_all(Saved&... saved) {
-  (saved.reset_data(), ...);
-}
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::apply([](auto&... saved) { (saved.reset_data(), ...); }, static_cast<Derived*>(this)->saved());
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list result(num_outputs());
+    static_cast<Derived*>(this)->backward(grads, result);
+    return result;
+  }
+
+  // The node itself, for SavedVariable::unpack of its own outputs: an output is saved without its
+  // grad_fn (is_output=true: no reference cycle node -> output -> node) and gets it back from here.
+  c10::intrusive_ptr<Node> self() { return c10::intrusive_ptr<Node>::unsafe_reclaim_from_nonowning(this); }
+};
 
 // The node of a call whose inputs need gradients, with one edge per tensor input in argument order
 // (only the first gets a gradient; the others' are undefined, as a Function's), or null. Forward-mode
@@ -229,33 +244,27 @@ Tensor6 cross_entropy_impl(const Tensor& logits, const Tensor& target, const Opt
 // call costs microseconds, Function's generic machinery (a string-keyed hash map for the scalars,
 // per-output bookkeeping, the node's name demangled on every backward) was about a tenth of the
 // instructions of a whole training step's loss part.
-struct CrossEntropyBackward final : public Node {
+struct CrossEntropyBackward final : public BackwardNode<CrossEntropyBackward> {
+  static constexpr const char* kName = "CrossEntropyBackward";
   SavedVariable logits_, target_, weight_, stats_, mass_, token_weight_;
   int64_t ignore_index_ = 0, reduction_ = 0;
   double label_smoothing_ = 0, z_loss_ = 0, softcap_ = 0, temperature_ = 1;
 
-  std::string name() const override { return "CrossEntropyBackward"; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    reset_all(logits_, target_, weight_, stats_, mass_, token_weight_);
-  }
+  auto saved() { return std::tie(logits_, target_, weight_, stats_, mass_, token_weight_); }
 
   // grads: of (loss, lse), then of (logprob, entropy) when the forward had the extras.
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list out(num_outputs());
-    if (!should_compute_output(0)) return out;
-    const auto self = self_of(this);
-    const Tensor logits = logits_.unpack(), stats = stats_.unpack(self);
-    const Tensor g = row_grad(grads[0], mass_.unpack(self), reduction_, logits.size(0), stats.options(),
+  void backward(const variable_list& grads, variable_list& result) {
+    if (!should_compute_output(0)) return;
+    const auto me = self();
+    const Tensor logits = logits_.unpack(), stats = stats_.unpack(me);
+    const Tensor g = row_grad(grads[0], mass_.unpack(me), reduction_, logits.size(0), stats.options(),
                               token_weight_.unpack());
     const bool extras = grads.size() == 4;
     MaybeBelowAutograd below;
-    out[0] = ce_bwd_op().call(g, optional(grads[1]), logits, target_.unpack(), optional(weight_.unpack()), stats,
-                              ignore_index_, label_smoothing_, z_loss_, softcap_, temperature_,
-                              extras ? optional(grads[2]) : std::nullopt, extras ? optional(grads[3]) : std::nullopt);
-    return out;
+    result[0] = ce_bwd_op().call(g, optional(grads[1]), logits, target_.unpack(), optional(weight_.unpack()),
+                                 stats, ignore_index_, label_smoothing_, z_loss_, softcap_, temperature_,
+                                 extras ? optional(grads[2]) : std::nullopt,
+                                 extras ? optional(grads[3]) : std::nullopt);
   }
 };
 
@@ -302,29 +311,22 @@ Tensor4 focal_loss_impl(const Tensor& logits, const Tensor& target, const OptTen
   return {out, stats, coef, mass};
 }
 
-struct FocalLossBackward final : public Node {
+struct FocalLossBackward final : public BackwardNode<FocalLossBackward> {
+  static constexpr const char* kName = "FocalLossBackward";
   SavedVariable logits_, target_, stats_, coef_, mass_, token_weight_;
   int64_t ignore_index_ = 0, reduction_ = 0;
 
-  std::string name() const override { return "FocalLossBackward"; }
+  auto saved() { return std::tie(logits_, target_, stats_, coef_, mass_, token_weight_); }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    reset_all(logits_, target_, stats_, coef_, mass_, token_weight_);
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list out(num_outputs());
-    if (!should_compute_output(0)) return out;
-    const auto self = self_of(this);
-    const Tensor logits = logits_.unpack(), stats = stats_.unpack(self);
-    const Tensor g = row_grad(grads[0], mass_.unpack(self), reduction_, logits.size(0), stats.options(),
-                              times_token_weight(coef_.unpack(self), token_weight_.unpack()));
+  void backward(const variable_list& grads, variable_list& result) {
+    if (!should_compute_output(0)) return;
+    const auto me = self();
+    const Tensor logits = logits_.unpack(), stats = stats_.unpack(me);
+    const Tensor g = row_grad(grads[0], mass_.unpack(me), reduction_, logits.size(0), stats.options(),
+                              times_token_weight(coef_.unpack(me), token_weight_.unpack()));
     MaybeBelowAutograd below;
-    out[0] = ce_bwd_op().call(g, std::nullopt, logits, target_.unpack(), std::nullopt, stats, ignore_index_, 0.0, 0.0,
-                              0.0, 1.0, std::nullopt, std::nullopt);
-    return out;
+    result[0] = ce_bwd_op().call(g, std::nullopt, logits, target_.unpack(), std::nullopt, stats, ignore_index_,
+                                 0.0, 0.0, 0.0, 1.0, std::nullopt, std::nullopt);
   }
 };
 
@@ -360,29 +362,22 @@ Tensor2 gap_loss_impl(const Tensor& input, const Tensor& target, const OptTensor
   return reduce(loss, target, std::nullopt, std::nullopt, ignore_index, reduction);
 }
 
-struct GapLossBackward final : public Node {
+struct GapLossBackward final : public BackwardNode<GapLossBackward> {
+  static constexpr const char* kName = "GapLossBackward";
   SavedVariable input_, target_, weight_, mass_;
   double margin_ = 0;
   int64_t p_ = 1, ignore_index_ = 0, reduction_ = 0;
   bool class_normalize_ = false, max_mode_ = false;
 
-  std::string name() const override { return "GapLossBackward"; }
+  auto saved() { return std::tie(input_, target_, weight_, mass_); }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    reset_all(input_, target_, weight_, mass_);
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list out(num_outputs());
-    if (!should_compute_output(0)) return out;
-    const Tensor input = input_.unpack(), mass = mass_.unpack(self_of(this));
+  void backward(const variable_list& grads, variable_list& result) {
+    if (!should_compute_output(0)) return;
+    const Tensor input = input_.unpack(), mass = mass_.unpack(self());
     const Tensor g = row_grad(grads[0], mass, reduction_, input.size(0), mass.options());
     MaybeBelowAutograd below;
-    out[0] = gap_bwd_op().call(g, input, target_.unpack(), optional(weight_.unpack()), margin_, p_, ignore_index_,
-                               class_normalize_, max_mode_);
-    return out;
+    result[0] = gap_bwd_op().call(g, input, target_.unpack(), optional(weight_.unpack()), margin_, p_,
+                                  ignore_index_, class_normalize_, max_mode_);
   }
 };
 
@@ -503,7 +498,8 @@ struct LceRecompute : public torch::autograd::Function<LceRecompute> {
   }
 };
 
-struct LinearCrossEntropyBackward final : public Node {
+struct LinearCrossEntropyBackward final : public BackwardNode<LinearCrossEntropyBackward> {
+  static constexpr const char* kName = "LinearCrossEntropyBackward";
   // in_forward: the gradients made by the forward (gi, gw, gb) and mass; else what the recompute needs.
   SavedVariable input_, linear_weight_, target_, bias_, weight_, mass_, token_weight_, stats_, gi_, gw_, gb_;
   int64_t ignore_index_ = 0, reduction_ = 0, chunk_size_ = 0;
@@ -511,28 +507,23 @@ struct LinearCrossEntropyBackward final : public Node {
   bool in_forward_ = false, extras_ = false, need_gi_ = false, need_gw_ = false, need_gb_ = false;
   at::ScalarType input_dtype_ = at::kFloat, weight_dtype_ = at::kFloat, bias_dtype_ = at::kFloat;
 
-  std::string name() const override { return "LinearCrossEntropyBackward"; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    reset_all(input_, linear_weight_, target_, bias_, weight_, mass_, token_weight_, stats_, gi_, gw_, gb_);
+  auto saved() {
+    return std::tie(input_, linear_weight_, target_, bias_, weight_, mass_, token_weight_, stats_, gi_, gw_, gb_);
   }
 
   // grads: of the loss, then of (logprob, entropy) when the forward had the extras.
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list result(num_outputs());
+  void backward(const variable_list& grads, variable_list& result) {
     const Tensor none;
     const Tensor& grad_logprob = extras_ ? grads[1] : none;
     const Tensor& grad_entropy = extras_ ? grads[2] : none;
-    if (!grads[0].defined() && !grad_logprob.defined() && !grad_entropy.defined()) return result;
+    if (!grads[0].defined() && !grad_logprob.defined() && !grad_entropy.defined()) return;
     Tensor gi, gw, gb;
     if (!in_forward_) {
-      const Tensor input = input_.unpack(), mass = mass_.unpack(self_of(this));
+      const Tensor input = input_.unpack(), mass = mass_.unpack(self());
       const Tensor g = row_grad(grads[0], mass, reduction_, input.size(0), mass.options(), token_weight_.unpack());
       LceRecompute::Args args{optional(bias_.unpack()),
                               optional(weight_.unpack()),
-                              extras_ ? optional(stats_.unpack(self_of(this))) : std::nullopt,
+                              extras_ ? optional(stats_.unpack(self())) : std::nullopt,
                               optional(grad_logprob),
                               optional(grad_entropy),
                               ignore_index_,
@@ -563,7 +554,7 @@ struct LinearCrossEntropyBackward final : public Node {
         saved_gi = gi_.unpack();
         saved_gw = gw_.unpack();
         saved_gb = gb_.unpack();
-        mass = mass_.unpack(self_of(this));
+        mass = mass_.unpack(self());
       } catch (const c10::Error&) {
         TORCH_CHECK(false,
                     "fusedloss.linear_cross_entropy: backward ran twice through one graph (retain_graph=True); "
@@ -594,7 +585,6 @@ struct LinearCrossEntropyBackward final : public Node {
     if (need_gi_) result[0] = gi;
     if (need_gw_) result[1] = gw;
     if (need_gb_) result[3] = gb;
-    return result;
   }
 };
 
@@ -681,34 +671,27 @@ const auto& nce_bwd_op() {
   return op;
 }
 
-struct InfoNCELseBackward final : public Node {
+struct InfoNCELseBackward final : public BackwardNode<InfoNCELseBackward> {
+  static constexpr const char* kName = "InfoNCELseBackward";
   SavedVariable query_, key_, scale_, lse_rows_, lse_cols_, pos_, npos_, labels_, key_groups_;
   bool cols_ = false;
 
-  std::string name() const override { return "InfoNCELseBackward"; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    reset_all(query_, key_, scale_, lse_rows_, lse_cols_, pos_, npos_, labels_, key_groups_);
-  }
+  auto saved() { return std::tie(query_, key_, scale_, lse_rows_, lse_cols_, pos_, npos_, labels_, key_groups_); }
 
   // grads: of (lse_rows, lse_cols, pos).
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list result(num_outputs());
-    const auto self = self_of(this);
-    const Tensor lse_rows = lse_rows_.unpack(self);
+  void backward(const variable_list& grads, variable_list& result) {
+    const auto me = self();
+    const Tensor lse_rows = lse_rows_.unpack(me);
     const Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(lse_rows);  // only lse_cols or pos was used
     const OptTensor h = cols_ ? optional(grads[1]) : std::nullopt;
     MaybeBelowAutograd below;
     auto [grad_query, grad_key, grad_scale] =
         nce_bwd_op().call(g, h, optional(grads[2]), query_.unpack(), key_.unpack(), scale_.unpack(), lse_rows,
-                          h ? OptTensor(lse_cols_.unpack(self)) : std::nullopt, pos_.unpack(self), npos_.unpack(self),
+                          h ? OptTensor(lse_cols_.unpack(me)) : std::nullopt, pos_.unpack(me), npos_.unpack(me),
                           optional(labels_.unpack()), optional(key_groups_.unpack()));
     result[0] = grad_query;
     result[1] = grad_key;
     result[2] = grad_scale;
-    return result;
   }
 };
 
@@ -760,28 +743,22 @@ struct InfoNCEFwdGradSecondOrder : public torch::autograd::Function<InfoNCEFwdGr
   }
 };
 
-struct InfoNCEFwdGradBackward final : public Node {
+struct InfoNCEFwdGradBackward final : public BackwardNode<InfoNCEFwdGradBackward> {
+  static constexpr const char* kName = "InfoNCEFwdGradBackward";
   SavedVariable query_, key_, scale_, gq_, gk_, gs_;
   bool query_grad_ = false, key_grad_ = false, scale_grad_ = false;
 
-  std::string name() const override { return "InfoNCEFwdGradBackward"; }
+  auto saved() { return std::tie(query_, key_, scale_, gq_, gk_, gs_); }
 
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    reset_all(query_, key_, scale_, gq_, gk_, gs_);
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list result(num_outputs());
-    if (!grads[0].defined()) return result;
+  void backward(const variable_list& grads, variable_list& result) {
+    if (!grads[0].defined()) return;
     const Tensor& g = grads[0];
     // The gradients times the upstream scalar, in each gradient's dtype (float64 for a learnable
     // temperature's scale: rounded once more, here, as the two-pass path's float64 sum is).
     const auto times = [&](const SavedVariable& t, bool wanted) {
       if (!wanted) return Tensor();
-      const Tensor saved = t.unpack(self_of(this));
-      return at::mul(saved, g.to(saved.scalar_type()));
+      const Tensor made = t.unpack(self());
+      return at::mul(made, g.to(made.scalar_type()));
     };
     Tensor gq = times(gq_, query_grad_);
     Tensor gk = times(gk_, key_grad_);
@@ -797,7 +774,6 @@ struct InfoNCEFwdGradBackward final : public Node {
     result[0] = gq;
     result[1] = gk;
     result[2] = gs;
-    return result;
   }
 };
 

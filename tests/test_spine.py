@@ -186,6 +186,86 @@ def test_double_backward_raises(backend, device, name):
         g.sum().backward()
 
 
+def _node_calls():
+    """A loss of each op whose autograd is a backward node of csrc/autograd.cpp, on CPU."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 11, generator=g, requires_grad=True)
+    t = torch.randint(0, 11, (7,), generator=g)
+    h = torch.randn(7, 5, generator=g, requires_grad=True)
+    w = torch.randn(11, 5, generator=g, requires_grad=True)
+    q = torch.randn(6, 5, generator=g, requires_grad=True)
+    k = torch.randn(6, 5, generator=g, requires_grad=True)
+    return {
+        "cross_entropy": lambda: fusedloss.cross_entropy(x, t, backend="cpu"),
+        "cross_entropy extras": lambda: sum(o.sum() for o in fusedloss.cross_entropy(
+            x, t, reduction="none", return_lse=True, return_logprob=True, return_entropy=True, backend="cpu")),
+        "focal_loss": lambda: fusedloss.focal_loss(x, t, backend="cpu"),
+        "gap_loss": lambda: fusedloss.gap_loss(x, t, backend="cpu"),
+        "linear_cross_entropy none": lambda: fusedloss.linear_cross_entropy(h, w, t, reduction="none",
+                                                                            backend="cpu").sum(),
+        "linear_cross_entropy mean": lambda: fusedloss.linear_cross_entropy(h, w, t, backend="cpu"),
+        "info_nce none": lambda: fusedloss.info_nce(q, k, reduction="none", backend="cpu").sum(),
+        "info_nce mean": lambda: fusedloss.info_nce(q, k, backend="cpu"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_node_calls()))
+def test_backward_node_second_backward_is_refused(case):
+    """A backward without retain_graph releases the node's saved tensors: a second one fails with
+    torch's message (linear cross-entropy's reduced loss, whose gradients were made in the forward, its
+    own) instead of reading freed or stale buffers."""
+    require_backend("cpu", "cpu")
+    loss = _node_calls()[case]()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time|ran twice"):
+        loss.backward()
+
+
+_FORWARD_AD_CALLS = {
+    "cross_entropy": lambda d, t: fusedloss.cross_entropy(d, t, backend="cpu"),
+    "focal_loss": lambda d, t: fusedloss.focal_loss(d, t, backend="cpu"),
+    "gap_loss": lambda d, t: fusedloss.gap_loss(d, t, backend="cpu"),
+    "linear_cross_entropy": lambda d, t: fusedloss.linear_cross_entropy(d, torch.randn(11, 11), t, backend="cpu"),
+    "info_nce mean": lambda d, t: fusedloss.info_nce(d, torch.randn(7, 11), backend="cpu"),
+    "info_nce none": lambda d, t: fusedloss.info_nce(d, torch.randn(7, 11), reduction="none", backend="cpu"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FORWARD_AD_CALLS))
+def test_backward_node_refuses_forward_ad(case):
+    """The kernels have no forward-mode formula: a dual input is refused, not silently given no tangent."""
+    require_backend("cpu", "cpu")
+    import torch.autograd.forward_ad as fwAD
+
+    t = torch.randint(0, 11, (7,))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(torch.randn(7, 11), torch.ones(7, 11))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            _FORWARD_AD_CALLS[case](dual, t)
+
+
+def test_backward_node_keeps_no_reference_cycle():
+    """InfoNCE's kernel op saves its own differentiable outputs for the backward: saved without their
+    grad_fn (is_output), they are freed with the last user reference, not kept alive by a cycle
+    node -> output -> node."""
+    require_backend("cpu", "cpu")
+    import gc
+    import weakref
+
+    q = torch.randn(5, 4, requires_grad=True)
+    k = torch.randn(5, 4, requires_grad=True)
+    enabled = gc.isenabled()
+    gc.disable()  # a cycle would then stay until the next collection
+    try:
+        out = torch.ops.fusedloss.info_nce_lse_fwd(q, k, torch.tensor(10.0), True, None, None)
+        refs = [weakref.ref(t) for t in out[:3]]
+        del out
+        assert all(r() is None for r in refs)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _registry_op(name):
     return {"cross_entropy": ce_ops.CROSS_ENTROPY, "focal_loss": focal_ops.FOCAL_LOSS, "gap_loss": gap_ops.GAP_LOSS}[name]
 
