@@ -7,8 +7,21 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 REDUCTIONS = ("none", "mean", "sum")
+
+
+def no_forward_ad(op: str, *tensors) -> None:
+    """Refuses a dual input (torch.autograd.forward_ad, torch.func.jvp): the kernels have no forward-mode
+    formula, and torch.library's Python autograd, which the Triton ops and some C++ ops use, would drop
+    the tangent without an error. Outside a dual level, the common case, this is one attribute read."""
+    if _forward_ad._current_level < 0:
+        return
+    for t in tensors:
+        if isinstance(t, Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"fusedloss.{op} has no forward-mode AD formula (forward AD / jvp); "
+                                      "backend='reference' (plain PyTorch) has one")
 
 
 def tensor(name: str, value) -> Tensor:

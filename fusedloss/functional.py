@@ -160,6 +160,8 @@ def cross_entropy(
     ndim, shape = input.dim(), input.shape
     weight = _checks.class_weight(weight, C, input)
     name = _backend.resolve_for(backend, input)
+    if name != "reference":
+        _checks.no_forward_ad("cross_entropy", input, target, weight, token_weight)
     target_dtype = target.dtype
     if target_dtype.is_floating_point:
         if target.shape != shape:
@@ -280,6 +282,8 @@ def focal_loss(
     u = None if token_weight is None else _checks.token_weight(token_weight, target_shape, input,
                                                                acc_dtype(input.dtype))
     name = _backend.resolve_for(backend, input)
+    if name != "reference":
+        _checks.no_forward_ad("focal_loss", input, alpha, weight, u)
     if name == "reference":
         return reference.focal_loss(input, target, gamma, alpha, weight=weight, ignore_index=ignore_index,
                                     reduction=reduction, token_weight=None if u is None else u.view(target.shape))
@@ -418,6 +422,8 @@ def linear_cross_entropy(
     weight = _checks.class_weight(weight, V, input)
     u = None if token_weight is None else _checks.token_weight(token_weight, target_shape, input, acc_dtype(dtype))
     name = _backend.resolve_for(backend, input)
+    if name != "reference":
+        _checks.no_forward_ad("linear_cross_entropy", input, linear_weight, linear_bias, weight, u)
     if name == "reference":
         return reference.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                               reduction=reduction, ignore_index=ignore_index,
@@ -518,6 +524,8 @@ def gap_loss(
     _checks.same_device("target", target, "input", input)
     weight = _checks.class_weight(weight, C, input)
     name = _backend.resolve_for(backend, input)
+    if name != "reference":
+        _checks.no_forward_ad("gap_loss", input, weight)
     if name == "reference":
         return reference.gap_loss(input, target.to(torch.int64), margin, p=p, weight=weight, ignore_index=ignore_index,
                                   reduction=reduction, class_normalize=class_normalize, mode=mode)
@@ -600,6 +608,8 @@ def info_nce(
         if M != N:
             raise ValueError(f"symmetric=True needs as many keys as queries, got N={N} and M={M}")
     name = _backend.resolve_for(backend, query)
+    if name != "reference":
+        _checks.no_forward_ad("info_nce", query, key, temperature)
     labels, label_ok = _labels_in_range(labels, M)
     if name == "reference":
         if query_groups is not None:
@@ -771,6 +781,8 @@ def siglip_loss(
     bias = _siglip_scalar("bias", bias, query)
     labels = _checks.key_labels(labels, query, N, M)
     name = _backend.resolve_for(backend, query)
+    if name != "reference":
+        _checks.no_forward_ad("siglip_loss", query, key, temperature, bias)
     labels, label_ok = _labels_in_range(labels, M)
     if name == "reference":
         loss = reference.siglip_loss(query, key, temperature=temperature, bias=bias, normalize=normalize,
@@ -839,6 +851,8 @@ def _distill(student, teacher, target, temperature, ignore_index, reduction, bet
     C, temperature, ignore_index, beta = _distill_args(student, teacher, target, temperature, ignore_index,
                                                        reduction, beta)
     name = _backend.resolve(backend, student.device)
+    if name != "reference":
+        _checks.no_forward_ad("jsd_logits" if jsd else "kl_div_logits", student, teacher)
     if name == "reference":
         fn = reference.jsd_logits if jsd else reference.kl_div_logits
         kwargs = {"beta": beta} if jsd else {}
@@ -923,6 +937,9 @@ def _linear_distill(student_input, student_weight, teacher_input, teacher_weight
                 raise ValueError(f"{name} must have shape (V,) = ({V},), got {tuple(b.shape)}")
     _distill_target(target, lead, "student_input", student_input, "")
     name = _backend.resolve(backend, student_input.device)
+    if name != "reference":
+        _checks.no_forward_ad("linear_jsd" if jsd else "linear_kl_div", student_input, student_weight, teacher_input,
+                              teacher_weight, student_bias, teacher_bias)
     if name == "reference":
         out = reference.linear_kl_div(student_input, student_weight, teacher_input, teacher_weight, target,
                                       student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature,

@@ -18,7 +18,7 @@ from fusedloss.ops import info_nce as nce_ops
 from fusedloss.ops import kl_div as kl_ops
 from fusedloss.ops import siglip as siglip_ops
 from fusedloss.ops import soft_cross_entropy as soft_ops
-from conftest import assert_close, backend_params, require_backend, rows
+from conftest import assert_close, backend_params, require_backend, rows, with_reference
 
 SPECS = {"cross_entropy": ce_ops.SCHEMA, "focal_loss": focal_ops.SCHEMA, "gap_loss": gap_ops.SCHEMA}
 
@@ -221,27 +221,49 @@ def test_backward_node_second_backward_is_refused(case):
         loss.backward()
 
 
-_FORWARD_AD_CALLS = {
-    "cross_entropy": lambda d, t: fusedloss.cross_entropy(d, t, backend="cpu"),
-    "focal_loss": lambda d, t: fusedloss.focal_loss(d, t, backend="cpu"),
-    "gap_loss": lambda d, t: fusedloss.gap_loss(d, t, backend="cpu"),
-    "linear_cross_entropy": lambda d, t: fusedloss.linear_cross_entropy(d, torch.randn(11, 11), t, backend="cpu"),
-    "info_nce mean": lambda d, t: fusedloss.info_nce(d, torch.randn(7, 11), backend="cpu"),
-    "info_nce none": lambda d, t: fusedloss.info_nce(d, torch.randn(7, 11), reduction="none", backend="cpu"),
-}
+def _forward_ad_calls(backend):
+    """Every public loss with its first floating input as the argument d, (7, 11) floats."""
+    t = torch.randint(0, 11, (7,))
+    probs = torch.softmax(torch.randn(7, 11), 1)
+    kw = {"backend": backend}
+    return {
+        "cross_entropy": lambda d: fusedloss.cross_entropy(d, t, **kw),
+        "cross_entropy probabilities": lambda d: fusedloss.cross_entropy(d, probs, **kw),
+        "focal_loss": lambda d: fusedloss.focal_loss(d, t, **kw),
+        "gap_loss": lambda d: fusedloss.gap_loss(d, t, **kw),
+        "linear_cross_entropy": lambda d: fusedloss.linear_cross_entropy(d, torch.randn(11, 11), t, **kw),
+        "info_nce mean": lambda d: fusedloss.info_nce(d, torch.randn(7, 11), **kw),
+        "info_nce none": lambda d: fusedloss.info_nce(d, torch.randn(7, 11), reduction="none", **kw),
+        "siglip_loss": lambda d: fusedloss.siglip_loss(d, torch.randn(7, 11), **kw),
+        "kl_div_logits": lambda d: fusedloss.kl_div_logits(d, torch.randn(7, 11), **kw),
+        "jsd_logits": lambda d: fusedloss.jsd_logits(d, torch.randn(7, 11), **kw),
+        "linear_kl_div": lambda d: fusedloss.linear_kl_div(d, torch.randn(13, 11), torch.randn(7, 11),
+                                                          torch.randn(13, 11), **kw),
+        "linear_jsd": lambda d: fusedloss.linear_jsd(d, torch.randn(13, 11), torch.randn(7, 11),
+                                                    torch.randn(13, 11), **kw),
+    }
 
 
-@pytest.mark.parametrize("case", sorted(_FORWARD_AD_CALLS))
-def test_backward_node_refuses_forward_ad(case):
-    """The kernels have no forward-mode formula: a dual input is refused, not silently given no tangent."""
-    require_backend("cpu", "cpu")
+@pytest.mark.parametrize("backend,device", [p for p in with_reference(["cpu"]) if p.values[1] == "cpu"])
+@pytest.mark.parametrize("case", sorted(_forward_ad_calls("cpu")))
+def test_forward_ad_is_refused(backend, device, case):
+    """The kernels have no forward-mode formula: a dual input is refused on every kernel backend (the
+    Python autograd of torch.library would otherwise drop its tangent without a word), through
+    torch.autograd.forward_ad and torch.func.jvp alike; the reference backend (plain PyTorch) has one."""
+    require_backend(backend, device)
     import torch.autograd.forward_ad as fwAD
 
-    t = torch.randint(0, 11, (7,))
+    call = _forward_ad_calls(backend)[case]
+    x = torch.randn(7, 11)
+    if backend == "reference":
+        _, tangent = torch.func.jvp(call, (x,), (torch.ones(7, 11),))
+        assert torch.isfinite(tangent).all()
+        return
     with fwAD.dual_level():
-        dual = fwAD.make_dual(torch.randn(7, 11), torch.ones(7, 11))
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            _FORWARD_AD_CALLS[case](dual, t)
+            call(fwAD.make_dual(x, torch.ones(7, 11)))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(call, (x,), (torch.ones(7, 11),))
 
 
 def test_backward_node_keeps_no_reference_cycle():
