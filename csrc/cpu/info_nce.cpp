@@ -631,9 +631,9 @@ double fused_fwd_grad_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t 
   const int64_t extra_parts = dk != nullptr && parts > 1 ? parts - 1 : 0;
   auto extra_t = at::empty({extra_parts * M * D}, opts);
   acc_t* extra = static_cast<acc_t*>(extra_t.mutable_data_ptr());
-  // The strips, one per part, from the allocator too; zeroed so that the padding columns past the
-  // last block's queries hold finite values.
-  auto strips_t = at::zeros({parts * M * ldb}, opts);
+  // The strips, one per part, from the allocator too. A block of fewer than ldb queries zeroes its
+  // padding columns (read by its last column group) below.
+  auto strips_t = at::empty({parts * M * ldb}, opts);
   acc_t* strips = static_cast<acc_t*>(strips_t.mutable_data_ptr());
   auto wq_t = at::empty({parts * ldb * (D + 1)}, opts);  // per part: w (ldb), then w Q_b (bq x D)
   acc_t* wq = static_cast<acc_t*>(wq_t.mutable_data_ptr());
@@ -657,6 +657,9 @@ double fused_fwd_grad_kernel(const acc_t* q, const acc_t* k, int64_t N, int64_t 
           at::addmm_out(s_t, s_t, k_mat, q_b.t(), /*beta=*/0, /*alpha=*/1);
         } else {
           s_t.zero_();
+        }
+        if (const int64_t pad = std::min(ldb, ceil_div(nq, G) * G) - nq; pad > 0) {
+          for (int64_t j = 0; j < M; ++j) std::fill_n(st + j * ldb + nq, pad, acc_t(0));
         }
         for (int64_t c0 = 0; c0 < nq; c0 += G) {
           fused_group(st, M, ldb, c0, nq, i0, scale, P, want_ds, scratch, lse_r, pos, npos, w, ds);
