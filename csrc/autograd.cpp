@@ -35,6 +35,9 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <type_traits>
+
 namespace fusedloss {
 namespace {
 
@@ -182,6 +185,35 @@ struct MaybeBelowAutograd {
   }
 };
 
+// How a node is owned: torch up to 2.12 holds nodes in std::shared_ptr, 2.13 on in c10::intrusive_ptr
+// (Edge::function has the type). Both branches are templates, so only the one in use is compiled.
+template <bool Intrusive>
+struct NodeOwner;
+template <>
+struct NodeOwner<false> {
+  // With torch's deleter, which frees a long chain of nodes without recursing once per node.
+  template <class T>
+  static std::shared_ptr<T> make() {
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });  // by argument-dependent lookup
+  }
+  template <class N>
+  static std::shared_ptr<N> from_this(N* node) {
+    return node->shared_from_this();
+  }
+};
+template <>
+struct NodeOwner<true> {
+  template <class T>
+  static c10::intrusive_ptr<T> make() {
+    return c10::make_intrusive<T>();
+  }
+  template <class N>
+  static c10::intrusive_ptr<N> from_this(N* node) {
+    return c10::intrusive_ptr<N>::unsafe_reclaim_from_nonowning(node);
+  }
+};
+using Owner = NodeOwner<!std::is_same_v<decltype(torch::autograd::Edge::function), std::shared_ptr<Node>>>;
+
 // What the backward nodes below share. Derived names itself (kName), lists its SavedVariables
 // (saved(): released after a backward without retain_graph, so a second backward fails in
 // SavedVariable::unpack with torch's own message) and fills one gradient per tensor input of the
@@ -191,8 +223,11 @@ template <class Derived>
 struct BackwardNode : public Node {
   std::string name() const override { return Derived::kName; }
 
+  bool released_ = false;  // the engine freed the saved tensors (a backward without retain_graph)
+
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
+    released_ = true;
     std::apply([](auto&... saved) { (saved.reset_data(), ...); }, static_cast<Derived*>(this)->saved());
   }
 
@@ -205,18 +240,18 @@ struct BackwardNode : public Node {
 
   // The node itself, for SavedVariable::unpack of its own outputs: an output is saved without its
   // grad_fn (is_output=true: no reference cycle node -> output -> node) and gets it back from here.
-  c10::intrusive_ptr<Node> self() { return c10::intrusive_ptr<Node>::unsafe_reclaim_from_nonowning(this); }
+  auto self() { return Owner::from_this(static_cast<Node*>(this)); }
 };
 
 // The node of a call whose inputs need gradients, with one edge per tensor input in argument order
 // (only the first gets a gradient; the others' are undefined, as a Function's), or null. Forward-mode
 // AD has no formula here: refused, not silently dropped.
 template <class NodeT, class... Inputs>
-c10::intrusive_ptr<NodeT> make_node(const char* op, const Inputs&... inputs) {
+auto make_node(const char* op, const Inputs&... inputs) {
   TORCH_CHECK_NOT_IMPLEMENTED(!(torch::autograd::isFwGradDefined(inputs) || ...),
                               "fusedloss.", op, " has no forward-mode AD formula (forward AD / jvp)");
-  if (!torch::autograd::compute_requires_grad(inputs...)) return {};
-  auto node = c10::make_intrusive<NodeT>();
+  if (!torch::autograd::compute_requires_grad(inputs...)) return decltype(Owner::make<NodeT>()){};
+  auto node = Owner::make<NodeT>();
   node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
   return node;
 }
@@ -556,6 +591,8 @@ struct LinearCrossEntropyBackward final : public BackwardNode<LinearCrossEntropy
         saved_gb = gb_.unpack();
         mass = mass_.unpack(self());
       } catch (const c10::Error&) {
+        // Without retain_graph the engine freed them: torch's own message says so.
+        if (released_) throw;
         TORCH_CHECK(false,
                     "fusedloss.linear_cross_entropy: backward ran twice through one graph (retain_graph=True); "
                     "the gradients computed in the forward are consumed by the first backward. Recompute the "

@@ -61,27 +61,63 @@ const auto& fwd_grad_cols_op() {
 // t in dtype; t itself when it has it, without a call of aten::to (a dispatcher op, a microsecond).
 Tensor as_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
-// CUDA bf16/fp16 operands with fp32 results straight from cuBLAS (mm's out_dtype). Elsewhere the
-// operands are cast to the accumulation dtype: CPU bf16/fp16 GEMMs are emulated (slower than fp32).
+// CUDA bf16/fp16 operands with fp32 results straight from cuBLAS (the out_dtype overloads aten::mm.dtype,
+// addmm.dtype and their out= forms, CUDA-only). Elsewhere the operands are cast to the accumulation
+// dtype: CPU bf16/fp16 GEMMs are emulated (slower than fp32). The overloads are looked up at run time,
+// not called through ATen's headers, so that the extension also builds against a torch without them
+// (mixed_precision() is then false).
+std::optional<c10::OperatorHandle> aten_op(const char* name, const char* overload) {
+  return c10::Dispatcher::singleton().findOp({name, overload});
+}
+
 bool mixed_precision(const Tensor& input) {
   if (!input.is_cuda() || (input.scalar_type() != at::kHalf && input.scalar_type() != at::kBFloat16)) return false;
   static const bool has = [] {
-    auto op = c10::Dispatcher::singleton().findOp({"aten::mm", "dtype"});
-    return op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+    for (const char* overload : {"dtype", "dtype_out"}) {
+      for (const char* name : {"aten::mm", "aten::addmm"}) {
+        auto op = aten_op(name, overload);
+        if (!op.has_value() || !op->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return false;
+      }
+    }
+    return true;
   }();
   return has;
+}
+
+Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
+  static const auto op = aten_op("aten::mm", "dtype")->typed<Tensor(const Tensor&, const Tensor&, at::ScalarType)>();
+  return op.call(a, b, acc);
+}
+Tensor addmm_acc(const Tensor& bias, const Tensor& a, const Tensor& b, at::ScalarType acc) {
+  static const auto op =
+      aten_op("aten::addmm", "dtype")
+          ->typed<Tensor(const Tensor&, const Tensor&, const Tensor&, at::ScalarType, const at::Scalar&,
+                         const at::Scalar&)>();
+  return op.call(bias, a, b, acc, 1, 1);
+}
+void mm_acc_out(Tensor& out, const Tensor& a, const Tensor& b, at::ScalarType acc) {
+  static const auto op =
+      aten_op("aten::mm", "dtype_out")->typed<Tensor&(const Tensor&, const Tensor&, at::ScalarType, Tensor&)>();
+  op.call(a, b, acc, out);
+}
+void addmm_acc_out(Tensor& out, const Tensor& bias, const Tensor& a, const Tensor& b, at::ScalarType acc) {
+  static const auto op =
+      aten_op("aten::addmm", "dtype_out")
+          ->typed<Tensor&(const Tensor&, const Tensor&, const Tensor&, at::ScalarType, const at::Scalar&,
+                          const at::Scalar&, Tensor&)>();
+  op.call(bias, a, b, acc, 1, 1, out);
 }
 
 // out = a @ b (+ bias), with fp32 results from 16-bit operands when mixed.
 void mm_into(Tensor& out, const OptTensor& bias, const Tensor& a, const Tensor& b, bool mixed, at::ScalarType acc) {
   if (bias.has_value()) {
     if (mixed) {
-      at::addmm_out(out, *bias, a, b, acc);
+      addmm_acc_out(out, *bias, a, b, acc);
     } else {
       at::addmm_out(out, *bias, a, b);
     }
   } else if (mixed) {
-    at::mm_out(out, a, b, acc);
+    mm_acc_out(out, a, b, acc);
   } else {
     at::mm_out(out, a, b);
   }
@@ -95,8 +131,8 @@ Tensor5 one_chunk(const Tensor& input, const Tensor& w_op, const Tensor& target,
                   at::ScalarType acc) {
   const auto opts = input.options().dtype(acc);
   const Tensor x = as_dtype(input, w_op.scalar_type());
-  Tensor logits = b_acc.has_value() ? (mixed ? at::addmm(*b_acc, x, w_op.t(), acc) : at::addmm(*b_acc, x, w_op.t()))
-                                    : (mixed ? at::mm(x, w_op.t(), acc) : at::mm(x, w_op.t()));
+  Tensor logits = b_acc.has_value() ? (mixed ? addmm_acc(*b_acc, x, w_op.t(), acc) : at::addmm(*b_acc, x, w_op.t()))
+                                    : (mixed ? mm_acc(x, w_op.t(), acc) : at::mm(x, w_op.t()));
   if (!(input_grad || weight_grad || bias_grad)) {
     auto [loss, lse, stats] =
         ce_fwd_op().call(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, 1.0, false);
@@ -106,8 +142,8 @@ Tensor5 one_chunk(const Tensor& input, const Tensor& w_op, const Tensor& target,
   auto [loss, lse] =
       fwd_grad_op().call(logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap, 1.0);
   Tensor g = mixed ? logits.to(input.scalar_type()) : logits;  // G, in the operands' dtype for cuBLAS
-  Tensor gi = input_grad ? (mixed ? at::mm(g, w_op, acc) : at::mm(g, w_op)) : at::empty({0}, opts);
-  Tensor gw = weight_grad ? (mixed ? at::mm(g.t(), x, acc) : at::mm(g.t(), x)) : at::empty({0}, opts);
+  Tensor gi = input_grad ? (mixed ? mm_acc(g, w_op, acc) : at::mm(g, w_op)) : at::empty({0}, opts);
+  Tensor gw = weight_grad ? (mixed ? mm_acc(g.t(), x, acc) : at::mm(g.t(), x)) : at::empty({0}, opts);
   Tensor gb = bias_grad ? logits.sum(0) : at::empty({0}, opts);
   return {loss, lse, gi, gw, gb};
 }
@@ -231,14 +267,14 @@ Tensor6 linear_cross_entropy_chunks(const Tensor& input, const Tensor& linear_we
     if (input_grad) {
       Tensor out = gi.narrow(0, start, rows);
       if (mixed) {
-        at::mm_out(out, g, w_op, acc);
+        mm_acc_out(out, g, w_op, acc);
       } else {
         at::mm_out(out, g, w_op);
       }
     }
     if (weight_grad) {
       if (mixed) {
-        at::addmm_out(gw, gw, g.t(), x, acc);
+        addmm_acc_out(gw, gw, g.t(), x, acc);
       } else {
         at::addmm_out(gw, gw, g.t(), x);
       }

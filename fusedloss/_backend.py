@@ -80,6 +80,9 @@ def why_unavailable(backend: str, device: torch.device | str) -> str | None:
             return None
         if device.type == "cpu":
             if triton_interpret():
+                if torch.torch_version.TorchVersion(torch.__version__) < (2, 13):
+                    return (f"triton on CPU tensors (TRITON_INTERPRET=1) needs torch 2.13 or later: torch "
+                            f"{torch.__version__}'s torch.library.wrap_triton refuses the interpreter's kernels")
                 return None
             return "triton runs on CUDA tensors; CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
         return f"triton does not run on {device.type} tensors"

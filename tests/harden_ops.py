@@ -355,7 +355,11 @@ GAP_EDGES = (
 
 
 def _lce_twin(**kw):
-    return F.linear_cross_entropy(**kw)
+    if hasattr(F, "linear_cross_entropy"):
+        return F.linear_cross_entropy(**kw)
+    # torch before 2.14: the head, then cross-entropy (what F.linear_cross_entropy computes)
+    logits = F.linear(kw.pop("input"), kw.pop("linear_weight"), kw.pop("linear_bias", None))
+    return F.cross_entropy(logits, kw.pop("target"), **kw)
 
 
 def _lce(n=5, d=4, v=7, **fixed):

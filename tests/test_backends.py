@@ -55,6 +55,17 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         backends.resolve("triton", torch.device("cpu"))
 
 
+def test_triton_on_cpu_needs_a_torch_that_wraps_interpreted_kernels(monkeypatch):
+    monkeypatch.setattr(_backend, "triton_installed", lambda: True)
+    monkeypatch.setattr(_backend, "triton_interpret", lambda: True)
+    monkeypatch.setattr(_backend, "_RESOLVED", {})
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert "needs torch 2.13 or later" in _backend.why_unavailable("triton", "cpu")
+    assert _backend.why_unavailable("triton", "cuda") is None
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    assert _backend.why_unavailable("triton", "cpu") is None
+
+
 @pytest.mark.parametrize("interpret", [False, True])
 def test_missing_extension_is_reported_not_hidden(monkeypatch, interpret):
     monkeypatch.setattr(_backend, "_C", None)

@@ -16,6 +16,7 @@ from fusedloss.ops import focal_loss as focal_ops
 from fusedloss.ops import gap_loss as gap_ops
 from fusedloss.ops import info_nce as nce_ops
 from fusedloss.ops import kl_div as kl_ops
+from fusedloss.ops import linear_cross_entropy as lce_ops
 from fusedloss.ops import siglip as siglip_ops
 from fusedloss.ops import soft_cross_entropy as soft_ops
 from conftest import assert_close, backend_params, require_backend, rows, with_reference
@@ -27,6 +28,18 @@ def _normalized(schema: str) -> str:
     return re.sub(r"\s+", " ", schema).strip()
 
 
+def _inferred(name: str, schema: str) -> str:
+    """The schema a triton_op that ignores ``schema=`` (torch 2.11) infers from ``_typed``'s signature."""
+    inferred = torch.library.infer_schema(_registry._typed(lambda *args: None, schema), mutates_args=())
+    return str(torch._C.parse_schema(f"fusedloss::{name}{inferred}"))
+
+
+def _is_twin_schema(twin: str, name: str, schema: str) -> bool:
+    """The Triton twin's registered schema is the declared one (torch takes ``schema=``) or the one
+    inferred from its signature (torch 2.11)."""
+    return _normalized(twin) in (_normalized(f"fusedloss::{name}{schema}"), _normalized(_inferred(name, schema)))
+
+
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_triton_twin_has_the_cpp_schema(name):
     """The Python spec's schema (the Triton twin's) is the one csrc/registration.cpp declares."""
@@ -36,7 +49,7 @@ def test_triton_twin_has_the_cpp_schema(name):
     assert _normalized(cpp) == _normalized(f"fusedloss::{name}{SPECS[name]}")
     if _backend.triton_installed():
         twin = str(getattr(torch.ops.fusedloss, f"{name}_triton").default._schema)
-        assert _normalized(twin) == _normalized(f"fusedloss::{name}_triton{SPECS[name]}")
+        assert _is_twin_schema(twin, f"{name}_triton", SPECS[name])
 
 
 PAIRS = {p.name: p for p in (ce_ops.KERNELS, focal_ops.KERNELS, gap_ops.KERNELS, kl_ops.KERNELS, siglip_ops.KERNELS,
@@ -55,7 +68,25 @@ def test_kernel_pair_schemas_are_the_cpp_ones(name):
         assert _normalized(cpp) == _normalized(f"fusedloss::{name}_{kind}{schema}")
         if pair.present("triton"):
             twin = str(getattr(torch.ops.fusedloss, f"{name}_{kind}_triton").default._schema)
-            assert _normalized(twin) == _normalized(f"fusedloss::{name}_{kind}_triton{schema}")
+            assert _is_twin_schema(twin, f"{name}_{kind}_triton", schema)
+
+
+DECLARED = {**SPECS, "linear_cross_entropy": lce_ops.SCHEMA,
+            **{f"{p.name}_fwd": p.fwd_schema for p in PAIRS.values()},
+            **{f"{p.name}_bwd": p.bwd_schema for p in PAIRS.values() if p.bwd_schema is not None}}
+
+
+@pytest.mark.parametrize("name", sorted(DECLARED))
+def test_twin_signature_gives_its_schema(name):
+    """torch 2.11's triton_op infers a twin's schema from its function's signature and ignores
+    ``schema=``: the signature ``_typed`` writes from a declared schema infers that schema again, up to
+    what inference cannot write (an int argument is a SymInt, the results have no names)."""
+    def loose(schema: str) -> str:
+        args, results = _normalized(schema).split(" -> ")
+        return re.sub(r"\bSymInt\b", "int", args) + " -> " + re.sub(r"(Tensor\??) \w+(?=[,)])", r"\1", results)
+
+    schema = DECLARED[name]
+    assert loose(_inferred("x", schema)) == loose(str(torch._C.parse_schema(f"fusedloss::x{schema}")))
 
 
 def _reduce_reference(loss, target, weight, token_weight, ignore_index, mean):

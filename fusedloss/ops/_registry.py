@@ -16,8 +16,9 @@ one fake serves both; a test checks that the two schemas are the same.
 from __future__ import annotations
 
 import importlib
+import inspect
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -82,6 +83,30 @@ def _padded(backward: Callable, n_inputs: int) -> Callable:
     return padded
 
 
+# Schema types as torch._C prints them, and the annotations that infer_schema turns back into them.
+_ANNOTATIONS = {"Tensor": Tensor, "Optional[Tensor]": Optional[Tensor], "List[Tensor]": list[Tensor], "int": int,
+                "Optional[int]": Optional[int], "List[int]": list[int], "float": float,
+                "Optional[float]": Optional[float], "bool": bool, "Optional[bool]": Optional[bool]}
+
+
+def _typed(fn: Callable, schema: str) -> Callable:
+    """``fn`` with a signature written from ``schema``, so that a ``triton_op`` that infers its schema
+    from the function (torch 2.11 does, ignoring ``schema=``) infers ``schema``."""
+    parsed = torch._C.parse_schema(f"fusedloss::_{schema}")
+    params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_ANNOTATIONS[str(a.type)],
+                                default=a.default_value if a.has_default_value() else inspect.Parameter.empty)
+              for a in parsed.arguments]
+    rets = [_ANNOTATIONS[str(r.type)] for r in parsed.returns]
+    ret = rets[0] if len(rets) == 1 else tuple[tuple(rets)]
+
+    def typed(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    typed.__name__ = getattr(fn, "__name__", "typed")
+    typed.__signature__ = inspect.Signature(params, return_annotation=ret)
+    return typed
+
+
 class KernelOp:
     """One public-level op: ``op(backend)(*args)`` runs the kernels of ``backend`` ("cpu", "cuda",
     "triton") with autograd."""
@@ -103,7 +128,7 @@ class KernelOp:
         if triton_module is not None and triton_kernels_present(triton_module):
             from torch.library import triton_op
 
-            twin = triton_op(f"fusedloss::{name}_triton", triton_impl, mutates_args={}, schema=schema)
+            twin = triton_op(f"fusedloss::{name}_triton", _typed(triton_impl, schema), mutates_args={}, schema=schema)
             twin.register_autograd(_padded(backward, _arity(schema)), setup_context=setup_context)
             self._triton = getattr(torch.ops.fusedloss, f"{name}_triton").default
 
@@ -180,13 +205,15 @@ class KernelPair:
 
             bwd = None
             if bwd_schema is not None:
-                twin = triton_op(f"fusedloss::{name}_bwd_triton", _triton_kernel(triton_module, f"{name}_bwd"),
-                                 mutates_args={}, schema=bwd_schema)
+                twin = triton_op(f"fusedloss::{name}_bwd_triton",
+                                 _typed(_triton_kernel(triton_module, f"{name}_bwd"), bwd_schema), mutates_args={},
+                                 schema=bwd_schema)
                 twin.register_autograd(no_double_backward(self.label), setup_context=no_context)
                 bwd = getattr(torch.ops.fusedloss, f"{name}_bwd_triton").default
             self._ops["triton"] = (None, bwd)
-            twin = triton_op(f"fusedloss::{name}_fwd_triton", _triton_kernel(triton_module, f"{name}_fwd"),
-                             mutates_args={}, schema=fwd_schema)
+            twin = triton_op(f"fusedloss::{name}_fwd_triton",
+                             _typed(_triton_kernel(triton_module, f"{name}_fwd"), fwd_schema), mutates_args={},
+                             schema=fwd_schema)
             twin.register_autograd(_padded(backward_with(grads.bwd("triton")), n_inputs), setup_context=setup_context)
             self._ops["triton"] = (getattr(torch.ops.fusedloss, f"{name}_fwd_triton").default, bwd)
         cpp = self._ops.get("cpp")
