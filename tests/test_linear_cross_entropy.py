@@ -378,6 +378,11 @@ def test_second_backward_through_a_reduced_loss_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+    # Without retain_graph the engine freed the saved gradients: torch's own message, which names it.
+    loss = fusedloss.linear_cross_entropy(xa, Wa, t, backend="cpu")
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
 
 
 def test_reduction_none_allows_retain_graph():
