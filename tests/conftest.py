@@ -90,6 +90,16 @@ def require_backend(backend: str, device: str) -> None:
     pytest.skip(reason)
 
 
+def torch_loss_shape(x, t, reduction: str) -> torch.Size:
+    """The shape of F.cross_entropy(x, t, reduction=reduction); the test is skipped where this torch
+    refuses the input form (torch 2.6 has no (C,) input with a (1,) target)."""
+    try:
+        return torch.nn.functional.cross_entropy(x, t, reduction=reduction).shape
+    except RuntimeError as e:
+        pytest.skip(f"torch {torch.__version__}'s F.cross_entropy refuses input {tuple(x.shape)} with target "
+                    f"{tuple(t.shape)}: {e}")
+
+
 @pytest.fixture(autouse=True)
 def seeded(request):
     """A fresh but replayable seed per test: the session seed mixed with the test's id."""

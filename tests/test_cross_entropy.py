@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (DEVICES, TOL, assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend,
-                      rows, with_reference)
+                      rows, with_reference, torch_loss_shape)
 
 import fusedloss
 from fusedloss import reference
@@ -657,7 +657,7 @@ def test_torch_shape_forms(backend, device, shapes):
             t = torch.randint(0, C, t_shape, device=device)
             kw = dict(kw)
             w = torch.rand(C, device=device) + 0.5 if kw.pop("weight", False) else None
-            torch_shape = F.cross_entropy(x, t, reduction=reduction).shape
+            torch_shape = torch_loss_shape(x, t, reduction)
             xa = x.clone().requires_grad_()
             ours, lse = fusedloss.cross_entropy(xa, t, w, reduction=reduction, return_lse=True, backend=backend, **kw)
             msg = f"{backend} input {x_shape} target {t_shape} {reduction} {kw}"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (TOL, assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend,
-                      rows, with_reference)
+from conftest import (TOL, assert_close, backend_params, interpreted, poison_cpu_allocator, require_backend, rows,
+                      with_reference, torch_loss_shape)
 
 import fusedloss
 from fusedloss import reference
@@ -481,7 +481,7 @@ def test_torch_shape_forms(backend, device, shapes):
         x = torch.randn(x_shape, device=device)
         t = torch.randint(0, C, t_shape, device=device)
         w = torch.rand(C, device=device) + 0.5
-        torch_shape = F.cross_entropy(x, t, reduction=reduction).shape
+        torch_shape = torch_loss_shape(x, t, reduction)
         t_unbatched = t.view(()) if x.dim() == 1 else t
         msg = f"{backend} input {x_shape} target {t_shape} {reduction}"
         for gamma, kw in ((0.0, {}), (2.0, {"weight": w, "alpha": torch.rand(C, device=device)})):
