@@ -15,6 +15,16 @@ of the two runs is printed too: they must agree to float32 rounding. The rows al
 (``--out``, default ``bench/results/hf-<family>-<device>-<date>.csv``; ``--no-csv`` to skip), with every
 timed step and the machine's 1-minute load average before each one (2 threads of ours add about 2; well
 above that, other work shared the CPU and both runs' times are inflated).
+
+On CUDA the peers join the alternation where they are installed (``--peers``, default both), each
+patching only the loss so that every run shares the same trunk:
+- ``liger``: Liger-Kernel's ``apply_liger_kernel_to_llama(fused_linear_cross_entropy=True, rope=False,
+  rms_norm=False, swiglu=False, model=model)`` (Llama family only), which sets the instance's ``forward``;
+  undone by deleting that attribute.
+- ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(hidden, lm_head.weight, labels, shift=True,
+  impl="cce")`` (its default gradient filter) on the final hidden states (``model.model``), from a ``forward`` set on the instance: the
+  PyPI wheel (25.1.1) has no ``cce_patch``, which is only in its source tree. The same loss as HF's (the
+  shifted mean over the labels that are not -100).
 """
 
 from __future__ import annotations
@@ -55,6 +65,51 @@ def make_model(transformers, family: str, vocab: int, hidden: int, layers: int, 
     return model
 
 
+def _liger(model):
+    from liger_kernel.transformers import apply_liger_kernel_to_llama  # noqa: PLC0415 - optional peer
+
+    if type(model).__name__ != "LlamaForCausalLM":
+        raise ValueError(f"liger: this benchmark patches Llama only, not {type(model).__name__}")
+
+    def patch():
+        apply_liger_kernel_to_llama(fused_linear_cross_entropy=True, rope=False, rms_norm=False, swiglu=False,
+                                    model=model)
+
+    def unpatch():
+        del model.forward  # the instance attribute Liger set; the class's forward shows through again
+
+    return patch, unpatch
+
+
+def _cce(model):
+    from cut_cross_entropy import linear_cross_entropy  # noqa: PLC0415 - optional peer
+
+    if model.lm_head.bias is not None:
+        raise ValueError("cce: its linear_cross_entropy takes no bias")
+
+    def forward(input_ids=None, labels=None, **kwargs):
+        hidden = model.model(input_ids=input_ids, **kwargs).last_hidden_state
+        loss = linear_cross_entropy(hidden, model.lm_head.weight, labels, shift=True, impl="cce")
+        return transformers_output(loss=loss)
+
+    def patch():
+        model.forward = forward
+
+    def unpatch():
+        del model.forward
+
+    return patch, unpatch
+
+
+def transformers_output(**fields):
+    from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: PLC0415
+
+    return CausalLMOutputWithPast(**fields)
+
+
+PEERS = {"liger": ("liger_kernel", _liger), "cce": ("cut_cross_entropy", _cce)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="llama", choices=sorted(FAMILIES))
@@ -70,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default: bench/results/hf-<family>-"
                         "<device>-<date>.csv)")
     parser.add_argument("--no-csv", action="store_true")
+    parser.add_argument("--peers", default="liger,cce",
+                        help="peers raced on CUDA where installed (comma-separated, '' for none)")
     args = parser.parse_args(argv)
 
     import transformers  # noqa: PLC0415 - optional dependency of this script only
@@ -97,28 +154,48 @@ def main(argv=None) -> int:
             for p in model.parameters():
                 p.grad = None
 
-        def run(patched: bool):
-            if patched:
-                fl_hf.apply(model, backend=args.backend)
+        # run name -> (patch, unpatch) of the model instance
+        runs = {"unpatched": (lambda: None, lambda: None),
+                "apply": (lambda: fl_hf.apply(model, backend=args.backend), lambda: fl_hf.revert(model))}
+        if args.device.startswith("cuda"):
+            for peer in [p for p in args.peers.split(",") if p]:
+                module, make = PEERS[peer]
+                if not common.importable(module):
+                    print(f"# {peer}: {module} is not installed, left out")
+                    continue
+                try:
+                    runs[peer] = make(model)
+                except Exception as exc:  # noqa: BLE001 - one failing peer must not stop the race
+                    print(f"# {peer}: left out: {type(exc).__name__}: {exc}")
+
+        def run(name: str):
+            patch, unpatch = runs[name]
+            patch()
             try:
                 clear()
                 out = model(input_ids=ids, labels=ids)
                 out.loss.backward()
                 return out.loss.detach().float().item()
             finally:
-                if patched:
-                    fl_hf.revert(model)
+                unpatch()
 
-        names = ("unpatched", "apply")
-        losses = {name: run(name == "apply") for name in names}  # warm-up
+        losses = {}
+        for name in list(runs):  # warm-up, and the loss each run computes
+            try:
+                losses[name] = run(name)
+            except Exception as exc:  # noqa: BLE001 - a peer that fails here is reported and left out
+                if name in ("unpatched", "apply"):
+                    raise
+                print(f"# {name}: left out, its step failed: {type(exc).__name__}: {exc}")
+                del runs[name]
+        names = tuple(runs)
         times = {name: [] for name in names}
         loads = {name: [] for name in names}
         for _ in range(args.reps):
             for name in names:
-                patched = name == "apply"
+                patch, unpatch = runs[name]
                 clear()
-                if patched:
-                    fl_hf.apply(model, backend=args.backend)
+                patch()
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 loads[name].append(os.getloadavg()[0])
@@ -127,16 +204,14 @@ def main(argv=None) -> int:
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
-                if patched:
-                    fl_hf.revert(model)
+                unpatch()
         peaks = {}
         for name in names:
+            patch, unpatch = runs[name]
             clear()
-            if name == "apply":
-                fl_hf.apply(model, backend=args.backend)
+            patch()
             peaks[name] = common.peak_memory(step, args.device)
-            if name == "apply":
-                fl_hf.revert(model)
+            unpatch()
         clear()
         base_t = statistics.median(times["unpatched"])
         for name in names:

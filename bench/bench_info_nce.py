@@ -12,6 +12,11 @@ Providers:
 - ``torch.compile``: the same function under ``torch.compile(dynamic=False)``.
 - ``fusedloss-<backend>``: ``fusedloss.info_nce`` on every available kernel backend (not triton on
   CPU: the interpreter), which never holds an (N, M) matrix.
+- ``inf-cl`` (CUDA only, when ``inf_cl`` imports: ``pip install inf-cl``): Inf-CL's ``cal_inf_loss`` on
+  the normalized inputs with ``scale=1/0.07`` as a float (a tensor scale all-reduces its gradient, which
+  needs torch.distributed). Without torch.distributed it runs its single-GPU tiled kernels (its own
+  query-side loss, the mean over queries: the same loss), in fp32 whatever the input dtype (it upcasts).
+  Its head_dim is 256, so D must be a multiple of 256.
 
 What to look at: peak memory (the plot's second row), which grows as N^2 for PyTorch (4 bytes per
 logit, several copies) and as (N + M) * D for the fused kernels; and time, where the fused kernels
@@ -81,6 +86,18 @@ def _make_compiled(case: Case):
     return torch.compile(_torch_info_nce, dynamic=False)
 
 
+def _make_inf_cl(case: Case):
+    from inf_cl import cal_inf_loss  # noqa: PLC0415 - optional peer, imported lazily
+
+    if case.shape["D"] % 256:
+        raise ValueError(f"inf-cl needs D a multiple of its head_dim 256, got D={case.shape['D']}")
+
+    def inf_cl(q, k):
+        return cal_inf_loss(F.normalize(q, dim=1), F.normalize(k, dim=1), scale=1.0 / TEMPERATURE)
+
+    return inf_cl
+
+
 def providers(device: str) -> list[Provider]:
     out = [
         Provider("torch", lambda case: _torch_info_nce, warmup=2),
@@ -88,6 +105,8 @@ def providers(device: str) -> list[Provider]:
     ]
     out += common.fusedloss_providers(
         device, lambda fl, b: functools.partial(fl.info_nce, temperature=TEMPERATURE, backend=b))
+    if device.startswith("cuda") and common.importable("inf_cl"):
+        out.append(Provider("inf-cl", _make_inf_cl, warmup=2))
     return out
 
 

@@ -9,6 +9,9 @@ the student's logits require grad, the teacher's do not (a frozen teacher). Prov
   reduction="batchmean")``, as the issue states it.
 - ``torch.compile``: the same function under ``torch.compile``.
 - ``fusedloss-<backend>``: every available kernel backend (not triton on CPU: the interpreter).
+- ``liger`` (CUDA only, when ``liger_kernel`` is installed): Liger-Kernel's ``LigerJSD(beta=0.0)``, its
+  forward KL(P || Q) with P the teacher, on ``log_softmax`` of both logits (it takes log-probabilities,
+  so those two passes are part of its time), summed and divided by the rows: the same loss.
 
 Bytes of an ideal fused kernel, N rows of C classes, e bytes per logit: fwd reads both rows (2 N C e)
 and writes N * 4; bwd reads both rows and writes the student's gradient (3 N C e).
@@ -58,9 +61,22 @@ def _torch(s, t):
     return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
 
 
+def _make_liger(case: Case):
+    from liger_kernel.transformers import LigerJSD  # noqa: PLC0415 - optional peer, imported lazily
+
+    jsd = LigerJSD(beta=0.0)
+
+    def liger(s, t):
+        return jsd(F.log_softmax(s, -1), F.log_softmax(t, -1))
+
+    return liger
+
+
 def providers(device: str) -> list[Provider]:
     out = common.torch_providers(_torch)
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.kl_div_logits, backend=b))
+    if device.startswith("cuda") and common.importable("liger_kernel"):
+        out.append(Provider("liger", _make_liger, warmup=2))
     return out
 
 

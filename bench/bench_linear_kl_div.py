@@ -11,6 +11,9 @@ Providers:
   log_target=True, reduction="batchmean")``: both (N, V) logits, their log-softmaxes and the gradient
   in full.
 - ``fusedloss-<backend>``: every available kernel backend (not triton on CPU: the interpreter).
+- ``liger`` (CUDA only, when ``liger_kernel`` is installed): Liger-Kernel's
+  ``LigerFusedLinearJSD(jsd_beta=0.0)``, its forward KL(P || Q) with P the teacher, from both heads in
+  chunks: the same loss.
 
 Peak memory is the point of this op. TFLOP/s counts the ideal 2 N D V flops per GEMM: two forward GEMMs
 (both heads), two backward (the student's input and weight): 8 N D V for fwd+bwd.
@@ -69,9 +72,22 @@ def _naive(hs, ws, ht, wt):
                     reduction="batchmean")
 
 
+def _make_liger(case: Case):
+    from liger_kernel.transformers import LigerFusedLinearJSD  # noqa: PLC0415 - optional peer, imported lazily
+
+    jsd = LigerFusedLinearJSD(jsd_beta=0.0)
+
+    def liger(hs, ws, ht, wt):
+        return jsd(hs, ws, ht, wt, None)
+
+    return liger
+
+
 def providers(device: str) -> list[Provider]:
     out = [Provider("naive", lambda case: _naive, warmup=1)]
     out += common.fusedloss_providers(device, lambda fl, b: functools.partial(fl.linear_kl_div, backend=b))
+    if device.startswith("cuda") and common.importable("liger_kernel"):
+        out.append(Provider("liger", _make_liger, warmup=2))
     return out
 
 

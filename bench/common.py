@@ -49,6 +49,7 @@ import csv
 import datetime as _dt
 import gc
 import importlib
+import importlib.util
 import math
 import os
 import platform
@@ -155,6 +156,12 @@ class OpSpec:
     shapes: Callable[[str, bool], list]  # (device, quick) -> [shape dict]
     baseline: str = "torch"  # the provider speed-ups are measured against
     flops: Callable[[Case, str], int] | None = None  # (case, mode) -> flops of the ideal kernel, or None
+
+
+def importable(module: str) -> bool:
+    """True when an optional peer's package is installed (looked up, not imported: its import, and any
+    failure of it, comes at the provider's set-up, which the runner reports per provider)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def torch_providers(fn: Callable, *, eager: str = "torch", compiled: str = "torch.compile") -> list[Provider]:

@@ -23,10 +23,15 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     --platform any -d .whl cut-cross-entropy liger-kernel
-# (both are pure-Python wheels over triton and torch, which the image has; check each wheel's
+#     --platform any -d .whl cut-cross-entropy liger-kernel inf-cl
+# (pure-Python wheels over triton and torch, which the image has; inf-cl also needs numpy; check each wheel's
 # Requires-Dist with `unzip -p .whl/NAME-*.whl '*/METADATA' | grep ^Requires-Dist` and add what is missing).
 # This script installs whatever .whl/*.whl holds into /tmp/site (no index, no deps) before it starts.
+#
+# Stages beyond the default: nce (issue #17), kl (#16), hf (#19), overhead (#14); see each below. A 15-minute
+# lease fits about two 10-minute commands, e.g. STAGES="build test lce" then STAGES="nce kl hf overhead"
+# on the same warm machine (the build stays), with STAGE_LIMIT_S lowered to fit.
+# Peers for these: inf-cl (nce), liger-kernel (kl, hf, lce), cut-cross-entropy (hf, lce), carried as above.
 #
 # Knobs: TEST_K (pytest -k of the test stage, default every CUDA test), TEST_WORKERS (xdist workers),
 # SANITIZE_K (pytest -k of the sanitizer stage), SANITIZE_TOOLS (default "memcheck"; e.g.
@@ -173,6 +178,57 @@ PYEOF
     tail -30 "$OUT_DIR/bench-lce-$dt.txt"
   done
   record lce "$(verdict $rc_lce)" "$start" "N=8192 D=4096 V=32000/131072/262144, bf16 and fp32, fwd+bwd; logs bench-lce-*.txt"
+fi
+
+# The other issues' GPU races, each a stage of its own (not in the default STAGES: pick what the lease allows).
+# nce: issue #17, InfoNCE fwd+bwd at N=M in {16384, 32768}, D=256, bf16 then fp32, against PyTorch,
+#   torch.compile and Inf-CL (`inf-cl` wheel in .whl/).
+if has nce; then
+  echo "== nce (issue #17: InfoNCE against PyTorch, torch.compile, Inf-CL)"
+  start=$(date +%s)
+  $PY -c 'import inf_cl' 2>/dev/null || echo "nce: inf-cl not installed (carry it in .whl/): inf-cl is left out"
+  rc_nce=0
+  for dt in bfloat16 float32; do
+    timeout "$LIMIT" $PY -m fusedloss bench --device cuda --no-plot --ops info_nce --modes fwd+bwd --dtype "$dt" \
+      --shapes "N=16384,M=16384,D=256;N=32768,M=32768,D=256" --out "$OUT_DIR/nce-$dt" > "$OUT_DIR/bench-nce-$dt.txt" 2>&1
+    rc=$?; [[ $rc == 0 ]] || { rc_nce=$rc; status=1; }
+    tail -20 "$OUT_DIR/bench-nce-$dt.txt"
+  done
+  record nce "$(verdict $rc_nce)" "$start" "N=M=16384/32768 D=256, bf16 and fp32; logs bench-nce-*.txt"
+fi
+
+# kl: issue #16, kl_div_logits and linear_kl_div against Liger's JSD(beta=0) and fused linear JSD.
+if has kl; then
+  echo "== kl (issue #16: distillation against Liger)"
+  start=$(date +%s)
+  timeout "$LIMIT" $PY -m fusedloss bench --device cuda --no-plot --ops kl_div,linear_kl_div --modes fwd+bwd \
+    --dtype bfloat16 --out "$OUT_DIR/kl" > "$OUT_DIR/bench-kl.txt" 2>&1
+  rc=$?; [[ $rc == 0 ]] || status=1
+  tail -30 "$OUT_DIR/bench-kl.txt"
+  record kl "$(verdict $rc)" "$start" "kl_div, linear_kl_div, bf16, fwd+bwd; log bench-kl.txt"
+fi
+
+# hf: issue #19, a Llama training step at D=2048, B*T=8192, bf16, V=128256: unpatched, fusedloss's apply,
+# Liger's fused linear cross-entropy and Cut Cross-Entropy (wheels in .whl/).
+if has hf; then
+  echo "== hf (issue #19: HuggingFace Llama step against Liger and CCE)"
+  start=$(date +%s)
+  timeout "$LIMIT" $PY bench/bench_hf.py --device cuda --dtype bfloat16 --hidden 2048 --batch 8 --seq 1024 \
+    --vocab 128256 --reps 3 --out "$OUT_DIR/hf-llama-cuda.csv" > "$OUT_DIR/bench-hf.txt" 2>&1
+  rc=$?; [[ $rc == 0 ]] || status=1
+  tail -12 "$OUT_DIR/bench-hf.txt"
+  record hf "$(verdict $rc)" "$start" "Llama D=2048 B*T=8192 bf16 V=128256; log bench-hf.txt"
+fi
+
+# overhead: issue #14, the per-call cost at tiny sizes against each op's PyTorch twin, on CUDA.
+if has overhead; then
+  echo "== overhead (issue #14: per-call cost on CUDA)"
+  start=$(date +%s)
+  timeout "$LIMIT" $PY bench/bench_overhead.py --device cuda --reductions mean,none --out "$OUT_DIR" \
+    > "$OUT_DIR/bench-overhead.txt" 2>&1
+  rc=$?; [[ $rc == 0 ]] || status=1
+  tail -20 "$OUT_DIR/bench-overhead.txt"
+  record overhead "$(verdict $rc)" "$start" "bench_overhead.py --device cuda; log bench-overhead.txt"
 fi
 
 {
