@@ -10,7 +10,8 @@ grad (an LM head in training). Providers:
 - ``torch-chunked``: ``F.linear_cross_entropy(h, W, target, options=torch.nn.LinearCrossEntropyOptions())``,
   torch's own chunked path (torch >= 2.14; the provider is left out where torch lacks it).
 - ``cce``: Cut Cross-Entropy (``pip install cut-cross-entropy``), ``linear_cross_entropy(h, W, target,
-  impl="cce")`` with its defaults (its gradient filter on: ``filter_eps="auto"``); CUDA only.
+  impl="cce")`` with its defaults (its gradient filter on: ``filter_eps="high"`` in the PyPI wheel 25.1.1);
+  CUDA only.
 - ``liger``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (``pip install liger-kernel``); CUDA only.
 - ``fusedloss-<backend>``: every available kernel backend (not triton on CPU: the interpreter). On CUDA,
   ``fusedloss-cuda`` is our chunked cuBLAS path and ``fusedloss-triton`` our fused kernel (logits only in
