@@ -157,26 +157,37 @@ if has bench; then
   record bench "$(verdict $(( rc > rc_large ? rc : rc_large )))" "$start" "sweep exit $rc, CE 16384x131072 bf16 exit $rc_large; $csvs CSV file(s)"
 fi
 
+# bench_dtypes NAME OPS SHAPES LINES [PRECISION]: `fusedloss bench` of OPS at SHAPES, fwd+bwd on CUDA, bf16
+# then fp32, each dtype under its own limit, into OUT_DIR/NAME-race-<dtype> with the log
+# OUT_DIR/bench-NAME-<dtype>.txt (its last LINES lines printed); PRECISION, when given, is torch's float32
+# matmul precision ("high": TF32). Returns the exit code of the last dtype that failed (0: none).
+bench_dtypes() {
+  local name=$1 ops=$2 shapes=$3 lines=$4 precision=${5:-} rc_all=0 rc dt
+  for dt in bfloat16 float32; do
+    FP32_PRECISION="$precision" timeout "$LIMIT" $PY - "$ops" "$dt" "$shapes" "$OUT_DIR/$name-race-$dt" \
+      > "$OUT_DIR/bench-$name-$dt.txt" 2>&1 <<'PYEOF'
+import os, sys
+import torch
+if os.environ.get("FP32_PRECISION"):
+    torch.set_float32_matmul_precision(os.environ["FP32_PRECISION"])
+from fusedloss import cli
+sys.exit(cli.main(["bench", "--device", "cuda", "--no-plot", "--ops", sys.argv[1], "--modes", "fwd+bwd",
+                   "--dtype", sys.argv[2], "--shapes", sys.argv[3], "--out", sys.argv[4]]))
+PYEOF
+    rc=$?; [[ $rc == 0 ]] || { rc_all=$rc; status=1; }
+    tail -"$lines" "$OUT_DIR/bench-$name-$dt.txt"
+  done
+  return $rc_all
+}
+
 if has lce; then
   echo "== lce (issue #18: linear cross-entropy race)"
   start=$(date +%s)
   $PY -c 'import cut_cross_entropy' 2>/dev/null || echo "lce: Cut Cross-Entropy not installed (carry it in .whl/): cce is left out"
   $PY -c 'import liger_kernel' 2>/dev/null || echo "lce: liger-kernel not installed (carry it in .whl/): liger is left out"
-  shapes="N=8192,D=4096,V=32000;N=8192,D=4096,V=131072;N=8192,D=4096,V=262144"
-  rc_lce=0
-  for dt in bfloat16 float32; do
-    timeout "$LIMIT" $PY - "$dt" "$shapes" "$OUT_DIR/lce-race-$dt" > "$OUT_DIR/bench-lce-$dt.txt" 2>&1 <<'PYEOF'
-import os, sys
-import torch
-if os.environ.get("LCE_FP32_PRECISION"):
-    torch.set_float32_matmul_precision(os.environ["LCE_FP32_PRECISION"])
-from fusedloss import cli
-sys.exit(cli.main(["bench", "--device", "cuda", "--no-plot", "--ops", "linear_cross_entropy", "--modes", "fwd+bwd",
-                   "--dtype", sys.argv[1], "--shapes", sys.argv[2], "--out", sys.argv[3]]))
-PYEOF
-    rc=$?; [[ $rc == 0 ]] || { rc_lce=$rc; status=1; }
-    tail -30 "$OUT_DIR/bench-lce-$dt.txt"
-  done
+  bench_dtypes lce linear_cross_entropy "N=8192,D=4096,V=32000;N=8192,D=4096,V=131072;N=8192,D=4096,V=262144" 30 \
+    "${LCE_FP32_PRECISION:-}"
+  rc_lce=$?
   record lce "$(verdict $rc_lce)" "$start" "N=8192 D=4096 V=32000/131072/262144, bf16 and fp32, fwd+bwd; logs bench-lce-*.txt"
 fi
 
@@ -187,13 +198,8 @@ if has nce; then
   echo "== nce (issue #17: InfoNCE against PyTorch, torch.compile, Inf-CL)"
   start=$(date +%s)
   $PY -c 'import inf_cl' 2>/dev/null || echo "nce: inf-cl not installed (carry it in .whl/): inf-cl is left out"
-  rc_nce=0
-  for dt in bfloat16 float32; do
-    timeout "$LIMIT" $PY -m fusedloss bench --device cuda --no-plot --ops info_nce --modes fwd+bwd --dtype "$dt" \
-      --shapes "N=16384,M=16384,D=256;N=32768,M=32768,D=256" --out "$OUT_DIR/nce-$dt" > "$OUT_DIR/bench-nce-$dt.txt" 2>&1
-    rc=$?; [[ $rc == 0 ]] || { rc_nce=$rc; status=1; }
-    tail -20 "$OUT_DIR/bench-nce-$dt.txt"
-  done
+  bench_dtypes nce info_nce "N=16384,M=16384,D=256;N=32768,M=32768,D=256" 20
+  rc_nce=$?
   record nce "$(verdict $rc_nce)" "$start" "N=M=16384/32768 D=256, bf16 and fp32; logs bench-nce-*.txt"
 fi
 

@@ -90,21 +90,16 @@ _ANNOTATIONS = {"Tensor": Tensor, "Optional[Tensor]": Optional[Tensor], "List[Te
 
 
 def _typed(fn: Callable, schema: str) -> Callable:
-    """``fn`` with a signature written from ``schema``, so that a ``triton_op`` that infers its schema
-    from the function (torch 2.11 does, ignoring ``schema=``) infers ``schema``."""
+    """``fn`` itself, its signature declared from ``schema`` (``__signature__``, which inspect reads), so that
+    a ``triton_op`` that infers its schema from the function (torch 2.11 does, ignoring ``schema=``) infers
+    ``schema``. No wrapper: a Triton op's call pays no extra Python frame for it."""
     parsed = torch._C.parse_schema(f"fusedloss::_{schema}")
     params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_ANNOTATIONS[str(a.type)],
                                 default=a.default_value if a.has_default_value() else inspect.Parameter.empty)
               for a in parsed.arguments]
     rets = [_ANNOTATIONS[str(r.type)] for r in parsed.returns]
-    ret = rets[0] if len(rets) == 1 else tuple[tuple(rets)]
-
-    def typed(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    typed.__name__ = getattr(fn, "__name__", "typed")
-    typed.__signature__ = inspect.Signature(params, return_annotation=ret)
-    return typed
+    fn.__signature__ = inspect.Signature(params, return_annotation=rets[0] if len(rets) == 1 else tuple[tuple(rets)])
+    return fn
 
 
 class KernelOp:
