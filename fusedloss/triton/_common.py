@@ -1,12 +1,18 @@
 """Helpers shared by the Triton kernels: device functions and launch arithmetic."""
 
 import math
+import os
 import struct
 
 import triton
 import triton.language as tl
 
 from fusedloss._dtypes import acc_dtype  # noqa: F401  (re-exported for the kernels' launchers)
+
+# Triton's CPU interpreter, chosen by the environment before triton is imported, is the only way its
+# kernels run on CPU tensors; the launchers take its paths (fp32 dot operands, small blocks) from this
+# flag, never from the tensors' device, so that a compile for a GPU sees the GPU's paths.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Elements per thread that set num_warps (16 fp32 values; 32 bytes of bf16 = two 16-byte loads).
 ELEMENTS_PER_THREAD = 16

@@ -62,7 +62,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss.triton._common import acc_dtype as _acc_dtype
-from fusedloss.triton._common import cast_rtne
+from fusedloss.triton._common import INTERPRET, cast_rtne
 
 __all__ = ["info_nce_lse_fwd", "info_nce_lse_bwd"]
 
@@ -499,7 +499,7 @@ def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype, labels: Tensor |
         BLOCK_D=block_d,
         SINGLE_D=single_d,
         FP32_PRECISION=_FP32_INPUT_PRECISION,
-        INTERPRETED=a.device.type == "cpu",  # Triton runs on CPU tensors only in its interpreter
+        INTERPRETED=INTERPRET,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -602,7 +602,7 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
         BLOCK_D=block_d,
         SINGLE_D=single_d,
         FP32_PRECISION=_FP32_INPUT_PRECISION,
-        INTERPRETED=a.device.type == "cpu",  # Triton runs on CPU tensors only in its interpreter
+        INTERPRETED=INTERPRET,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusedloss.triton._common import INTERPRET
 from fusedloss.triton.info_nce import _FP32_INPUT_PRECISION, _config, _dot_pb, _scores_tile
 
 __all__ = ["siglip_fwd", "siglip_bwd"]
@@ -248,7 +249,7 @@ def siglip_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, labels: 
         ACC=tl.float64 if query.dtype == torch.float64 else tl.float32,
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, SINGLE_D=single_d,
         FP32_PRECISION=_FP32_INPUT_PRECISION,
-        INTERPRETED=query.device.type == "cpu",  # Triton runs on CPU tensors only in its interpreter
+        INTERPRETED=INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -279,7 +280,7 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | No
         ACC=tl.float64 if a.dtype == torch.float64 else tl.float32,
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, SINGLE_D=single_d,
         FP32_PRECISION=_FP32_INPUT_PRECISION,
-        INTERPRETED=a.device.type == "cpu",
+        INTERPRETED=INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
     return grad, part
