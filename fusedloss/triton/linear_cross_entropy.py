@@ -64,8 +64,6 @@ torch.library.wrap_triton. No host syncs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -74,21 +72,21 @@ from torch import Tensor
 
 # A jit helper keeps its own name: torch.compile copies the kernel source with its helpers under
 # their __name__, so an alias would be an undefined name in the compiled kernel.
+from fusedloss.triton._common import INTERPRET as _INTERPRET
 from fusedloss.triton._common import cast_rtne, param
 from fusedloss.triton.cross_entropy import (_dead_row_fill, _entropy_term, _extras_coefs, _grad_coefs, _grad_elements,
                                             _grad_target, _options, _row_loss, _scalar_args, _transform_logit)
 
 __all__ = ["linear_cross_entropy_fwd", "linear_cross_entropy_bwd"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 # Under the interpreter one small configuration (each program runs in Python; numpy does the tile
 # arithmetic, so larger tiles cost little and fewer programs run). Tests change it to cover more
 # blocks per dimension.
 INTERPRET_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_K": 32, "BLOCK_DO": 32}
 
-# Hopper tile sets (H100/H200: 132 SMs, 228 KB shared memory and 64K 32-bit registers per SM, dense bf16
-# tensor cores ~990 TFLOP/s). Reasoning:
+# Hopper tile sets (H100/H200: 132 SMs, 227 KB of shared memory a block and 64K 32-bit registers per SM,
+# dense bf16 tensor cores ~990 TFLOP/s), one set per kind of operand, each config (BLOCK_N, BLOCK_V,
+# BLOCK_K[, BLOCK_DO], stages, warps). Reasoning:
 # - forward: a GEMM with an epilogue per tile. 128 x 128 fp32 accumulators over 8 warps (two warpgroups
 #   of wgmma) = 64 registers a thread, leaving room for the stats; BLOCK_K = 64 bf16 = 128-byte rows
 #   (full swizzle). Stages: (128 + 128) x 64 x 2 B = 32 KB per stage, 3-4 stages fit. 128 x 256 halves
@@ -96,18 +94,22 @@ INTERPRET_BLOCKS = {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_K": 32, "BLOCK_DO": 32}
 # - backward: two accumulators live at once (the logits tile and the (rows, BLOCK_DO) gradient block),
 #   so the tiles are smaller: 64 x 128 logits + 64 x 128 (or 64 x 256) gradient over 8 warps. Larger
 #   BLOCK_DO means fewer recomputations of the logits (ceil(D / BLOCK_DO)), bounded by registers.
-_FWD_CONFIGS = [
-    (128, 128, 64, 4, 8),
-    (128, 256, 64, 3, 8),
-    (64, 128, 64, 4, 4),
-    (64, 256, 64, 3, 8),
-]
-_BWD_CONFIGS = [  # BLOCK_N, BLOCK_V, BLOCK_K, BLOCK_DO, stages, warps
-    (64, 128, 64, 128, 3, 8),
-    (64, 128, 64, 256, 3, 8),
-    (128, 64, 64, 128, 3, 8),
-    (64, 64, 64, 256, 3, 4),
-]
+# - tf32 (float32 operands on the tensor cores): the same tiles with BLOCK_K = 32, the same 128-byte
+#   rows; at BLOCK_K = 64 three of the four forward configs need 240-288 KB of shared memory.
+# - ieee (float32 products on the FMA units, operands in registers): smaller tiles, BLOCK_K = 32. The
+#   16-bit tiles spill 0.1-25 KB a thread there (ptxas, sm_90).
+# Checked by compiling for sm_90 without a GPU (tests/triton_aot.py): every config fits in shared memory;
+# the ieee and tf32 sets spill at most a few hundred bytes, and only with every option on.
+_FWD_CONFIGS = {
+    "16bit": [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4), (64, 256, 64, 3, 8)],
+    "tf32": [(128, 128, 32, 4, 8), (128, 256, 32, 3, 8), (64, 128, 32, 4, 4), (64, 256, 32, 3, 8)],
+    "ieee": [(64, 64, 32, 3, 4), (64, 128, 32, 3, 8), (128, 64, 32, 3, 8), (32, 128, 32, 3, 4)],
+}
+_BWD_CONFIGS = {
+    "16bit": [(64, 128, 64, 128, 3, 8), (64, 128, 64, 256, 3, 8), (128, 64, 64, 128, 3, 8), (64, 64, 64, 256, 3, 4)],
+    "tf32": [(64, 128, 32, 128, 3, 8), (64, 128, 32, 256, 3, 8), (128, 64, 32, 128, 3, 8), (64, 64, 32, 128, 3, 4)],
+    "ieee": [(64, 64, 32, 128, 3, 8), (64, 64, 32, 64, 3, 8), (64, 32, 32, 64, 3, 4)],
+}
 # The vocabulary split's granularity: a multiple of every BLOCK_V above.
 _SPLIT_ALIGN = 256
 _MERGE_BLOCK = 128
@@ -534,19 +536,33 @@ def _lce_bwd_dw_kernel(
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _autotuned(kernel, configs, names, key):
+def _operands(dtype: torch.dtype, precision: str) -> str:
+    """The config set (_FWD_CONFIGS) of the logits products for inputs of ``dtype``."""
+    if dtype != torch.float32:
+        return "16bit"
+    return "tf32" if precision == "tf32" else "ieee"
+
+
+def _autotuned(kernel, config_sets, names):
+    """The kernel autotuned over the config set of its operands (keyed on INPUT_PRECISION too: torch's
+    TF32 setting may change between calls with the same shapes and dtypes)."""
     if _INTERPRET:
         return kernel
-    return triton.autotune(
-        configs=[triton.Config(dict(zip(names, c[:len(names)])), num_stages=c[-2], num_warps=c[-1]) for c in configs],
-        key=key)(kernel)
+    sets = {kind: [triton.Config(dict(zip(names, c[:len(names)])), num_stages=c[-2], num_warps=c[-1]) for c in cs]
+            for kind, cs in config_sets.items()}
+
+    def prune(configs, named_args, **kwargs):
+        return sets[_operands(named_args["x_ptr"].dtype, kwargs["INPUT_PRECISION"])]
+
+    return triton.autotune(configs=[c for cs in sets.values() for c in cs], key=["D", "num_classes", "INPUT_PRECISION"],
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _FWD_NAMES = ("BLOCK_N", "BLOCK_V", "BLOCK_K")
 _BWD_NAMES = ("BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_DO")
-_fwd_kernel = _autotuned(_lce_fwd_kernel, _FWD_CONFIGS, _FWD_NAMES, ["D", "num_classes"])
-_dx_kernel = _autotuned(_lce_bwd_dx_kernel, _BWD_CONFIGS, _BWD_NAMES, ["D", "num_classes"])
-_dw_kernel = _autotuned(_lce_bwd_dw_kernel, _BWD_CONFIGS, _BWD_NAMES, ["D", "num_classes"])
+_fwd_kernel = _autotuned(_lce_fwd_kernel, _FWD_CONFIGS, _FWD_NAMES)
+_dx_kernel = _autotuned(_lce_bwd_dx_kernel, _BWD_CONFIGS, _BWD_NAMES)
+_dw_kernel = _autotuned(_lce_bwd_dw_kernel, _BWD_CONFIGS, _BWD_NAMES)
 
 
 def _blocks(names) -> dict:
@@ -580,8 +596,9 @@ _SM_COUNT: dict = {}
 
 def _vocab_splits(n_rows: int, num_classes: int, device: torch.device) -> tuple[int, int]:
     """(n_splits, columns per split): enough programs for the GPU when the rows are few (two per SM,
-    counted with the smallest BLOCK_N), each split at least one _SPLIT_ALIGN-column block. Under the
-    interpreter four programs' worth (that exercises the merge at test sizes)."""
+    counted with BLOCK_N = 64, the smallest of the tensor-core sets), each split at least one
+    _SPLIT_ALIGN-column block. Under the interpreter four programs' worth (that exercises the merge at
+    test sizes)."""
     align = INTERPRET_BLOCKS["BLOCK_V"] if _INTERPRET else _SPLIT_ALIGN
     if _INTERPRET or device.type != "cuda":
         target, min_block_n = 4, INTERPRET_BLOCKS["BLOCK_N"]
