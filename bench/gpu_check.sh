@@ -16,7 +16,8 @@
 # and our fused Triton kernel fusedloss-triton), time, TFLOP/s (6 N D V) and peak memory, into
 # OUT_DIR/lce-race. fp32 runs IEEE FMAs unless LCE_FP32_PRECISION=high (TF32) is set; the fused kernel's
 # backward recomputes the logits ceil(D / BLOCK_DO) times (see fusedloss/triton/linear_cross_entropy.py),
-# so its fp32 V=262144 case takes seconds per step: bf16 runs first, each dtype under its own limit.
+# so on IEEE FMAs it takes seconds a step and minutes of autotuning: the fp32 pass leaves it out then
+# (LCE_FP32_FUSED=1 keeps it). bf16 runs first, each dtype under its own limit.
 #
 # The peers are not on the GPU machine's image and it has no network: carry them as wheels in .whl/ (the
 # device tool's `carry`), made on a machine with pip (see the device README's Notes), e.g.
@@ -157,22 +158,25 @@ if has bench; then
   record bench "$(verdict $(( rc > rc_large ? rc : rc_large )))" "$start" "sweep exit $rc, CE 16384x131072 bf16 exit $rc_large; $csvs CSV file(s)"
 fi
 
-# bench_dtypes NAME OPS SHAPES LINES [PRECISION]: `fusedloss bench` of OPS at SHAPES, fwd+bwd on CUDA, bf16
-# then fp32, each dtype under its own limit, into OUT_DIR/NAME-race-<dtype> with the log
-# OUT_DIR/bench-NAME-<dtype>.txt (its last LINES lines printed); PRECISION, when given, is torch's float32
-# matmul precision ("high": TF32). Returns the exit code of the last dtype that failed (0: none).
+# bench_dtypes NAME OPS SHAPES LINES [PRECISION [FP32_PROVIDERS]]: `fusedloss bench` of OPS at SHAPES,
+# fwd+bwd on CUDA, bf16 then fp32, each dtype under its own limit, into OUT_DIR/NAME-race-<dtype> with the
+# log OUT_DIR/bench-NAME-<dtype>.txt (its last LINES lines printed); PRECISION, when given, is torch's
+# float32 matmul precision ("high": TF32); FP32_PROVIDERS, when given, the providers of the fp32 pass.
+# Returns the exit code of the last dtype that failed (0: none).
 bench_dtypes() {
-  local name=$1 ops=$2 shapes=$3 lines=$4 precision=${5:-} rc_all=0 rc dt
+  local name=$1 ops=$2 shapes=$3 lines=$4 precision=${5:-} fp32_providers=${6:-} rc_all=0 rc dt chosen
   for dt in bfloat16 float32; do
-    FP32_PRECISION="$precision" timeout "$LIMIT" $PY - "$ops" "$dt" "$shapes" "$OUT_DIR/$name-race-$dt" \
-      > "$OUT_DIR/bench-$name-$dt.txt" 2>&1 <<'PYEOF'
+    chosen=""; [[ $dt == float32 ]] && chosen=$fp32_providers
+    FP32_PRECISION="$precision" PROVIDERS="$chosen" timeout "$LIMIT" $PY - "$ops" "$dt" "$shapes" \
+      "$OUT_DIR/$name-race-$dt" > "$OUT_DIR/bench-$name-$dt.txt" 2>&1 <<'PYEOF'
 import os, sys
 import torch
 if os.environ.get("FP32_PRECISION"):
     torch.set_float32_matmul_precision(os.environ["FP32_PRECISION"])
 from fusedloss import cli
+chosen = ["--providers", os.environ["PROVIDERS"]] if os.environ.get("PROVIDERS") else []
 sys.exit(cli.main(["bench", "--device", "cuda", "--no-plot", "--ops", sys.argv[1], "--modes", "fwd+bwd",
-                   "--dtype", sys.argv[2], "--shapes", sys.argv[3], "--out", sys.argv[4]]))
+                   "--dtype", sys.argv[2], "--shapes", sys.argv[3], "--out", sys.argv[4], *chosen]))
 PYEOF
     rc=$?; [[ $rc == 0 ]] || { rc_all=$rc; status=1; }
     tail -"$lines" "$OUT_DIR/bench-$name-$dt.txt"
@@ -185,8 +189,17 @@ if has lce; then
   start=$(date +%s)
   $PY -c 'import cut_cross_entropy' 2>/dev/null || echo "lce: Cut Cross-Entropy not installed (carry it in .whl/): cce is left out"
   $PY -c 'import liger_kernel' 2>/dev/null || echo "lce: liger-kernel not installed (carry it in .whl/): liger is left out"
+  # The fused kernel in IEEE fp32 (FMA units, no tensor cores; its largest BLOCK_DO there is 128) recomputes
+  # the logits 2 ceil(D / 128) = 64 times in its backward: 67 x 2NDV flops a step, 1.2 PFLOP at V=262144,
+  # tens of seconds at an FMA rate, times the autotuner's ~7 calls per config. Its fp32 pass is left out
+  # unless TF32 is on (LCE_FP32_PRECISION=high) or LCE_FP32_FUSED=1.
+  fp32_providers=""
+  if [[ -z ${LCE_FP32_PRECISION:-} && -z ${LCE_FP32_FUSED:-} ]]; then
+    fp32_providers="naive,torch-chunked,cce,liger,fusedloss-cuda"
+    echo "lce: fp32 without fusedloss-triton (IEEE FMAs; set LCE_FP32_PRECISION=high or LCE_FP32_FUSED=1 to race it)"
+  fi
   bench_dtypes lce linear_cross_entropy "N=8192,D=4096,V=32000;N=8192,D=4096,V=131072;N=8192,D=4096,V=262144" 30 \
-    "${LCE_FP32_PRECISION:-}"
+    "${LCE_FP32_PRECISION:-}" "$fp32_providers"
   rc_lce=$?
   record lce "$(verdict $rc_lce)" "$start" "N=8192 D=4096 V=32000/131072/262144, bf16 and fp32, fwd+bwd; logs bench-lce-*.txt"
 fi
