@@ -25,14 +25,18 @@ def _nvidia_tools() -> bool:
 pytestmark = pytest.mark.skipif(not _nvidia_tools(), reason="needs triton's NVIDIA backend (ptxas, cuobjdump)")
 
 
-@pytest.mark.slow
-def test_every_kernel_compiles_for_sm90(tmp_path):
+def _compile(tmp_path, *args) -> list[dict]:
     report = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(TESTS / "triton_aot.py"), "--arch", "90", "--quick", "--json",
-                           str(report)], env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, str(TESTS / "triton_aot.py"), "--arch", "90", *args, "--json", str(report)],
+                          env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    rows = json.loads(report.read_text())["rows"]
+    return json.loads(report.read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90(tmp_path):
+    rows = _compile(tmp_path, "--quick")
     kernels = {r["kernel"] for r in rows}
     # every kernel module's launches were reached (a case that stops early would skip its kernels)
     for name in ("_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel", "_focal_loss_fwd_kernel",
@@ -46,3 +50,18 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert {r["constexprs"]["DOT_DTYPE"] for r in lce} == {"fp32", "bf16", "fp16"}
     assert {r["constexprs"]["INPUT_PRECISION"] for r in lce} == {"ieee", "tf32"}
     assert all(r["constexprs"]["INTERPRETED"] == "False" for r in rows if "INTERPRETED" in r["constexprs"])
+
+
+@pytest.mark.slow
+def test_every_linear_cross_entropy_config_compiles_for_sm90(tmp_path):
+    """Every autotune config of the fused linear cross-entropy, for each kind of operand: a config that
+    does not fit fails to launch on the GPU, where the autotuner would skip it unnoticed."""
+    from fusedloss.triton import linear_cross_entropy as lce
+
+    rows = _compile(tmp_path, "--plain", "--all-configs", "--ops", "linear_cross_entropy")
+    for kernel, sets in (("_lce_fwd_kernel", lce._FWD_CONFIGS), ("_lce_bwd_dx_kernel", lce._BWD_CONFIGS),
+                         ("_lce_bwd_dw_kernel", lce._BWD_CONFIGS)):
+        compiled = [r for r in rows if r["kernel"] == kernel]
+        # fp32 and fp32-tf32 run the ieee and tf32 sets, bf16 and fp16 the 16-bit set each
+        expected = len(sets["ieee"]) + len(sets["tf32"]) + 2 * len(sets["16bit"])
+        assert len(compiled) == expected, (kernel, len(compiled), expected)

@@ -1,6 +1,6 @@
 """Compile every Triton kernel the ops launch on a GPU, for a GPU that is not here.
 
-    python tests/triton_aot.py [--arch 90] [--all-configs] [--quick] [--ops OP ...] [--json FILE]
+    python tests/triton_aot.py [--arch 90] [--all-configs] [--quick | --plain] [--ops OP ...] [--json FILE]
 
 The interpreter (how the suite runs the Triton kernels on CPU) never compiles a kernel: it does not
 check types the way the compiler does, ignores shared memory and registers, and the launchers take
@@ -153,10 +153,10 @@ DTYPES = {"float32": (torch.float32, False), "float32-tf32": (torch.float32, Tru
           "bfloat16": (torch.bfloat16, False), "float16": (torch.float16, False)}
 
 
-def cases(ops: list[str] | None, dtypes: list[str], quick: bool = False):
+def cases(ops: list[str] | None, dtypes: list[str], quick: bool = False, plain: bool = False):
     """(op name, dtype, shape, options label, options, reduction): the check's plan on its GPU shapes
-    (``quick``: its first option and the one with the most options on), then
-    LARGE_SHAPES with each op's first option."""
+    (``quick``: its first option and the one with the most options on; ``plain``: the first option
+    only), then LARGE_SHAPES with each op's first option (not with ``plain``)."""
     from fusedloss import _selfcheck
 
     names = ops or list(_selfcheck.OPS)
@@ -164,11 +164,11 @@ def cases(ops: list[str] | None, dtypes: list[str], quick: bool = False):
         op = _selfcheck.OPS[name]
         for dtype in dtypes:
             richest = max(range(len(op.options)), key=lambda i: len(op.options[i][1]))
-            chosen = sorted({0, richest}) if quick else range(len(op.options))
+            chosen = [0] if plain else sorted({0, richest}) if quick else range(len(op.options))
             for i in chosen:
                 label, opts, reduction = op.options[i]
                 yield name, dtype, op.shapes[i % len(op.shapes)], label, opts, reduction
-            for shape in LARGE_SHAPES.get(name, []):
+            for shape in [] if plain else LARGE_SHAPES.get(name, []):
                 label, opts, reduction = op.options[0]
                 yield name, dtype, shape, label, opts, reduction
 
@@ -205,6 +205,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config (else the first)")
     parser.add_argument("--quick", action="store_true", help="each op's first option and the one with the most options on")
+    parser.add_argument("--plain", action="store_true", help="each op's first option only, on one shape")
     parser.add_argument("--ops", nargs="*", help="ops of fusedloss check (default: all)")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES),
                         help="float32-tf32: float32 with torch.backends.cuda.matmul.allow_tf32 = True")
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     failed_cases = []
     start = time.perf_counter()
-    for name, dtype_name, shape, label, opts, reduction in cases(args.ops, args.dtypes, args.quick):
+    for name, dtype_name, shape, label, opts, reduction in cases(args.ops, args.dtypes, args.quick, args.plain):
         recorder.context = f"{name} {dtype_name} {'x'.join(map(str, shape))} {label} {reduction}"
         dtype, tf32 = DTYPES[dtype_name]
         torch.backends.cuda.matmul.allow_tf32 = tf32
