@@ -7,15 +7,17 @@ check types the way the compiler does, ignores shared memory and registers, and 
 other paths under it (fp32 dot operands, explicit blocks, one warp). This script runs the ops'
 ``triton`` backend on CPU tensors **without** the interpreter, with a stand-in Triton driver that
 claims a CUDA GPU of compute capability ``--arch``: each launch compiles its kernel down to a cubin
-with Triton's own ptxas (``warmup``: nothing runs), and the autotuned kernels compile every config.
+with Triton's own ptxas (``warmup``: nothing runs); the autotuned kernels compile the first config of
+their set, or every config with ``--all-configs``.
 The inputs are ``fusedloss check``'s cases (every op x dtype x option on its GPU shapes), plus the
 large-vocabulary shapes whose block sizes the check's shapes do not reach. The outputs of the ops are
 the uninitialized tensors the kernels would have written: only the compilation is checked.
 
-Per compiled kernel it reports registers, spill (local) bytes and shared memory, read from the cubin
-with the cuobjdump that ships with Triton, and fails on a compile error or on shared memory above the
-architecture's per-block limit. Spills are reported, not failed: ptxas may spill a little where a
-config is at the edge, and the autotuner's timing decides whether that config is used.
+Per compiled kernel it reports registers and stack bytes a thread (where ptxas puts spills) and dynamic
+shared memory, read from the cubin with the cuobjdump that ships with Triton, and fails on a compile
+error or on shared memory above the architecture's per-block limit. Spills are reported, not failed:
+ptxas may spill a little where a config is at the edge, and the autotuner's timing decides whether
+that config is used.
 """
 
 from __future__ import annotations
@@ -72,16 +74,12 @@ class StandInDriver:
     def get_current_target(self):
         return self.target
 
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
 
 class Recorder:
     def __init__(self, arch: int, cuobjdump: str):
         self.arch = arch
         self.cuobjdump = cuobjdump
         self.rows: list[dict] = []
-        self.seen: set = set()
         self.context = ""
 
     def resources(self, cubin: bytes) -> dict:
@@ -98,8 +96,8 @@ class Recorder:
         names = [p.name for p in fn.params]
         shown = {names[int(k)] if k.isdigit() else k: _short(v) for k, v in consts.items()}
         pointers = [t[1:] for t in signature.values() if isinstance(t, str) and t.startswith("*")]
-        row = {"kernel": fn.__name__, "input": pointers[0] if pointers else "-", "constexprs": shown, "num_warps": options.num_warps,
-               "num_stages": options.num_stages, "case": self.context}
+        row = {"kernel": fn.__name__, "input": pointers[0] if pointers else "-", "constexprs": shown,
+               "num_warps": options.num_warps, "num_stages": options.num_stages, "case": self.context}
         if kernel is not None:
             row.update(self.resources(kernel.asm["cubin"]))
             row["dynamic_shared"] = kernel.metadata.shared
@@ -126,7 +124,8 @@ def install(arch: int, recorder: Recorder, all_configs: bool) -> None:
         try:
             kernel = do_compile(self, key, signature, device, constexprs, options, attrs, warmup)
         except Exception as exc:  # noqa: BLE001 - a failed compile is a row of the report
-            recorder.record(self, signature, constexprs, options, error=f"{type(exc).__name__}: {str(exc).strip()[-2000:]}")
+            why = f"{type(exc).__name__}: {str(exc).strip()[-2000:]}"
+            recorder.record(self, signature, constexprs, options, error=why)
             raise
         recorder.record(self, signature, constexprs, options, kernel=kernel)
         return kernel
@@ -204,7 +203,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config (else the first)")
-    parser.add_argument("--quick", action="store_true", help="each op's first option and the one with the most options on")
+    parser.add_argument("--quick", action="store_true",
+                        help="each op's first option and the one with the most options on")
     parser.add_argument("--plain", action="store_true", help="each op's first option only, on one shape")
     parser.add_argument("--ops", nargs="*", help="ops of fusedloss check (default: all)")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES),
