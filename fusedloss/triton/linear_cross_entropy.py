@@ -548,13 +548,17 @@ def _autotuned(kernel, config_sets, names):
     TF32 setting may change between calls with the same shapes and dtypes)."""
     if _INTERPRET:
         return kernel
-    sets = {kind: [triton.Config(dict(zip(names, c[:len(names)])), num_stages=c[-2], num_warps=c[-1]) for c in cs]
-            for kind, cs in config_sets.items()}
+    configs, positions = [], {}
+    for kind, tiles in config_sets.items():
+        positions[kind] = tuple(range(len(configs), len(configs) + len(tiles)))
+        configs += [triton.Config(dict(zip(names, c[:len(names)])), num_stages=c[-2], num_warps=c[-1]) for c in tiles]
 
+    # Picks from the configs it is given, by position: under torch.compile, Dynamo traces this function
+    # and turns its result back into the configs it handed in.
     def prune(configs, named_args, **kwargs):
-        return sets[_operands(named_args["x_ptr"].dtype, kwargs["INPUT_PRECISION"])]
+        return [configs[i] for i in positions[_operands(named_args["x_ptr"].dtype, kwargs["INPUT_PRECISION"])]]
 
-    return triton.autotune(configs=[c for cs in sets.values() for c in cs], key=["D", "num_classes", "INPUT_PRECISION"],
+    return triton.autotune(configs=configs, key=["D", "num_classes", "INPUT_PRECISION"],
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
