@@ -133,9 +133,10 @@ def assert_close(actual, expected, dtype, kind, msg="", scale=None):
     if kind == "grad" and dtype in (torch.float16, torch.bfloat16):
         # A gradient beyond the dtype's range is inf in that dtype (what a correct kernel writes), and
         # the scale of the tolerance is set by the representable ones.
-        overflow = torch.isfinite(e) & torch.isinf(e.to(dtype))
+        rounded = e.to(dtype).double()
+        overflow = torch.isfinite(e) & torch.isinf(rounded)
         if overflow.any():
-            e = torch.where(overflow, e.to(dtype).double(), e)
+            e = torch.where(overflow, rounded, e)
             if scale is None:
                 finite = e[torch.isfinite(e)]
                 scale = finite.abs().max().item() if finite.numel() else 1.0
