@@ -99,9 +99,11 @@ def test_family_matches_hf_float64(family):
 
 def test_transform_and_aux_loss_are_in_the_loss():
     """The oracle above would not notice a transform both sides forgot: HF's loss differs from a plain
-    cross-entropy of the head's logits here (softcap, scale, router aux loss), so the patch must apply it."""
+    cross-entropy of the head's logits here (softcap, scale, router aux loss), so the patch must apply it.
+    Large initial weights make the logit transforms bite on every draw: at the default init the logits are
+    about 0.1 and the gap between the two losses came within 1e-3 on some seeds."""
     for family in ("gemma2", "cohere", "granite", "mixtral"):
-        model = make_model(family)
+        model = make_model(family, **({} if family == "mixtral" else dict(initializer_range=1.0)))
         ids, labels = batch()
         with torch.no_grad():
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
@@ -109,7 +111,7 @@ def test_transform_and_aux_loss_are_in_the_loss():
                                                       labels[:, 1:].flatten())
         fl_hf.apply(model)
         loss = model(input_ids=ids, labels=labels).loss
-        assert abs(loss.item() - plain.item()) > 1e-3, family
+        assert abs(loss.item() - plain.item()) > 0.1, family
 
 
 def test_shift_labels_and_logits_to_keep():
