@@ -580,10 +580,13 @@ def info_nce(
       of the two directions at each index); ``"mean"`` their sum divided by N; ``"sum"`` their sum.
 
     The loss is float32 for fp16/bf16/fp32 inputs (float64 for float64); gradients have the inputs'
-    dtype. fp16/bf16 rows are converted to float32 first (normalized there) and the kernels run on
-    those float32 rows: rounding unit rows back to bf16 would move each logit by up to
-    ``2**-8 / temperature``, and the two parts of each row's gradient (the softmax's and the positive
-    logit's) nearly cancel, so they are summed in float32 and rounded once.
+    dtype. The two parts of each row's gradient (the softmax's and the positive logit's) nearly
+    cancel, so every backend sums them in float32 and rounds once. The ``triton`` backend takes
+    fp16/bf16 rows as they are: the similarity tiles are products on the tensor cores with float32
+    accumulation (exact products), scaled by the rows' float32 inverse norms when ``normalize``, with
+    no float32 or normalized copy of the inputs. The ``cpu`` and ``cuda`` backends convert fp16/bf16
+    rows to float32 first and normalize there (rounding unit rows back to bf16 would move each logit
+    by up to ``2**-8 / temperature``).
 
     Kernels (cpu, cuda, triton) compute the log-sum-exps of ``S = Q K^T / temperature`` along rows
     (and columns) and the positive logits, streaming tiles of S (forward and backward); the loss
@@ -619,12 +622,20 @@ def info_nce(
                                   symmetric=symmetric, reduction="none")
         return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
 
-    # The kernels run on rows in the accumulation dtype (float32 copies of fp16/bf16 rows): the
-    # gradient of a query is scale * (sum_j P_ij k_j - k_{labels_i}), two nearly equal terms that the
-    # kernel sums in float32 before one rounding; each rounded to bf16 on its own, their sum would lose
-    # far more. Cast back once, by autograd.
-    q, k = _kernel_rows(query, key, normalize)
-    acc = q.dtype
+    # The gradient of a query is scale * (sum_j P_ij k_j - k_{labels_i}), two nearly equal terms that
+    # the kernels sum in float32 before one rounding. Triton takes fp16/bf16 rows as they are (their
+    # products are exact in float32) and normalizes inside its kernels (NORMED: the rows' float32
+    # norms scale the tiles; the normalization's backward runs in float32 before the gradient's one
+    # rounding). The C++ kernels take float32 copies, normalized, and autograd casts the gradient back
+    # once: rounding unit rows to bf16 first would move each logit by up to 2**-8 / temperature.
+    acc = acc_dtype(query.dtype)
+    pair = _nce.KERNELS
+    if name == "triton" and query.dtype in (torch.float16, torch.bfloat16):
+        q, k = query, key
+        if normalize:
+            pair = _nce.NORMED
+    else:
+        q, k = _kernel_rows(query, key, normalize)
     if isinstance(temperature, Tensor):
         # float64: the temperature's gradient is summed in double and rounded once (see (3') in
         # csrc/include/fusedloss/info_nce_math.h), then autograd's division by -t^2 in float64.
@@ -650,11 +661,11 @@ def info_nce(
     # pos: each query's positive logit, from the kernel's own tile of S (the gradient of a sharp row
     # then cancels inside the kernel, element by element, as plain PyTorch's softmax - one_hot does).
     if query_groups is not None:
-        lse_rows, _, pos, npos = _nce.KERNELS.call(name)(q, k, scale, False, query_groups, key_groups)
+        lse_rows, _, pos, npos = pair.call(name)(q, k, scale, False, query_groups, key_groups)[:4]
         kept = npos > 0  # a query whose group has no key is left out (its pos is NaN)
         loss = torch.where(kept, lse_rows - pos, torch.zeros_like(lse_rows))
         return _reduce_info_nce(loss, reduction, kept.sum())
-    lse_rows, lse_cols, pos, _ = _nce.KERNELS.call(name)(q, k, scale, bool(symmetric), labels, None)
+    lse_rows, lse_cols, pos, _ = pair.call(name)(q, k, scale, bool(symmetric), labels, None)[:4]
     loss = lse_rows - pos
     if symmetric:
         loss = 0.5 * (loss + (lse_cols - pos))

@@ -12,7 +12,7 @@ from conftest import (FP16_SUBNORMAL_ATOL, TOL, assert_close, backend_params, in
                       require_backend, rows, with_reference)
 
 import fusedloss
-from fusedloss import reference
+from fusedloss import _memory, reference
 from fusedloss.ops import info_nce as nce_ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -500,6 +500,142 @@ def test_lse_ops_empty_sides(backend, device):
         fwd(torch.randn(3, 4, device=device), torch.randn(0, 4, device=device), scale, True)
 
 
+TRITON = [p for p in backend_params() if p.values[0] == "triton"]
+
+
+def _normed_reference(q, k, scale, g, h, u, labels):
+    """_op_reference of F.normalize's rows in float64, the gradients those of the raw rows."""
+    q64 = q.detach().double().requires_grad_()
+    k64 = k.detach().double().requires_grad_()
+    s64 = scale.detach().double().requires_grad_()
+    S = s64 * (F.normalize(q64, dim=1) @ F.normalize(k64, dim=1).T)
+    lr, lc = torch.logsumexp(S, 1), torch.logsumexp(S, 0)
+    pos = S.gather(1, labels[:, None])[:, 0]
+    total = (lr * g.double()).sum() + ((lc * h.double()).sum() if h is not None else 0.0) + (pos * u.double()).sum()
+    return lr, lc, pos, torch.autograd.grad(total, (q64, k64, s64))
+
+
+def _normed_row_scales(q, k, scale, g, h, u, labels):
+    """Per row of query and key, the size of the terms its gradient is a difference of: the lse's and
+    the positives' gradients of the normalized row (the two cancel for a confident row), and then the
+    normalization's own difference g - x_hat (x_hat . g) (all of g when the row is parallel to it),
+    divided by the row's norm as the normalization's Jacobian divides it."""
+    eps_norm = lambda x: x.detach().double().norm(dim=1).clamp_min(1e-12)  # noqa: E731
+    qn, kn = F.normalize(q.detach().double(), dim=1), F.normalize(k.detach().double(), dim=1)
+    parts = [_op_reference(qn, kn, scale, g, h, torch.zeros_like(u), labels)[3],
+             _op_reference(qn, kn, scale, torch.zeros_like(g), None, u, labels)[3]]
+    return [torch.maximum(parts[0][i].abs().amax(1), parts[1][i].abs().amax(1)) / eps_norm(x)
+            for i, x in ((0, q), (1, k))]
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cols", [False, True])
+# D = 200: the 16-bit backward's chunked path (float32 scratch, a first pass for each row's radial
+# part); D = 300: the forward's chunks too.
+@pytest.mark.parametrize("NMD", [(1, 1, 1), (9, 31, 7), (20, 13, 200), (12, 17, 300)], ids=str)
+def test_normed_lse_ops(backend, device, dtype, cols, NMD):
+    """The Triton ops that normalize inside their kernels (the 16-bit rows' path of fusedloss.info_nce)
+    against float64 F.normalize + torch: rows of norms from 1e-3 to 1e3 (a product of raw 16-bit rows
+    is exact; only the inverse norms scale it), explicit labels, the columns, the positives' gradient."""
+    require_backend(backend, device)
+    N, M, D = NMD
+    acc = acc_of(dtype)
+    spread = lambda n: torch.logspace(-3, 3, n, device=device)[torch.randperm(n, device=device)][:, None]  # noqa: E731
+    q = (torch.randn(N, D, device=device) * spread(N)).to(dtype)
+    k = (torch.randn(M, D, device=device) * spread(M)).to(dtype)
+    scale = torch.tensor(4.5, dtype=acc, device=device)
+    if device == "cpu":
+        poison_cpu_allocator()
+    fwd = nce_ops.NORMED.fwd(backend)
+    qa, ka, sa = q.clone().requires_grad_(), k.clone().requires_grad_(), scale.clone().requires_grad_()
+    labels = torch.randint(0, M, (N,), device=device)
+    lse_rows, lse_cols, pos, npos, q_norm, k_norm = fwd(qa, ka, sa, cols, labels)
+    assert torch.equal(npos, torch.ones_like(npos))
+    assert lse_rows.dtype == acc and lse_cols.shape == ((M,) if cols else (0,)) and q_norm.dtype == acc
+    assert_close(q_norm, q.double().norm(dim=1), dtype, "loss", "query_norm")
+    assert_close(k_norm, k.double().norm(dim=1), dtype, "loss", "key_norm")
+    g = torch.randn(N, dtype=acc, device=device)
+    h = torch.randn(M, dtype=acc, device=device) if cols else None
+    u = torch.randn(N, dtype=acc, device=device)
+    total = (lse_rows * g).sum() + ((lse_cols * h).sum() if cols else 0.0) + (pos * u).sum()
+    grads = torch.autograd.grad(total, (qa, ka, sa))
+    ref_r, ref_c, ref_pos, ref_grads = _normed_reference(q, k, scale, g, h, u, labels)
+    assert_close(lse_rows, ref_r, dtype, "loss", "lse_rows")
+    assert_close(pos, ref_pos, dtype, "loss", "pos")
+    if cols:
+        assert_close(lse_cols, ref_c, dtype, "loss", "lse_cols")
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype and grads[2].dtype == acc
+    # The rows' norms span six decades, and so do their gradients (divided by the norm): each row is
+    # compared at its own scale, that of the terms it is a difference of.
+    row_scales = _normed_row_scales(q, k, scale, g, h, u, labels)
+    for i, name in ((0, "grad query"), (1, "grad key")):
+        for r in range(grads[i].shape[0]):
+            assert_close(grads[i][r], ref_grads[i][r], dtype, "grad", f"{name} row {r}",
+                         scale=row_scales[i][r].item())
+    bound = (g.abs().sum() + u.abs().sum() + (h.abs().sum() if cols else 0)).item()  # |T| <= 1: unit rows
+    rtol, atol = TOL[dtype]["loss"]
+    assert abs(grads[2].item() - ref_grads[2].item()) <= rtol * bound + atol, "grad scale"
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_normed_zero_and_tiny_rows(backend, device, dtype):
+    """F.normalize divides by max(|x|, 1e-12): a zero row is a zero row of S, and a row below eps is
+    divided by eps with no radial part in its gradient (the clamp passes none). Each such row's
+    gradient is about 1e12 times the others', so every row is compared at its own scale."""
+    require_backend(backend, device)
+    N, M, D = 6, 7, 24
+    q = torch.randn(N, D, device=device)
+    k = torch.randn(M, D, device=device)
+    q[0] = 0.0
+    q[1] *= 1e-14  # |q_1| ~ 5e-14 < eps, still normal in float32 and bfloat16
+    k[2] = 0.0
+    q, k = q.to(dtype), k.to(dtype)
+    scale = torch.tensor(3.0, device=device)
+    labels = torch.randint(0, M, (N,), device=device)
+    qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
+    lse_rows, lse_cols, pos, *_ = nce_ops.NORMED.fwd(backend)(qa, ka, scale, True, labels)
+    g, h, u = torch.randn(N, device=device), torch.randn(M, device=device), torch.randn(N, device=device)
+    grads = torch.autograd.grad((lse_rows * g).sum() + (lse_cols * h).sum() + (pos * u).sum(), (qa, ka))
+    ref_r, ref_c, ref_pos, ref_grads = _normed_reference(q, k, scale, g, h, u, labels)
+    assert_close(lse_rows, ref_r, dtype, "loss", "lse_rows")
+    assert_close(lse_cols, ref_c, dtype, "loss", "lse_cols")
+    assert_close(pos, ref_pos, dtype, "loss", "pos")
+    row_scales = _normed_row_scales(q, k, scale, g, h, u, labels)
+    for i, name in ((0, "grad query"), (1, "grad key")):
+        for r in range(grads[i].shape[0]):
+            assert_close(grads[i][r], ref_grads[i][r], dtype, "grad", f"{name} row {r}",
+                         scale=row_scales[i][r].item())
+
+
+def test_normed_16bit_rows_make_no_float32_copies():
+    """bf16 info_nce on the triton backend reads the rows as they are: forward + backward (symmetric,
+    D = 128: no chunked scratch) hold the bf16 gradients and O(N + M) floats beyond the inputs. The
+    cpu backend's float32 copies, normalized, show in the same measure (so it can fail): about four
+    float32 copies of the inputs there."""
+    require_backend("triton", "cpu")
+    require_backend("cpu", "cpu")
+    N = M = 64
+    D = 128
+    q0, k0 = torch.randn(N, D).bfloat16(), torch.randn(M, D).bfloat16()
+    grad_bytes, copy_bytes = (N + M) * D * 2, (N + M) * D * 4
+
+    def step(backend):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+
+        def run():
+            fusedloss.info_nce(q, k, symmetric=True, backend=backend).backward()
+        return run
+
+    ours = _memory.cpu_peak(step("triton"))
+    upcast = _memory.cpu_peak(step("cpu"))
+    if ours is None or upcast is None:
+        pytest.skip("the profiler's memory events are unavailable")
+    assert upcast >= 2 * copy_bytes, f"the measure misses the float32 copies: {upcast} bytes"
+    assert ours <= grad_bytes + 64 * (N + M) * 4, f"triton bf16 fwd+bwd peak {ours} bytes"
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_deterministic(backend, device, symmetric):
@@ -802,6 +938,9 @@ def test_opcheck_kernel_ops(backend, device):
     fwd = nce_ops.KERNELS.fwd(backend)
     for args in _op_samples(torch.float32, device):
         torch.library.opcheck(fwd, args, test_utils=tests)
+    if backend == "triton":
+        for args in _op_samples(torch.bfloat16, device):
+            torch.library.opcheck(nce_ops.NORMED.fwd(backend), args, test_utils=tests)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values != ("triton", "cpu")])

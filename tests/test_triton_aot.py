@@ -43,13 +43,17 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
                  "_soft_cross_entropy_fwd_kernel", "_soft_cross_entropy_bwd_kernel", "_gap_loss_fwd_kernel",
                  "_gap_loss_bwd_kernel", "_info_nce_lse_kernel", "_info_nce_grad_kernel", "_siglip_fwd_kernel",
                  "_siglip_grad_kernel", "_kl_div_fwd_kernel", "_kl_div_bwd_kernel", "_lce_fwd_kernel",
-                 "_lce_fwd_merge_kernel", "_lce_bwd_dx_kernel", "_lce_bwd_dw_kernel", "_reduce_rows_kernel"):
+                 "_lce_fwd_merge_kernel", "_lce_bwd_dx_kernel", "_lce_bwd_dw_kernel", "_reduce_rows_kernel",
+                 "_row_norm_kernel"):
         assert name in kernels, f"{name} was never compiled"
     # the GPU's operand paths, not the interpreter's widened ones
     lce = [r for r in rows if r["kernel"] == "_lce_fwd_kernel"]
     assert {r["constexprs"]["DOT_DTYPE"] for r in lce} == {"fp32", "bf16", "fp16"}
     assert {r["constexprs"]["INPUT_PRECISION"] for r in lce} == {"ieee", "tf32"}
     assert all(r["constexprs"]["INTERPRETED"] == "False" for r in rows if "INTERPRETED" in r["constexprs"])
+    # info_nce's 16-bit rows reach its kernels as they are (tensor-core products), normalized inside
+    for kernel in ("_info_nce_lse_kernel", "_info_nce_grad_kernel"):
+        assert any(r["kernel"] == kernel and r["constexprs"].get("NORMED") == "True" for r in rows), kernel
 
 
 @pytest.mark.slow

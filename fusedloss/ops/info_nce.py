@@ -15,6 +15,12 @@ npos (N,) int64, each query's number of positives (0: pos is NaN). The positives
 so that the backward cancels a one-hot row's gradient element by element (info_nce_math.h, (3')); the
 loss ``lse - pos`` and its reduction are composed with PyTorch ops by the caller
 (fusedloss.functional.info_nce).
+
+- ``NORMED``: ``fusedloss::info_nce_lse_normed_fwd_triton`` / ``_bwd_triton`` (Triton only), the same of the
+  L2-normalized rows without normalized copies: the kernels take the rows as they are (16-bit ones go
+  to the tensor cores) with their norms, which the forward returns as two more outputs
+  (query_norm (N,), key_norm (M,), accumulation dtype) for the backward; the backward returns the raw
+  rows' gradients through the normalization. On CPU and CUDA tensors the caller normalizes first.
 """
 
 from __future__ import annotations
@@ -105,3 +111,45 @@ def fused_grad_call():
     if _FWD_GRAD_DIRECT is not None and eager_dispatch(op):
         return _FWD_GRAD_DIRECT
     return op
+
+
+def _normed_fwd_fake(query, key, scale, cols, labels=None, key_groups=None):
+    acc = acc_dtype(query.dtype)
+    return _fwd_fake(query, key, scale, cols, labels, key_groups) + (query.new_empty((query.shape[0],), dtype=acc),
+                                                                   key.new_empty((key.shape[0],), dtype=acc))
+
+
+def _normed_bwd_fake(grad_rows, grad_cols, grad_pos, query, key, query_norm, key_norm, scale, *rest):
+    return query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty((), dtype=scale.dtype)
+
+
+def _normed_setup_context(ctx, inputs, output):
+    query, key, scale, cols, labels, key_groups = inputs
+    lse_rows, lse_cols, pos, npos, query_norm, key_norm = output
+    ctx.save_for_backward(query, key, query_norm, key_norm, scale, lse_rows, lse_cols, pos, npos, labels, key_groups)
+    ctx.cols = cols
+    ctx.mark_non_differentiable(npos, query_norm, key_norm)
+
+
+def _normed_backward_with(bwd_op):
+    def backward(ctx, grad_rows, grad_cols, grad_pos, _grad_npos, _grad_query_norm, _grad_key_norm):
+        query, key, query_norm, key_norm, scale, lse_rows, lse_cols, pos, npos, labels, key_groups = ctx.saved_tensors
+        if grad_rows is None:
+            grad_rows = lse_rows.new_zeros(lse_rows.shape)
+        if not ctx.cols:
+            grad_cols = None
+        return bwd_op(grad_rows, grad_cols, grad_pos, query, key, query_norm, key_norm, scale, lse_rows,
+                      lse_cols if grad_cols is not None else None, pos, npos, labels, key_groups)
+
+    return backward
+
+
+NORMED = _registry.KernelPair(
+    "info_nce_lse_normed",
+    fwd_schema="(Tensor query, Tensor key, Tensor scale, bool cols, Tensor? labels=None, Tensor? key_groups=None) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    bwd_schema="(Tensor grad_rows, Tensor? grad_cols, Tensor? grad_pos, Tensor query, Tensor key, Tensor query_norm, "
+               "Tensor key_norm, Tensor scale, Tensor lse_rows, Tensor? lse_cols, Tensor pos, Tensor npos, "
+               "Tensor? labels=None, Tensor? key_groups=None) -> (Tensor, Tensor, Tensor)",
+    fwd_fake=_normed_fwd_fake, bwd_fake=_normed_bwd_fake, setup_context=_normed_setup_context,
+    backward_with=_normed_backward_with, triton_module="info_nce", label="info_nce (normalized rows)")

@@ -21,6 +21,15 @@ the columns' part of dscale. Each output element has exactly one writer and ever
 order: no atomics, the results are bitwise reproducible. dscale's per-program partials are summed
 afterwards by torch in fixed order.
 
+Normalized rows (NORMED, the info_nce_lse_normed ops; fusedloss.info_nce's path for 16-bit rows): the
+kernels take the rows as they are with their L2 norms n (float32, one small kernel), r = 1 / max(n, eps):
+  S_ij = scale r_i r_j (Q_i . K_j), the tile's product on the raw rows and then scaled, so bf16/fp16
+            rows reach the tensor cores and their products stay exact
+  (2')      dQhat_i = scale sum_j (P_ij r_j) K_j, the columns of P scaled before the product
+  dQ_i = r_i (dQhat_i - Qhat_i (Qhat_i . dQhat_i)), F.normalize's backward (no radial part where
+            n_i < eps, as torch's clamp passes none), in float32 before the one rounding
+No normalized or float32 copy of the inputs is made.
+
 D is walked in chunks of BLOCK_D. When one chunk covers D (SINGLE_D), the A tile is loaded once and
 kept in registers, and the backward's (BLOCK_A, D) gradient accumulator lives in registers too. For
 larger D the accumulator cannot: each program keeps it in a (rows, D) float32 scratch that only it
@@ -64,7 +73,7 @@ from torch import Tensor
 from fusedloss.triton._common import acc_dtype as _acc_dtype
 from fusedloss.triton._common import INTERPRET, cast_rtne
 
-__all__ = ["info_nce_lse_fwd", "info_nce_lse_bwd"]
+__all__ = ["info_nce_lse_fwd", "info_nce_lse_bwd", "info_nce_lse_normed_fwd", "info_nce_lse_normed_bwd"]
 
 # Precision of the float32 inputs' products (see the module's docstring): "ieee" is exact;
 # "tf32x3" (three TF32 tensor-core products, ~float32 accuracy) is the candidate to measure on a GPU.
@@ -180,6 +189,32 @@ def _scores_tile(a_tile, a_rows, a_mask, a_stride, a_ptr, b_rows, b_mask, b_stri
     return dots, b_tile
 
 
+# F.normalize's eps: a row is divided by max(|x|, eps).
+_NORM_EPS = tl.constexpr(1e-12)
+
+
+@triton.jit
+def _inv_norm(norm_ptr, rows, mask):
+    # 1 / max(|x|, eps) of the rows, float32: the normalization of the NORMED kernels.
+    return 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=mask, other=1.0), _NORM_EPS)
+
+
+@triton.jit
+def _row_norm_kernel(x_ptr, x_stride, out_ptr, n, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The L2 norm of each row in the accumulation dtype, read from the rows as they are (no float32
+    # copy of a 16-bit x).
+    ACC: tl.constexpr = out_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = rows < n
+    total = tl.zeros([BLOCK_R], ACC)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + d[None, :], mask=mask[:, None] & (d < dim)[None, :],
+                    other=0.0).to(ACC)
+        total += tl.sum(x * x, axis=1)
+    tl.store(out_ptr + rows, tl.sqrt(total), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward: lse over B for every row of A, one program per BLOCK_A rows
 # ----------------------------------------------------------------------------------------------
@@ -197,11 +232,14 @@ def _info_nce_lse_kernel(
     key_groups_ptr,
     pos_ptr,
     npos_ptr,
+    a_norm_ptr,
+    b_norm_ptr,
     n_a,
     n_b,
     dim,
     HAS_POS: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    NORMED: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -212,10 +250,15 @@ def _info_nce_lse_kernel(
     # HAS_POS (the query side): also pos_a, the mean of the values the lse summed at a's positive
     # columns (b == labels_a, or with HAS_GROUPS key_groups_b == labels_a), and their count npos_a;
     # NaN where there are none (a label outside [0, n_b), an empty group).
+    # NORMED: A and B are raw rows and a_norm / b_norm their L2 norms; the dots are those of the
+    # normalized rows (F.normalize's x / max(|x|, eps)), scaled after the tile's product.
     ACC: tl.constexpr = lse_ptr.dtype.element_ty
     a_rows = tl.program_id(0).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_mask = a_rows < n_a
     scale = tl.load(scale_ptr).to(ACC)
+    inv_a = tl.zeros([BLOCK_A], ACC)
+    if NORMED:
+        inv_a = _inv_norm(a_norm_ptr, a_rows, a_mask)
 
     a_tile = tl.zeros([BLOCK_A, BLOCK_D], a_ptr.dtype.element_ty)
     if SINGLE_D:
@@ -236,6 +279,8 @@ def _info_nce_lse_kernel(
         b_mask = b_rows < n_b
         dots, _ = _scores_tile(a_tile, a_rows, a_mask, a_stride, a_ptr, b_rows, b_mask, b_stride, b_ptr,
                                dim, ACC, BLOCK_A, BLOCK_B, BLOCK_D, SINGLE_D, FP32_PRECISION, INTERPRETED)
+        if NORMED:
+            dots = dots * inv_a[:, None] * _inv_norm(b_norm_ptr, b_rows, b_mask)[None, :]
         z = tl.where(b_mask[None, :], dots * scale, float("-inf"))
         if HAS_POS:
             b_ids = b_rows
@@ -266,6 +311,16 @@ def _info_nce_lse_kernel(
 
 
 @triton.jit
+def _normalize_backward(g, a_hat, inv_a, radial, a_norm_ptr, a_rows, a_mask):
+    # F.normalize's backward for rows x with x_hat = x / max(|x|, eps), given g = dL/dx_hat:
+    # dL/dx = (g - x_hat (x_hat . g)) / max(|x|, eps), the radial part only where |x| >= eps (below
+    # it the clamp holds the divisor constant, as torch's clamp_min passes no gradient there).
+    norm = tl.load(a_norm_ptr + a_rows, mask=a_mask, other=0.0)
+    radial = tl.where(norm >= _NORM_EPS, radial, 0.0)
+    return inv_a[:, None] * (g - a_hat * radial[:, None])
+
+
+@triton.jit
 def _info_nce_grad_kernel(
     a_ptr,
     a_stride,
@@ -289,9 +344,12 @@ def _info_nce_grad_kernel(
     grad_ptr,
     acc_ptr,
     dscale_part_ptr,
+    a_norm_ptr,
+    b_norm_ptr,
     n_a,
     n_b,
     dim,
+    NORMED: tl.constexpr,
     HAS_A_TERM: tl.constexpr,
     HAS_B_TERM: tl.constexpr,
     A_POS: tl.constexpr,
@@ -313,12 +371,18 @@ def _info_nce_grad_kernel(
     # rows), B_POS when B is Q (they index B's rows); neither when no positive's gradient is given.
     # A key's id is key_groups_j with HAS_GROUPS, else j.
     # shift_ptr: (3')'s shifts of A's rows, c_i = pos_i / scale for queries, c'_j for keys.
+    # NORMED: raw rows and their norms, as in the forward; P's columns are scaled by 1 / |B_b| before
+    # the product with the raw B tile, and the gradient of the normalized rows goes through the
+    # normalization's backward in float32 before its one rounding (see _normalize_backward).
     ACC: tl.constexpr = lse_a_ptr.dtype.element_ty
     pid = tl.program_id(0)
     a_rows = pid.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     a_mask = a_rows < n_a
     d_offsets = tl.arange(0, BLOCK_D)
     scale = tl.load(scale_ptr).to(ACC)
+    inv_a = tl.zeros([BLOCK_A], ACC)
+    if NORMED:
+        inv_a = _inv_norm(a_norm_ptr, a_rows, a_mask)
 
     g_a = tl.zeros([BLOCK_A], ACC)
     lse_a = tl.zeros([BLOCK_A], ACC)
@@ -361,6 +425,10 @@ def _info_nce_grad_kernel(
         b_mask = b_rows < n_b
         dots, b_tile = _scores_tile(a_tile, a_rows, a_mask, a_stride, a_ptr, b_rows, b_mask, b_stride, b_ptr,
                                     dim, ACC, BLOCK_A, BLOCK_B, BLOCK_D, SINGLE_D, FP32_PRECISION, INTERPRETED)
+        inv_b = tl.zeros([BLOCK_B], ACC)
+        if NORMED:
+            inv_b = _inv_norm(b_norm_ptr, b_rows, b_mask)
+            dots = dots * inv_a[:, None] * inv_b[None, :]
         z = dots * scale
         # (1), as grad_s(): a zero upstream gradient contributes an exact 0 (never 0 * inf).
         p = tl.zeros([BLOCK_A, BLOCK_B], ACC)
@@ -392,6 +460,8 @@ def _info_nce_grad_kernel(
             hit = (labels_b[None, :] == a_ids[:, None]) & valid
             p += tl.where(hit, u_each_b[None, :], 0.0)
         p = tl.where(valid, p, 0.0)
+        if NORMED:
+            p = p * inv_b[None, :]  # sum_b P_ab (B_b / |B_b|) on the raw rows
 
         # (2): sum_b P_ab B_b.
         if SINGLE_D:
@@ -416,17 +486,32 @@ def _info_nce_grad_kernel(
     GRAD_T: tl.constexpr = grad_ptr.dtype.element_ty
     if SINGLE_D:
         grad_ptrs = grad_ptr + a_rows[:, None] * dim + d_offsets[None, :]
-        tl.store(grad_ptrs, cast_rtne(grad_acc * scale, GRAD_T),
-                 mask=a_mask[:, None] & (d_offsets < dim)[None, :])
+        g = grad_acc * scale
+        if NORMED:
+            a_hat = a_tile.to(ACC) * inv_a[:, None]
+            g = _normalize_backward(g, a_hat, inv_a, tl.sum(a_hat * g, axis=1), a_norm_ptr, a_rows, a_mask)
+        tl.store(grad_ptrs, cast_rtne(g, GRAD_T), mask=a_mask[:, None] & (d_offsets < dim)[None, :])
     else:
         tl.debug_barrier()
+        radial = tl.zeros([BLOCK_A], ACC)
+        if NORMED:  # a first pass for each row's A_hat . g, which the second one needs whole
+            for d0 in range(0, dim, BLOCK_D):
+                d = d0 + d_offsets
+                mask = a_mask[:, None] & (d < dim)[None, :]
+                part = tl.load(scratch_ptr + a_rows[:, None] * dim + d[None, :], mask=mask & (n_b > 0), other=0.0)
+                a_chunk = tl.load(a_ptr + a_rows[:, None] * a_stride + d[None, :], mask=mask, other=0.0)
+                radial += tl.sum(a_chunk.to(ACC) * inv_a[:, None] * (part * scale), axis=1)
         for d0 in range(0, dim, BLOCK_D):
             d = d0 + d_offsets
             mask = a_mask[:, None] & (d < dim)[None, :]
             offsets = a_rows[:, None] * dim + d[None, :]
             # n_b == 0: the scratch was never written and the gradient is 0
-            part = tl.load(scratch_ptr + offsets, mask=mask & (n_b > 0), other=0.0)
-            tl.store(grad_ptr + offsets, cast_rtne(part * scale, GRAD_T), mask=mask)
+            g = tl.load(scratch_ptr + offsets, mask=mask & (n_b > 0), other=0.0) * scale
+            if NORMED:
+                a_chunk = tl.load(a_ptr + a_rows[:, None] * a_stride + d[None, :], mask=mask, other=0.0)
+                g = _normalize_backward(g, a_chunk.to(ACC) * inv_a[:, None], inv_a, radial, a_norm_ptr, a_rows,
+                                        a_mask)
+            tl.store(grad_ptr + offsets, cast_rtne(g, GRAD_T), mask=mask)
 
     if HAS_DSCALE:
         # dscale_row of info_nce_math.h: g (num / den) + u (T_pos - c) + (g + u) c per row of A, in
@@ -469,8 +554,10 @@ def _check_inputs(query: Tensor, key: Tensor, scale: Tensor) -> None:
 
 
 def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype, labels: Tensor | None,
-         key_groups: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """lse over B of every row of A and, with labels, A's positives (their mean S) and their count."""
+         key_groups: Tensor | None = None, a_norm: Tensor | None = None,
+         b_norm: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """lse over B of every row of A and, with labels, A's positives (their mean S) and their count. With
+    a_norm and b_norm (the rows' L2 norms), of the normalized rows."""
     n_a, dim = a.shape
     lse = torch.empty((n_a,), dtype=acc, device=a.device)
     pos = torch.empty((n_a,), dtype=acc, device=a.device) if labels is not None else None
@@ -489,11 +576,14 @@ def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype, labels: Tensor |
         key_groups if key_groups is not None else lse,  # never read without HAS_GROUPS
         pos if pos is not None else lse,
         npos if npos is not None else lse,
+        a_norm if a_norm is not None else lse,  # never read without NORMED
+        b_norm if b_norm is not None else lse,
         n_a,
         b.shape[0],
         dim,
         HAS_POS=labels is not None,
         HAS_GROUPS=key_groups is not None,
+        NORMED=a_norm is not None,
         BLOCK_A=block_a,
         BLOCK_B=block_b,
         BLOCK_D=block_d,
@@ -524,6 +614,30 @@ def _labels_or_arange(labels: Tensor | None, n: int, m: int, device, key_groups:
     return labels
 
 
+def _row_norms(x: Tensor, acc: torch.dtype) -> Tensor:
+    """The rows' L2 norms (n,) in the accumulation dtype."""
+    n, dim = x.shape
+    out = torch.empty((n,), dtype=acc, device=x.device)
+    if n == 0:
+        return out
+    block_r, block_d = 16, min(max(triton.next_power_of_2(max(dim, 1)), _MIN_DOT), 256)
+    torch.library.wrap_triton(_row_norm_kernel)[(triton.cdiv(n, block_r),)](
+        x, x.stride(0), out, n, dim, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def _fwd(query, key, scale, cols, labels, key_groups, normed):
+    _check_inputs(query, key, scale)
+    query, key = _rows_contiguous(query), _rows_contiguous(key)
+    acc = _acc_dtype(query.dtype)
+    labels = _labels_or_arange(labels, query.shape[0], key.shape[0], query.device, key_groups)
+    q_norm, k_norm = (_row_norms(query, acc), _row_norms(key, acc)) if normed else (None, None)
+    lse_rows, pos, npos = _lse(query, key, scale, acc, labels, key_groups, q_norm, k_norm)
+    lse_cols = (_lse(key, query, scale, acc, None, None, k_norm, q_norm)[0] if cols
+                else torch.empty((0,), dtype=acc, device=query.device))
+    return lse_rows, lse_cols, pos, npos, q_norm, k_norm
+
+
 def info_nce_lse_fwd(query: Tensor, key: Tensor, scale: Tensor, cols: bool, labels: Tensor | None = None,
                      key_groups: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """lse_rows (N,) = logsumexp_j scale q_i . k_j, with cols lse_cols (M,) = logsumexp_i of the same (else
@@ -531,21 +645,27 @@ def info_nce_lse_fwd(query: Tensor, key: Tensor, scale: Tensor, cols: bool, labe
     the keys whose group is labels_i), all in the accumulation dtype, and npos (N,) int64, the count of
     positives. scale is a 0-dim tensor read on the device; labels are not range-checked (no sync): a query
     without positives gets a NaN pos."""
-    _check_inputs(query, key, scale)
-    query, key = _rows_contiguous(query), _rows_contiguous(key)
-    acc = _acc_dtype(query.dtype)
-    labels = _labels_or_arange(labels, query.shape[0], key.shape[0], query.device, key_groups)
-    lse_rows, pos, npos = _lse(query, key, scale, acc, labels, key_groups)
-    lse_cols = _lse(key, query, scale, acc, None)[0] if cols else torch.empty((0,), dtype=acc, device=query.device)
-    return lse_rows, lse_cols, pos, npos
+    return _fwd(query, key, scale, cols, labels, key_groups, normed=False)[:4]
+
+
+def info_nce_lse_normed_fwd(query: Tensor, key: Tensor, scale: Tensor, cols: bool, labels: Tensor | None = None,
+                            key_groups: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                       Tensor]:
+    """:func:`info_nce_lse_fwd` of the L2-normalized rows (``F.normalize``: x / max(|x|, 1e-12)) without
+    normalized copies: the tiles' products run on the rows as they are (16-bit ones on the tensor cores)
+    and are scaled by the rows' inverse norms after. Also returns the rows' norms, query_norm (N,) and
+    key_norm (M,) in the accumulation dtype, for the backward."""
+    return _fwd(query, key, scale, cols, labels, key_groups, normed=True)
 
 
 def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor | None, g_b: Tensor | None,
           lse_b: Tensor | None, acc: torch.dtype, shift: Tensor | None, labels: Tensor, u: Tensor | None,
-          npos: Tensor, key_groups: Tensor | None, a_is_query: bool) -> tuple[Tensor, Tensor | None]:
+          npos: Tensor, key_groups: Tensor | None, a_is_query: bool, a_norm: Tensor | None = None,
+          b_norm: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """scale sum_b P_ab B_b for every row of A (A's dtype) and, with a shift (the rows' c of (3')), the
     per-program partials of (3') for A's own direction. u (the positives' gradient, None: none) and
-    labels index the query side: A's rows when a_is_query, else B's."""
+    labels index the query side: A's rows when a_is_query, else B's. With a_norm and b_norm, the
+    gradient of the raw rows of A through their normalization."""
     n_a, dim = a.shape
     grad = torch.empty((n_a, dim), dtype=a.dtype, device=a.device)
     block_a, block_b, block_d, single_d, num_warps, num_stages = _config("bwd", a.dtype, dim)
@@ -587,9 +707,12 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
         grad,
         scratch,
         dscale_part if with_dscale else lse_a_arg,
+        a_norm if a_norm is not None else lse_a_arg,  # never read without NORMED
+        b_norm if b_norm is not None else lse_a_arg,
         n_a,
         b.shape[0],
         dim,
+        NORMED=a_norm is not None,
         HAS_A_TERM=has_a,
         HAS_B_TERM=has_b,
         A_POS=u is not None and a_is_query,
@@ -609,24 +732,8 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
     return grad, dscale_part
 
 
-def info_nce_lse_bwd(
-    grad_rows: Tensor,
-    grad_cols: Tensor | None,
-    grad_pos: Tensor | None,
-    query: Tensor,
-    key: Tensor,
-    scale: Tensor,
-    lse_rows: Tensor,
-    lse_cols: Tensor | None,
-    pos: Tensor,
-    npos: Tensor,
-    labels: Tensor | None = None,
-    key_groups: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j + sum_i grad_pos_i pos_i:
-    grad_query (N, D) and grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in scale's dtype. grad_rows,
-    grad_cols and grad_pos may be expanded (stride 0); pos, npos, labels and key_groups are the forward's.
-    Deterministic: no atomics."""
+def _bwd(grad_rows, grad_cols, grad_pos, query, key, q_norm, k_norm, scale, lse_rows, lse_cols, pos, npos,
+         labels, key_groups):
     _check_inputs(query, key, scale)
     query, key = _rows_contiguous(query), _rows_contiguous(key)
     acc = _acc_dtype(query.dtype)
@@ -636,6 +743,11 @@ def info_nce_lse_bwd(
                          f"{tuple(grad_rows.shape)}, {tuple(lse_rows.shape)} and {tuple(pos.shape)}")
     if grad_pos is not None and grad_pos.shape != (n,):
         raise ValueError(f"fusedloss.info_nce (triton): grad_pos must have shape ({n},), got {tuple(grad_pos.shape)}")
+    if q_norm is not None and (q_norm.shape != (n,) or k_norm.shape != (m,) or q_norm.dtype != acc
+                               or k_norm.dtype != acc):
+        raise ValueError(f"fusedloss.info_nce (triton): query_norm and key_norm must be {acc} of shapes ({n},) and "
+                         f"({m},), got {q_norm.dtype} {tuple(q_norm.shape)} and {k_norm.dtype} "
+                         f"{tuple(k_norm.shape)}")
     has_cols = grad_cols is not None
     if has_cols:
         if lse_cols is None:
@@ -656,12 +768,56 @@ def info_nce_lse_bwd(
 
     # (3') per row in the (Q, K) launch and, with the columns, per column in the (K, Q) launch.
     grad_query, dscale_rows = _grad(query, key, scale, grad_rows, lse_rows, cols_g, cols_lse, acc, c, labels,
-                                    grad_pos, npos, key_groups, a_is_query=True)
+                                    grad_pos, npos, key_groups, True, q_norm, k_norm)
     grad_key, dscale_cols = _grad(key, query, scale, cols_g, cols_lse, grad_rows, lse_rows, acc,
-                                  c_cols, labels, grad_pos, npos, key_groups, a_is_query=False)
+                                  c_cols, labels, grad_pos, npos, key_groups, False, k_norm, q_norm)
     # The per-program partials, summed by torch in a fixed order: deterministic, no sync. d scale in
     # scale's dtype (float64 from fusedloss.functional, rounded once).
     grad_scale = dscale_rows.sum()
     if dscale_cols is not None:
         grad_scale = grad_scale + dscale_cols.sum()
     return grad_query, grad_key, grad_scale.to(scale.dtype)
+
+
+def info_nce_lse_bwd(
+    grad_rows: Tensor,
+    grad_cols: Tensor | None,
+    grad_pos: Tensor | None,
+    query: Tensor,
+    key: Tensor,
+    scale: Tensor,
+    lse_rows: Tensor,
+    lse_cols: Tensor | None,
+    pos: Tensor,
+    npos: Tensor,
+    labels: Tensor | None = None,
+    key_groups: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_rows_i lse_rows_i + sum_j grad_cols_j lse_cols_j + sum_i grad_pos_i pos_i:
+    grad_query (N, D) and grad_key (M, D) in the inputs' dtype, grad_scale 0-dim in scale's dtype. grad_rows,
+    grad_cols and grad_pos may be expanded (stride 0); pos, npos, labels and key_groups are the forward's.
+    Deterministic: no atomics."""
+    return _bwd(grad_rows, grad_cols, grad_pos, query, key, None, None, scale, lse_rows, lse_cols, pos, npos,
+                labels, key_groups)
+
+
+def info_nce_lse_normed_bwd(
+    grad_rows: Tensor,
+    grad_cols: Tensor | None,
+    grad_pos: Tensor | None,
+    query: Tensor,
+    key: Tensor,
+    query_norm: Tensor,
+    key_norm: Tensor,
+    scale: Tensor,
+    lse_rows: Tensor,
+    lse_cols: Tensor | None,
+    pos: Tensor,
+    npos: Tensor,
+    labels: Tensor | None = None,
+    key_groups: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`info_nce_lse_bwd` of :func:`info_nce_lse_normed_fwd`: the gradients of the raw query and key
+    rows, through their normalization (query_norm, key_norm: the forward's), each rounded once."""
+    return _bwd(grad_rows, grad_cols, grad_pos, query, key, query_norm, key_norm, scale, lse_rows, lse_cols, pos,
+                npos, labels, key_groups)
