@@ -777,8 +777,9 @@ def siglip_loss(
       divides by the number of queries, not of pairs); ``"sum"`` their sum.
 
     The loss is float32 for fp16/bf16/fp32 inputs (float64 for float64); gradients have the inputs' dtype.
-    fp16/bf16 rows are converted to float32 first (normalized there), as :func:`info_nce` does, and the
-    kernels run on those rows. Kernels (cpu, cuda, triton) stream tiles of ``Q K^T``; each row's sum is
+    fp16/bf16 rows are handled as :func:`info_nce` does: as they are on ``triton`` (tensor-core tiles,
+    normalized inside the kernels, the gradient rounded once), converted to float32 first (normalized
+    there) on ``cpu`` and ``cuda``. Kernels (cpu, cuda, triton) stream tiles of ``Q K^T``; each row's sum is
     float32 per tile and float64 across tiles; the gradients of temperature and bias are summed per row in
     float64, then over rows in a fixed order. Labels are checked against ``[0, M)`` for CPU tensors
     (IndexError); elsewhere, without a host sync, a query whose label is out of range gets a NaN loss
@@ -799,8 +800,10 @@ def siglip_loss(
         loss = reference.siglip_loss(query, key, temperature=temperature, bias=bias, normalize=normalize,
                                      labels=labels, reduction="none")
         return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
-    q, k = _kernel_rows(query, key, normalize)
-    acc = q.dtype
+    # fp16/bf16 rows on triton: as they are, normalized inside the kernels (the ROWS ops; as info_nce).
+    rows16 = name == "triton" and query.dtype in (torch.float16, torch.bfloat16)
+    q, k = (query, key) if rows16 else _kernel_rows(query, key, normalize)
+    acc = acc_dtype(query.dtype)
     # A learnable temperature or bias goes to the kernels as float64: its gradient is then returned in
     # float64 (summed there) and rounded once by autograd to the parameter's dtype.
     scalars = []
@@ -809,7 +812,10 @@ def siglip_loss(
             scalars.append(value.to(torch.float64))
         else:
             scalars.append(torch.full((), value, dtype=acc, device=query.device))
-    loss = _sig.KERNELS.fwd(name)(q, k, scalars[0], scalars[1], labels)
+    if rows16:
+        loss = _sig.ROWS.fwd(name)(q, k, scalars[0], scalars[1], bool(normalize), labels)[0]
+    else:
+        loss = _sig.KERNELS.fwd(name)(q, k, scalars[0], scalars[1], labels)
     return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
 
 

@@ -11,14 +11,15 @@ from conftest import (FP16_SUBNORMAL_ATOL, TOL, assert_close, backend_params, in
                       with_reference)
 
 import fusedloss
-from fusedloss import reference
+from fusedloss import _memory, reference
 from fusedloss.ops import siglip as sig_ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 REDUCTIONS = ["none", "mean", "sum"]
 # (N, M, D): single rows, odd sizes, M > N; D = 80 takes the Triton kernels' chunked-D path (fp32 holds
-# D <= 64 in one chunk, fp64 D <= 16).
-SHAPES = [(1, 1, 1), (5, 7, 3), (17, 17, 17), (12, 40, 80)]
+# D <= 64 in one chunk, fp64 D <= 16), D = 200 the 16-bit one's (its float32 accumulator and, normalized,
+# the pass for each row's radial part).
+SHAPES = [(1, 1, 1), (5, 7, 3), (17, 17, 17), (12, 40, 80), (9, 11, 200)]
 # The CPU kernel's tiles are 128 queries x 256 keys (fewer query rows per tile with more threads).
 LARGE_SHAPES = [(130, 300, 40), (300, 520, 33)]
 
@@ -184,7 +185,7 @@ OPTIONS = [
 
 @pytest.mark.parametrize("backend,device", with_reference())
 @pytest.mark.parametrize("name,kw,learnable", OPTIONS, ids=[o[0] for o in OPTIONS])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_options(backend, device, name, kw, learnable, dtype):
     require_backend(backend, device)
     N, M, D = (9, 21, 19)
@@ -393,6 +394,10 @@ def test_opcheck(backend, device):
     fwd = sig_ops.KERNELS.fwd(backend)
     for args in _op_samples(device):
         torch.library.opcheck(fwd, args, test_utils=tests)
+    if backend == "triton":
+        for q, k, s, b, labels in _op_samples(device, torch.bfloat16):
+            for normalize in (True, False):
+                torch.library.opcheck(sig_ops.ROWS.fwd(backend), (q, k, s, b, normalize, labels), test_utils=tests)
     if backend in ("cpu", "cuda"):
         q, k, s, b, labels = next(_op_samples(device, torch.float64))
         g = torch.randn(q.shape[0], device=device, dtype=torch.float64)
@@ -445,3 +450,29 @@ def test_double_backward_is_a_clear_error():
     (g,) = torch.autograd.grad(loss, q, create_graph=True)
     with pytest.raises(RuntimeError, match="no double backward"):
         g.sum().backward()
+
+
+def test_16bit_rows_make_no_float32_copies():
+    """bf16 siglip_loss on the triton backend reads the rows as they are: forward + backward (D = 128: no
+    chunked accumulator) hold the bf16 gradients and O(N + M) floats beyond the inputs. The cpu
+    backend's float32 copies, normalized, show in the same measure (so it can fail)."""
+    require_backend("triton", "cpu")
+    require_backend("cpu", "cpu")
+    N = M = 64
+    D = 128
+    q0, k0 = torch.randn(N, D).bfloat16(), torch.randn(M, D).bfloat16()
+    grad_bytes, copy_bytes = (N + M) * D * 2, (N + M) * D * 4
+
+    def step(backend):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+
+        def run():
+            fusedloss.siglip_loss(q, k, backend=backend).backward()
+        return run
+
+    ours = _memory.cpu_peak(step("triton"))
+    upcast = _memory.cpu_peak(step("cpu"))
+    if ours is None or upcast is None:
+        pytest.skip("the profiler's memory events are unavailable")
+    assert upcast >= 2 * copy_bytes, f"the measure misses the float32 copies: {upcast} bytes"
+    assert ours <= grad_bytes + 64 * (N + M) * 4, f"triton bf16 fwd+bwd peak {ours} bytes"

@@ -75,7 +75,8 @@ DECLARED = {**SPECS, "linear_cross_entropy": lce_ops.SCHEMA,
             **{f"{p.name}_fwd": p.fwd_schema for p in PAIRS.values()},
             **{f"{p.name}_bwd": p.bwd_schema for p in PAIRS.values() if p.bwd_schema is not None},
             # Triton only (no C++ op to agree with): info_nce's 16-bit rows, normalized in the kernels
-            "info_nce_lse_normed_fwd": nce_ops.NORMED.fwd_schema, "info_nce_lse_normed_bwd": nce_ops.NORMED.bwd_schema}
+            "info_nce_lse_normed_fwd": nce_ops.NORMED.fwd_schema, "info_nce_lse_normed_bwd": nce_ops.NORMED.bwd_schema,
+            "siglip_rows_fwd": siglip_ops.ROWS.fwd_schema, "siglip_rows_bwd": siglip_ops.ROWS.bwd_schema}
 
 
 @pytest.mark.parametrize("name", sorted(DECLARED))

@@ -51,8 +51,9 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert {r["constexprs"]["DOT_DTYPE"] for r in lce} == {"fp32", "bf16", "fp16"}
     assert {r["constexprs"]["INPUT_PRECISION"] for r in lce} == {"ieee", "tf32"}
     assert all(r["constexprs"]["INTERPRETED"] == "False" for r in rows if "INTERPRETED" in r["constexprs"])
-    # info_nce's 16-bit rows reach its kernels as they are (tensor-core products), normalized inside
-    for kernel in ("_info_nce_lse_kernel", "_info_nce_grad_kernel"):
+    # info_nce's and siglip_loss's 16-bit rows reach their kernels as they are (tensor-core products),
+    # normalized inside
+    for kernel in ("_info_nce_lse_kernel", "_info_nce_grad_kernel", "_siglip_fwd_kernel", "_siglip_grad_kernel"):
         assert any(r["kernel"] == kernel and r["constexprs"].get("NORMED") == "True" for r in rows), kernel
 
 
