@@ -78,6 +78,20 @@ def test_check_exits_1_on_a_mismatch():
     assert "check: FAIL" in out.stdout and "output out of tolerance" in out.stdout
 
 
+def test_check_compares_an_overflowing_16bit_gradient_with_inf():
+    """A float64 reference beyond float16's range is compared as its rounding, inf (what a correct kernel
+    writes); a finite value there still fails, and the scale comes from the representable elements."""
+    from fusedloss import _selfcheck
+
+    ref = torch.tensor([-66214.0, 3.0, -1.5], dtype=torch.float64)
+    expected = _selfcheck._in_range(ref, torch.float16)
+    assert expected[0] == float("-inf") and torch.equal(expected[1:], ref[1:])
+    kernel = ref.to(torch.float16)
+    assert _selfcheck._max_err(kernel, expected, 2**-10, 1e-6)[1]
+    assert not _selfcheck._max_err(torch.tensor([-65504.0, 3.0, -1.5]), expected, 2**-10, 1e-6)[1]
+    assert torch.equal(_selfcheck._in_range(ref, torch.float32), ref)
+
+
 @pytest.mark.parametrize("args", [["--backend", "nope"], ["--ops", "nope"], ["--dtype", "float8"]])
 def test_check_rejects_unknown_names(args):
     out = run_cli("check", "--device", "cpu", *args)
