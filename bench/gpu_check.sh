@@ -213,7 +213,12 @@ if has nce; then
   $PY -c 'import inf_cl' 2>/dev/null || echo "nce: inf-cl not installed (carry it in .whl/): inf-cl is left out"
   bench_dtypes nce info_nce "N=16384,M=16384,D=256;N=32768,M=32768,D=256" 20
   rc_nce=$?
-  record nce "$(verdict $rc_nce)" "$start" "N=M=16384/32768 D=256, bf16 and fp32; logs bench-nce-*.txt"
+  # the 16-bit rows' path (triton: raw rows, normalized in the kernels) against float64 and plain PyTorch
+  # in the same dtype, with each path's peak memory
+  timeout "$LIMIT" $PY bench/info_nce_16bit.py --device cuda --shapes 4096x256,16384x256 \
+    > "$OUT_DIR/info_nce-16bit.txt" 2>&1 || { rc_nce=1; status=1; }
+  tail -14 "$OUT_DIR/info_nce-16bit.txt"
+  record nce "$(verdict $rc_nce)" "$start" "N=M=16384/32768 D=256, bf16 and fp32; logs bench-nce-*.txt, info_nce-16bit.txt"
 fi
 
 # kl: issue #16, kl_div_logits and linear_kl_div against Liger's JSD(beta=0) and fused linear JSD.
