@@ -586,7 +586,8 @@ def info_nce(
     accumulation (exact products), scaled by the rows' float32 inverse norms when ``normalize``, with
     no float32 or normalized copy of the inputs. The ``cpu`` and ``cuda`` backends convert fp16/bf16
     rows to float32 first and normalize there (rounding unit rows back to bf16 would move each logit
-    by up to ``2**-8 / temperature``).
+    by up to ``2**-8 / temperature``). float32 inputs on ``triton`` follow torch's matmul setting, as
+    torch's matmul does: IEEE products by default, TF32 where ``torch.backends.cuda.matmul.allow_tf32``.
 
     Kernels (cpu, cuda, triton) compute the log-sum-exps of ``S = Q K^T / temperature`` along rows
     (and columns) and the positive logits, streaming tiles of S (forward and backward); the loss

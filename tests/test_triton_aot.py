@@ -55,6 +55,9 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     # normalized inside
     for kernel in ("_info_nce_lse_kernel", "_info_nce_grad_kernel", "_siglip_fwd_kernel", "_siglip_grad_kernel"):
         assert any(r["kernel"] == kernel and r["constexprs"].get("NORMED") == "True" for r in rows), kernel
+        # their float32 products follow torch's TF32 switch (the float32-tf32 pass), as torch's matmul does
+        fp32 = {r["constexprs"]["FP32_PRECISION"] for r in rows if r["kernel"] == kernel and r["input"] == "fp32"}
+        assert fp32 == {"ieee", "tf32"}, (kernel, fp32)
 
 
 @pytest.mark.slow

@@ -37,11 +37,13 @@ reads and writes (the float32/float64 gradient itself when the dtypes agree), re
 B tile, and scales and casts it in a last pass.
 
 Precision (the tests compare with float64 at the dtype's rounding, see tests/conftest.py TOL):
-- float32 inputs: tl.dot defaults to TF32 on tensor cores (10-bit mantissa, ~1e-3 relative error),
-  far outside float32's tolerance, so both products use input_precision="ieee": float32 FMAs, as
-  accurate as a CPU loop, but off the tensor cores (an H100's dense peaks: 67 TFLOP/s of float32 FMA
-  against 495 of TF32). "tf32x3" (three TF32 products, ~float32 accuracy) is the faster candidate to
-  measure on a GPU: _FP32_INPUT_PRECISION.
+- float32 inputs follow torch's matmul setting, as torch's matmul does (_fp32_precision): by default
+  (torch.backends.cuda.matmul.allow_tf32 False, float32_matmul_precision "highest") both products use
+  input_precision="ieee": float32 FMAs, as accurate as a CPU loop, but off the tensor cores (an
+  H100's dense peaks: 67 TFLOP/s of float32 FMA against 495 of TF32); with TF32 allowed ("high" or
+  "medium") they run on the tensor cores in TF32 (10-bit mantissa, ~1e-3 relative error, what
+  torch's own matmul then gives). "tf32x3" (three TF32 products, ~float32 accuracy) is the faster
+  candidate for the default to measure on a GPU.
 - bfloat16/float16: S = Q K^T on tensor cores with float32 accumulation (the products of two
   16-bit values are exact in float32). P is float32, and rounding it to the input dtype for the
   gradient's products (2^-9 relative per term, flash-attention's choice) misses the tolerance
@@ -75,9 +77,11 @@ from fusedloss.triton._common import INTERPRET, cast_rtne
 
 __all__ = ["info_nce_lse_fwd", "info_nce_lse_bwd", "info_nce_lse_normed_fwd", "info_nce_lse_normed_bwd"]
 
-# Precision of the float32 inputs' products (see the module's docstring): "ieee" is exact;
-# "tf32x3" (three TF32 tensor-core products, ~float32 accuracy) is the candidate to measure on a GPU.
-_FP32_INPUT_PRECISION = "ieee"
+def _fp32_precision() -> str:
+    """input_precision of float32 inputs' products (see the module's docstring): "tf32" where torch's
+    matmul uses TF32 (torch.backends.cuda.matmul.allow_tf32), else "ieee". Read at each launch, as
+    torch reads its switch; the interpreter computes every product exactly, so "ieee" there."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not INTERPRET else "ieee"
 
 # Launch configurations, all in one place (no autotuning yet: future work, per GPU, dtype and D).
 # block_a: rows of A a program owns; block_b: rows of B per streamed tile; single_d_max: the largest
@@ -588,7 +592,7 @@ def _lse(a: Tensor, b: Tensor, scale: Tensor, acc: torch.dtype, labels: Tensor |
         BLOCK_B=block_b,
         BLOCK_D=block_d,
         SINGLE_D=single_d,
-        FP32_PRECISION=_FP32_INPUT_PRECISION,
+        FP32_PRECISION=_fp32_precision(),
         INTERPRETED=INTERPRET,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -724,7 +728,7 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, g_a: Tensor | None, lse_a: Tensor
         BLOCK_B=block_b,
         BLOCK_D=block_d,
         SINGLE_D=single_d,
-        FP32_PRECISION=_FP32_INPUT_PRECISION,
+        FP32_PRECISION=_fp32_precision(),
         INTERPRETED=INTERPRET,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -2,8 +2,8 @@
 
 The math follows csrc/include/fusedloss/siglip_math.h, with its names and numbers. T = Q K^T (N x M)
 is never held: every kernel streams tiles of it, recomputed from Q and K with the tile products of
-fusedloss/triton/info_nce.py (the same precision choices: float32 products in "ieee", float64 as
-broadcast sums).
+fusedloss/triton/info_nce.py (the same precision choices: float32 products in "ieee", or in TF32 where
+torch's matmul uses it; float64 as broadcast sums).
   (0)  loss_i = sum_j softplus(-y_ij z_ij),  z = scale T + bias,  y = +1 at j == l_i, -1 elsewhere
   (1)  G_ij = g_i dz_ij,  dz_ij = -y_ij sigmoid(-y_ij z_ij)
   (2)  dQ_i = scale sum_j G_ij K_j,  dK_j = scale sum_i G_ij Q_i
@@ -34,8 +34,8 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedloss.triton._common import INTERPRET, acc_dtype, cast_rtne
-from fusedloss.triton.info_nce import (_FP32_INPUT_PRECISION, _config, _dot_pb, _inv_norm, _normalize_backward,
-                                       _row_norms, _scores_tile)
+from fusedloss.triton.info_nce import (_config, _dot_pb, _inv_norm, _normalize_backward,
+                                       _fp32_precision, _row_norms, _scores_tile)
 
 __all__ = ["siglip_fwd", "siglip_bwd", "siglip_rows_fwd", "siglip_rows_bwd"]
 
@@ -312,7 +312,7 @@ def _fwd(query, key, scale, bias, labels, q_norm, k_norm):
         NORMED=q_norm is not None,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, SINGLE_D=single_d,
-        FP32_PRECISION=_FP32_INPUT_PRECISION,
+        FP32_PRECISION=_fp32_precision(),
         INTERPRETED=INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -375,7 +375,7 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | No
         SCRATCH_IN_GRAD=scratch_in_grad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, SINGLE_D=single_d,
-        FP32_PRECISION=_FP32_INPUT_PRECISION,
+        FP32_PRECISION=_fp32_precision(),
         INTERPRETED=INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
