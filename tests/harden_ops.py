@@ -401,6 +401,13 @@ def _nce(n=5, m=5, d=4, **fixed):
     return _as(**{**args, **fixed})
 
 
+def _nce16(n=5, m=5, d=4, **fixed):
+    """_nce on bf16 rows: the triton backend's path that normalizes inside its kernels."""
+    args = dict(query=lambda dev: torch.randn(n, d, device=dev).bfloat16(),
+                key=lambda dev: torch.randn(m, d, device=dev).bfloat16(), temperature=1.0)
+    return _as(**{**args, **fixed})
+
+
 def _poke(key, index, value):
     def view(kw):
         x = kw[key].clone()
@@ -424,6 +431,20 @@ NCE_EDGES = (
          view=lambda kw: {**kw, "query": kw["query"].expand(5, 4)}),
     Edge("transposed-key", _as(query=lambda d: torch.randn(5, 4, device=d), key=lambda d: torch.randn(4, 5, device=d),
                                temperature=1.0), view=_transpose("key")),
+    # bf16 rows (raw rows and in-kernel normalization on triton, float32 copies elsewhere)
+    Edge("bf16-nan-query", _nce16(), view=_poke("query", (1, 2), float("nan"))),
+    Edge("bf16-inf-key", _nce16(), view=_poke("key", (3, 0), float("inf"))),
+    Edge("bf16-zero-rows", _nce16(labels=lambda d: torch.tensor([0, 1, 2, 3, 4], device=d)),
+         view=lambda kw: {**kw, "query": kw["query"] * torch.tensor([[1.0], [0.0], [1.0], [1.0], [1.0]],
+                                                                     device=kw["query"].device).bfloat16()}),
+    Edge("bf16-symmetric-unnormalized", _nce16(symmetric=True, normalize=False)),
+    Edge("bf16-empty-batch", _nce16(n=0)),
+    Edge("bf16-empty-batch-and-keys", _nce16(n=0, m=0)),
+    Edge("bf16-expanded-query", _nce16(n=1, labels=lambda d: torch.tensor([0, 1, 2, 3, 4], device=d)),
+         view=lambda kw: {**kw, "query": kw["query"].expand(5, 4)}),
+    Edge("bf16-transposed-key", _as(query=lambda d: torch.randn(5, 4, device=d).bfloat16(),
+                                    key=lambda d: torch.randn(4, 5, device=d).bfloat16(), temperature=1.0),
+         view=_transpose("key")),
 )
 
 
