@@ -330,6 +330,39 @@ def test_no_queries_no_keys():
         fusedloss.siglip_loss(torch.randn(2, 5), torch.randn(0, 5), labels=torch.zeros(2, dtype=torch.long))
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("edge", ["zero-row", "nan-query", "inf-key", "no-queries", "no-rows"])
+def test_16bit_edge_rows(backend, device, edge):
+    """bf16 rows with a zero row (F.normalize's eps), a NaN or an inf, or an empty side, against the float64
+    reference on the same rows: values, and NaN exactly where it has NaN (loss and gradients)."""
+    require_backend(backend, device)
+    n, m = {"no-queries": (0, 5), "no-rows": (0, 0)}.get(edge, (4, 5))
+    q = torch.randn(n, 6, device=device).bfloat16()
+    k = torch.randn(m, 6, device=device).bfloat16()
+    if edge == "zero-row":
+        q[1] = 0
+    elif edge == "nan-query":
+        q[2, 3] = float("nan")
+    elif edge == "inf-key":
+        k[0, 1] = float("inf")
+    t, b = torch.tensor(2.0, device=device), torch.tensor(-1.0, device=device)
+    g = torch.linspace(0.5, 1.5, n, device=device)
+    results = []
+    for name, x, y in (("ours", q, k), ("reference", q.double(), k.double())):
+        leaves = [x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()]
+        kw = dict(temperature=t.to(x.dtype) if name == "reference" else t,
+                  bias=b.to(x.dtype) if name == "reference" else b, reduction="none")
+        loss = (fusedloss.siglip_loss(*leaves, backend=backend, **kw) if name == "ours"
+                else reference.siglip_loss(*leaves, **kw))
+        grads = torch.autograd.grad(loss, leaves, g.to(loss.dtype), allow_unused=True) if n else (None, None)
+        results.append((loss, grads))
+    (loss, grads), (want, want_grads) = results
+    assert_close(loss, want, torch.bfloat16, "loss", f"{backend} {edge} loss")
+    for got, exp, what in zip(grads, want_grads, ("query", "key")):
+        if exp is not None:
+            assert_close(got, exp, torch.bfloat16, "grad", f"{backend} {edge} grad {what}")
+
+
 # --- modules, composition -------------------------------------------------------------------------
 
 
