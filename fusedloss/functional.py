@@ -630,13 +630,8 @@ def info_nce(
     # rounding). The C++ kernels take float32 copies, normalized, and autograd casts the gradient back
     # once: rounding unit rows to bf16 first would move each logit by up to 2**-8 / temperature.
     acc = acc_dtype(query.dtype)
-    pair = _nce.KERNELS
-    if name == "triton" and query.dtype in (torch.float16, torch.bfloat16):
-        q, k = query, key
-        if normalize:
-            pair = _nce.NORMED
-    else:
-        q, k = _kernel_rows(query, key, normalize)
+    q, k, raw = _kernel_rows(query, key, normalize, name)
+    pair = _nce.NORMED if raw and normalize else _nce.KERNELS
     if isinstance(temperature, Tensor):
         # float64: the temperature's gradient is summed in double and rounded once (see (3') in
         # csrc/include/fusedloss/info_nce_math.h), then autograd's division by -t^2 in float64.
@@ -673,14 +668,17 @@ def info_nce(
     return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
 
 
-def _kernel_rows(query: Tensor, key: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
-    """query and key as the contrastive kernels take them: contiguous rows in the accumulation dtype,
-    L2-normalized when asked (info_nce and siglip_loss)."""
+def _kernel_rows(query: Tensor, key: Tensor, normalize: bool, backend: str) -> tuple[Tensor, Tensor, bool]:
+    """query and key as the contrastive kernels take them (info_nce and siglip_loss), and whether they are
+    the rows as given: fp16/bf16 rows on ``triton`` (its kernels normalize them inside, when asked);
+    otherwise contiguous rows in the accumulation dtype, L2-normalized when asked."""
+    if backend == "triton" and query.dtype in (torch.float16, torch.bfloat16):
+        return query, key, True
     acc = acc_dtype(query.dtype)
     q, k = query.to(acc), key.to(acc)
     if normalize:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    return q.contiguous(), k.contiguous()
+    return q.contiguous(), k.contiguous(), False
 
 
 def _group_ids(query_groups, key_groups, labels, symmetric, query, n, m):
@@ -801,9 +799,7 @@ def siglip_loss(
         loss = reference.siglip_loss(query, key, temperature=temperature, bias=bias, normalize=normalize,
                                      labels=labels, reduction="none")
         return _reduce_info_nce(_nan_where_not(label_ok, loss), reduction, N)
-    # fp16/bf16 rows on triton: as they are, normalized inside the kernels (the ROWS ops; as info_nce).
-    rows16 = name == "triton" and query.dtype in (torch.float16, torch.bfloat16)
-    q, k = (query, key) if rows16 else _kernel_rows(query, key, normalize)
+    q, k, raw = _kernel_rows(query, key, normalize, name)  # raw: the ROWS ops, normalized inside
     acc = acc_dtype(query.dtype)
     # A learnable temperature or bias goes to the kernels as float64: its gradient is then returned in
     # float64 (summed there) and rounded once by autograd to the parameter's dtype.
@@ -813,7 +809,7 @@ def siglip_loss(
             scalars.append(value.to(torch.float64))
         else:
             scalars.append(torch.full((), value, dtype=acc, device=query.device))
-    if rows16:
+    if raw:
         loss = _sig.ROWS.fwd(name)(q, k, scalars[0], scalars[1], bool(normalize), labels)[0]
     else:
         loss = _sig.KERNELS.fwd(name)(q, k, scalars[0], scalars[1], labels)

@@ -393,18 +393,11 @@ LCE_EDGES = (
 )
 
 
-def _nce(n=5, m=5, d=4, **fixed):
+def _nce(n=5, m=5, d=4, dtype=torch.float32, **fixed):
     """temperature 1 unless given: a smooth softmax, so that no row's gradient is the small difference of
     large parts (test_info_nce.cancelling_parts derives the tolerance those need; its shapes cover them)."""
-    args = dict(query=lambda dev: torch.randn(n, d, device=dev), key=lambda dev: torch.randn(m, d, device=dev),
-                temperature=1.0)
-    return _as(**{**args, **fixed})
-
-
-def _nce16(n=5, m=5, d=4, **fixed):
-    """_nce on bf16 rows: the triton backend's path that normalizes inside its kernels."""
-    args = dict(query=lambda dev: torch.randn(n, d, device=dev).bfloat16(),
-                key=lambda dev: torch.randn(m, d, device=dev).bfloat16(), temperature=1.0)
+    args = dict(query=lambda dev: torch.randn(n, d, device=dev).to(dtype),
+                key=lambda dev: torch.randn(m, d, device=dev).to(dtype), temperature=1.0)
     return _as(**{**args, **fixed})
 
 
@@ -432,15 +425,15 @@ NCE_EDGES = (
     Edge("transposed-key", _as(query=lambda d: torch.randn(5, 4, device=d), key=lambda d: torch.randn(4, 5, device=d),
                                temperature=1.0), view=_transpose("key")),
     # bf16 rows (raw rows and in-kernel normalization on triton, float32 copies elsewhere)
-    Edge("bf16-nan-query", _nce16(), view=_poke("query", (1, 2), float("nan"))),
-    Edge("bf16-inf-key", _nce16(), view=_poke("key", (3, 0), float("inf"))),
-    Edge("bf16-zero-rows", _nce16(labels=lambda d: torch.tensor([0, 1, 2, 3, 4], device=d)),
+    Edge("bf16-nan-query", _nce(dtype=torch.bfloat16), view=_poke("query", (1, 2), float("nan"))),
+    Edge("bf16-inf-key", _nce(dtype=torch.bfloat16), view=_poke("key", (3, 0), float("inf"))),
+    Edge("bf16-zero-rows", _nce(dtype=torch.bfloat16, labels=lambda d: torch.tensor([0, 1, 2, 3, 4], device=d)),
          view=lambda kw: {**kw, "query": kw["query"] * torch.tensor([[1.0], [0.0], [1.0], [1.0], [1.0]],
                                                                      device=kw["query"].device).bfloat16()}),
-    Edge("bf16-symmetric-unnormalized", _nce16(symmetric=True, normalize=False)),
-    Edge("bf16-empty-batch", _nce16(n=0)),
-    Edge("bf16-empty-batch-and-keys", _nce16(n=0, m=0)),
-    Edge("bf16-expanded-query", _nce16(n=1, labels=lambda d: torch.tensor([0, 1, 2, 3, 4], device=d)),
+    Edge("bf16-symmetric-unnormalized", _nce(dtype=torch.bfloat16, symmetric=True, normalize=False)),
+    Edge("bf16-empty-batch", _nce(dtype=torch.bfloat16, n=0)),
+    Edge("bf16-empty-batch-and-keys", _nce(dtype=torch.bfloat16, n=0, m=0)),
+    Edge("bf16-expanded-query", _nce(dtype=torch.bfloat16, n=1, labels=lambda d: torch.tensor([0, 1, 2, 3, 4], device=d)),
          view=lambda kw: {**kw, "query": kw["query"].expand(5, 4)}),
     Edge("bf16-transposed-key", _as(query=lambda d: torch.randn(5, 4, device=d).bfloat16(),
                                     key=lambda d: torch.randn(4, 5, device=d).bfloat16(), temperature=1.0),

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (FP16_SUBNORMAL_ATOL, TOL, assert_close, backend_params, interpreted, poison_cpu_allocator,
-                      require_backend, rows, with_reference)
+from conftest import (FP16_SUBNORMAL_ATOL, TOL, assert_16bit_rows_make_no_float32_copies, assert_close, backend_params,
+                      interpreted, poison_cpu_allocator, require_backend, rows, with_reference)
 
 import fusedloss
-from fusedloss import _memory, reference
+from fusedloss import reference
 from fusedloss.ops import info_nce as nce_ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -420,13 +420,14 @@ def test_noncontiguous_inputs(backend, device, layout):
 # --- the kernel ops against float64 torch --------------------------------------------------------
 
 
-def _op_reference(q, k, scale, g, h, u, labels):
+def _op_reference(q, k, scale, g, h, u, labels, normalize=False):
     """lse of S = scale * q k^T along rows and columns and the positives S[i, labels_i] in float64, and
-    the gradients of sum g * lse_rows + sum h * lse_cols + sum u * pos."""
+    the gradients of sum g * lse_rows + sum h * lse_cols + sum u * pos. ``normalize``: of F.normalize's
+    rows, the gradients those of the raw rows (the NORMED ops)."""
     q64 = q.detach().double().requires_grad_()
     k64 = k.detach().double().requires_grad_()
     s64 = scale.detach().double().requires_grad_()
-    S = s64 * (q64 @ k64.T)
+    S = s64 * ((F.normalize(q64, dim=1) @ F.normalize(k64, dim=1).T) if normalize else q64 @ k64.T)
     lr, lc = torch.logsumexp(S, 1), torch.logsumexp(S, 0)
     pos = S.gather(1, labels[:, None])[:, 0]
     total = (lr * g.double()).sum() + ((lc * h.double()).sum() if h is not None else 0.0) + (pos * u.double()).sum()
@@ -503,18 +504,6 @@ def test_lse_ops_empty_sides(backend, device):
 TRITON = [p for p in backend_params() if p.values[0] == "triton"]
 
 
-def _normed_reference(q, k, scale, g, h, u, labels):
-    """_op_reference of F.normalize's rows in float64, the gradients those of the raw rows."""
-    q64 = q.detach().double().requires_grad_()
-    k64 = k.detach().double().requires_grad_()
-    s64 = scale.detach().double().requires_grad_()
-    S = s64 * (F.normalize(q64, dim=1) @ F.normalize(k64, dim=1).T)
-    lr, lc = torch.logsumexp(S, 1), torch.logsumexp(S, 0)
-    pos = S.gather(1, labels[:, None])[:, 0]
-    total = (lr * g.double()).sum() + ((lc * h.double()).sum() if h is not None else 0.0) + (pos * u.double()).sum()
-    return lr, lc, pos, torch.autograd.grad(total, (q64, k64, s64))
-
-
 def _normed_row_scales(q, k, scale, g, h, u, labels):
     """Per row of query and key, the size of the terms its gradient is a difference of: the lse's and
     the positives' gradients of the normalized row (the two cancel for a confident row), and then the
@@ -560,7 +549,7 @@ def test_normed_lse_ops(backend, device, dtype, cols, NMD):
     u = torch.randn(N, dtype=acc, device=device)
     total = (lse_rows * g).sum() + ((lse_cols * h).sum() if cols else 0.0) + (pos * u).sum()
     grads = torch.autograd.grad(total, (qa, ka, sa))
-    ref_r, ref_c, ref_pos, ref_grads = _normed_reference(q, k, scale, g, h, u, labels)
+    ref_r, ref_c, ref_pos, ref_grads = _op_reference(q, k, scale, g, h, u, labels, normalize=True)
     assert_close(lse_rows, ref_r, dtype, "loss", "lse_rows")
     assert_close(pos, ref_pos, dtype, "loss", "pos")
     if cols:
@@ -598,7 +587,7 @@ def test_normed_zero_and_tiny_rows(backend, device, dtype):
     lse_rows, lse_cols, pos, *_ = nce_ops.NORMED.fwd(backend)(qa, ka, scale, True, labels)
     g, h, u = torch.randn(N, device=device), torch.randn(M, device=device), torch.randn(N, device=device)
     grads = torch.autograd.grad((lse_rows * g).sum() + (lse_cols * h).sum() + (pos * u).sum(), (qa, ka))
-    ref_r, ref_c, ref_pos, ref_grads = _normed_reference(q, k, scale, g, h, u, labels)
+    ref_r, ref_c, ref_pos, ref_grads = _op_reference(q, k, scale, g, h, u, labels, normalize=True)
     assert_close(lse_rows, ref_r, dtype, "loss", "lse_rows")
     assert_close(lse_cols, ref_c, dtype, "loss", "lse_cols")
     assert_close(pos, ref_pos, dtype, "loss", "pos")
@@ -614,26 +603,8 @@ def test_normed_16bit_rows_make_no_float32_copies():
     D = 128: no chunked scratch) hold the bf16 gradients and O(N + M) floats beyond the inputs. The
     cpu backend's float32 copies, normalized, show in the same measure (so it can fail): about four
     float32 copies of the inputs there."""
-    require_backend("triton", "cpu")
-    require_backend("cpu", "cpu")
-    N = M = 64
-    D = 128
-    q0, k0 = torch.randn(N, D).bfloat16(), torch.randn(M, D).bfloat16()
-    grad_bytes, copy_bytes = (N + M) * D * 2, (N + M) * D * 4
-
-    def step(backend):
-        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-
-        def run():
-            fusedloss.info_nce(q, k, symmetric=True, backend=backend).backward()
-        return run
-
-    ours = _memory.cpu_peak(step("triton"))
-    upcast = _memory.cpu_peak(step("cpu"))
-    if ours is None or upcast is None:
-        pytest.skip("the profiler's memory events are unavailable")
-    assert upcast >= 2 * copy_bytes, f"the measure misses the float32 copies: {upcast} bytes"
-    assert ours <= grad_bytes + 64 * (N + M) * 4, f"triton bf16 fwd+bwd peak {ours} bytes"
+    assert_16bit_rows_make_no_float32_copies(
+        lambda q, k, backend: fusedloss.info_nce(q, k, symmetric=True, backend=backend))
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

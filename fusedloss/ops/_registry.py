@@ -167,14 +167,15 @@ class KernelPair:
     their Triton twins ``fusedloss::<name>_fwd_triton`` / ``_bwd_triton`` are defined here as triton_ops
     with the same schemas (torch.compile traces into their kernels, and fakes them by running them on
     fake tensors), running the functions ``<name>_fwd`` / ``<name>_bwd`` of
-    fusedloss/triton/<triton_module>.py, with the same autograd: ``backward_with(bwd_op)`` is the backward that calls the kind's gradient op (it
-    returns the gradients of the leading inputs; the rest are None). A
-    gradient op has no double backward. ``grad_of``: a forward without a gradient op of its own takes
-    that pair's (focal_loss's backward is cross_entropy_bwd with a row factor).
+    fusedloss/triton/<triton_module>.py, with the same autograd: ``backward_with(bwd_op)`` is the
+    backward that calls the kind's gradient op (it returns the gradients of the leading inputs; the rest
+    are None). A gradient op has no double backward. ``grad_of``: a forward without a gradient op of its own takes
+    that pair's (focal_loss's backward is cross_entropy_bwd with a row factor). A pair with no C++ ops
+    (Triton only) needs no fakes.
     """
 
-    def __init__(self, name: str, *, fwd_schema: str, fwd_fake: Callable, setup_context: Callable,
-                 backward_with: Callable, triton_module: str, bwd_schema: str | None = None,
+    def __init__(self, name: str, *, fwd_schema: str, setup_context: Callable, backward_with: Callable,
+                 triton_module: str, fwd_fake: Callable | None = None, bwd_schema: str | None = None,
                  bwd_fake: Callable | None = None, grad_of: "KernelPair | None" = None, label: str | None = None,
                  cpp_autograd: bool = False) -> None:
         self.name = name
@@ -184,6 +185,8 @@ class KernelPair:
         n_inputs = _arity(fwd_schema)
         self._ops: dict[str, tuple] = {}
         if _backend.extension_loaded() and hasattr(torch.ops.fusedloss, f"{name}_fwd"):
+            if fwd_fake is None or (bwd_schema is not None and bwd_fake is None):
+                raise TypeError(f"KernelPair {name}: the C++ ops need fwd_fake (and bwd_fake with a bwd_schema)")
             fwd = getattr(torch.ops.fusedloss, f"{name}_fwd").default
             torch.library.register_fake(fwd)(fwd_fake)
             bwd = None

@@ -59,21 +59,23 @@ def _fwd_grad_fake(query, key, scale, labels=None, key_groups=None, query_grad=T
 
 
 def _setup_context(ctx, inputs, output):
+    # Both pairs: NORMED's forward returns the rows' norms after npos, and its backward takes them after
+    # query and key.
     query, key, scale, cols, labels, key_groups = inputs
-    lse_rows, lse_cols, pos, npos = output
-    ctx.save_for_backward(query, key, scale, lse_rows, lse_cols, pos, npos, labels, key_groups)
+    lse_rows, lse_cols, pos, npos, *norms = output
+    ctx.save_for_backward(query, key, *norms, scale, lse_rows, lse_cols, pos, npos, labels, key_groups)
     ctx.cols = cols
-    ctx.mark_non_differentiable(npos)
+    ctx.mark_non_differentiable(npos, *norms)
 
 
 def _backward_with(bwd_op):
-    def backward(ctx, grad_rows, grad_cols, grad_pos, _grad_npos):
-        query, key, scale, lse_rows, lse_cols, pos, npos, labels, key_groups = ctx.saved_tensors
+    def backward(ctx, grad_rows, grad_cols, grad_pos, _grad_npos, *_grad_norms):
+        *rows, scale, lse_rows, lse_cols, pos, npos, labels, key_groups = ctx.saved_tensors
         if grad_rows is None:  # only lse_cols or pos was used
             grad_rows = lse_rows.new_zeros(lse_rows.shape)
         if not ctx.cols:
             grad_cols = None
-        grad_query, grad_key, grad_scale = bwd_op(grad_rows, grad_cols, grad_pos, query, key, scale, lse_rows,
+        grad_query, grad_key, grad_scale = bwd_op(grad_rows, grad_cols, grad_pos, *rows, scale, lse_rows,
                                                   lse_cols if grad_cols is not None else None, pos, npos, labels,
                                                   key_groups)
         return grad_query, grad_key, grad_scale
@@ -113,37 +115,6 @@ def fused_grad_call():
     return op
 
 
-def _normed_fwd_fake(query, key, scale, cols, labels=None, key_groups=None):
-    acc = acc_dtype(query.dtype)
-    return _fwd_fake(query, key, scale, cols, labels, key_groups) + (query.new_empty((query.shape[0],), dtype=acc),
-                                                                   key.new_empty((key.shape[0],), dtype=acc))
-
-
-def _normed_bwd_fake(grad_rows, grad_cols, grad_pos, query, key, query_norm, key_norm, scale, *rest):
-    return query.new_empty(query.shape), key.new_empty(key.shape), query.new_empty((), dtype=scale.dtype)
-
-
-def _normed_setup_context(ctx, inputs, output):
-    query, key, scale, cols, labels, key_groups = inputs
-    lse_rows, lse_cols, pos, npos, query_norm, key_norm = output
-    ctx.save_for_backward(query, key, query_norm, key_norm, scale, lse_rows, lse_cols, pos, npos, labels, key_groups)
-    ctx.cols = cols
-    ctx.mark_non_differentiable(npos, query_norm, key_norm)
-
-
-def _normed_backward_with(bwd_op):
-    def backward(ctx, grad_rows, grad_cols, grad_pos, _grad_npos, _grad_query_norm, _grad_key_norm):
-        query, key, query_norm, key_norm, scale, lse_rows, lse_cols, pos, npos, labels, key_groups = ctx.saved_tensors
-        if grad_rows is None:
-            grad_rows = lse_rows.new_zeros(lse_rows.shape)
-        if not ctx.cols:
-            grad_cols = None
-        return bwd_op(grad_rows, grad_cols, grad_pos, query, key, query_norm, key_norm, scale, lse_rows,
-                      lse_cols if grad_cols is not None else None, pos, npos, labels, key_groups)
-
-    return backward
-
-
 NORMED = _registry.KernelPair(
     "info_nce_lse_normed",
     fwd_schema="(Tensor query, Tensor key, Tensor scale, bool cols, Tensor? labels=None, Tensor? key_groups=None) "
@@ -151,5 +122,5 @@ NORMED = _registry.KernelPair(
     bwd_schema="(Tensor grad_rows, Tensor? grad_cols, Tensor? grad_pos, Tensor query, Tensor key, Tensor query_norm, "
                "Tensor key_norm, Tensor scale, Tensor lse_rows, Tensor? lse_cols, Tensor pos, Tensor npos, "
                "Tensor? labels=None, Tensor? key_groups=None) -> (Tensor, Tensor, Tensor)",
-    fwd_fake=_normed_fwd_fake, bwd_fake=_normed_bwd_fake, setup_context=_normed_setup_context,
-    backward_with=_normed_backward_with, triton_module="info_nce", label="info_nce (normalized rows)")
+    setup_context=_setup_context, backward_with=_backward_with, triton_module="info_nce",
+    label="info_nce (normalized rows)")

@@ -20,7 +20,6 @@ API converts fp16/bf16 rows first); the reduction is composed with PyTorch ops b
 from __future__ import annotations
 
 from fusedloss.ops import _registry
-from fusedloss.ops._common import acc_dtype
 
 
 def _fwd_fake(query, key, scale, bias, labels=None):
@@ -32,14 +31,19 @@ def _bwd_fake(grad_rows, query, key, scale, bias, labels=None):
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, scale, bias, labels = inputs
-    ctx.save_for_backward(query, key, scale, bias, labels)
+    # Both pairs: ROWS has the flag normalize before labels, returns the rows' norms after the loss, and
+    # its backward takes them after query and key.
+    query, key, scale, bias, *flags, labels = inputs
+    norms = output[1:] if isinstance(output, tuple) else ()
+    ctx.save_for_backward(query, key, *norms, scale, bias, labels)
+    ctx.flags = flags
+    ctx.mark_non_differentiable(*norms)
 
 
 def _backward_with(bwd_op):
-    def backward(ctx, grad_rows):
-        query, key, scale, bias, labels = ctx.saved_tensors
-        grad_query, grad_key, grad_scale, grad_bias = bwd_op(grad_rows, query, key, scale, bias, labels)
+    def backward(ctx, grad_rows, *_grad_norms):
+        *rows, scale, bias, labels = ctx.saved_tensors
+        grad_query, grad_key, grad_scale, grad_bias = bwd_op(grad_rows, *rows, scale, bias, *ctx.flags, labels)
         return grad_query, grad_key, grad_scale, grad_bias
 
     return backward
@@ -54,38 +58,11 @@ KERNELS = _registry.KernelPair(
     triton_module="siglip", label="siglip_loss")
 
 
-def _rows_fwd_fake(query, key, scale, bias, normalize, labels=None):
-    acc = acc_dtype(query.dtype)
-    return (query.new_empty((query.shape[0],), dtype=acc),
-            query.new_empty((query.shape[0] if normalize else 0,), dtype=acc),
-            key.new_empty((key.shape[0] if normalize else 0,), dtype=acc))
-
-
-def _rows_bwd_fake(grad_rows, query, key, query_norm, key_norm, scale, bias, normalize, labels=None):
-    return query.new_empty(query.shape), key.new_empty(key.shape), scale.new_empty(()), bias.new_empty(())
-
-
-def _rows_setup_context(ctx, inputs, output):
-    query, key, scale, bias, normalize, labels = inputs
-    _, query_norm, key_norm = output
-    ctx.save_for_backward(query, key, query_norm, key_norm, scale, bias, labels)
-    ctx.normalize = normalize
-    ctx.mark_non_differentiable(query_norm, key_norm)
-
-
-def _rows_backward_with(bwd_op):
-    def backward(ctx, grad_rows, _grad_query_norm, _grad_key_norm):
-        query, key, query_norm, key_norm, scale, bias, labels = ctx.saved_tensors
-        return bwd_op(grad_rows, query, key, query_norm, key_norm, scale, bias, ctx.normalize, labels)
-
-    return backward
-
-
 ROWS = _registry.KernelPair(
     "siglip_rows",
     fwd_schema="(Tensor query, Tensor key, Tensor scale, Tensor bias, bool normalize, Tensor? labels=None) "
                "-> (Tensor, Tensor, Tensor)",
     bwd_schema="(Tensor grad_rows, Tensor query, Tensor key, Tensor query_norm, Tensor key_norm, Tensor scale, "
                "Tensor bias, bool normalize, Tensor? labels=None) -> (Tensor, Tensor, Tensor, Tensor)",
-    fwd_fake=_rows_fwd_fake, bwd_fake=_rows_bwd_fake, setup_context=_rows_setup_context,
-    backward_with=_rows_backward_with, triton_module="siglip", label="siglip_loss (rows as they are)")
+    setup_context=_setup_context, backward_with=_backward_with, triton_module="siglip",
+    label="siglip_loss (rows as they are)")

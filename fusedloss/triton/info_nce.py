@@ -325,6 +325,47 @@ def _normalize_backward(g, a_hat, inv_a, radial, a_norm_ptr, a_rows, a_mask):
 
 
 @triton.jit
+def _write_grad(grad_acc, factor, a_tile, a_ptr, a_stride, scratch_ptr, grad_ptr, a_rows, a_mask, inv_a, a_norm_ptr,
+                n_b, dim, NORMED: tl.constexpr, SINGLE_D: tl.constexpr, FINAL_PASS: tl.constexpr,
+                BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The gradient of A's rows (contiguous, rows of length dim), factor * the sum_b P_ab B_b that the
+    # backward kernels (this module's and siglip's) accumulated in registers (SINGLE_D: grad_acc) or in
+    # the program's rows of the scratch; with NORMED through the normalization, then rounded once.
+    # FINAL_PASS False: the scratch is the gradient itself, already final. n_b == 0: the scratch was
+    # never written and the gradient is 0.
+    ACC: tl.constexpr = grad_acc.dtype
+    GRAD_T: tl.constexpr = grad_ptr.dtype.element_ty
+    d_offsets = tl.arange(0, BLOCK_D)
+    if SINGLE_D:
+        g = grad_acc * factor
+        if NORMED:
+            a_hat = a_tile.to(ACC) * inv_a[:, None]
+            g = _normalize_backward(g, a_hat, inv_a, tl.sum(a_hat * g, axis=1), a_norm_ptr, a_rows, a_mask)
+        tl.store(grad_ptr + a_rows[:, None] * dim + d_offsets[None, :], cast_rtne(g, GRAD_T),
+                 mask=a_mask[:, None] & (d_offsets < dim)[None, :])
+    elif FINAL_PASS:
+        tl.debug_barrier()
+        radial = tl.zeros([BLOCK_A], ACC)
+        if NORMED:  # a first pass for each row's A_hat . g, which the second one needs whole
+            for d0 in range(0, dim, BLOCK_D):
+                d = d0 + d_offsets
+                mask = a_mask[:, None] & (d < dim)[None, :]
+                part = tl.load(scratch_ptr + a_rows[:, None] * dim + d[None, :], mask=mask & (n_b > 0), other=0.0)
+                a_chunk = tl.load(a_ptr + a_rows[:, None] * a_stride + d[None, :], mask=mask, other=0.0)
+                radial += tl.sum(a_chunk.to(ACC) * inv_a[:, None] * (part * factor), axis=1)
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + d_offsets
+            mask = a_mask[:, None] & (d < dim)[None, :]
+            offsets = a_rows[:, None] * dim + d[None, :]
+            g = tl.load(scratch_ptr + offsets, mask=mask & (n_b > 0), other=0.0) * factor
+            if NORMED:
+                a_chunk = tl.load(a_ptr + a_rows[:, None] * a_stride + d[None, :], mask=mask, other=0.0)
+                g = _normalize_backward(g, a_chunk.to(ACC) * inv_a[:, None], inv_a, radial, a_norm_ptr, a_rows,
+                                        a_mask)
+            tl.store(grad_ptr + offsets, cast_rtne(g, GRAD_T), mask=mask)
+
+
+@triton.jit
 def _info_nce_grad_kernel(
     a_ptr,
     a_stride,
@@ -486,36 +527,9 @@ def _info_nce_grad_kernel(
                 part += _dot_pb(p, b_chunk, FP32_PRECISION).to(ACC)
                 tl.store(acc_ptrs, part, mask=acc_mask)
 
-    # (2) scaled and cast to the inputs' dtype; the gradient is contiguous (rows of length dim).
-    GRAD_T: tl.constexpr = grad_ptr.dtype.element_ty
-    if SINGLE_D:
-        grad_ptrs = grad_ptr + a_rows[:, None] * dim + d_offsets[None, :]
-        g = grad_acc * scale
-        if NORMED:
-            a_hat = a_tile.to(ACC) * inv_a[:, None]
-            g = _normalize_backward(g, a_hat, inv_a, tl.sum(a_hat * g, axis=1), a_norm_ptr, a_rows, a_mask)
-        tl.store(grad_ptrs, cast_rtne(g, GRAD_T), mask=a_mask[:, None] & (d_offsets < dim)[None, :])
-    else:
-        tl.debug_barrier()
-        radial = tl.zeros([BLOCK_A], ACC)
-        if NORMED:  # a first pass for each row's A_hat . g, which the second one needs whole
-            for d0 in range(0, dim, BLOCK_D):
-                d = d0 + d_offsets
-                mask = a_mask[:, None] & (d < dim)[None, :]
-                part = tl.load(scratch_ptr + a_rows[:, None] * dim + d[None, :], mask=mask & (n_b > 0), other=0.0)
-                a_chunk = tl.load(a_ptr + a_rows[:, None] * a_stride + d[None, :], mask=mask, other=0.0)
-                radial += tl.sum(a_chunk.to(ACC) * inv_a[:, None] * (part * scale), axis=1)
-        for d0 in range(0, dim, BLOCK_D):
-            d = d0 + d_offsets
-            mask = a_mask[:, None] & (d < dim)[None, :]
-            offsets = a_rows[:, None] * dim + d[None, :]
-            # n_b == 0: the scratch was never written and the gradient is 0
-            g = tl.load(scratch_ptr + offsets, mask=mask & (n_b > 0), other=0.0) * scale
-            if NORMED:
-                a_chunk = tl.load(a_ptr + a_rows[:, None] * a_stride + d[None, :], mask=mask, other=0.0)
-                g = _normalize_backward(g, a_chunk.to(ACC) * inv_a[:, None], inv_a, radial, a_norm_ptr, a_rows,
-                                        a_mask)
-            tl.store(grad_ptr + offsets, cast_rtne(g, GRAD_T), mask=mask)
+    # (2) scaled, through the normalization (NORMED) and cast to the inputs' dtype.
+    _write_grad(grad_acc, scale, a_tile, a_ptr, a_stride, scratch_ptr, grad_ptr, a_rows, a_mask, inv_a, a_norm_ptr,
+                n_b, dim, NORMED, SINGLE_D, True, BLOCK_A, BLOCK_D)
 
     if HAS_DSCALE:
         # dscale_row of info_nce_math.h: g (num / den) + u (T_pos - c) + (g + u) c per row of A, in
@@ -616,6 +630,13 @@ def _labels_or_arange(labels: Tensor | None, n: int, m: int, device, key_groups:
         raise ValueError(f"fusedloss.info_nce (triton): labels must be an int64 tensor of shape ({n},), got "
                          f"{labels.dtype} {tuple(labels.shape)}")
     return labels
+
+
+def _check_norms(op: str, q_norm: Tensor, k_norm: Tensor, n: int, m: int, acc: torch.dtype) -> None:
+    """The forward's row norms, as a NORMED backward takes them (this module's and siglip's)."""
+    if q_norm.shape != (n,) or k_norm.shape != (m,) or q_norm.dtype != acc or k_norm.dtype != acc:
+        raise ValueError(f"fusedloss.{op} (triton): query_norm and key_norm must be {acc} of shapes ({n},) and "
+                         f"({m},), got {q_norm.dtype} {tuple(q_norm.shape)} and {k_norm.dtype} {tuple(k_norm.shape)}")
 
 
 def _row_norms(x: Tensor, acc: torch.dtype) -> Tensor:
@@ -747,11 +768,8 @@ def _bwd(grad_rows, grad_cols, grad_pos, query, key, q_norm, k_norm, scale, lse_
                          f"{tuple(grad_rows.shape)}, {tuple(lse_rows.shape)} and {tuple(pos.shape)}")
     if grad_pos is not None and grad_pos.shape != (n,):
         raise ValueError(f"fusedloss.info_nce (triton): grad_pos must have shape ({n},), got {tuple(grad_pos.shape)}")
-    if q_norm is not None and (q_norm.shape != (n,) or k_norm.shape != (m,) or q_norm.dtype != acc
-                               or k_norm.dtype != acc):
-        raise ValueError(f"fusedloss.info_nce (triton): query_norm and key_norm must be {acc} of shapes ({n},) and "
-                         f"({m},), got {q_norm.dtype} {tuple(q_norm.shape)} and {k_norm.dtype} "
-                         f"{tuple(k_norm.shape)}")
+    if q_norm is not None:
+        _check_norms("info_nce", q_norm, k_norm, n, m, acc)
     has_cols = grad_cols is not None
     if has_cols:
         if lse_cols is None:

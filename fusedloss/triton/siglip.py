@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedloss.triton._common import INTERPRET, acc_dtype, cast_rtne
-from fusedloss.triton.info_nce import (_config, _dot_pb, _inv_norm, _normalize_backward,
-                                       _fp32_precision, _row_norms, _scores_tile)
+from fusedloss.triton._common import INTERPRET, acc_dtype
+from fusedloss.triton.info_nce import (_check_norms, _config, _dot_pb, _fp32_precision, _inv_norm, _row_norms,
+                                       _rows_contiguous, _scores_tile, _write_grad)
 
 __all__ = ["siglip_fwd", "siglip_bwd", "siglip_rows_fwd", "siglip_rows_bwd"]
 
@@ -143,6 +143,7 @@ def _siglip_grad_kernel(
     HAS_LABELS: tl.constexpr,
     NORMED: tl.constexpr,
     SCRATCH_IN_GRAD: tl.constexpr,
+    FINAL_PASS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -225,35 +226,10 @@ def _siglip_grad_kernel(
                 part = tl.load(acc_ptrs, mask=acc_mask & (b0 > 0), other=0.0)
                 part += _dot_pb(p, b_chunk, FP32_PRECISION).to(ACC)
                 tl.store(acc_ptrs, part, mask=acc_mask)
-    GRAD_T: tl.constexpr = grad_ptr.dtype.element_ty
-    if SINGLE_D:
-        g = grad_acc
-        if NORMED:
-            a_hat = a_tile.to(ACC) * inv_a[:, None]
-            g = _normalize_backward(g, a_hat, inv_a, tl.sum(a_hat * g, axis=1), a_norm_ptr, a_rows, a_mask)
-        tl.store(grad_ptr + a_rows[:, None] * dim + d_offsets[None, :], cast_rtne(g, GRAD_T),
-                 mask=a_mask[:, None] & (d_offsets < dim)[None, :])
-    elif NORMED or not SCRATCH_IN_GRAD:
-        # the accumulator through the normalization (a first pass for each row's A_hat . g) and cast
-        tl.debug_barrier()
-        radial = tl.zeros([BLOCK_A], ACC)
-        if NORMED:
-            for d0 in range(0, dim, BLOCK_D):
-                d = d0 + d_offsets
-                mask = a_mask[:, None] & (d < dim)[None, :]
-                part = tl.load(scratch_ptr + a_rows[:, None] * dim + d[None, :], mask=mask, other=0.0)
-                a_chunk = tl.load(a_ptr + a_rows[:, None] * a_stride + d[None, :], mask=mask, other=0.0)
-                radial += tl.sum(a_chunk.to(ACC) * inv_a[:, None] * part, axis=1)
-        for d0 in range(0, dim, BLOCK_D):
-            d = d0 + d_offsets
-            mask = a_mask[:, None] & (d < dim)[None, :]
-            offsets = a_rows[:, None] * dim + d[None, :]
-            g = tl.load(scratch_ptr + offsets, mask=mask, other=0.0)
-            if NORMED:
-                a_chunk = tl.load(a_ptr + a_rows[:, None] * a_stride + d[None, :], mask=mask, other=0.0)
-                g = _normalize_backward(g, a_chunk.to(ACC) * inv_a[:, None], inv_a, radial, a_norm_ptr, a_rows,
-                                        a_mask)
-            tl.store(grad_ptr + offsets, cast_rtne(g, GRAD_T), mask=mask)
+    # through the normalization (NORMED) and cast: a float32/float64 gradient that is its own
+    # accumulator needs no last pass otherwise
+    _write_grad(grad_acc, 1.0, a_tile, a_ptr, a_stride, scratch_ptr, grad_ptr, a_rows, a_mask, inv_a, a_norm_ptr,
+                n_b, dim, NORMED, SINGLE_D, FINAL_PASS, BLOCK_A, BLOCK_D)
     if A_IS_QUERY:
         # (3) per row, times g_i in float64 (a row without gradient adds an exact 0)
         g64 = g_a.to(tl.float64)
@@ -285,11 +261,6 @@ def _check_inputs(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, label
     elif labels.shape != (n,) or labels.dtype != torch.int64:
         raise ValueError(f"fusedloss.siglip_loss (triton): labels must be an int64 tensor of shape ({n},), got "
                          f"{labels.dtype} {tuple(labels.shape)}")
-
-
-def _rows_contiguous(x: Tensor) -> Tensor:
-    # The kernels step rows by stride(0) and assume unit stride along D.
-    return x if x.stride(1) == 1 else x.contiguous()
 
 
 def _fwd(query, key, scale, bias, labels, q_norm, k_norm):
@@ -334,8 +305,9 @@ def siglip_rows_fwd(query: Tensor, key: Tensor, scale: Tensor, bias: Tensor, nor
     accumulation dtype ((0,) each without ``normalize``), for the backward."""
     _check_inputs(query, key, scale, bias, labels, rows=True)
     acc = acc_dtype(query.dtype)
+    query, key = _rows_contiguous(query), _rows_contiguous(key)  # once, for the norms and the kernel
     if normalize:
-        q_norm, k_norm = _row_norms(_rows_contiguous(query), acc), _row_norms(_rows_contiguous(key), acc)
+        q_norm, k_norm = _row_norms(query, acc), _row_norms(key, acc)
     else:
         q_norm = k_norm = None
     out = _fwd(query, key, scale, bias, labels, q_norm, k_norm)
@@ -373,6 +345,7 @@ def _grad(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, labels: Tensor | No
         HAS_LABELS=labels is not None,
         NORMED=a_norm is not None,
         SCRATCH_IN_GRAD=scratch_in_grad,
+        FINAL_PASS=a_norm is not None or not scratch_in_grad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, SINGLE_D=single_d,
         FP32_PRECISION=_fp32_precision(),
@@ -410,11 +383,6 @@ def siglip_rows_bwd(grad_rows: Tensor, query: Tensor, key: Tensor, query_norm: T
     normalization with ``normalize`` (query_norm, key_norm: the forward's), each rounded once."""
     _check_inputs(query, key, scale, bias, labels, rows=True)
     if normalize:
-        acc = acc_dtype(query.dtype)
-        n, m = query.shape[0], key.shape[0]
-        if query_norm.shape != (n,) or key_norm.shape != (m,) or query_norm.dtype != acc or key_norm.dtype != acc:
-            raise ValueError(f"fusedloss.siglip_loss (triton): query_norm and key_norm must be {acc} of shapes "
-                             f"({n},) and ({m},), got {query_norm.dtype} {tuple(query_norm.shape)} and "
-                             f"{key_norm.dtype} {tuple(key_norm.shape)}")
+        _check_norms("siglip_loss", query_norm, key_norm, query.shape[0], key.shape[0], acc_dtype(query.dtype))
     return _bwd(grad_rows, query, key, scale, bias, labels, query_norm if normalize else None,
                 key_norm if normalize else None)
